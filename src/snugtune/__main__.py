@@ -1,0 +1,3 @@
+from snugtune.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The `snugtune` command line. Exit codes: 0 done, 2 bad config or input, 3 does not fit, 130 interrupted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LLMs on the GPU you have.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(debug: bool, fn, *args, **kwargs):
+    """Call fn, turning the errors users meet into one line and an exit code (traceback with --debug)."""
+    from snugtune.config import ConfigError
+    from snugtune.engine.train import TrainingInterrupted
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as exc:
+        if debug:
+            raise
+        _fail(str(exc), 2)
+    except TrainingInterrupted as exc:
+        err.print(f"[yellow]{exc}[/]")
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        _fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "), 2)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Config YAML (see examples/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4 lora.r=8"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Fine-tune. Resumes when the output directory has a checkpoint."""
+    from snugtune.config import load_config
+    from snugtune.engine.train import train as run_training
+
+    cfg = _run(debug, load_config, config, overrides or [])
+    out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}", highlight=False)
+    summary = _run(debug, run_training, cfg, show_progress=not quiet)
+    _print_summary(summary, Path(cfg.output_dir))
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    out.print(f"held-out loss: {before:.4f} before -> {after:.4f} after "
+              f"({summary['eval_tokens']} tokens)", highlight=False)
+    out.print(f"steps {summary['steps']}, {summary['tokens_trained']:,} tokens in {summary['wall_seconds']:.0f}s, "
+              f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})",
+              highlight=False)
+    out.print(f"run directory: [bold]{run_dir.resolve()}[/]", highlight=False)
+
+
+@app.command()
+def data(
+    config: Path = typer.Argument(..., help="Config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
+    show: int = typer.Option(0, "--show", help="Print N rendered samples with trained tokens marked."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Detected format, row counts, drops and token lengths; optionally rendered samples."""
+    from snugtune.config import load_config
+    from snugtune.data import prepare_data
+    from snugtune.data.tokenize import ensure_chat_template
+    from snugtune.models import load_tokenizer, resolve_model
+
+    cfg = _run(debug, load_config, config, overrides or [])
+    resolved = _run(debug, resolve_model, cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path, cfg.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+    report = prepared.report
+    lengths = sorted(len(s.input_ids) for s in prepared.train + prepared.eval)
+    pct = {p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99, 100)}
+    if as_json:
+        print(json.dumps({**report.__dict__, "token_length_percentiles": pct}, indent=2))
+        return
+    out.print(f"format: [bold]{report.format}[/] ({report.format_reason})", highlight=False)
+    out.print(f"rows read {report.rows_read}, kept {report.kept} (train {report.train_samples}, "
+              f"eval {report.eval_samples}), truncated {report.truncated}, dropped {sum(report.dropped.values())}"
+              + (f" {report.dropped}" if report.dropped else ""), highlight=False)
+    out.print("token lengths: " + ", ".join(f"p{p} {v}" for p, v in pct.items()), highlight=False)
+    for sample in prepared.train[:show]:
+        out.rule()
+        _print_marked(sample, tokenizer)
+
+
+def _print_marked(sample, tokenizer) -> None:
+    """Trained tokens in green on a terminal, between [[ and ]] in plain text."""
+    from snugtune.data.tokenize import IGNORE
+    spans: list[tuple[bool, list[int]]] = []
+    for tok, lab in zip(sample.input_ids, sample.labels):
+        trained = lab != IGNORE
+        if spans and spans[-1][0] == trained:
+            spans[-1][1].append(tok)
+        else:
+            spans.append((trained, [tok]))
+    tty = sys.stdout.isatty()
+    for trained, ids in spans:
+        text = tokenizer.decode(ids)
+        if trained:
+            out.print(f"[green]{text}[/]" if tty else f"[[{text}]]", end="", markup=tty, highlight=False)
+        else:
+            out.print(text, end="", markup=False, highlight=False)
+    out.print()
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages replace the libraries' load bars and info logs."""
+    import logging
+    import warnings
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def main() -> None:
+    _quiet_libraries()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The run configuration: one validated object, built once from YAML (+ key=value overrides).
+
+Every field has a help text; unknown keys are errors that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config or input problem the user can fix. The message is one line, naming the field or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(description="Data file (.jsonl/.json/.csv/.parquet) or folder, relative to the config file.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion"] = Field(
+        "auto", description="Row format; auto detects it from the first rows and says what it chose.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows (after shuffling with the seed).")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with samples longer than max_seq_len.")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: assistant tokens only).")
+    skip_bad_rows: bool = Field(False, description="Skip malformed rows (counted) instead of stopping with exit 2.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear' for every linear layer but the output head.")
+    last_layers: int | None = Field(None, ge=1, description="Adapt only the last N transformer blocks (null = all).")
+
+
+class QuantConfig(_Section):
+    bits: Literal[4, 8] | None = Field(None, description="4 for qlora, 8 for lora-8bit; implied by the method.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (saves ~0.4 bit/param).")
+
+
+class FreezeConfig(_Section):
+    trainable_layers: int = Field(2, ge=1, description="method=freeze: train only the last N transformer blocks.")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch: int = Field(4, ge=1, description="Sequences per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else a step count.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch) or bitsandbytes 8-bit AdamW (paged: state pages to CPU under pressure).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = no clipping.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4), fp32 on CPU.")
+    grad_checkpointing: bool = Field(True, description="Recompute block activations in backward to save memory.")
+    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
+    log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+
+
+class SaveConfig(_Section):
+    every_steps: int = Field(100, ge=1, description="Write a checkpoint every N optimizer steps.")
+    keep: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+
+
+class EvalConfig(_Section):
+    max_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out batches.")
+    batch_size: int = Field(4, ge=1, description="Sequences per evaluation forward pass.")
+
+
+class Config(_Section):
+    model: str = Field("smollm2-135m-instruct", description="Built-in name, shape:NAME, local HF folder, .gguf file or hub id.")
+    data: DataConfig
+    max_seq_len: int = Field(512, ge=8, description="Longest sample in tokens.")
+    method: Literal["lora", "qlora", "lora-8bit", "freeze", "full"] = Field("lora", description="What is trained and how the base is stored.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA shape (lora, qlora, lora-8bit).")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="Base-weight quantization (qlora, lora-8bit).")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Settings for method=freeze.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
+    save: SaveConfig = Field(default_factory=SaveConfig, description="Checkpointing.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    budget: str = Field("auto", description="Memory budget: auto (the card present), a card name (t4, rtx3080, ...) or NGiB.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
+    output_dir: str = Field("runs/run", description="Run directory, relative to the current directory.")
+    trust_remote_code: bool = Field(False, description="Allow a hub model's own Python code to run (off by default).")
+
+    @model_validator(mode="after")
+    def _quant_matches_method(self) -> "Config":
+        implied = {"qlora": 4, "lora-8bit": 8}.get(self.method)
+        if self.quant.bits is not None and self.quant.bits != implied:
+            raise ValueError(f"quant.bits={self.quant.bits} does not match method={self.method} "
+                             f"(qlora is 4-bit, lora-8bit is 8-bit, other methods are not quantized)")
+        return self
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora", "lora-8bit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a raw config dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (example: train.lr=1e-4)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+# Names other fine-tuning tools use for our fields, so their users get a useful suggestion.
+_OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "batch_size": "micro_batch", "per_device_train_batch_size": "micro_batch",
+    "micro_batch_size": "micro_batch", "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
+    "num_epochs": "epochs", "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "target_modules": "targets", "lora_target_modules": "targets", "gradient_checkpointing": "grad_checkpointing",
+    "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler", "warmup_ratio": "warmup",
+    "warmup_steps": "warmup", "optim": "optimizer", "sequence_len": "max_seq_len", "max_length": "max_seq_len",
+    "cutoff_len": "max_seq_len", "base_model": "model", "save_steps": "every_steps", "output": "output_dir",
+}
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the field and what is wrong, with a suggestion for misspelled keys."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = _known_keys(Config, loc[:-1])
+        alias = _OTHER_TOOLS_NAMES.get(str(loc[-1]))
+        close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else \
+            f"; valid keys here: {', '.join(valid)}"
+        return f"{source}: unknown key '{field}'{hint}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{field}'"
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{source}: {field}: {message}{shown}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, validate. Relative data paths resolve against the file.
+
+    Raises ConfigError with a one-line message on any problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    apply_overrides(raw, overrides or [])
+    config = config_from_dict(raw, source=str(path))
+    data_path = Path(config.data.path).expanduser()
+    if not data_path.is_absolute():
+        config.data.path = str((path.parent / data_path).resolve())
+    return config
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Validate a plain dict into a Config (ConfigError on failure)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML, every field spelled out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,103 @@
+"""Checkpoints under RUN_DIR/checkpoints/step-N, written to a temp name and renamed when complete.
+
+A checkpoint holds the trainable weights, optimizer, scheduler, GradScaler, RNG states and the
+data position. Only folders with a COMPLETE marker are ever resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainPosition:
+    """Where training stands: optimizer steps done, and the epoch / micro-batch index to continue from."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_trained: int = 0
+    skipped_steps: int = 0
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position: TrainPosition, keep: int) -> Path:
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep` complete ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{position.step}"
+    tmp = root / f".tmp-step-{position.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+        (tmp / "position.json").write_text(json.dumps(asdict(position)))
+        (tmp / COMPLETE).write_text("")
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written ones (no marker, temp names) are ignored."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainPosition:
+    """Restore everything save_checkpoint wrote; returns the position to continue from."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    for name, tensor in weights.items():
+        params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return TrainPosition(**json.loads((path / "position.json").read_text()))

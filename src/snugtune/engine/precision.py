@@ -1,0 +1,55 @@
+"""Precision policy: which dtype the frozen base computes in, autocast, and fp16 loss scaling."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from snugtune.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Precision:
+    """bf16: autocast, no scaling. fp16: autocast + GradScaler (T4). fp32: plain (CPU default)."""
+    name: str
+    device_type: str
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.loss_scaling)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu. ConfigError when cuda is asked for and absent."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is visible (set device: auto or cpu)")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """auto: bf16 where the GPU supports it, fp16 where not (compute capability < 8), fp32 on CPU."""
+    if device.type == "cpu":
+        if requested == "fp16":
+            raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
+        return Precision("fp32" if requested == "auto" else requested, "cpu")
+    if requested == "auto":
+        requested = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError("train.precision: this GPU has no bf16; use fp16 (or auto)")
+    return Precision(requested, "cuda")

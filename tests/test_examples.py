@@ -1,0 +1,65 @@
+"""Every shipped config validates, names a model the registry knows, and trains two steps on a tiny twin."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import alpaca_rows, write_jsonl
+from snugtune import train
+from snugtune.config import load_config
+from snugtune.registry import HUB_IDS, shape_config
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def _fixture_data(fmt: str, folder: Path) -> Path:
+    qa = alpaca_rows(24)
+    if fmt == "alpaca":
+        return write_jsonl(folder / "alpaca.jsonl", qa)
+    if fmt == "guanaco":
+        return write_jsonl(folder / "guanaco.jsonl", [
+            {"text": f"### Human: {r['instruction']}### Assistant: {r['output']}"} for r in qa])
+    if fmt == "prompt-completion":
+        return write_jsonl(folder / "math.jsonl", [{"problem": r["instruction"], "solution": r["output"]} for r in qa])
+    if fmt == "text":
+        code = folder / "code"
+        code.mkdir()
+        for i, r in enumerate(qa):
+            (code / f"m{i}.py").write_text(f"def f{i}():\n    # {r['instruction']}\n    return {i}\n")
+        return code
+    raise AssertionError(fmt)
+
+
+def test_examples_exist_for_the_five_recipes_and_the_quickstart():
+    names = {p.stem for p in EXAMPLES}
+    assert {"codellama-7b_lora-8bit_t4", "phi-2_qlora_t4", "mistral-7b_qlora_t4", "llama2-7b_qlora_t4",
+            "deepseek-r1-distill-qwen-1.5b_lora-8bit_t4", "stable-code-3b_qlora_rtx3080",
+            "tinyllama-1.1b_qlora_t4", "smollm2-135m_lora_cpu"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_config_is_valid_documented_and_named_for_its_model_method_card(path):
+    cfg = load_config(path)
+    header = path.read_text().splitlines()[0:8]
+    assert any(line.startswith("# Run:") for line in header), "config header must show the run command"
+    model_part, method, card = path.stem.split("_")
+    assert method == cfg.method
+    if cfg.model in HUB_IDS:
+        assert HUB_IDS[cfg.model] in model_part
+        shape_config(HUB_IDS[cfg.model])  # the registry knows its shape, so plan/bench work offline
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if "cpu" not in p.stem], ids=lambda p: p.stem)
+def test_recipe_trains_two_steps_on_a_tiny_model_of_its_family(path, tmp_path):
+    cfg = load_config(path)
+    data = _fixture_data(cfg.data.format, tmp_path)
+    overrides = [f"model=shape:tiny-{HUB_IDS[cfg.model]}", f"data.path={data}", "train.max_steps=2",
+                 "train.micro_batch=2", "train.grad_accum=2", f"output_dir={tmp_path / 'run'}", "device=cpu",
+                 "train.precision=auto", "max_seq_len=128", "eval.max_batches=1"]
+    if cfg.train.optimizer == "paged_adamw_8bit":
+        overrides.append("train.optimizer=adamw_8bit")  # paging needs a GPU
+    if cfg.lora.last_layers:
+        overrides.append("lora.last_layers=1")
+    summary = train(path, overrides, show_progress=False)
+    assert summary["steps"] == 2 and summary["method"] == cfg.method
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
