@@ -156,8 +156,17 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 def _tokenizer_dir(cache_dir: Path) -> Path:
-    """Shape models share the embedded default's tokenizer."""
-    return _convert_gguf(embedded_gguf_path(), cache_dir / "models" / EMBEDDED_DEFAULT)
+    """Shape models share the embedded default's tokenizer, cached on its own (a few MB, no weights)."""
+    target = cache_dir / "tokenizers" / EMBEDDED_DEFAULT
+    if (target / "tokenizer.json").is_file():
+        return target
+    converted = cache_dir / "models" / EMBEDDED_DEFAULT
+    if not (converted / "snugtune-converted.json").is_file():
+        converted = _convert_gguf(embedded_gguf_path(), converted)
+    from transformers import AutoTokenizer
+    tmp, commit = _atomic_folder(target)
+    AutoTokenizer.from_pretrained(converted).save_pretrained(tmp)
+    return commit()
 
 
 def _build_shape(shape: str, cfg: dict, cache_dir: Path) -> Path:
@@ -170,6 +179,9 @@ def _build_shape(shape: str, cfg: dict, cache_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(cache_dir))
     cfg = dict(cfg)
     model_type = cfg.pop("model_type")
+    # The shared tokenizer has 49,152 ids; 32k-vocabulary shapes (Llama-2, Mistral, TinyLlama) grow to
+    # hold them, so their embedding and head are larger than the real model's (see docs/decisions.md).
+    cfg["vocab_size"] = max(cfg["vocab_size"], len(tokenizer))
     config = AutoConfig.for_model(model_type, **cfg, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -237,6 +249,14 @@ def _keep_4bit_layout_trainable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def check_vocab(model, tokenizer, model_name: str) -> None:
+    """A tokenizer with ids beyond the embedding table would crash the GPU mid-run; refuse it up front."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConfigError(f"model: {model_name}'s tokenizer has {len(tokenizer)} tokens but its embedding has "
+                          f"only {rows} rows")
 
 
 def prepare_for_training(model, config: Config):

@@ -24,7 +24,7 @@ from snugtune.engine.precision import resolve_device, resolve_precision
 from snugtune.engine.progress import TrainProgress
 from snugtune.engine.rundir import (device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
-from snugtune.models import count_parameters, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.models import check_vocab, count_parameters, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 
 class TrainingInterrupted(Exception):
@@ -70,6 +70,7 @@ def train(config: Config, show_progress: bool = True) -> dict:
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed)
     torch.manual_seed(config.train.seed)
     model = load_base_model(resolved.path, config, device, precision.compute_dtype)
+    check_vocab(model, tokenizer, config.model)
     model = prepare_for_training(model, config)
     model.train()
     trainable_params, total_params = count_parameters(model)
@@ -170,6 +171,7 @@ def train(config: Config, show_progress: bool = True) -> dict:
         "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after, "eval_tokens": eval_tokens,
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda max_memory_reserved" if device.type == "cuda" else "process peak RSS",
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "wall_seconds": time.perf_counter() - started, "steps": position.step,
         "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
         "trainable_params": trainable_params, "total_params": total_params, "precision": precision.name,

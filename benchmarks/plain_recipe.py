@@ -1,0 +1,87 @@
+"""The plain transformers + peft + bitsandbytes QLoRA recipe (DESIGN §10), on the same tokens as a snugtune run.
+
+What a user copies from a notebook: 4-bit nf4 double-quant base, prepare_model_for_kbit_training (which
+up-casts embeddings, norms and lm_head to fp32 and turns on reentrant gradient checkpointing), LoRA,
+bf16 autocast, full-vocabulary logits and the model's own loss. Same data, order and batches as snugtune
+(its data pipeline tokenizes them), so tokens/s compare like for like.
+
+  python benchmarks/plain_recipe.py CONFIG.yaml [key=value ...] --optimizer paged_adamw_8bit --out plain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from snugtune.config import load_config
+    from snugtune.data import collate, micro_batches, prepare_data
+    from snugtune.models import block_linear_names, load_tokenizer, resolve_model
+
+    cfg = load_config(args.config, args.overrides)
+    path = resolve_model(cfg.model).path
+    tokenizer = load_tokenizer(path)
+    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+    torch.cuda.reset_peak_memory_stats()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.type,
+                               bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_checkpointing)
+    targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                             target_modules=list(targets), task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+                 "adamw": torch.optim.AdamW}[cfg.train.optimizer](params, lr=cfg.train.lr)
+    model.train()
+    step_times, step_tokens, losses = [], [], []
+    batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0)
+    steps = cfg.train.max_steps
+    for step in range(steps):
+        group = batches[(step * cfg.train.grad_accum) % len(batches):][: cfg.train.grad_accum]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = 0
+        for samples in group:
+            batch = {k: v.cuda() for k, v in collate(samples, tokenizer.pad_token_id).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss / len(group)
+            loss.backward()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - start)
+        step_tokens.append(tokens)
+        losses.append(float(loss) * len(group))
+    warm = slice(min(3, steps - 1), None)
+    result = {"recipe": "plain transformers+peft+bitsandbytes", "model": cfg.model, "steps": steps,
+              "tokens_per_s_median_step": statistics.median(t / s for t, s in zip(step_tokens[warm], step_times[warm])),
+              "tokens_per_s_overall": sum(step_tokens[warm]) / sum(step_times[warm]),
+              "step_seconds_median": statistics.median(step_times[warm]),
+              "peak_allocated_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+              "loss_first": losses[0], "loss_last": losses[-1], "gpu": torch.cuda.get_device_name()}
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
