@@ -23,11 +23,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _run(debug: bool, fn, *args, **kwargs):
     """Call fn, turning the errors users meet into one line and an exit code (traceback with --debug)."""
-    from snugtune.config import ConfigError
+    from snugtune.config import UserError
     from snugtune.engine.train import TrainingInterrupted
     try:
         return fn(*args, **kwargs)
-    except ConfigError as exc:
+    except UserError as exc:
         if debug:
             raise
         _fail(str(exc), 2)
@@ -47,16 +47,23 @@ def _run(debug: bool, fn, *args, **kwargs):
 def train(
     config: Path = typer.Argument(..., help="Config YAML (see examples/)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4 lora.r=8"),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over: move an existing run directory aside first."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Fine-tune. Resumes when the output directory has a checkpoint."""
+    """Fine-tune. Resumes when the output directory has a checkpoint (--fresh starts over)."""
     from snugtune.config import load_config
+    from snugtune.engine.rundir import move_run_aside
     from snugtune.engine.train import train as run_training
 
     cfg = _run(debug, load_config, config, overrides or [])
+    if fresh:
+        moved = _run(debug, move_run_aside, Path(cfg.output_dir))
+        if moved:
+            err.print(f"moved the previous run to {moved}", highlight=False)
     out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}", highlight=False)
-    summary = _run(debug, run_training, cfg, show_progress=not quiet)
+    summary = _run(debug, run_training, cfg, show_progress=not quiet,
+                   notify=lambda message: err.print(message, highlight=False))
     _print_summary(summary, Path(cfg.output_dir))
 
 
@@ -85,7 +92,7 @@ def data(
     from snugtune.models import load_tokenizer, resolve_model
 
     cfg = _run(debug, load_config, config, overrides or [])
-    resolved = _run(debug, resolve_model, cfg.model, trust_remote_code=cfg.trust_remote_code)
+    resolved = _run(debug, resolve_model, cfg.model, allow_pickle=cfg.allow_pickle_weights)
     tokenizer = load_tokenizer(resolved.path, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
     prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)

@@ -13,8 +13,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
-    """A config or input problem the user can fix. The message is one line, naming the field or file."""
+class UserError(ValueError):
+    """A problem the user can act on (exit 2). The message is one line saying what is wrong and what to do."""
+
+
+class ConfigError(UserError):
+    """A config or input problem the user can fix. The message names the field, or the file and row."""
 
 
 class _Section(BaseModel):
@@ -69,6 +73,8 @@ class TrainConfig(_Section):
     grad_checkpointing: bool = Field(True, description="Recompute block activations in backward to save memory.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+    max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
+                                     "non-finite loss or gradient (each is skipped, not applied).")
 
 
 class SaveConfig(_Section):
@@ -96,6 +102,7 @@ class Config(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
     output_dir: str = Field("runs/run", description="Run directory, relative to the current directory.")
     trust_remote_code: bool = Field(False, description="Allow a hub model's own Python code to run (off by default).")
+    allow_pickle_weights: bool = Field(False, description="Load .bin/.pt (pickle) weights; off: safetensors or GGUF only.")
 
     @model_validator(mode="after")
     def _quant_matches_method(self) -> "Config":
@@ -218,3 +225,27 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
 def config_to_yaml(config: Config) -> str:
     """The resolved config as YAML, every field spelled out."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields that may change between a run and its resumption without changing what is trained.
+RESUME_SAFE_FIELDS = {"save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+                      "eval.max_batches", "eval.batch_size", "output_dir", "device"}
+# Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.
+RESUME_LENGTH_FIELDS = {"train.max_steps", "train.epochs"}
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = item
+    return flat
+
+
+def changed_fields(saved_yaml: str, config: Config) -> list[str]:
+    """Dotted names of the fields whose value differs between a saved config (YAML) and `config`."""
+    old = _flatten(yaml.safe_load(saved_yaml) or {})
+    new = _flatten(config.model_dump(mode="json"))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

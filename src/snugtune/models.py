@@ -55,7 +55,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def resolve_model(name: str, cache_dir: Path | None = None, trust_remote_code: bool = False) -> ResolvedModel:
+def resolve_model(name: str, cache_dir: Path | None = None, allow_pickle: bool = False) -> ResolvedModel:
     """Turn a `model:` value into a local HF folder, converting or building it once into the cache."""
     cache_dir = cache_dir or default_cache_dir()
     if name == EMBEDDED_DEFAULT:
@@ -82,21 +82,22 @@ def resolve_model(name: str, cache_dir: Path | None = None, trust_remote_code: b
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"model: {local} is a folder without config.json (not a Hugging Face model folder)")
-        _refuse_pickle_only(local)
+        if not allow_pickle:
+            _refuse_pickle_only(local)
         return ResolvedModel(local.resolve(), name, "local")
     if "/" in name and not name.startswith((".", "/")):
-        return ResolvedModel(_download_hub(name, cache_dir), name, "hub")
+        return ResolvedModel(_download_hub(name, cache_dir, allow_pickle), name, "hub")
     raise ConfigError(f"model: '{name}' is not a built-in name ({EMBEDDED_DEFAULT}), a shape:NAME, "
                       f"a local folder, a .gguf file or a hub id")
 
 
 def _refuse_pickle_only(folder: Path) -> None:
     if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
-        raise ConfigError(f"model: {folder} holds only pickle (.bin) weights; snugtune loads safetensors or GGUF "
-                          f"only (convert with save_pretrained(safe_serialization=True))")
+        raise ConfigError(f"model: {folder} holds only pickle (.bin) weights, which can run code when loaded; "
+                          f"snugtune loads safetensors or GGUF (set allow_pickle_weights: true if you trust them)")
 
 
-def _download_hub(repo_id: str, cache_dir: Path) -> Path:
+def _download_hub(repo_id: str, cache_dir: Path, allow_pickle: bool) -> Path:
     try:  # fail fast and clearly offline instead of waiting on retries
         socket.create_connection(("huggingface.co", 443), timeout=3).close()
     except OSError:
@@ -104,11 +105,13 @@ def _download_hub(repo_id: str, cache_dir: Path) -> Path:
                           f"use a local folder, a .gguf file or shape:{HUB_IDS.get(repo_id, 'NAME')}") from None
     from huggingface_hub import snapshot_download
     try:
-        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+                                 + (["*.bin"] if allow_pickle else []),
                                  cache_dir=str(cache_dir / "hub"))
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise ConfigError(f"model: could not download '{repo_id}': {str(exc).splitlines()[0]}") from None
-    _refuse_pickle_only(Path(path))
+    if not allow_pickle:
+        _refuse_pickle_only(Path(path))
     return Path(path)
 
 
@@ -221,7 +224,8 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"trust_remote_code": config.trust_remote_code, "use_safetensors": True}
+    kwargs: dict = {"trust_remote_code": config.trust_remote_code,
+                    "use_safetensors": None if config.allow_pickle_weights else True}
     if config.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=config.quant.type,

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from snugtune.config import UserError
+
 COMPLETE = "COMPLETE"
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, unwritable folder); the previous one is intact."""
 
 
 @dataclass
@@ -52,26 +58,37 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy(), *rest))
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position: TrainPosition, keep: int) -> Path:
-    """Write checkpoints/step-N atomically, then drop all but the newest `keep` complete ones."""
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position: TrainPosition, keep: int,
+                    metrics: list[dict], config_yaml: str) -> Path:
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep` complete ones.
+
+    Raises CheckpointWriteError (the older checkpoints untouched) when the disk is full or unwritable.
+    """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position.step}"
     tmp = root / f".tmp-step-{position.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(position)))
-        (tmp / COMPLETE).write_text("")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        (tmp / "config.yaml").write_text(config_yaml)
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
+        (tmp / COMPLETE).write_text("")  # last: a folder without it is never resumed from
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_checkpoints(run_dir)
+        previous = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {exc.strerror or exc}; {previous}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,6 +104,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def checkpoint_metrics(path: Path) -> list[dict]:
+    """The metrics.jsonl rows logged up to this checkpoint."""
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainPosition:

@@ -10,6 +10,17 @@ from pathlib import Path
 import torch
 
 
+def move_run_aside(run_dir: Path) -> Path | None:
+    """Rename an existing run directory to RUN.old-N (never deleted); returns the new name, or None."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists():
+        n += 1
+    os.replace(run_dir, aside)
+    return aside
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

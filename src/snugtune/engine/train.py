@@ -8,27 +8,34 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from snugtune.config import Config, config_to_yaml
+from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, UserError, changed_fields, config_to_yaml
 from snugtune.data import collate, micro_batches, prepare_data
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
-from snugtune.engine.checkpoint import TrainPosition, complete_checkpoints, load_checkpoint, save_checkpoint
+from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
+                                        save_checkpoint)
 from snugtune.engine.loss import mean_loss, token_loss_sum
 from snugtune.engine.optim import build_optimizer, build_scheduler
 from snugtune.engine.precision import resolve_device, resolve_precision
 from snugtune.engine.progress import TrainProgress
+from snugtune.engine.signals import StopRequests
 from snugtune.engine.rundir import (device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
 from snugtune.models import check_vocab, count_parameters, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT during training; a checkpoint was saved first (the CLI exits 130)."""
+    """SIGINT/SIGTERM during training; a checkpoint was saved first (the CLI exits 130)."""
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite steps; the last good checkpoint is kept."""
 
 
 def trained_positions(batch: dict[str, torch.Tensor]) -> int:
@@ -53,18 +60,45 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
     return step_loss
 
 
-def train(config: Config, show_progress: bool = True) -> dict:
-    """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict."""
+def _check_resume_config(checkpoint: Path, config: Config, notify) -> None:
+    """Refuse to resume with a config that would train something else; allow harmless changes."""
+    changed = changed_fields((checkpoint / "config.yaml").read_text(), config)
+    refused = [f for f in changed if f not in RESUME_SAFE_FIELDS | RESUME_LENGTH_FIELDS]
+    if refused:
+        raise UserError(f"{checkpoint.parent.parent}: the config differs from the checkpointed run in "
+                        f"{', '.join(refused)}; resume with the same settings, or pass --fresh to start over")
+    if any(f in RESUME_LENGTH_FIELDS for f in changed):
+        notify("run length changed: the learning-rate schedule is recomputed over the new number of steps")
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir: cannot write to {run_dir}: {exc.strerror or exc}") from None
+
+
+def train(config: Config, show_progress: bool = True, notify=lambda message: None) -> dict:
+    """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict.
+
+    `notify(str)` receives one-line notices (resuming, schedule changes). SIGINT/SIGTERM finish the
+    current step, save a checkpoint and raise TrainingInterrupted.
+    """
     started = time.perf_counter()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(run_dir)
     device = resolve_device(config.device)
     precision = resolve_precision(config.train.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     # --- model and data -------------------------------------------------------------------------
-    resolved = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
     tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
     ensure_chat_template(tokenizer)
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed)
@@ -92,12 +126,16 @@ def train(config: Config, show_progress: bool = True) -> dict:
     resumed_from = None
     if checkpoints:
         resumed_from = checkpoints[-1]
+        _check_resume_config(resumed_from, config, notify)
         position = load_checkpoint(resumed_from, model, optimizer, scheduler, scaler)
-        if metrics_path.exists():  # keep the rows up to the checkpoint; later ones are re-done
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            metrics = [m for m in rows if m["step"] <= position.step]
+        metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
+        notify(f"resuming from {resumed_from} (step {position.step} of {total_steps})")
+    config_yaml = config_to_yaml(config)
     write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-    write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
+    write_text_atomic(run_dir / "config.yaml", config_yaml)
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, metrics, config_yaml)
 
     eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
                     for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
@@ -113,8 +151,10 @@ def train(config: Config, show_progress: bool = True) -> dict:
     # --- the loop -------------------------------------------------------------------------------
     progress = TrainProgress(total_steps, position.step, enabled=show_progress)
     log_tokens, log_time = 0, time.perf_counter()
-    try:
-        while position.step < total_steps:
+    nonfinite_in_a_row = 0
+    stop = StopRequests()
+    with stop.installed():
+        while position.step < total_steps and not stop.requested:
             epoch_batches = micro_batches(data.train, tc.micro_batch, tc.seed, position.epoch)
             while position.batch_in_epoch < len(epoch_batches) and position.step < total_steps:
                 group = [collate(b, tokenizer.pad_token_id)
@@ -125,16 +165,17 @@ def train(config: Config, show_progress: bool = True) -> dict:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
                 finite = math.isfinite(grad_norm) and math.isfinite(step_loss)
                 if finite or precision.loss_scaling:
-                    scaler.step(optimizer)  # the fp16 scaler itself skips non-finite steps
+                    scaler.step(optimizer)  # the fp16 scaler skips a non-finite step itself and lowers its scale
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
                 position.skipped_steps += not finite
                 position.step += 1
                 position.batch_in_epoch += len(group)
                 position.tokens_trained += sum(int(b["attention_mask"].sum()) for b in group)
 
-                if position.step % tc.log_every == 0 or position.step == total_steps:
+                if position.step % tc.log_every == 0 or position.step == total_steps or not finite:
                     now = time.perf_counter()
                     row = {"step": position.step,
                            "epoch": round(position.epoch + position.batch_in_epoch / len(epoch_batches), 4),
@@ -145,17 +186,27 @@ def train(config: Config, show_progress: bool = True) -> dict:
                     _append_metric(metrics_path, row)
                     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
                     log_tokens, log_time = 0, now
-                if position.step % config.save.every_steps == 0 and position.step < total_steps:
-                    save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep)
+                if nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                    progress.close()
+                    kept = complete_checkpoints(run_dir)
+                    raise TrainingDiverged(
+                        f"training diverged: {nonfinite_in_a_row} consecutive steps with a non-finite loss or "
+                        f"gradient (up to step {position.step}); "
+                        + (f"the last good checkpoint {kept[-1]} is kept; " if kept else "")
+                        + "lower train.lr, or use bf16 instead of fp16")
+                if stop.requested:
+                    break
+                # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
+                if position.step % config.save.every_steps == 0 and position.step < total_steps and finite:
+                    checkpoint()
             if position.batch_in_epoch >= len(epoch_batches):
                 position.epoch += 1
                 position.batch_in_epoch = 0
-    except KeyboardInterrupt:
-        progress.close()
-        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep)
-        raise TrainingInterrupted(f"interrupted at step {position.step}; checkpoint saved in {run_dir}") from None
     progress.close()
-    save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep)
+    checkpoint()
+    if stop.requested and position.step < total_steps:
+        raise TrainingInterrupted(f"{stop.requested} at step {position.step}: checkpoint saved in "
+                                  f"{run_dir / 'checkpoints'}; run the same command to resume")
 
     # --- after: evaluation and artifacts ----------------------------------------------------------
     eval_loss_after, eval_tokens = mean_loss(model, eval_batches, precision, device)
