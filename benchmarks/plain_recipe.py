@@ -51,15 +51,15 @@ def main() -> None:
                  "adamw": torch.optim.AdamW}[cfg.train.optimizer](params, lr=cfg.train.lr)
     model.train()
     step_times, step_tokens, losses = [], [], []
-    batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0)
+    batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0)  # pad-to-longest rows
     steps = cfg.train.max_steps
     for step in range(steps):
         group = batches[(step * cfg.train.grad_accum) % len(batches):][: cfg.train.grad_accum]
         torch.cuda.synchronize()
         start = time.perf_counter()
         tokens = 0
-        for samples in group:
-            batch = {k: v.cuda() for k, v in collate(samples, tokenizer.pad_token_id).items()}
+        for rows in group:
+            batch = {k: v.cuda() for k, v in collate([row[0] for row in rows], tokenizer.pad_token_id).items()}
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(**batch).loss / len(group)
             loss.backward()
@@ -70,7 +70,7 @@ def main() -> None:
         torch.cuda.synchronize()
         step_times.append(time.perf_counter() - start)
         step_tokens.append(tokens)
-        losses.append(float(loss) * len(group))
+        losses.append(float(loss.detach()) * len(group))
     warm = slice(min(3, steps - 1), None)
     result = {"recipe": "plain transformers+peft+bitsandbytes", "model": cfg.model, "steps": steps,
               "tokens_per_s_median_step": statistics.median(t / s for t, s in zip(step_tokens[warm], step_times[warm])),

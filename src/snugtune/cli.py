@@ -89,20 +89,22 @@ def data(
     from snugtune.config import load_config
     from snugtune.data import prepare_data
     from snugtune.data.tokenize import ensure_chat_template
-    from snugtune.models import load_tokenizer, resolve_model
+    from snugtune.models import default_cache_dir, load_tokenizer, resolve_model
 
     cfg = _run(debug, load_config, config, overrides or [])
     resolved = _run(debug, resolve_model, cfg.model, allow_pickle=cfg.allow_pickle_weights)
     tokenizer = load_tokenizer(resolved.path, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
-    prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+    prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed,
+                    cache_dir=default_cache_dir() / "data")
     report = prepared.report
     lengths = sorted(len(s.input_ids) for s in prepared.train + prepared.eval)
     pct = {p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99, 100)}
     if as_json:
         print(json.dumps({**report.__dict__, "token_length_percentiles": pct}, indent=2))
         return
-    out.print(f"format: [bold]{report.format}[/] ({report.format_reason})", highlight=False)
+    out.print(f"format: [bold]{report.format}[/] ({report.format_reason}); tokenized cache: {report.cache}",
+              highlight=False)
     out.print(f"rows read {report.rows_read}, kept {report.kept} (train {report.train_samples}, "
               f"eval {report.eval_samples}), truncated {report.truncated}, dropped {sum(report.dropped.values())}"
               + (f" {report.dropped}" if report.dropped else ""), highlight=False)

@@ -34,6 +34,8 @@ class DataConfig(_Section):
     too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with samples longer than max_seq_len.")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: assistant tokens only).")
     skip_bad_rows: bool = Field(False, description="Skip malformed rows (counted) instead of stopping with exit 2.")
+    packing: bool = Field(True, description="Padding-free batches: pack samples into rows of max_seq_len tokens "
+                          "(attention cannot cross samples). false: pad to the longest, grouped by length.")
 
 
 class LoraConfig(_Section):

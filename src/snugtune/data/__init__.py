@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from snugtune.config import ConfigError, DataConfig
+from snugtune.data import cache
+from snugtune.data.batches import collate, collate_micro_batch, micro_batches, real_tokens  # noqa: F401 (API)
 from snugtune.data.formats import FormatChoice, Row, Skipped, detect_format, read_rows, to_sample
 from snugtune.data.tokenize import IGNORE, TokenizedSample, fit_length, tokenize_sample
 
@@ -25,6 +25,7 @@ class DataReport:
     train_samples: int = 0
     eval_samples: int = 0
     train_tokens: int = 0
+    cache: str = "off"  # hit | miss | off
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -37,8 +38,29 @@ class PreparedData:
     report: DataReport
 
 
-def prepare_data(data: DataConfig, tokenizer, max_seq_len: int, seed: int) -> PreparedData:
-    """Read, normalize, tokenize, length-fit and split the data. ConfigError on bad input."""
+def prepare_data(data: DataConfig, tokenizer, max_seq_len: int, seed: int, cache_dir: Path | None = None) -> PreparedData:
+    """Read, normalize, tokenize, length-fit and split the data. ConfigError on bad input.
+
+    With cache_dir, the result is stored under a key of (data content, tokenizer, template, max_seq_len,
+    data settings) and reused by the next run with the same key.
+    """
+    if not Path(data.path).exists():
+        raise ConfigError(f"data.path: {data.path} does not exist")
+    key = None
+    if cache_dir is not None:
+        key = cache.cache_key(data, tokenizer, max_seq_len, seed)
+        hit = cache.load_cached(cache_dir, key)
+        if hit is not None:
+            train, eval_, report = hit
+            return PreparedData(train, eval_, DataReport(**{**report, "cache": "hit"}))
+    prepared = _prepare(data, tokenizer, max_seq_len, seed)
+    if key is not None:
+        prepared.report.cache = "miss"
+        cache.store(cache_dir, key, prepared.train, prepared.eval, asdict(prepared.report))
+    return prepared
+
+
+def _prepare(data: DataConfig, tokenizer, max_seq_len: int, seed: int) -> PreparedData:
     skipped = Skipped()
     rows: list[Row] = list(read_rows(Path(data.path), skipped, data.skip_bad_rows))
     if not rows:
@@ -89,30 +111,3 @@ def _blank_answer(sample: dict) -> bool:
         return not sample["text"].strip()
     answers = [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
     return not answers or all(not a.strip() for a in answers)
-
-
-def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sample (right padding); padded positions are masked out of attention and loss."""
-    longest = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        labels[i, :n] = torch.tensor(s.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A deterministic shuffle of range(n) for one epoch (resume replays the same order)."""
-    order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order
-
-
-def micro_batches(samples: list[TokenizedSample], batch_size: int, seed: int, epoch: int) -> list[list[TokenizedSample]]:
-    """One epoch of micro-batches in shuffled order (the last may be short)."""
-    order = epoch_order(len(samples), seed, epoch)
-    return [[samples[i] for i in order[k: k + batch_size]] for k in range(0, len(order), batch_size)]

@@ -51,6 +51,9 @@ def read_rows(path: Path, skipped: Skipped, skip_bad_rows: bool) -> Iterator[Row
     """Yield rows from a file or folder. A folder of source files yields one {"text"} row per file."""
     if not path.exists():
         raise ConfigError(f"data.path: {path} does not exist")
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        yield from _read_saved_dataset(path)
+        return
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         data_files = [p for p in files if p.suffix in DATA_SUFFIXES]
@@ -94,6 +97,18 @@ def read_rows(path: Path, skipped: Skipped, skip_bad_rows: bool) -> Iterator[Row
             yield Row(f"{path}:row {i + 1}", item)
 
 
+def _read_saved_dataset(path: Path) -> Iterator[Row]:
+    """A folder written by datasets' save_to_disk (a Dataset, or a DatasetDict whose 'train' split is used)."""
+    import datasets
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(f"data.path: {path} is a DatasetDict without a 'train' split ({list(loaded)})")
+        loaded = loaded["train"]
+    for i, item in enumerate(loaded):
+        yield Row(f"{path}:row {i + 1}", item)
+
+
 def _read_jsonl(path: Path, skipped: Skipped, skip_bad_rows: bool) -> Iterator[Row]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -125,7 +140,7 @@ def detect_format(rows: list[Row]) -> FormatChoice:
     for row in rows[:20]:
         if not isinstance(row.value, dict):
             continue
-        keys = {k.lower() for k in row.value}
+        keys = {k.lower().lstrip("#").strip() for k in row.value}
         if "messages" in keys:
             votes["messages"] = "rows have a 'messages' list"
         elif "conversations" in keys:
@@ -134,7 +149,7 @@ def detect_format(rows: list[Row]) -> FormatChoice:
             votes["alpaca"] = "rows have 'instruction' and 'output'"
         elif any(p in keys and c in keys for p, c in _PROMPT_COMPLETION_KEYS):
             votes["prompt-completion"] = "rows have a prompt/completion pair of fields"
-        elif "text" in keys and "### Human:" in str(row.value.get("text", row.value.get("Text", ""))):
+        elif "text" in keys and "### human:" in str(row.value.get("text", row.value.get("Text", ""))).lower():
             votes["guanaco"] = "rows have 'text' with '### Human:' turns"
         elif "text" in keys:
             votes["text"] = "rows have a 'text' field"

@@ -89,7 +89,10 @@ def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool =
             piece = piece + [eos_id]
         ids += piece
         labels += piece if (trained or train_on_prompt) else [IGNORE] * len(piece)
-    return TokenizedSample(ids, labels)
+    result = TokenizedSample(ids, labels)
+    if result.trained_tokens == 0:  # never train silently on nothing
+        raise ConfigError(f"{where}: no token of this sample is trained (every label is masked)")
+    return result
 
 
 def fit_length(sample: TokenizedSample, max_len: int, too_long: str) -> TokenizedSample | None:

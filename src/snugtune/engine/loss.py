@@ -24,8 +24,10 @@ def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over trained positions, number of those positions)."""
     backbone, head = causal_lm_parts(model)
+    # packed batches carry restarting position_ids and no attention_mask: transformers then builds a
+    # block-diagonal causal mask (use_cache=False is required for that detection)
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      use_cache=False).last_hidden_state
+                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     hidden = hidden[:, :-1][keep]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, UserError, changed_fields, config_to_yaml
-from snugtune.data import collate, micro_batches, prepare_data
+from snugtune.data import collate, collate_micro_batch, micro_batches, prepare_data, real_tokens
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
                                         save_checkpoint)
@@ -27,7 +27,7 @@ from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
 from snugtune.engine.rundir import (device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
-from snugtune.models import check_vocab, count_parameters, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.models import check_vocab, count_parameters, default_cache_dir, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 
 class TrainingInterrupted(Exception):
@@ -101,7 +101,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
     tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
     ensure_chat_template(tokenizer)
-    data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed)
+    data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
+                        cache_dir=default_cache_dir() / "data")
     torch.manual_seed(config.train.seed)
     model = load_base_model(resolved.path, config, device, precision.compute_dtype)
     check_vocab(model, tokenizer, config.model)
@@ -112,7 +113,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
 
     # --- optimization ---------------------------------------------------------------------------
     tc = config.train
-    batches_per_epoch = math.ceil(len(data.train) / tc.micro_batch)
+    packed_len = config.max_seq_len if config.data.packing else None
+    batches_per_epoch = len(micro_batches(data.train, tc.micro_batch, tc.seed, 0, packed_len))
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     optimizer = build_optimizer(params, tc, device)
@@ -155,12 +157,12 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     stop = StopRequests()
     with stop.installed():
         while position.step < total_steps and not stop.requested:
-            epoch_batches = micro_batches(data.train, tc.micro_batch, tc.seed, position.epoch)
+            epoch_batches = micro_batches(data.train, tc.micro_batch, tc.seed, position.epoch, packed_len)
             while position.batch_in_epoch < len(epoch_batches) and position.step < total_steps:
-                group = [collate(b, tokenizer.pad_token_id)
-                         for b in epoch_batches[position.batch_in_epoch: position.batch_in_epoch + tc.grad_accum]]
+                group = [collate_micro_batch(rows, tokenizer.pad_token_id, config.data.packing)
+                         for rows in epoch_batches[position.batch_in_epoch: position.batch_in_epoch + tc.grad_accum]]
                 step_loss = accumulate_gradients(model, group, precision, scaler, device)
-                log_tokens += sum(int(b["attention_mask"].sum()) for b in group)
+                log_tokens += sum(real_tokens(b) for b in group)
                 scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
                 finite = math.isfinite(grad_norm) and math.isfinite(step_loss)
@@ -173,7 +175,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 position.skipped_steps += not finite
                 position.step += 1
                 position.batch_in_epoch += len(group)
-                position.tokens_trained += sum(int(b["attention_mask"].sum()) for b in group)
+                position.tokens_trained += sum(real_tokens(b) for b in group)
 
                 if position.step % tc.log_every == 0 or position.step == total_steps or not finite:
                     now = time.perf_counter()

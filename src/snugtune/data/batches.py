@@ -1,0 +1,106 @@
+"""Turning tokenized samples into micro-batches: padding-free packed rows (default) or pad-to-longest.
+
+Packed: samples are placed first-fit into rows of at most max_seq_len tokens; position ids restart at
+each sample, and the model's attention (transformers builds a block-diagonal causal mask from the
+restarting position ids when no attention_mask is given) cannot cross samples. The first token of
+every sample is never a loss target, so a sample's loss is the same packed or alone.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from snugtune.data.tokenize import IGNORE, TokenizedSample
+
+Row = list[TokenizedSample]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A deterministic shuffle of range(n) for one epoch (resume replays the same order)."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def pack_rows(samples: list[TokenizedSample], max_seq_len: int, order: list[int]) -> list[Row]:
+    """First-fit packing of samples (in `order`) into rows of at most max_seq_len tokens."""
+    rows: list[Row] = []
+    room: list[int] = []
+    for i in order:
+        n = len(samples[i].input_ids)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(samples[i])
+                room[r] -= n
+                break
+        else:
+            rows.append([samples[i]])
+            room.append(max_seq_len - n)
+    return rows
+
+
+def micro_batches(samples: list[TokenizedSample], micro_batch: int, seed: int, epoch: int,
+                  packed_len: int | None = None) -> list[list[Row]]:
+    """One epoch of micro-batches, each a list of rows (a row is one sample, or several when packed).
+
+    packed_len=None: pad-to-longest, rows grouped by length within windows of 64 micro-batches so that
+    little padding is needed, window order still shuffled.
+    """
+    order = epoch_order(len(samples), seed, epoch)
+    if packed_len is not None:
+        rows = pack_rows(samples, packed_len, order)
+    else:
+        window = 64 * micro_batch
+        rows = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: len(samples[i].input_ids), reverse=True)
+            rows.extend([samples[i]] for i in chunk)
+    batches = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
+    random.Random(seed * 7919 + epoch).shuffle(batches)
+    return batches
+
+
+def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sample (right padding); padded positions are masked out of attention and loss."""
+    longest = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_packed(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows: input_ids, labels, position_ids restarting per sample, and token_mask (real tokens,
+    for counting only: no attention_mask is given to the model, so it isolates samples by position ids)."""
+    longest = max(sum(len(s.input_ids) for s in row) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), longest), dtype=torch.long)  # padding: a run of 1-token "samples"
+    real = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s.input_ids)
+            ids[r, at:at + n] = torch.tensor(s.input_ids)
+            labels[r, at:at + n] = torch.tensor(s.labels)
+            labels[r, at] = IGNORE  # no sample predicts the next one's first token
+            positions[r, at:at + n] = torch.arange(n)
+            real[r, at:at + n] = 1
+            at += n
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "token_mask": real}
+
+
+def collate_micro_batch(rows: list[Row], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    return collate_packed(rows, pad_id) if packed else collate([row[0] for row in rows], pad_id)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens in a batch (what tokens/s counts)."""
+    return int(batch["attention_mask" if "attention_mask" in batch else "token_mask"].sum())
