@@ -24,11 +24,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def pack_rows(samples: list[TokenizedSample], max_seq_len: int, order: list[int]) -> list[Row]:
-    """First-fit packing of samples (in `order`) into rows of at most max_seq_len tokens."""
+def pack_rows(samples: list[TokenizedSample], max_seq_len: int, order: list[int], seed: int) -> list[Row]:
+    """First-fit-decreasing packing into rows of at most max_seq_len tokens, rows then shuffled.
+
+    Longest first leaves the short samples to fill the gaps (rows come out nearly full); ties keep the
+    epoch's shuffled order, and the final row shuffle mixes long and short rows across micro-batches.
+    """
     rows: list[Row] = []
     room: list[int] = []
-    for i in order:
+    for i in sorted(order, key=lambda i: -len(samples[i].input_ids)):
         n = len(samples[i].input_ids)
         for r, free in enumerate(room):
             if n <= free:
@@ -38,6 +42,7 @@ def pack_rows(samples: list[TokenizedSample], max_seq_len: int, order: list[int]
         else:
             rows.append([samples[i]])
             room.append(max_seq_len - n)
+    random.Random(seed).shuffle(rows)
     return rows
 
 
@@ -50,7 +55,7 @@ def micro_batches(samples: list[TokenizedSample], micro_batch: int, seed: int, e
     """
     order = epoch_order(len(samples), seed, epoch)
     if packed_len is not None:
-        rows = pack_rows(samples, packed_len, order)
+        rows = pack_rows(samples, packed_len, order, seed * 31 + epoch)
     else:
         window = 64 * micro_batch
         rows = []
