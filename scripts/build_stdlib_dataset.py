@@ -22,7 +22,19 @@ MODULES = ["bisect", "heapq", "textwrap", "shlex", "fnmatch", "posixpath", "ntpa
            "platform", "plistlib", "py_compile", "random", "re/_parser", "sched", "secrets", "socket", "stat",
            "sysconfig", "tarfile", "uu", "warnings", "wave", "zipfile", "dataclasses", "enum", "functools",
            "types", "typing", "ast", "dis", "codecs", "filecmp", "hmac", "imghdr", "linecache", "traceback"]
-OUT = Path(__file__).resolve().parent.parent / "src" / "snugtune" / "bundled" / "stdlib_functions.jsonl"
+BUNDLED = Path(__file__).resolve().parent.parent / "src" / "snugtune" / "bundled"
+OUT = BUNDLED / "stdlib_functions.jsonl"
+RETENTION = BUNDLED / "retention_docs.jsonl"
+# General English prose about programming that the quickstart never trains on: the module docstrings of
+# standard-library modules outside MODULES, for the retention check (loss before vs after fine-tuning).
+RETENTION_MODULES = ["argparse", "asyncio/__init__", "collections/__init__", "contextlib", "datetime", "decimal",
+                     "doctest", "email/__init__", "ftplib", "getopt", "gzip", "hashlib", "http/client",
+                     "imaplib", "logging/__init__", "mailbox", "multiprocessing/pool", "optparse", "pdb",
+                     "pickle", "pickletools", "poplib", "pydoc", "queue", "selectors", "shelve", "smtplib",
+                     "socketserver", "sqlite3/__init__", "ssl", "subprocess", "symtable", "tabnanny",
+                     "telnetlib", "threading", "timeit", "trace", "unittest/__init__", "urllib/request",
+                     "uuid", "weakref", "xml/dom/minidom", "zipimport", "bdb", "cmd", "code", "codeop",
+                     "configparser", "contextvars", "copyreg", "crypt", "fileinput", "graphlib", "heapq"]
 
 
 def functions(path: Path, module: str):
@@ -63,6 +75,18 @@ def main() -> None:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"{len(rows)} rows from Python {sys.version.split()[0]}'s standard library -> {OUT}")
+    docs = []
+    for module in RETENTION_MODULES:
+        path = stdlib / f"{module}.py"
+        if module.split("/")[0] in {m.split("/")[0] for m in MODULES} or not path.is_file():
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        if doc and len(doc) >= 200:
+            docs.append({"text": doc[:3000]})
+    with RETENTION.open("w", encoding="utf-8") as handle:
+        for row in docs:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{len(docs)} module docstrings for the retention check -> {RETENTION}")
 
 
 if __name__ == "__main__":

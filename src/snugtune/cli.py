@@ -114,6 +114,67 @@ def data(
         _print_marked(sample, tokenizer)
 
 
+@app.command("eval")
+def eval_command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    task: str = typer.Option("perplexity,retention,generate", "--task",
+                             help="Comma-separated: perplexity, retention, generate, humaneval."),
+    data_file: Optional[str] = typer.Option(None, "--data", help="Score this file instead of the held-out split."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="HumanEval: first N problems; generate: N prompts."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Base model and fine-tuned model side by side: loss/perplexity, retention, generations, HumanEval."""
+    from snugtune.evaluate import evaluate_run
+    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    results = _run(debug, evaluate_run, run_dir, tasks, data_file, limit, device,
+                   progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False))
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    _print_eval(results)
+
+
+def _print_eval(results: dict) -> None:
+    from rich.table import Table
+    table = Table(title="evaluation: base vs fine-tuned")
+    for column in ("task", "base", "fine-tuned", "note"):
+        table.add_column(column)
+    if "perplexity" in results:
+        r = results["perplexity"]
+        table.add_row("held-out loss", f"{r['base_loss']:.4f}", f"{r['tuned_loss']:.4f}",
+                      f"perplexity {r['base_perplexity']:.2f} -> {r['tuned_perplexity']:.2f}, {r['tokens']} tokens")
+    if "retention" in results:
+        r = results["retention"]
+        table.add_row("general-text loss", f"{r['base_loss']:.4f}", f"{r['tuned_loss']:.4f}",
+                      f"retention {r['kept_percent']:.1f}% ({r['data']})")
+    if "humaneval" in results:
+        r = results["humaneval"]
+        table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
+                      f"{r['problems']} problems, sandboxed")
+    out.print(table)
+    for sample in results.get("generate", []):
+        out.rule()
+        out.print(f"[bold]prompt[/]: {sample['prompt'][-300:]}", highlight=False, markup=True)
+        out.print(f"[bold]base[/]: {sample['base'][:400]}", highlight=False)
+        out.print(f"[bold]tuned[/]: {sample['tuned'][:400]}", highlight=False)
+        out.print(f"[bold]reference[/]: {sample['reference'][:400]}", highlight=False)
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories."),
+    out_dir: Path = typer.Option(Path("report"), "--out", help="Folder for report.md and loss_curves.png."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """The results table (Markdown) and the loss curves of the runs (PNG)."""
+    from snugtune.evaluate.report import build_report
+    markdown, plot = _run(debug, build_report, run_dirs, out_dir)
+    print(markdown.read_text())
+    out.print(f"wrote {markdown} and {plot}", highlight=False)
+
+
 def _print_marked(sample, tokenizer) -> None:
     """Trained tokens in green on a terminal, between [[ and ]] in plain text."""
     from snugtune.data.tokenize import IGNORE

@@ -85,8 +85,13 @@ class SaveConfig(_Section):
 
 
 class EvalConfig(_Section):
+    every_steps: int | None = Field(None, ge=1, description="Also measure held-out loss every N steps (null: only before and after).")
     max_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out batches.")
     batch_size: int = Field(4, ge=1, description="Sequences per evaluation forward pass.")
+
+
+class LogConfig(_Section):
+    tensorboard: bool = Field(False, description="Also write metrics as TensorBoard event files in RUN_DIR/tensorboard.")
 
 
 class Config(_Section):
@@ -100,6 +105,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
     save: SaveConfig = Field(default_factory=SaveConfig, description="Checkpointing.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Where metrics go besides metrics.jsonl.")
     budget: str = Field("auto", description="Memory budget: auto (the card present), a card name (t4, rtx3080, ...) or NGiB.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
     output_dir: str = Field("runs/run", description="Run directory, relative to the current directory.")
@@ -231,7 +237,8 @@ def config_to_yaml(config: Config) -> str:
 
 # Fields that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_FIELDS = {"save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
-                      "eval.max_batches", "eval.batch_size", "output_dir", "device"}
+                      "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
+                      "device"}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.
 RESUME_LENGTH_FIELDS = {"train.max_steps", "train.epochs"}
 

@@ -21,6 +21,34 @@ def move_run_aside(run_dir: Path) -> Path | None:
     return aside
 
 
+class MetricsLog:
+    """metrics.jsonl, rewritten with the rows kept so far and then appended one line per row; with
+    tensorboard=True the numeric fields also go to TensorBoard event files in RUN_DIR/tensorboard."""
+
+    def __init__(self, run_dir: Path, rows: list[dict], tensorboard: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        self.rows = list(rows)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._board = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._board = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self._board is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._board.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, row["step"])
+            self._board.flush()
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -25,7 +25,7 @@ from snugtune.engine.optim import build_optimizer, build_scheduler
 from snugtune.engine.precision import resolve_device, resolve_precision
 from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
-from snugtune.engine.rundir import (device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
+from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
 from snugtune.models import check_vocab, count_parameters, default_cache_dir, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
@@ -122,7 +122,6 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     scaler = precision.grad_scaler()
 
     position = TrainPosition()
-    metrics_path = run_dir / "metrics.jsonl"
     metrics: list[dict] = []
     checkpoints = complete_checkpoints(run_dir)
     resumed_from = None
@@ -133,22 +132,21 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
         notify(f"resuming from {resumed_from} (step {position.step} of {total_steps})")
     config_yaml = config_to_yaml(config)
-    write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+    log = MetricsLog(run_dir, metrics, tensorboard=config.log.tensorboard)
     write_text_atomic(run_dir / "config.yaml", config_yaml)
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, metrics, config_yaml)
+        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, log.rows,
+                        config_yaml)
 
     eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
                     for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
-    before = [m["eval_loss"] for m in metrics if m["step"] == 0 and "eval_loss" in m]
+    before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         eval_loss_before = before[0]
     else:
         eval_loss_before, _ = mean_loss(model, eval_batches, precision, device)
-        row = {"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before}
-        metrics.append(row)
-        _append_metric(metrics_path, row)
+        log.write({"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before})
 
     # --- the loop -------------------------------------------------------------------------------
     progress = TrainProgress(total_steps, position.step, enabled=show_progress)
@@ -177,15 +175,18 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 position.batch_in_epoch += len(group)
                 position.tokens_trained += sum(real_tokens(b) for b in group)
 
-                if position.step % tc.log_every == 0 or position.step == total_steps or not finite:
+                eval_due = bool(config.eval.every_steps) and position.step % config.eval.every_steps == 0
+                if position.step % tc.log_every == 0 or position.step == total_steps or not finite or eval_due:
                     now = time.perf_counter()
                     row = {"step": position.step,
                            "epoch": round(position.epoch + position.batch_in_epoch / len(epoch_batches), 4),
                            "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
                            "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
-                    metrics.append(row)
-                    _append_metric(metrics_path, row)
+                    every = config.eval.every_steps
+                    if every and position.step % every == 0 and position.step < total_steps and eval_batches:
+                        row["eval_loss"] = mean_loss(model, eval_batches, precision, device)[0]
+                    log.write(row)
                     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
                     log_tokens, log_time = 0, now
                 if nonfinite_in_a_row >= tc.max_nonfinite_steps:
@@ -212,11 +213,10 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
 
     # --- after: evaluation and artifacts ----------------------------------------------------------
     eval_loss_after, eval_tokens = mean_loss(model, eval_batches, precision, device)
-    row = {"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after}
-    metrics.append(row)
-    _append_metric(metrics_path, row)
+    log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
+    log.close()
     save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora)
-    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    train_losses = [m["loss"] for m in log.rows if "loss" in m]
     summary = {
         "model": config.model, "base_model_path": str(resolved.path), "method": config.method,
         "train_loss_final": train_losses[-1] if train_losses else None,
@@ -232,13 +232,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
     write_json_atomic(run_dir / "summary.json", summary)
-    plot_losses(run_dir, metrics)
+    plot_losses(run_dir, log.rows)
     return summary
-
-
-def _append_metric(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def _current_memory(device: torch.device) -> int:
