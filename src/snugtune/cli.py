@@ -175,6 +175,48 @@ def report(
     out.print(f"wrote {markdown} and {plot}", highlight=False)
 
 
+@app.command()
+def merge(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the merged Hugging Face model."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also write a GGUF file (llama.cpp / Ollama / LM Studio)."),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="f16 or q8_0."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Merge the adapter into a 16-bit copy of the base (streamed, never into 4-bit weights); optionally GGUF."""
+    from snugtune.export.gguf_file import write_gguf
+    from snugtune.export.merge import merge_run
+    merged = _run(debug, merge_run, run_dir, out_dir, dtype)
+    err.print(f"merged model: [bold]{merged}[/]", highlight=False)
+    if gguf:
+        target = merged / f"{merged.name}-{gguf_type}.gguf"
+        written = _run(debug, write_gguf, merged, target, gguf_type)
+        err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
+@app.command()
+def chat(
+    path: Path = typer.Argument(..., help="A run directory or a merged model folder."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One message, print the answer and exit."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer in tokens."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Chat with the fine-tuned model (chat template, streamed, multi-turn; /reset, /exit)."""
+    from snugtune.chat import chat_loop, load_for_chat, reply
+    model, tokenizer, dev, precision = _run(debug, load_for_chat, path, device)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if prompt is not None:
+        reply(model, tokenizer, [{"role": "user", "content": prompt}], dev, precision, max_new_tokens, stream=write)
+        write("\n")
+        return
+    chat_loop(model, tokenizer, dev, precision, read=input, write=write, max_new_tokens=max_new_tokens)
+
+
 def _print_marked(sample, tokenizer) -> None:
     """Trained tokens in green on a terminal, between [[ and ]] in plain text."""
     from snugtune.data.tokenize import IGNORE

@@ -1,0 +1,1 @@
+"""Export: merged 16-bit HF folders (merge.py), GGUF files (gguf_file.py)."""

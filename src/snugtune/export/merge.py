@@ -1,0 +1,126 @@
+"""Merging a LoRA adapter into its base, streamed one tensor at a time.
+
+The base is read from its full-precision safetensors (never from quantized weights), each adapted
+weight gets W + scale * B @ A computed in fp32, and the result is written in shards as a standard
+Hugging Face folder. Peak memory is about one shard, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from snugtune.config import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SHARD_BYTES = 4 * 2**30
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("adapter_")]
+    if not files:
+        raise UserError(f"{folder}: no safetensors weights to merge from")
+    return files
+
+
+def _lora_deltas(run_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict]:
+    """{base weight name: (A, B)}, the scale, and the adapter config."""
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserError(f"{run_dir}: adapters with per-module rank or alpha patterns are not supported by merge")
+    weights = load_file(str(run_dir / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            raise UserError(f"{run_dir}: adapter tensor {key} is not a LoRA A/B matrix; merge supports LoRA only")
+        module, _, rest = key.partition(".lora_")
+        base_name = module.removeprefix("base_model.model.") + ".weight"
+        pairs.setdefault(base_name, {})[rest[0]] = tensor
+    r = config["r"]
+    scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+    return {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}, scale, config
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Write a merged HF model folder for RUN_DIR at out_dir (atomically); returns out_dir."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        raise UserError(f"{run_dir}: not a finished snugtune run (no summary.json)")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: choose one of {', '.join(DTYPES)}")
+    out_dtype = DTYPES[dtype]
+    adapter = (run_dir / "adapter_model.safetensors").is_file()
+    if adapter:
+        deltas, scale, _ = _lora_deltas(run_dir)
+        base = Path(json.loads(summary.read_text())["base_model_path"])
+    else:  # freeze / full runs saved the whole trained model
+        deltas, scale, base = {}, 0.0, run_dir
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    used: set[str] = set()
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, shards = 0, []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            shards.append((name, list(shard)))
+            shard, shard_bytes = {}, 0
+
+    for path in _weight_files(base):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                if name in deltas:
+                    a, b = deltas[name]
+                    tensor = (tensor.float() + scale * (b.float() @ a.float())).to(out_dtype)
+                    used.add(name)
+                elif tensor.is_floating_point():
+                    tensor = tensor.to(out_dtype)
+                shard[name] = tensor.contiguous()
+                shard_bytes += tensor.numel() * tensor.element_size()
+                if shard_bytes >= SHARD_BYTES:
+                    flush()
+    flush()
+    missing = set(deltas) - used
+    if missing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{run_dir}: adapter weights for {sorted(missing)[:3]} have no matching base tensor")
+    total = len(shards)
+    names = {}
+    for i, (name, keys) in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+        os.replace(tmp / name, tmp / final)
+        names.update({k: final for k in keys})
+    if total > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}, indent=2))
+    config = json.loads((base / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in ("generation_config.json",):
+        if (base / extra).is_file():
+            shutil.copy(base / extra, tmp / extra)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+              "tokenizer.model"):
+        if (run_dir / f).is_file():
+            shutil.copy(run_dir / f, tmp / f)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
