@@ -30,7 +30,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from snugtune.config import load_config
-    from snugtune.data import collate, micro_batches, prepare_data
+    from snugtune.data import collate_micro_batch, micro_batches, prepare_data, real_tokens
     from snugtune.models import block_linear_names, load_tokenizer, resolve_model
 
     cfg = load_config(args.config, args.overrides)
@@ -42,6 +42,7 @@ def main() -> None:
                                bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                  device_map={"": 0})
+    model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_checkpointing)
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
     model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -51,7 +52,10 @@ def main() -> None:
                  "adamw": torch.optim.AdamW}[cfg.train.optimizer](params, lr=cfg.train.lr)
     model.train()
     step_times, step_tokens, losses = [], [], []
-    batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0)  # pad-to-longest rows
+    # the same micro-batches snugtune trains on: packed rows (position ids restart per sample, which
+    # transformers turns into a block-diagonal mask) or padded samples, per data.packing
+    packed_len = cfg.max_seq_len if cfg.data.packing else None
+    batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0, packed_len)
     steps = cfg.train.max_steps
     for step in range(steps):
         group = batches[(step * cfg.train.grad_accum) % len(batches):][: cfg.train.grad_accum]
@@ -59,11 +63,12 @@ def main() -> None:
         start = time.perf_counter()
         tokens = 0
         for rows in group:
-            batch = {k: v.cuda() for k, v in collate([row[0] for row in rows], tokenizer.pad_token_id).items()}
+            batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing)
+            tokens += real_tokens(batch)
+            batch = {k: v.cuda() for k, v in batch.items() if k != "token_mask"}
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(**batch).loss / len(group)
             loss.backward()
-            tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
