@@ -14,13 +14,35 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from snugtune.config import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SHARD_BYTES = 4 * 2**30
+SHARD_BYTES = 2 * 2**30
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                       "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_tensors(path: Path):
+    """Yield (name, tensor) from a safetensors file with plain reads, one tensor in memory at a time.
+
+    (safe_open memory-maps the file, and every page it touched stays in the process's resident set until
+    the file is closed: several GiB per shard of a 7B model.)
+    """
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+        start = 8 + header_len
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            handle.seek(start + begin)
+            buffer = bytearray(end - begin)
+            handle.readinto(buffer)
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"]) if buffer else \
+                torch.empty(info["shape"], dtype=dtype)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -83,19 +105,17 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> 
             shard, shard_bytes = {}, 0
 
     for path in _weight_files(base):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                if name in deltas:
-                    a, b = deltas[name]
-                    tensor = (tensor.float() + scale * (b.float() @ a.float())).to(out_dtype)
-                    used.add(name)
-                elif tensor.is_floating_point():
-                    tensor = tensor.to(out_dtype)
-                shard[name] = tensor.contiguous()
-                shard_bytes += tensor.numel() * tensor.element_size()
-                if shard_bytes >= SHARD_BYTES:
-                    flush()
+        for name, tensor in _read_tensors(path):
+            if name in deltas:
+                a, b = deltas[name]
+                tensor = (tensor.float() + scale * (b.float() @ a.float())).to(out_dtype)
+                used.add(name)
+            elif tensor.is_floating_point():
+                tensor = tensor.to(out_dtype)
+            shard[name] = tensor.contiguous()
+            shard_bytes += tensor.numel() * tensor.element_size()
+            if shard_bytes >= SHARD_BYTES:
+                flush()
     flush()
     missing = set(deltas) - used
     if missing:
