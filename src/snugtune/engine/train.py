@@ -94,11 +94,12 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     _prepare_run_dir(run_dir)
     device = resolve_device(config.device)
     precision = resolve_precision(config.train.precision, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     # --- model and data -------------------------------------------------------------------------
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
+    if device.type == "cuda":  # building a shape model on the GPU is not part of the run's peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
     ensure_chat_template(tokenizer)
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
