@@ -8,7 +8,8 @@ from pathlib import Path
 
 from snugtune.config import ConfigError, DataConfig
 from snugtune.data import cache
-from snugtune.data.batches import collate, collate_micro_batch, micro_batches, real_tokens  # noqa: F401 (API)
+from snugtune.data.batches import (collate, collate_micro_batch, epoch_rows, micro_batches,  # noqa: F401 (API)
+                                   real_tokens)
 from snugtune.data.formats import FormatChoice, Row, Skipped, detect_format, read_rows, to_sample
 from snugtune.data.tokenize import IGNORE, TokenizedSample, fit_length, tokenize_sample
 

@@ -46,25 +46,30 @@ def pack_rows(samples: list[TokenizedSample], max_seq_len: int, order: list[int]
     return rows
 
 
-def micro_batches(samples: list[TokenizedSample], micro_batch: int, seed: int, epoch: int,
-                  packed_len: int | None = None) -> list[list[Row]]:
-    """One epoch of micro-batches, each a list of rows (a row is one sample, or several when packed).
+LENGTH_WINDOW = 256  # padded mode: samples sorted by length within windows of this many
 
-    packed_len=None: pad-to-longest, rows grouped by length within windows of 64 micro-batches so that
-    little padding is needed, window order still shuffled.
+
+def epoch_rows(samples: list[TokenizedSample], seed: int, epoch: int, packed_len: int | None = None) -> list[Row]:
+    """One epoch's rows in training order; a row is one sample, or several packed ones.
+
+    The order does not depend on the micro-batch size, so a run can change its micro-batch (after an
+    OOM, or on resume) and continue with exactly the same rows. Padded mode (packed_len=None): samples
+    sorted by length inside windows of LENGTH_WINDOW so neighbours pad little, window order shuffled.
     """
     order = epoch_order(len(samples), seed, epoch)
     if packed_len is not None:
-        rows = pack_rows(samples, packed_len, order, seed * 31 + epoch)
-    else:
-        window = 64 * micro_batch
-        rows = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=lambda i: len(samples[i].input_ids), reverse=True)
-            rows.extend([samples[i]] for i in chunk)
-    batches = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
-    random.Random(seed * 7919 + epoch).shuffle(batches)
-    return batches
+        return pack_rows(samples, packed_len, order, seed * 31 + epoch)
+    windows = [sorted(order[k:k + LENGTH_WINDOW], key=lambda i: -len(samples[i].input_ids))
+               for k in range(0, len(order), LENGTH_WINDOW)]
+    random.Random(seed * 7919 + epoch).shuffle(windows)
+    return [[samples[i]] for window in windows for i in window]
+
+
+def micro_batches(samples: list[TokenizedSample], micro_batch: int, seed: int, epoch: int,
+                  packed_len: int | None = None) -> list[list[Row]]:
+    """One epoch of micro-batches: consecutive groups of `micro_batch` rows of epoch_rows()."""
+    rows = epoch_rows(samples, seed, epoch, packed_len)
+    return [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
 
 
 def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:

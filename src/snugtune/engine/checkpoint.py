@@ -28,10 +28,10 @@ class CheckpointWriteError(UserError):
 
 @dataclass
 class TrainPosition:
-    """Where training stands: optimizer steps done, and the epoch / micro-batch index to continue from."""
+    """Where training stands: optimizer steps done, and the epoch / rows of it already trained on."""
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    rows_in_epoch: int = 0
     tokens_trained: int = 0
     skipped_steps: int = 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, UserError, changed_fields, config_to_yaml
-from snugtune.data import collate, collate_micro_batch, micro_batches, prepare_data, real_tokens
+from snugtune.data import collate, collate_micro_batch, epoch_rows, prepare_data, real_tokens
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
                                         save_checkpoint)
@@ -115,8 +115,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     # --- optimization ---------------------------------------------------------------------------
     tc = config.train
     packed_len = config.max_seq_len if config.data.packing else None
-    batches_per_epoch = len(micro_batches(data.train, tc.micro_batch, tc.seed, 0, packed_len))
-    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
+    rows_per_step = tc.micro_batch * tc.grad_accum
+    steps_per_epoch = math.ceil(len(epoch_rows(data.train, tc.seed, 0, packed_len)) / rows_per_step)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     optimizer = build_optimizer(params, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
@@ -156,10 +156,11 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     stop = StopRequests()
     with stop.installed():
         while position.step < total_steps and not stop.requested:
-            epoch_batches = micro_batches(data.train, tc.micro_batch, tc.seed, position.epoch, packed_len)
-            while position.batch_in_epoch < len(epoch_batches) and position.step < total_steps:
-                group = [collate_micro_batch(rows, tokenizer.pad_token_id, config.data.packing)
-                         for rows in epoch_batches[position.batch_in_epoch: position.batch_in_epoch + tc.grad_accum]]
+            rows = epoch_rows(data.train, tc.seed, position.epoch, packed_len)
+            while position.rows_in_epoch < len(rows) and position.step < total_steps:
+                step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum]
+                group = [collate_micro_batch(step_rows[k:k + tc.micro_batch], tokenizer.pad_token_id,
+                                             config.data.packing) for k in range(0, len(step_rows), tc.micro_batch)]
                 step_loss = accumulate_gradients(model, group, precision, scaler, device)
                 log_tokens += sum(real_tokens(b) for b in group)
                 scaler.unscale_(optimizer)
@@ -173,14 +174,14 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
                 position.skipped_steps += not finite
                 position.step += 1
-                position.batch_in_epoch += len(group)
+                position.rows_in_epoch += len(step_rows)
                 position.tokens_trained += sum(real_tokens(b) for b in group)
 
                 eval_due = bool(config.eval.every_steps) and position.step % config.eval.every_steps == 0
                 if position.step % tc.log_every == 0 or position.step == total_steps or not finite or eval_due:
                     now = time.perf_counter()
                     row = {"step": position.step,
-                           "epoch": round(position.epoch + position.batch_in_epoch / len(epoch_batches), 4),
+                           "epoch": round(position.epoch + position.rows_in_epoch / len(rows), 4),
                            "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
                            "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
@@ -203,9 +204,9 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
                 if position.step % config.save.every_steps == 0 and position.step < total_steps and finite:
                     checkpoint()
-            if position.batch_in_epoch >= len(epoch_batches):
+            if position.rows_in_epoch >= len(rows):
                 position.epoch += 1
-                position.batch_in_epoch = 0
+                position.rows_in_epoch = 0
     progress.close()
     checkpoint()
     if stop.requested and position.step < total_steps:
