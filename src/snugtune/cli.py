@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,12 +26,16 @@ def _run(debug: bool, fn, *args, **kwargs):
     """Call fn, turning the errors users meet into one line and an exit code (traceback with --debug)."""
     from snugtune.config import UserError
     from snugtune.engine.train import TrainingInterrupted
+    from snugtune.planner import DoesNotFit
     try:
         return fn(*args, **kwargs)
     except UserError as exc:
         if debug:
             raise
         _fail(str(exc), 2)
+    except DoesNotFit as exc:
+        err.print(f"[bold red]does not fit:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
     except TrainingInterrupted as exc:
         err.print(f"[yellow]{exc}[/]")
         raise typer.Exit(130)
@@ -75,6 +80,28 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
               f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})",
               highlight=False)
     out.print(f"run directory: [bold]{run_dir.resolve()}[/]", highlight=False)
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Config YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Card (t4, rtx3080, l4, a10, rtx4090, a100-40, "
+                                      "a100-80, h100) or a size like 10GiB; default: the config's budget."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Predicted peak GPU memory by component and the fastest settings that fit (exit 3 if none)."""
+    from snugtune.config import load_config
+    from snugtune.planner import format_plan, plan_config
+    cfg = _run(debug, load_config, config, overrides or [])
+    result = _run(debug, plan_config, cfg, gpu)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_plan(result))
+    if not result.fits:
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -249,6 +276,9 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    # Expandable segments keep the caching allocator from fragmenting when sequence lengths vary (packed
+    # rows, ragged batches): reserved memory then stays close to allocated. Set before CUDA starts.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     _quiet_libraries()
     app()
 

@@ -72,7 +72,9 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = no clipping.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4), fp32 on CPU.")
-    grad_checkpointing: bool = Field(True, description="Recompute block activations in backward to save memory.")
+    grad_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute block activations in backward to save memory; auto: the planner turns it "
+                            "on only when the run would not fit without it (off on CPU).")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
@@ -235,8 +237,10 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-# Fields that may change between a run and its resumption without changing what is trained.
-RESUME_SAFE_FIELDS = {"save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+# Fields that may change between a run and its resumption without changing what is trained. How a step's
+# rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
+# optimizer step, micro_batch x grad_accum, stay the same (changed_fields reports it otherwise).
+RESUME_SAFE_FIELDS = {"train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.
@@ -254,7 +258,12 @@ def _flatten(value: dict, prefix: str = "") -> dict:
 
 
 def changed_fields(saved_yaml: str, config: Config) -> list[str]:
-    """Dotted names of the fields whose value differs between a saved config (YAML) and `config`."""
+    """Dotted names of the fields whose value differs between a saved config (YAML) and `config`;
+    'train.micro_batch x grad_accum' when the rows per optimizer step differ."""
     old = _flatten(yaml.safe_load(saved_yaml) or {})
     new = _flatten(config.model_dump(mode="json"))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    rows = lambda flat: flat.get("train.micro_batch", 1) * flat.get("train.grad_accum", 1)  # noqa: E731
+    if rows(old) != rows(new):
+        changed.append("train.micro_batch x grad_accum")
+    return changed

@@ -304,7 +304,7 @@ def prepare_for_training(model, config: Config):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    if config.train.grad_checkpointing:
+    if config.train.grad_checkpointing is True:  # "auto" is resolved by the planner before this
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give inputs without grad; checkpointed blocks still need a grad path for LoRA.
         model.enable_input_require_grads()

@@ -27,6 +27,8 @@ from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
 from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
+from snugtune.planner import DoesNotFit, plan_config
+from snugtune.planner.cards import budget_bytes
 from snugtune.models import check_vocab, count_parameters, default_cache_dir, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 
@@ -71,6 +73,64 @@ def _check_resume_config(checkpoint: Path, config: Config, notify) -> None:
         notify("run length changed: the learning-rate schedule is recomputed over the new number of steps")
 
 
+def _with_train(config: Config, **changes) -> Config:
+    return config.model_copy(update={"train": config.train.model_copy(update=changes)})
+
+
+def _plan_memory(config: Config, device: torch.device, notify) -> Config:
+    """On a GPU: cap memory at the budget, plan, and apply the planner's micro-batch/checkpointing.
+    On CPU there is no card to fit: checkpointing 'auto' means off."""
+    if device.type != "cuda":
+        return _with_train(config, grad_checkpointing=False) if config.train.grad_checkpointing == "auto" else config
+    if config.budget != "auto":  # simulate a smaller card on a bigger one
+        budget, _, card = budget_bytes(config.budget)
+        total = torch.cuda.get_device_properties(device).total_memory
+        if budget < total:
+            torch.cuda.set_per_process_memory_fraction(budget / total, device)
+            notify(f"memory capped at {budget / 2**30:.1f} GiB ({card}) of this {total / 2**30:.0f} GiB GPU")
+    plan = plan_config(config)
+    if not plan.fits:
+        raise DoesNotFit(f"predicted peak {plan.peak_bytes / 2**30:.1f} GiB does not fit the "
+                         f"{plan.budget_bytes / 2**30:.1f} GiB budget ({plan.card}); try {plan.suggestion} "
+                         f"(see `snugtune plan`)")
+    for key, (asked, chosen) in plan.changes.items():
+        notify(f"planner: {key} = {chosen} (config: {asked})")
+    return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
+                       grad_checkpointing=plan.settings.grad_checkpointing)
+
+
+def _smaller_split(train_config) -> tuple[int, int] | None:
+    """After an OOM: the next smaller micro-batch that divides the rows per step (same effective batch)."""
+    rows = train_config.micro_batch * train_config.grad_accum
+    smaller = [d for d in range(train_config.micro_batch - 1, 0, -1) if rows % d == 0]
+    return (smaller[0], rows // smaller[0]) if smaller else None
+
+
+def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, pad_id) -> None:
+    """One full step on the longest micro-batch (optimizer state allocated, learning rate 0) and one eval
+    batch, then everything put back: late OOMs come from exactly these, so they surface now."""
+    longest = sorted(rows, key=lambda row: -sum(len(s.input_ids) for s in row))[: config.train.micro_batch]
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    try:
+        accumulate_gradients(model, [collate_micro_batch(longest, pad_id, config.data.packing)], precision,
+                             scaler, device)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        scaler.step(optimizer)
+        if eval_batch is not None:
+            mean_loss(model, [eval_batch], precision, device)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()  # the first real step starts from fresh moments, as it would without a probe
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        if scaler.is_enabled():
+            scaler.update(scaler.get_scale())  # close the probe's scaler step, keeping the scale
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state_all(rng[1])
+
+
 def _prepare_run_dir(run_dir: Path) -> None:
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
@@ -94,6 +154,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     _prepare_run_dir(run_dir)
     device = resolve_device(config.device)
     precision = resolve_precision(config.train.precision, device)
+    config = _plan_memory(config, device, notify)
 
     # --- model and data -------------------------------------------------------------------------
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
@@ -122,6 +183,23 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = precision.grad_scaler()
 
+    eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
+                    for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
+    while device.type == "cuda":  # probe before the first step; on OOM split the micro-batch smaller
+        try:
+            _probe(model, optimizer, scaler, epoch_rows(data.train, tc.seed, 0, packed_len),
+                   eval_batches[0] if eval_batches else None, config, precision, device, tokenizer.pad_token_id)
+            break
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            split = _smaller_split(tc)
+            if split is None:
+                raise DoesNotFit("the probe step ran out of memory even with micro_batch=1; lower max_seq_len "
+                                 "or use method=qlora (see `snugtune plan`)") from None
+            notify(f"probe ran out of memory: micro_batch={split[0]} x grad_accum={split[1]} instead")
+            config = _with_train(config, micro_batch=split[0], grad_accum=split[1])
+            tc = config.train
+
     position = TrainPosition()
     metrics: list[dict] = []
     checkpoints = complete_checkpoints(run_dir)
@@ -140,8 +218,6 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, log.rows,
                         config_yaml)
 
-    eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
-                    for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
     before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         eval_loss_before = before[0]
@@ -161,7 +237,25 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum]
                 group = [collate_micro_batch(step_rows[k:k + tc.micro_batch], tokenizer.pad_token_id,
                                              config.data.packing) for k in range(0, len(step_rows), tc.micro_batch)]
-                step_loss = accumulate_gradients(model, group, precision, scaler, device)
+                try:
+                    step_loss = accumulate_gradients(model, group, precision, scaler, device)
+                except torch.OutOfMemoryError:
+                    # free what the failed step held, split the same rows into smaller micro-batches, retry
+                    optimizer.zero_grad(set_to_none=True)
+                    del group
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    split = _smaller_split(tc)
+                    if split is None:
+                        raise DoesNotFit(f"out of memory at step {position.step + 1} even with micro_batch=1; "
+                                         f"lower max_seq_len or use method=qlora (see `snugtune plan`)") from None
+                    notify(f"out of memory at step {position.step + 1}: re-planned to micro_batch={split[0]} x "
+                           f"grad_accum={split[1]} (same rows per step), continuing")
+                    config = _with_train(config, micro_batch=split[0], grad_accum=split[1])
+                    tc = config.train
+                    config_yaml = config_to_yaml(config)
+                    write_text_atomic(run_dir / "config.yaml", config_yaml)
+                    continue
                 log_tokens += sum(real_tokens(b) for b in group)
                 scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))

@@ -1,0 +1,164 @@
+"""The memory planner: predict a run's peak GPU memory by component, and choose the fastest settings
+that fit a budget with a safety margin (DESIGN §6). Works offline from a model's config alone."""
+
+from __future__ import annotations
+
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from snugtune.config import Config, ConfigError
+from snugtune.planner.cards import CARDS, GIB, budget_bytes
+from snugtune.planner.memory import Inventory, Settings, estimate, inventory_from_config, peak, step_flops
+
+SAFETY = 0.92               # plan to at most this share of the budget
+ASSUMED_FLOPS = 3.0e14      # sustained bf16 rate used only to rank candidate settings
+STEP_OVERHEAD_S = 0.03      # fixed cost per micro-batch (launches, dequantization, optimizer)
+
+
+class DoesNotFit(Exception):
+    """No settings fit the memory budget (the CLI exits 3)."""
+
+
+@dataclass
+class Plan:
+    settings: Settings
+    breakdown: dict[str, int]
+    peak_bytes: int
+    budget_bytes: int
+    card: str
+    fits: bool
+    grad_accum: int
+    changes: dict[str, list] = field(default_factory=dict)   # field -> [asked, chosen]
+    suggestion: str | None = None
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "card": self.card, "breakdown": self.breakdown,
+                "settings": {**asdict(self.settings), "grad_accum": self.grad_accum, "offload": "none",
+                             "lora_targets": list(self.settings.lora_targets)},
+                "changes": self.changes, "suggestion": self.suggestion}
+
+
+def model_config_for(cfg: Config):
+    """The transformers config of cfg.model without loading weights (registry shapes offline)."""
+    from transformers import AutoConfig
+    from snugtune.registry import HUB_IDS, shape_config
+    name = cfg.model
+    shape = None
+    if name.startswith("shape:"):
+        shape = name.removeprefix("shape:")
+    elif name in HUB_IDS:
+        shape = HUB_IDS[name]
+    elif name == "smollm2-135m-instruct":
+        shape = "smollm2-135m"
+    if shape is not None:
+        try:
+            raw = shape_config(shape)
+        except KeyError:
+            raise ConfigError(f"model: unknown shape '{shape}'") from None
+        model_type = raw.pop("model_type")
+        raw["vocab_size"] = max(raw["vocab_size"], 49152) if name.startswith("shape:") else raw["vocab_size"]
+        return AutoConfig.for_model(model_type, **raw)
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    raise ConfigError(f"model: cannot plan for '{name}' offline (not in the registry and not a local folder)")
+
+
+def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
+              method: str | None = None) -> Settings:
+    from snugtune.models import block_linear_names
+    targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
+    return Settings(method=method or cfg.method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
+                    lora_last_layers=cfg.lora.last_layers, double_quant=cfg.quant.double_quant,
+                    optimizer=cfg.train.optimizer, compute_bytes=2, micro_batch=micro_batch,
+                    max_seq_len=seq or cfg.max_seq_len, grad_checkpointing=checkpointing,
+                    trainable_layers=cfg.freeze.trainable_layers)
+
+
+def _seconds_per_step(inv: Inventory, s: Settings, accum: int) -> float:
+    return accum * (step_flops(inv, s) / ASSUMED_FLOPS + STEP_OVERHEAD_S)
+
+
+def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None) -> Plan:
+    """The fastest settings that fit `budget` bytes: micro-batch (effective batch kept through
+    accumulation) and checkpointing where the config leaves it to 'auto'. fits=False with a suggestion
+    when even micro-batch 1 with checkpointing does not fit."""
+    inv = inv or inventory_from_config(model_config_for(cfg))
+    effective = cfg.train.micro_batch * cfg.train.grad_accum
+    micro = [d for d in range(cfg.train.micro_batch, 0, -1) if effective % d == 0]
+    ckpt_options = [False, True] if cfg.train.grad_checkpointing == "auto" else [bool(cfg.train.grad_checkpointing)]
+    candidates = []
+    for mb in micro:
+        for ckpt in ckpt_options:
+            s = _settings(cfg, inv, mb, ckpt)
+            parts = estimate(inv, s)
+            candidates.append((_seconds_per_step(inv, s, effective // mb), s, parts))
+    fitting = [c for c in candidates if peak(c[2]) <= SAFETY * budget]
+    if fitting:
+        _, s, parts = min(fitting, key=lambda c: c[0])
+        changes = {}
+        if s.micro_batch != cfg.train.micro_batch:
+            changes["train.micro_batch"] = [cfg.train.micro_batch, s.micro_batch]
+            changes["train.grad_accum"] = [cfg.train.grad_accum, effective // s.micro_batch]
+        if cfg.train.grad_checkpointing == "auto":
+            changes["train.grad_checkpointing"] = ["auto", s.grad_checkpointing]
+        return Plan(s, parts, peak(parts), budget, card, True, effective // s.micro_batch, changes)
+    # nothing fits: report the smallest configuration and the smallest change that would fit
+    _, s, parts = min(candidates, key=lambda c: peak(c[2]))
+    return Plan(s, parts, peak(parts), budget, card, False, effective // s.micro_batch,
+                suggestion=_suggest(cfg, inv, budget))
+
+
+def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
+    ideas = []
+    seq = cfg.max_seq_len
+    while seq > 64:
+        seq //= 2
+        if peak(estimate(inv, _settings(cfg, inv, 1, True, seq=seq))) <= SAFETY * budget:
+            ideas.append(f"max_seq_len={seq} (with micro_batch=1 and grad_checkpointing=true)")
+            break
+    if cfg.method in ("lora", "lora-8bit", "freeze"):
+        if peak(estimate(inv, _settings(cfg, inv, 1, True, method="qlora"))) <= SAFETY * budget:
+            ideas.append("method=qlora (4-bit base weights)")
+    need = peak(estimate(inv, _settings(cfg, inv, 1, True))) / SAFETY
+    cards = sorted((c["usable_gib"], name) for name, c in CARDS.items() if c["usable_gib"] * GIB >= need)
+    if cards:
+        ideas.append(f"a card with at least {need / GIB:.1f} GiB such as {cards[0][1]}")
+    return "; or ".join(ideas) if ideas else "no setting snugtune knows fits; CPU offload is not available yet"
+
+
+def plan_config(cfg: Config, gpu: str | None = None) -> Plan:
+    """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile)."""
+    name = gpu or cfg.budget
+    if name == "auto":
+        import torch
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return plan_for_budget(cfg, total, torch.cuda.get_device_name())
+        name = "h100"
+    size, _, card = budget_bytes(name)
+    return plan_for_budget(cfg, size, card)
+
+
+def format_plan(plan: Plan) -> str:
+    """The breakdown as a table a person reads, like a VRAM budget."""
+    width = max(len(k) for k in plan.breakdown) + 2
+    lines = [f"{'component':<{width}}{'GiB':>9}", "-" * (width + 9)]
+    lines += [f"{k:<{width}}{v / GIB:>9.2f}" for k, v in plan.breakdown.items()]
+    lines += ["-" * (width + 9), f"{'predicted peak (transients: the largest one)':<{width}}"
+              f"{plan.peak_bytes / GIB:>9.2f}",
+              f"{'budget (' + plan.card + ')':<{width}}{plan.budget_bytes / GIB:>9.2f}",
+              f"{'headroom':<{width}}{(plan.budget_bytes - plan.peak_bytes) / GIB:>9.2f}"]
+    s = plan.settings
+    lines.append(f"\nsettings: method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
+                 f"max_seq_len={s.max_seq_len} grad_checkpointing={s.grad_checkpointing} optimizer={s.optimizer} "
+                 f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload=none")
+    for key, (asked, chosen) in plan.changes.items():
+        lines.append(f"planner chose {key}={chosen} (config: {asked})")
+    lines.append("fits" if plan.fits else f"does NOT fit. Try: {plan.suggestion}")
+    return "\n".join(lines)
+
+
+

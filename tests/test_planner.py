@@ -1,0 +1,141 @@
+"""The planner: component arithmetic on a hand-checkable config, the search, exit 3, OOM re-planning."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from conftest import tiny_config
+from snugtune.config import ConfigError
+from snugtune.engine import train as train_module
+from snugtune.engine.train import train
+from snugtune.planner import plan_for_budget
+from snugtune.planner.cards import GIB, budget_bytes
+from snugtune.planner.memory import (Settings, activation_bytes_per_token_layer, estimate, inventory_from_config,
+                                     optimizer_bytes, peak, peak_allocated, trainable_params, weight_bytes)
+
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def inv():
+    return inventory_from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                             tie_word_embeddings=False))
+
+
+def settings(**changes):
+    base = dict(method="qlora", lora_r=4, lora_targets=SEVEN, lora_last_layers=None, double_quant=True,
+                optimizer="adamw", compute_bytes=2, micro_batch=2, max_seq_len=100, grad_checkpointing=True)
+    return Settings(**{**base, **changes})
+
+
+def test_inventory_counts_every_parameter(inv):
+    # per block: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x128, down 128x64
+    assert inv.linear_params == 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
+    assert inv.other_params == 2 * 64000 + 2 * 2 * 64 + 64  # embeddings, lm_head, 2 norms per block, final norm
+    assert (inv.q_dim, inv.kv_dim, inv.heads) == (64, 32, 4)
+
+
+def test_weight_bytes_per_method(inv):
+    n = inv.linear_params  # 73,728
+    q4 = weight_bytes(inv, settings())
+    assert q4["quantized weights (4-bit + block scales)"] == int(n / 2 + n / 64 * (1 + 4 / 256))
+    assert q4["16-bit weights kept (embeddings, norms, lm_head)"] == 2 * inv.other_params
+    assert weight_bytes(inv, settings(double_quant=False))["quantized weights (4-bit + block scales)"] == n // 2 + n // 16
+    rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    assert weight_bytes(inv, settings(method="lora-8bit"))["quantized weights (8-bit + row scales)"] == n + 4 * rows
+    assert weight_bytes(inv, settings(method="lora"))["frozen 16-bit weights"] == 2 * n
+
+
+def test_lora_and_optimizer_bytes(inv):
+    per_block = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r x (in + out) for the seven
+    assert trainable_params(inv, settings()) == 2 * per_block == 8192
+    assert optimizer_bytes(inv, settings()) == {"LoRA parameters (fp32)": 4 * 8192, "LoRA gradients (fp32)": 4 * 8192,
+                                                "optimizer state (adamw)": 8 * 8192}
+    assert optimizer_bytes(inv, settings(optimizer="adamw_8bit"))["optimizer state (adamw_8bit)"] == 2 * 8192
+    assert trainable_params(inv, settings(lora_last_layers=1)) == per_block
+
+
+def test_activations_with_and_without_checkpointing(inv):
+    per_token = activation_bytes_per_token_layer(inv, settings())
+    # norms 2*64*(4+2), attention 2*(2*64 + 2*32) + 4*4 heads, MLP 4*2*128, LoRA 4*4*7
+    assert per_token == 768 + 400 + 1024 + 112
+    tokens = 2 * 100
+    with_ckpt = estimate(inv, settings())
+    assert with_ckpt["checkpointed block inputs"] == 2 * 64 * 2 * tokens
+    assert with_ckpt["one block recomputed + its gradients"] == 2 * per_token * tokens
+    without = estimate(inv, settings(grad_checkpointing=False))
+    assert without["activations (all blocks)"] == 2 * per_token * tokens
+    assert peak(without) > peak(with_ckpt)
+
+
+def test_peak_holds_only_the_largest_transient(inv):
+    parts = estimate(inv, settings())
+    transient = max(parts["one block recomputed + its gradients"], parts["logits and loss (chunked)"])
+    persistent = sum(v for k, v in parts.items() if k not in ("one block recomputed + its gradients",
+                     "logits and loss (chunked)", "allocator overhead and fragmentation", "CUDA context"))
+    assert peak_allocated(parts) == persistent + transient
+    assert peak(parts) == persistent + transient + parts["allocator overhead and fragmentation"] + parts["CUDA context"]
+
+
+def test_budget_names_and_sizes():
+    assert budget_bytes("t4")[:2] == (int(15 * GIB), False)
+    assert budget_bytes("10GiB")[0] == 10 * GIB and budget_bytes("24gb")[0] == 24 * GIB
+    with pytest.raises(ConfigError, match="neither a card"):
+        budget_bytes("t5")
+
+
+def test_search_prefers_no_checkpointing_when_it_fits_and_keeps_the_effective_batch(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
+                      train={"micro_batch": 4, "grad_accum": 2, "grad_checkpointing": "auto"})
+    roomy = plan_for_budget(cfg.model_copy(update={"max_seq_len": 1024}), 80 * GIB, "h100")
+    assert roomy.fits and roomy.settings.grad_checkpointing is False and roomy.settings.micro_batch == 4
+    long = plan_for_budget(cfg, 80 * GIB, "h100")  # 4 x 4096 without recomputation would not fit: split
+    assert long.fits and long.settings.micro_batch * long.grad_accum == 8
+    small = plan_for_budget(cfg, 15 * GIB, "t4")
+    assert small.fits and small.peak_bytes <= 0.92 * 15 * GIB
+    assert small.settings.micro_batch * small.grad_accum == 8  # effective batch kept
+    assert small.settings.grad_checkpointing is True or small.settings.micro_batch < 4
+    assert small.changes
+
+
+def test_plan_cli_json_and_exit_3_with_a_suggestion(tmp_path, alpaca_file):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: shape:llama3-8b\ndata: {{path: {alpaca_file}}}\nmethod: lora\nmax_seq_len: 2048\n")
+    ok = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(config), "--gpu", "h100", "--json"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert {"peak_bytes", "budget_bytes", "fits", "breakdown", "settings"} <= set(result) and result["fits"]
+    assert result["breakdown"]["frozen 16-bit weights"] > 12 * GIB
+    too_small = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(config), "--gpu", "rtx3080"],
+                               capture_output=True, text=True)
+    assert too_small.returncode == 3
+    assert "does NOT fit" in too_small.stdout and "method=qlora" in too_small.stdout
+
+
+def test_an_oom_re_plans_the_micro_batch_and_continues_on_the_same_rows(tmp_path, alpaca_file, monkeypatch):
+    reference = tiny_config(tmp_path / "a", alpaca_file, output_dir=str(tmp_path / "ref"),
+                            train={"max_steps": 4, "micro_batch": 2, "grad_accum": 2})
+    train(reference, show_progress=False)
+    real = train_module.accumulate_gradients
+
+    def oom_when_big(model, group, *args):
+        if group[0]["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, group, *args)
+    monkeypatch.setattr(train_module, "accumulate_gradients", oom_when_big)
+    notices = []
+    cfg = tiny_config(tmp_path / "b", alpaca_file, output_dir=str(tmp_path / "oom"),
+                      train={"max_steps": 4, "micro_batch": 4, "grad_accum": 1})
+    summary = train(cfg, show_progress=False, notify=notices.append)
+    assert summary["steps"] == 4 and any("re-planned to micro_batch=2 x grad_accum=2" in n for n in notices)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "oom" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert "micro_batch: 2" in (tmp_path / "oom" / "config.yaml").read_text()
