@@ -13,8 +13,8 @@ import torch
 
 MIB = 2**20
 CUDA_CONTEXT = 500 * MIB          # driver + cuBLAS/cuDNN handles; outside torch's allocator
-ALLOCATOR_FIXED = 256 * MIB       # caching-allocator slack that exists even for small runs
-ALLOCATOR_FRACTION = 0.06         # fragmentation: reserved over allocated, with expandable segments
+ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
+ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
 LOSS_CHUNK_BYTES = 256 * MIB      # engine/loss.py: fp32 logits held at once
 
 
@@ -137,15 +137,22 @@ def optimizer_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
 def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     """Tensors one transformer block keeps for backward, per token (no checkpointing).
 
-    Norms keep an fp32 copy of their input and their output (x2); attention keeps q and the attention
-    output (= o_proj input), k and v after RoPE, and an fp32 log-sum-exp per head; the MLP keeps gate,
-    up, act(gate) and their product; LoRA keeps its rank-r intermediate for every adapted linear.
+    Each RMSNorm keeps an fp32 copy of its input, the normalized value cast back and its output
+    (4+2+2 bytes per hidden unit). Attention keeps q and k before RoPE, their rotate_half, q and k after
+    RoPE, v, the attention output and its contiguous copy for o_proj (5 q-sized and 4 kv-sized tensors)
+    and an fp32 log-sum-exp per head. The MLP keeps gate, up, act(gate) and their product. Every adapted
+    linear keeps the autocast copy of its input made for the fp32 LoRA matrices, and its rank-r output.
     """
     c = s.compute_bytes
-    norms = 2 * inv.hidden * (4 + c)
-    attention = c * (2 * inv.q_dim + 2 * inv.kv_dim) + 4 * inv.heads
+    norms = 2 * inv.hidden * (4 + 2 * c)
+    attention = c * (5 * inv.q_dim + 4 * inv.kv_dim) + 4 * inv.heads
     mlp = 4 * c * inv.intermediate
-    lora = 4 * s.lora_r * len({l.short for l in _adapted(inv, s)}) if s.method in ("lora", "qlora", "lora-8bit") else 0
+    lora = 0
+    if s.method in ("lora", "qlora", "lora-8bit"):
+        adapted = {}
+        for linear in _adapted(inv, s):
+            adapted.setdefault(linear.short, linear.in_features)
+        lora = sum(c * width + 4 * s.lora_r for width in adapted.values())
     return norms + attention + mlp + lora
 
 
@@ -154,12 +161,13 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     tokens = s.micro_batch * s.max_seq_len
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
     if s.grad_checkpointing:
-        # every block's input is kept; one block is recomputed and its gradients built at a time
+        # every block's input is kept; one block is recomputed at a time, beside the gradient flowing back
         acts = {"checkpointed block inputs": inv.layers * inv.hidden * s.compute_bytes * tokens,
-                "one block recomputed + its gradients": 2 * per_layer}
+                "one block recomputed + its gradients": per_layer + 2 * inv.hidden * s.compute_bytes * tokens}
     else:
         acts = {"activations (all blocks)": inv.layers * per_layer,
                 "one block's gradients": per_layer}
+    acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
     trained_tokens = tokens  # upper bound: every position trained
     chunk = max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab))
     loss = {"logits and loss (chunked)": min(chunk, trained_tokens) * inv.vocab * (s.compute_bytes + 4 + 4)
