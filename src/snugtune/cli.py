@@ -58,18 +58,26 @@ def train(
 ) -> None:
     """Fine-tune. Resumes when the output directory has a checkpoint (--fresh starts over)."""
     from snugtune.config import load_config
+    from snugtune.engine import distributed
     from snugtune.engine.rundir import move_run_aside
     from snugtune.engine.train import train as run_training
 
+    ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
     cfg = _run(debug, load_config, config, overrides or [])
-    if fresh:
+    if fresh and ctx.is_main:
         moved = _run(debug, move_run_aside, Path(cfg.output_dir))
         if moved:
             err.print(f"moved the previous run to {moved}", highlight=False)
-    out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}", highlight=False)
-    summary = _run(debug, run_training, cfg, show_progress=not quiet,
-                   notify=lambda message: err.print(message, highlight=False))
-    _print_summary(summary, Path(cfg.output_dir))
+    if ctx.is_main:
+        out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}"
+                  + (f" on {ctx.world_size} processes" if ctx.enabled else ""), highlight=False)
+    try:
+        summary = _run(debug, run_training, cfg, show_progress=not quiet,
+                       notify=lambda message: err.print(message, highlight=False), ctx=ctx)
+    finally:
+        distributed.stop(ctx)
+    if ctx.is_main:
+        _print_summary(summary, Path(cfg.output_dir))
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

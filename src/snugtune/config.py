@@ -239,7 +239,7 @@ def config_to_yaml(config: Config) -> str:
 
 # Fields that may change between a run and its resumption without changing what is trained. How a step's
 # rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
-# optimizer step, micro_batch x grad_accum, stay the same (changed_fields reports it otherwise).
+# optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
 RESUME_SAFE_FIELDS = {"train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
@@ -258,12 +258,7 @@ def _flatten(value: dict, prefix: str = "") -> dict:
 
 
 def changed_fields(saved_yaml: str, config: Config) -> list[str]:
-    """Dotted names of the fields whose value differs between a saved config (YAML) and `config`;
-    'train.micro_batch x grad_accum' when the rows per optimizer step differ."""
+    """Dotted names of the fields whose value differs between a saved config (YAML) and `config`."""
     old = _flatten(yaml.safe_load(saved_yaml) or {})
     new = _flatten(config.model_dump(mode="json"))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    rows = lambda flat: flat.get("train.micro_batch", 1) * flat.get("train.grad_accum", 1)  # noqa: E731
-    if rows(old) != rows(new):
-        changed.append("train.micro_batch x grad_accum")
-    return changed
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

@@ -34,6 +34,7 @@ class TrainPosition:
     rows_in_epoch: int = 0
     tokens_trained: int = 0
     skipped_steps: int = 0
+    rows_per_step: int = 0   # micro_batch x grad_accum x processes when saved (may be split differently)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

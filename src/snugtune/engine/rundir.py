@@ -25,17 +25,22 @@ class MetricsLog:
     """metrics.jsonl, rewritten with the rows kept so far and then appended one line per row; with
     tensorboard=True the numeric fields also go to TensorBoard event files in RUN_DIR/tensorboard."""
 
-    def __init__(self, run_dir: Path, rows: list[dict], tensorboard: bool = False):
+    def __init__(self, run_dir: Path, rows: list[dict], tensorboard: bool = False, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.rows = list(rows)
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write = write  # False on the other processes of a distributed run: they keep rows only
         self._board = None
+        if not write:
+            return
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._board = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
+        if not self._write:
+            return
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if self._board is not None:

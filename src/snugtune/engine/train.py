@@ -6,18 +6,22 @@ optimizer steps (accumulate, unscale, clip, step, log, checkpoint) -> held-out l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from math import nan
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, UserError, changed_fields, config_to_yaml
 from snugtune.data import collate, collate_micro_batch, epoch_rows, prepare_data, real_tokens
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
+from snugtune.engine.distributed import DistContext, LossModule, barrier, start, sum_across
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
                                         save_checkpoint)
 from snugtune.engine.loss import mean_loss, token_loss_sum
@@ -30,6 +34,9 @@ from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_
 from snugtune.planner import DoesNotFit, plan_config
 from snugtune.planner.cards import budget_bytes
 from snugtune.models import check_vocab, count_parameters, default_cache_dir, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+
+
+SINGLE = DistContext()
 
 
 class TrainingInterrupted(Exception):
@@ -45,27 +52,38 @@ def trained_positions(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device) -> float:
+def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device,
+                         ctx: DistContext = SINGLE) -> float:
     """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
 
-    The loss is normalised by the trained tokens of the whole accumulated batch, so micro-batch 1 x
-    accumulation 8 gives the same gradient as 8 x 1 on variable-length data.
+    The loss is normalised by the trained tokens of the whole accumulated batch, over all processes,
+    so micro-batch 1 x accumulation 8 gives the same gradient as 8 x 1 on variable-length data, and N
+    processes the same as one. `model` may be DDP(LossModule): it then syncs gradients on the last
+    micro-batch only.
     """
-    n_scored = max(1, sum(trained_positions(b) for b in group))
+    n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group))))
+    ddp = isinstance(model, DDP)
     step_loss = 0.0
-    for batch in group:
+    for i, batch in enumerate(group):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with precision.autocast():
-            loss_sum, _ = token_loss_sum(model, batch)
-        scaler.scale(loss_sum / n_scored).backward()
+        sync = model.no_sync() if ddp and i < len(group) - 1 else contextlib.nullcontext()
+        with sync:
+            with precision.autocast():
+                loss_sum, _ = model(batch) if ddp else token_loss_sum(model, batch)
+            # DDP averages gradients over processes; the world size turns that back into the sum
+            scaler.scale(loss_sum * ctx.world_size / n_scored).backward()
         step_loss += float(loss_sum.detach()) / n_scored
-    return step_loss
+    return sum_across(ctx, step_loss)
 
 
-def _check_resume_config(checkpoint: Path, config: Config, notify) -> None:
-    """Refuse to resume with a config that would train something else; allow harmless changes."""
+def _check_resume_config(checkpoint: Path, config: Config, rows_per_step: int, notify) -> None:
+    """Refuse to resume with a config that would train something else; allow harmless changes,
+    including another split of the same rows per step over micro-batches, accumulation and processes."""
     changed = changed_fields((checkpoint / "config.yaml").read_text(), config)
     refused = [f for f in changed if f not in RESUME_SAFE_FIELDS | RESUME_LENGTH_FIELDS]
+    saved_rows = json.loads((checkpoint / "position.json").read_text()).get("rows_per_step") or rows_per_step
+    if saved_rows != rows_per_step:
+        refused.append(f"rows per step (micro_batch x grad_accum x processes: {saved_rows} then, {rows_per_step} now)")
     if refused:
         raise UserError(f"{checkpoint.parent.parent}: the config differs from the checkpointed run in "
                         f"{', '.join(refused)}; resume with the same settings, or pass --fresh to start over")
@@ -143,16 +161,25 @@ def _prepare_run_dir(run_dir: Path) -> None:
         raise UserError(f"output_dir: cannot write to {run_dir}: {exc.strerror or exc}") from None
 
 
-def train(config: Config, show_progress: bool = True, notify=lambda message: None) -> dict:
+def train(config: Config, show_progress: bool = True, notify=lambda message: None, ctx: DistContext = SINGLE) -> dict:
     """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict.
 
     `notify(str)` receives one-line notices (resuming, schedule changes). SIGINT/SIGTERM finish the
-    current step, save a checkpoint and raise TrainingInterrupted.
+    current step, save a checkpoint and raise TrainingInterrupted. Under torchrun (ctx from
+    engine.distributed.context_from_env) each process trains on its share of every step's rows through
+    PyTorch's DDP; only rank 0 writes metrics, checkpoints and artifacts.
     """
     started = time.perf_counter()
     run_dir = Path(config.output_dir)
     _prepare_run_dir(run_dir)
     device = resolve_device(config.device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    start(ctx, device)
+    if not ctx.is_main:
+        notify = lambda message: None  # noqa: E731 (rank 0 speaks for all)
+        show_progress = False
     precision = resolve_precision(config.train.precision, device)
     config = _plan_memory(config, device, notify)
 
@@ -176,7 +203,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     # --- optimization ---------------------------------------------------------------------------
     tc = config.train
     packed_len = config.max_seq_len if config.data.packing else None
-    rows_per_step = tc.micro_batch * tc.grad_accum
+    rows_per_step = tc.micro_batch * tc.grad_accum * ctx.world_size
     steps_per_epoch = math.ceil(len(epoch_rows(data.train, tc.seed, 0, packed_len)) / rows_per_step)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     optimizer = build_optimizer(params, tc, device)
@@ -185,7 +212,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
 
     eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
                     for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
-    while device.type == "cuda":  # probe before the first step; on OOM split the micro-batch smaller
+    while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller
         try:
             _probe(model, optimizer, scaler, epoch_rows(data.train, tc.seed, 0, packed_len),
                    eval_batches[0] if eval_batches else None, config, precision, device, tokenizer.pad_token_id)
@@ -200,29 +227,35 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
             config = _with_train(config, micro_batch=split[0], grad_accum=split[1])
             tc = config.train
 
-    position = TrainPosition()
+    position = TrainPosition(rows_per_step=rows_per_step)
     metrics: list[dict] = []
     checkpoints = complete_checkpoints(run_dir)
     resumed_from = None
     if checkpoints:
         resumed_from = checkpoints[-1]
-        _check_resume_config(resumed_from, config, notify)
+        _check_resume_config(resumed_from, config, rows_per_step, notify)
         position = load_checkpoint(resumed_from, model, optimizer, scheduler, scaler)
+        position.rows_per_step = rows_per_step
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
         notify(f"resuming from {resumed_from} (step {position.step} of {total_steps})")
     config_yaml = config_to_yaml(config)
-    log = MetricsLog(run_dir, metrics, tensorboard=config.log.tensorboard)
-    write_text_atomic(run_dir / "config.yaml", config_yaml)
+    log = MetricsLog(run_dir, metrics, tensorboard=config.log.tensorboard, write=ctx.is_main)
+    if ctx.is_main:
+        write_text_atomic(run_dir / "config.yaml", config_yaml)
+    stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.enabled else model
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, log.rows,
-                        config_yaml)
+        if ctx.is_main:
+            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, log.rows,
+                            config_yaml)
+        barrier(ctx)
 
     before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         eval_loss_before = before[0]
     else:
-        eval_loss_before, _ = mean_loss(model, eval_batches, precision, device)
+        eval_loss_before = mean_loss(model, eval_batches, precision, device)[0] if ctx.is_main else float("nan")
         log.write({"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before})
 
     # --- the loop -------------------------------------------------------------------------------
@@ -233,13 +266,18 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     with stop.installed():
         while position.step < total_steps and not stop.requested:
             rows = epoch_rows(data.train, tc.seed, position.epoch, packed_len)
-            while position.rows_in_epoch < len(rows) and position.step < total_steps:
-                step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum]
-                group = [collate_micro_batch(step_rows[k:k + tc.micro_batch], tokenizer.pad_token_id,
-                                             config.data.packing) for k in range(0, len(step_rows), tc.micro_batch)]
+            # every process needs at least one row of a step: a shorter tail of the epoch is left out
+            while len(rows) - position.rows_in_epoch >= ctx.world_size and position.step < total_steps:
+                step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum
+                                 * ctx.world_size]
+                mine = step_rows[ctx.rank::ctx.world_size]
+                group = [collate_micro_batch(mine[k:k + tc.micro_batch], tokenizer.pad_token_id,
+                                             config.data.packing) for k in range(0, len(mine), tc.micro_batch)]
                 try:
-                    step_loss = accumulate_gradients(model, group, precision, scaler, device)
+                    step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx)
                 except torch.OutOfMemoryError:
+                    if ctx.enabled:
+                        raise
                     # free what the failed step held, split the same rows into smaller micro-batches, retry
                     optimizer.zero_grad(set_to_none=True)
                     del group
@@ -256,7 +294,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                     config_yaml = config_to_yaml(config)
                     write_text_atomic(run_dir / "config.yaml", config_yaml)
                     continue
-                log_tokens += sum(real_tokens(b) for b in group)
+                step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group)))
+                log_tokens += step_tokens
                 scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
                 finite = math.isfinite(grad_norm) and math.isfinite(step_loss)
@@ -269,7 +308,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 position.skipped_steps += not finite
                 position.step += 1
                 position.rows_in_epoch += len(step_rows)
-                position.tokens_trained += sum(real_tokens(b) for b in group)
+                position.tokens_trained += step_tokens
 
                 eval_due = bool(config.eval.every_steps) and position.step % config.eval.every_steps == 0
                 if position.step % tc.log_every == 0 or position.step == total_steps or not finite or eval_due:
@@ -280,7 +319,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                            "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
                            "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
                     every = config.eval.every_steps
-                    if every and position.step % every == 0 and position.step < total_steps and eval_batches:
+                    if every and position.step % every == 0 and position.step < total_steps and eval_batches \
+                            and ctx.is_main:
                         row["eval_loss"] = mean_loss(model, eval_batches, precision, device)[0]
                     log.write(row)
                     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
@@ -298,7 +338,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
                 if position.step % config.save.every_steps == 0 and position.step < total_steps and finite:
                     checkpoint()
-            if position.rows_in_epoch >= len(rows):
+            if len(rows) - position.rows_in_epoch < ctx.world_size:
                 position.epoch += 1
                 position.rows_in_epoch = 0
     progress.close()
@@ -308,10 +348,11 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                                   f"{run_dir / 'checkpoints'}; run the same command to resume")
 
     # --- after: evaluation and artifacts ----------------------------------------------------------
-    eval_loss_after, eval_tokens = mean_loss(model, eval_batches, precision, device)
+    eval_loss_after, eval_tokens = mean_loss(model, eval_batches, precision, device) if ctx.is_main else (nan, 0)
     log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
     log.close()
-    save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora)
+    if ctx.is_main:
+        save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora)
     train_losses = [m["loss"] for m in log.rows if "loss" in m]
     summary = {
         "model": config.model, "base_model_path": str(resolved.path), "method": config.method,
@@ -325,10 +366,12 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
         "trainable_params": trainable_params, "total_params": total_params, "precision": precision.name,
         "device": device_description(device), "versions": versions(), "data": asdict(data.report),
-        "resumed_from": str(resumed_from) if resumed_from else None,
+        "resumed_from": str(resumed_from) if resumed_from else None, "world_size": ctx.world_size,
     }
-    write_json_atomic(run_dir / "summary.json", summary)
-    plot_losses(run_dir, log.rows)
+    if ctx.is_main:
+        write_json_atomic(run_dir / "summary.json", summary)
+        plot_losses(run_dir, log.rows)
+    barrier(ctx)
     return summary
 
 

@@ -1,0 +1,70 @@
+"""Data parallelism through torch.distributed (torchrun sets the environment; PyTorch's DDP does the
+communication). One process per GPU (NCCL) or per CPU worker (gloo)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def context_from_env(environ=os.environ) -> DistContext:
+    """The launcher's contract (torchrun / accelerate): RANK, WORLD_SIZE, LOCAL_RANK."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    return DistContext(int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", "0")))
+
+
+def start(ctx: DistContext, device: torch.device) -> None:
+    if ctx.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def stop(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across(ctx: DistContext, value: float) -> float:
+    """Sum a number over all processes (for token counts and logged losses)."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+class LossModule(torch.nn.Module):
+    """The model plus our loss, as one module whose forward DDP can wrap (its hooks sync the gradients)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(self.model, batch)
