@@ -9,8 +9,6 @@ pad-to-longest micro-batches and once in packed rows, and prints both token-weig
 import json
 import sys
 
-import torch
-
 from snugtune.config import load_config
 from snugtune.data import collate, micro_batches, prepare_data
 from snugtune.data.batches import collate_packed

@@ -1,7 +1,5 @@
 """The engine on shape:tiny: every method learns, accumulation is exact, checkpointed LoRA gets gradients."""
 
-import copy
-
 import pytest
 import torch
 

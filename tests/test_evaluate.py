@@ -1,7 +1,6 @@
 """Evaluation: the sandbox, pass@k, base-vs-tuned scores, in-training eval, TensorBoard, the report."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
