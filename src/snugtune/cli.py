@@ -189,12 +189,12 @@ def _print_eval(results: dict) -> None:
         table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
                       f"{r['problems']} problems, sandboxed")
     out.print(table)
+    from rich.markup import escape
     for sample in results.get("generate", []):
         out.rule()
-        out.print(f"[bold]prompt[/]: {sample['prompt'][-300:]}", highlight=False, markup=True)
-        out.print(f"[bold]base[/]: {sample['base'][:400]}", highlight=False)
-        out.print(f"[bold]tuned[/]: {sample['tuned'][:400]}", highlight=False)
-        out.print(f"[bold]reference[/]: {sample['reference'][:400]}", highlight=False)
+        for label, text in (("prompt", sample["prompt"][-300:]), ("base", sample["base"][:400]),
+                            ("tuned", sample["tuned"][:400]), ("reference", sample["reference"][:400])):
+            out.print(f"[bold]{label}[/]:\n{escape(text)}", highlight=False)
 
 
 @app.command()
