@@ -252,6 +252,27 @@ def chat(
     chat_loop(model, tokenizer, dev, precision, read=input, write=write, max_new_tokens=max_new_tokens)
 
 
+@app.command()
+def bench(
+    shape: str = typer.Option("llama3-8b", "--shape", help="Registry shape (random weights)."),
+    seq: int = typer.Option(2048, "--seq", help="Tokens per row (packed)."),
+    batch: int = typer.Option(1, "--batch", help="Rows per micro-batch."),
+    steps: int = typer.Option(8, "--steps", help="Optimizer steps per stack (the first 3 are warm-up)."),
+    cap: Optional[float] = typer.Option(None, "--cap", help="Cap GPU memory at this many GiB (both stacks)."),
+    against: str = typer.Option("plain", "--against", help="Comma-separated: plain (unsloth: not yet)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Speed and memory of snugtune beside the plain transformers+peft+bitsandbytes recipe, same run."""
+    from snugtune.bench import format_table, run_bench
+    stacks = tuple(s.strip() for s in against.split(",") if s.strip())
+    results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device)
+    print(format_table(results))
+    if out_json:
+        out_json.write_text(json.dumps(results, indent=2))
+
+
 def _print_marked(sample, tokenizer) -> None:
     """Trained tokens in green on a terminal, between [[ and ]] in plain text."""
     from snugtune.data.tokenize import IGNORE

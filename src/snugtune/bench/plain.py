@@ -5,7 +5,7 @@ up-casts embeddings, norms and lm_head to fp32 and turns on reentrant gradient c
 bf16 autocast, full-vocabulary logits and the model's own loss. Same data, order and batches as snugtune
 (its data pipeline tokenizes them), so tokens/s compare like for like.
 
-  python benchmarks/plain_recipe.py CONFIG.yaml [key=value ...] --optimizer paged_adamw_8bit --out plain.json
+  python -m snugtune.bench.plain CONFIG.yaml [key=value ...] --out plain.json   (snugtune bench runs it)
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ import statistics
 import time
 
 import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -37,11 +42,19 @@ def main() -> None:
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the CPU run exists to test this script
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        if cfg.budget.lower().endswith(("gib", "gb")):  # the same cap snugtune's engine applies
+            from snugtune.planner.cards import budget_bytes
+            torch.cuda.set_per_process_memory_fraction(
+                budget_bytes(cfg.budget)[0] / torch.cuda.get_device_properties(0).total_memory)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.type,
-                               bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
+                               bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
+                                                 device_map={"": device})
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_checkpointing)
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
@@ -59,20 +72,20 @@ def main() -> None:
     steps = cfg.train.max_steps
     for step in range(steps):
         group = batches[(step * cfg.train.grad_accum) % len(batches):][: cfg.train.grad_accum]
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         tokens = 0
         for rows in group:
             batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing)
             tokens += real_tokens(batch)
-            batch = {k: v.cuda() for k, v in batch.items() if k != "token_mask"}
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
+            with torch.autocast(device.type, dtype=dtype, enabled=cuda):
                 loss = model(**batch).loss / len(group)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         step_times.append(time.perf_counter() - start)
         step_tokens.append(tokens)
         losses.append(float(loss.detach()) * len(group))
@@ -81,8 +94,10 @@ def main() -> None:
               "tokens_per_s_median_step": statistics.median(t / s for t, s in zip(step_tokens[warm], step_times[warm])),
               "tokens_per_s_overall": sum(step_tokens[warm]) / sum(step_times[warm]),
               "step_seconds_median": statistics.median(step_times[warm]),
-              "peak_allocated_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-              "loss_first": losses[0], "loss_last": losses[-1], "gpu": torch.cuda.get_device_name()}
+              "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+              "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+              "loss_first": losses[0], "loss_last": losses[-1],
+              "device": torch.cuda.get_device_name() if cuda else "cpu"}
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
     print(json.dumps(result, indent=2))
