@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -42,10 +43,12 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-def test_two_gloo_processes_train_like_one_at_the_same_effective_batch(tmp_path):
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_two_gloo_processes_train_like_one_at_the_same_effective_batch(tmp_path, checkpointing):
     config = _config(tmp_path)
-    _train(config, f"output_dir={tmp_path / 'one'}")
-    two = _train(config, f"output_dir={tmp_path / 'two'}", "train.grad_accum=1", processes=2)
+    ckpt = f"train.grad_checkpointing={checkpointing}"
+    _train(config, f"output_dir={tmp_path / 'one'}", ckpt)
+    two = _train(config, f"output_dir={tmp_path / 'two'}", "train.grad_accum=1", ckpt, processes=2)
     assert "on 2 processes" in two.stdout
     assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
     one_losses, two_losses = _losses(tmp_path / "one"), _losses(tmp_path / "two")

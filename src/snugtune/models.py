@@ -305,7 +305,9 @@ def prepare_for_training(model, config: Config):
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if config.train.grad_checkpointing is True:  # "auto" is resolved by the planner before this
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # reentrant: far less Python per recomputed op than the non-reentrant hooks, which matters in the
+        # launch-bound steps of small batches (H100, TinyLlama 4x512: 5,595 vs 3,465 tok/s, same memory)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         # Frozen embeddings give inputs without grad; checkpointed blocks still need a grad path for LoRA.
         model.enable_input_require_grads()
     return model

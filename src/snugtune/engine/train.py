@@ -242,8 +242,9 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     log = MetricsLog(run_dir, metrics, tensorboard=config.log.tensorboard, write=ctx.is_main)
     if ctx.is_main:
         write_text_atomic(run_dir / "config.yaml", config_yaml)
-    stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.enabled else model
+    # static_graph: reentrant checkpointing runs each block's backward twice through autograd
+    stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None,
+                  static_graph=config.train.grad_checkpointing is True) if ctx.enabled else model
 
     def checkpoint() -> None:
         if ctx.is_main:
