@@ -64,3 +64,13 @@ def test_embedded_default_loads_as_a_real_pretrained_llama():
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert config.model_type == "llama" and config.num_hidden_layers == 30
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+
+
+def test_a_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(ConfigError, match="hub cannot be reached .*shape:tinyllama-1.1b"):
+        resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")

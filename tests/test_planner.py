@@ -71,8 +71,11 @@ def test_activations_with_and_without_checkpointing(inv):
     assert with_ckpt["one block recomputed + its gradients"] == per_token * tokens + 2 * 64 * 2 * tokens
     assert with_ckpt["attention mask (packed rows)"] == 2 * 100 * 100
     without = estimate(inv, settings(grad_checkpointing=False))
-    assert without["activations (all blocks)"] == 2 * per_token * tokens
+    assert without["activations (blocks with gradients)"] == 2 * per_token * tokens
     assert peak(without) > peak(with_ckpt)
+    # LoRA on the last block only: nothing below it keeps activations
+    last = estimate(inv, settings(grad_checkpointing=False, lora_last_layers=1))
+    assert last["activations (blocks with gradients)"] == per_token * tokens
 
 
 def test_peak_holds_only_the_largest_transient(inv):

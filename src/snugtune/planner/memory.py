@@ -156,16 +156,28 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     return norms + attention + mlp + lora
 
 
+def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
+    """Blocks that backward passes through: from the first trained block to the top. Below it nothing
+    requires grad, so autograd keeps no activations there (freeze, or LoRA on the last layers only)."""
+    if s.method == "freeze":
+        return min(inv.layers, s.trainable_layers)
+    if s.method in ("lora", "qlora", "lora-8bit"):
+        adapted = _adapted(inv, s)
+        return inv.layers - min(l.layer for l in adapted) if adapted else 0
+    return inv.layers
+
+
 def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     """Peak memory breakdown (component -> bytes) for one training step; see peak()."""
     tokens = s.micro_batch * s.max_seq_len
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
+    layers = blocks_with_gradients(inv, s)
     if s.grad_checkpointing:
         # every block's input is kept; one block is recomputed at a time, beside the gradient flowing back
-        acts = {"checkpointed block inputs": inv.layers * inv.hidden * s.compute_bytes * tokens,
+        acts = {"checkpointed block inputs": layers * inv.hidden * s.compute_bytes * tokens,
                 "one block recomputed + its gradients": per_layer + 2 * inv.hidden * s.compute_bytes * tokens}
     else:
-        acts = {"activations (all blocks)": inv.layers * per_layer,
+        acts = {"activations (blocks with gradients)": layers * per_layer,
                 "one block's gradients": per_layer}
     acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
     trained_tokens = tokens  # upper bound: every position trained
