@@ -157,8 +157,9 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
 
 
 def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
-    """Blocks that backward passes through: from the first trained block to the top. Below it nothing
-    requires grad, so autograd keeps no activations there (freeze, or LoRA on the last layers only)."""
+    """Blocks that backward passes through without checkpointing: from the first trained block to the
+    top. Below it nothing requires grad, so autograd keeps no activations there (freeze, or LoRA on the
+    last layers only)."""
     if s.method == "freeze":
         return min(inv.layers, s.trainable_layers)
     if s.method in ("lora", "qlora", "lora-8bit"):
@@ -174,7 +175,9 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     layers = blocks_with_gradients(inv, s)
     if s.grad_checkpointing:
         # every block's input is kept; one block is recomputed at a time, beside the gradient flowing back
-        acts = {"checkpointed block inputs": layers * inv.hidden * s.compute_bytes * tokens,
+        # the engine makes the embeddings' output require grad for checkpointing, so every block is
+        # checkpointed and keeps its input, trained or not
+        acts = {"checkpointed block inputs": inv.layers * inv.hidden * s.compute_bytes * tokens,
                 "one block recomputed + its gradients": per_layer + 2 * inv.hidden * s.compute_bytes * tokens}
     else:
         acts = {"activations (blocks with gradients)": layers * per_layer,
