@@ -95,3 +95,13 @@ def test_missing_data_file_is_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snugtune", "train", str(config), f"output_dir={tmp_path / 'r'}"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nowhere.jsonl does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_lora_target_is_exit_2_and_quotes_the_names_intact(tmp_path, alpaca_file):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": "shape:tiny", "data": {"path": str(alpaca_file)}, "device": "cpu",
+                                      "lora": {"targets": ["foo_proj"]}}))
+    proc = subprocess.run([sys.executable, "-m", "snugtune", "train", str(config), f"output_dir={tmp_path / 'r'}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "['foo_proj'] not found in llama" in proc.stderr and "'down_proj']" in proc.stderr

@@ -18,7 +18,8 @@ out = Console()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages quote user values, which may contain [brackets]
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -34,7 +35,8 @@ def _run(debug: bool, fn, *args, **kwargs):
             raise
         _fail(str(exc), 2)
     except DoesNotFit as exc:
-        err.print(f"[bold red]does not fit:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+        err.print(f"[bold red]does not fit:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
     except TrainingInterrupted as exc:
         err.print(f"[yellow]{exc}[/]")
