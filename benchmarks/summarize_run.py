@@ -8,10 +8,12 @@ import statistics
 import sys
 from pathlib import Path
 
+from snugtune.engine.rundir import read_jsonl
+
 run = Path(sys.argv[1])
 skip = int(sys.argv[sys.argv.index("--skip") + 1]) if "--skip" in sys.argv else 3
 summary = json.loads((run / "summary.json").read_text())
-rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+rows = read_jsonl(run / "metrics.jsonl")
 steps = [r for r in rows if "loss" in r][skip:]
 print(json.dumps({"recipe": "snugtune", "model": summary["model"], "steps": summary["steps"],
                   "tokens_per_s_median_step": statistics.median(r["tokens_per_s"] for r in steps),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from snugtune.engine.rundir import read_jsonl
+
 STACKS = ("snugtune", "plain")
 
 
@@ -40,7 +42,7 @@ def _snugtune(config_path: Path, work: Path) -> dict:
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "exit_code": proc.returncode}
     summary = json.loads((run / "summary.json").read_text())
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = read_jsonl(run / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r][3:] or \
         [r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
     return {"tokens_per_s_median_step": statistics.median(speeds),

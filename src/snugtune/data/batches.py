@@ -86,6 +86,11 @@ def collate(samples: list[TokenizedSample], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def eval_batches(samples: list[TokenizedSample], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of `batch_size` samples in their stored order (evaluation: same batches every time)."""
+    return [collate(samples[i:i + batch_size], pad_id) for i in range(0, len(samples), batch_size)]
+
+
 def collate_packed(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows: input_ids, labels, position_ids restarting per sample, and token_mask (real tokens,
     for counting only: no attention_mask is given to the model, so it isolates samples by position ids)."""

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from snugtune.config import UserError
+from snugtune.engine.rundir import read_jsonl
 
 COMPLETE = "COMPLETE"
 
@@ -109,8 +110,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def checkpoint_metrics(path: Path) -> list[dict]:
     """The metrics.jsonl rows logged up to this checkpoint."""
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_jsonl(path / "metrics.jsonl")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainPosition:

@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, UserError, changed_fields, config_to_yaml
-from snugtune.data import collate, collate_micro_batch, epoch_rows, prepare_data, real_tokens
+from snugtune.data import collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
 from snugtune.engine.distributed import DistContext, LossModule, barrier, start, sum_across
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
@@ -117,11 +117,18 @@ def _plan_memory(config: Config, device: torch.device, notify) -> Config:
                        grad_checkpointing=plan.settings.grad_checkpointing)
 
 
-def _smaller_split(train_config) -> tuple[int, int] | None:
-    """After an OOM: the next smaller micro-batch that divides the rows per step (same effective batch)."""
-    rows = train_config.micro_batch * train_config.grad_accum
-    smaller = [d for d in range(train_config.micro_batch - 1, 0, -1) if rows % d == 0]
-    return (smaller[0], rows // smaller[0]) if smaller else None
+def _split_after_oom(config: Config, where: str, notify) -> Config:
+    """After an OOM: the next smaller micro-batch that divides the rows per step, accumulation raised to keep
+    the rows per step. DoesNotFit when the micro-batch is already 1."""
+    tc = config.train
+    rows = tc.micro_batch * tc.grad_accum
+    smaller = [d for d in range(tc.micro_batch - 1, 0, -1) if rows % d == 0]
+    if not smaller:
+        raise DoesNotFit(f"{where} ran out of memory even with micro_batch=1; lower max_seq_len or use "
+                         f"method=qlora (see `snugtune plan`)")
+    notify(f"{where} ran out of memory: re-planned to micro_batch={smaller[0]} x grad_accum={rows // smaller[0]} "
+           f"(same rows per step), continuing")
+    return _with_train(config, micro_batch=smaller[0], grad_accum=rows // smaller[0])
 
 
 def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, pad_id) -> None:
@@ -204,27 +211,22 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     tc = config.train
     packed_len = config.max_seq_len if config.data.packing else None
     rows_per_step = tc.micro_batch * tc.grad_accum * ctx.world_size
-    steps_per_epoch = math.ceil(len(epoch_rows(data.train, tc.seed, 0, packed_len)) / rows_per_step)
+    first_epoch_rows = epoch_rows(data.train, tc.seed, 0, packed_len)
+    steps_per_epoch = math.ceil(len(first_epoch_rows) / rows_per_step)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     optimizer = build_optimizer(params, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = precision.grad_scaler()
 
-    eval_batches = [collate(data.eval[i:i + config.eval.batch_size], tokenizer.pad_token_id)
-                    for i in range(0, len(data.eval), config.eval.batch_size)][: config.eval.max_batches]
+    held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id)[: config.eval.max_batches]
     while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller
         try:
-            _probe(model, optimizer, scaler, epoch_rows(data.train, tc.seed, 0, packed_len),
-                   eval_batches[0] if eval_batches else None, config, precision, device, tokenizer.pad_token_id)
+            _probe(model, optimizer, scaler, first_epoch_rows, held_out[0] if held_out else None, config,
+                   precision, device, tokenizer.pad_token_id)
             break
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            split = _smaller_split(tc)
-            if split is None:
-                raise DoesNotFit("the probe step ran out of memory even with micro_batch=1; lower max_seq_len "
-                                 "or use method=qlora (see `snugtune plan`)") from None
-            notify(f"probe ran out of memory: micro_batch={split[0]} x grad_accum={split[1]} instead")
-            config = _with_train(config, micro_batch=split[0], grad_accum=split[1])
+            config = _split_after_oom(config, "the probe step", notify)
             tc = config.train
 
     position = TrainPosition(rows_per_step=rows_per_step)
@@ -256,7 +258,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     if before:
         eval_loss_before = before[0]
     else:
-        eval_loss_before = mean_loss(model, eval_batches, precision, device)[0] if ctx.is_main else float("nan")
+        eval_loss_before = mean_loss(model, held_out, precision, device)[0] if ctx.is_main else nan
         log.write({"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before})
 
     # --- the loop -------------------------------------------------------------------------------
@@ -284,13 +286,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                     del group
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    split = _smaller_split(tc)
-                    if split is None:
-                        raise DoesNotFit(f"out of memory at step {position.step + 1} even with micro_batch=1; "
-                                         f"lower max_seq_len or use method=qlora (see `snugtune plan`)") from None
-                    notify(f"out of memory at step {position.step + 1}: re-planned to micro_batch={split[0]} x "
-                           f"grad_accum={split[1]} (same rows per step), continuing")
-                    config = _with_train(config, micro_batch=split[0], grad_accum=split[1])
+                    config = _split_after_oom(config, f"step {position.step + 1}", notify)
                     tc = config.train
                     config_yaml = config_to_yaml(config)
                     write_text_atomic(run_dir / "config.yaml", config_yaml)
@@ -319,10 +315,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                            "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
                            "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
-                    every = config.eval.every_steps
-                    if every and position.step % every == 0 and position.step < total_steps and eval_batches \
-                            and ctx.is_main:
-                        row["eval_loss"] = mean_loss(model, eval_batches, precision, device)[0]
+                    if eval_due and position.step < total_steps and held_out and ctx.is_main:
+                        row["eval_loss"] = mean_loss(model, held_out, precision, device)[0]
                     log.write(row)
                     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
                     log_tokens, log_time = 0, now
@@ -349,7 +343,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                                   f"{run_dir / 'checkpoints'}; run the same command to resume")
 
     # --- after: evaluation and artifacts ----------------------------------------------------------
-    eval_loss_after, eval_tokens = mean_loss(model, eval_batches, precision, device) if ctx.is_main else (nan, 0)
+    eval_loss_after, eval_tokens = mean_loss(model, held_out, precision, device) if ctx.is_main else (nan, 0)
     log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
     log.close()
     if ctx.is_main:

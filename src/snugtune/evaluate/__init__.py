@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from snugtune.config import DataConfig, UserError
-from snugtune.data import collate, prepare_data
+from snugtune.data import eval_batches, prepare_data
 from snugtune.engine.loss import mean_loss
 from snugtune.engine.rundir import write_json_atomic
 from snugtune.evaluate.run import LoadedRun, load_run
@@ -21,12 +21,8 @@ def retention_text_path() -> Path:
     return Path(str(resources.files("snugtune") / "bundled" / "retention_docs.jsonl"))
 
 
-def _batches(samples, tokenizer, size: int):
-    return [collate(samples[i:i + size], tokenizer.pad_token_id) for i in range(0, len(samples), size)]
-
-
 def _loss_pair(run: LoadedRun, samples) -> dict:
-    batches = _batches(samples, run.tokenizer, run.config.eval.batch_size)
+    batches = eval_batches(samples, run.config.eval.batch_size, run.tokenizer.pad_token_id)
     with run.base_model() as base:
         before, tokens = mean_loss(base, batches, run.precision, run.device)
     after, _ = mean_loss(run.model, batches, run.precision, run.device)

@@ -10,14 +10,10 @@ from pathlib import Path
 import yaml
 
 from snugtune.config import UserError
-from snugtune.engine.rundir import write_text_atomic
+from snugtune.engine.rundir import read_jsonl, write_text_atomic
 
 COLUMNS = ["run", "model", "dataset", "samples", "method", "LoRA", "peak memory", "train time", "tokens/s",
            "train loss", "eval loss (base → tuned)", "retention", "HumanEval pass@1 (base → tuned)"]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def report_row(run_dir: Path) -> dict:
@@ -28,7 +24,7 @@ def report_row(run_dir: Path) -> dict:
     summary = json.loads(summary_path.read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     evals = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
-    steps = [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in m]
+    steps = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in m]
     lora = config["lora"]
     uses_lora = config["method"] in ("lora", "qlora", "lora-8bit")
     targets = lora["targets"] if isinstance(lora["targets"], str) else ",".join(lora["targets"])
@@ -68,7 +64,7 @@ def _plot(run_dirs: list[Path], target: Path) -> Path:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for run_dir in map(Path, run_dirs):
-        metrics = _read_jsonl(run_dir / "metrics.jsonl")
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
         train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
         evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
         line = ax.plot(*zip(*train), lw=1.3, label=f"{run_dir.name} train")[0] if train else None
