@@ -89,6 +89,23 @@ def test_every_lora_b_gets_a_gradient_at_step_one_with_checkpointing(tmp_path, a
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("checkpoint_layers", [None, 1, 0])
+def test_partial_checkpointing_gives_the_same_gradients(tmp_path, alpaca_file, checkpoint_layers):
+    # None: every block recomputes; 1: only the first; 0: none (all keep their activations)
+    batch_of = lambda data, tok: collate(data.train[:4], tok.pad_token_id)  # noqa: E731
+    _, plain, tokenizer, data = _setup(tmp_path, alpaca_file, lora={"dropout": 0.0},
+                                       train={"grad_checkpointing": False})
+    accumulate_gradients(plain, [batch_of(data, tokenizer)], FP32, FP32.grad_scaler(), CPU)
+    _, model, _, _ = _setup(tmp_path, alpaca_file, lora={"dropout": 0.0},
+                            train={"grad_checkpointing": True, "checkpoint_layers": checkpoint_layers})
+    flags = [layer.gradient_checkpointing for layer in model.get_base_model().model.layers]
+    assert flags == {None: [True, True], 1: [True, False], 0: [False, False]}[checkpoint_layers]
+    accumulate_gradients(model, [batch_of(data, tokenizer)], FP32, FP32.grad_scaler(), CPU)
+    expected = _grads(plain)
+    for name, grad in _grads(model).items():
+        assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-5), name
+
+
 def test_warmup_then_cosine_schedule():
     factors = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(1.0)

@@ -62,9 +62,14 @@ def test_lora_and_optimizer_bytes(inv):
 
 def test_activations_with_and_without_checkpointing(inv):
     per_token = activation_bytes_per_token_layer(inv, settings())
-    # norms 2*64*(4+2+2); attention 2*(5*64 + 4*32) + 4*4 heads; MLP 4*2*128;
-    # LoRA: the 16-bit input copy + 4r for each of the seven (six read hidden=64, down_proj reads 128)
-    assert per_token == 1024 + 912 + 1024 + (6 * (2 * 64 + 16) + (2 * 128 + 16))
+    # norms: 2 x fp32 copy of 64; attention: q, k, v (repeated to 4 heads), output 4*2*64, fp32 lse per head,
+    # mask bias 2 bytes x 100 positions; SwiGLU: gate, up, act(gate) 3*2*128;
+    # LoRA: the 16-bit input copy + rank-4 output for each of the seven (six read 64, down_proj reads 128)
+    assert per_token == 2 * 4 * 64 + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (6 * (2 * 64 + 8) + (2 * 128 + 8))
+    # dropout keeps a 1-byte mask per adapted input; LLM.int8 layers keep their inputs (hidden x2, q, MLP)
+    assert activation_bytes_per_token_layer(inv, settings(lora_dropout=0.05)) == per_token + 6 * 64 + 128
+    assert activation_bytes_per_token_layer(inv, settings(method="lora-8bit")) == \
+        per_token + 2 * (64 + 64 + 128) + 2 * 64
     tokens = 2 * 100
     with_ckpt = estimate(inv, settings())
     assert with_ckpt["checkpointed block inputs"] == 2 * 64 * 2 * tokens
@@ -106,6 +111,46 @@ def test_search_prefers_no_checkpointing_when_it_fits_and_keeps_the_effective_ba
     assert small.settings.micro_batch * small.grad_accum == 8  # effective batch kept
     assert small.settings.grad_checkpointing is True or small.settings.micro_batch < 4
     assert small.changes
+
+
+def test_layernorm_models_under_quantization_keep_fp32_mlp_tensors():
+    from transformers import PhiConfig
+    phi = inventory_from_config(PhiConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, vocab_size=1000))
+    assert (phi.norms_per_block, phi.layer_norm, phi.gated_mlp, phi.hidden_act) == (1, True, False, "gelu_new")
+    targets = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    q4 = activation_bytes_per_token_layer(phi, settings(lora_targets=targets))
+    lora16 = activation_bytes_per_token_layer(phi, settings(lora_targets=targets, method="lora"))
+    # gelu_new keeps 4 tensors of the 256-wide MLP: fp32 (4 bytes) behind 4-bit layers, 2 bytes otherwise
+    assert q4 - lora16 == 4 * 256 * (4 - 2)
+
+
+def test_partial_checkpointing_sits_between_none_and_all(inv):
+    per_layer = activation_bytes_per_token_layer(inv, settings()) * 200
+    inputs = 64 * 2 * 200  # one block's input: hidden x 2 bytes x tokens
+    one = estimate(inv, settings(checkpointed_layers=1))
+    assert one["checkpointed block inputs"] == inputs
+    assert one["activations (blocks not checkpointed)"] == per_layer  # the top block keeps everything
+    full = estimate(inv, settings())
+    assert full["checkpointed block inputs"] == 2 * inputs and "activations (blocks not checkpointed)" not in full
+    none = estimate(inv, settings(grad_checkpointing=False))
+    assert peak(full) < peak(one) < peak(none)
+
+
+def test_search_fills_the_card_with_partial_checkpointing(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
+                      train={"micro_batch": 1, "grad_accum": 4, "grad_checkpointing": "auto"})
+    plan = plan_for_budget(cfg, 15 * GIB, "t4")
+    assert plan.fits and plan.settings.grad_checkpointing
+    assert 0 < plan.settings.checkpointed_layers < 32 and plan.changes["train.checkpoint_layers"][1] > 0
+    # the fewest recomputed blocks that fit: one fewer would not
+    fewer = Settings(**{**plan.settings.__dict__, "checkpointed_layers": plan.settings.checkpointed_layers - 1})
+    assert peak(estimate(inventory_from_config_for(cfg), fewer)) > 0.92 * 15 * GIB >= plan.peak_bytes
+
+
+def inventory_from_config_for(cfg):
+    from snugtune.planner import model_config_for
+    return inventory_from_config(model_config_for(cfg))
 
 
 def test_plan_cli_json_and_exit_3_with_a_suggestion(tmp_path, alpaca_file):

@@ -13,8 +13,8 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs on the GPU you have.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line (copyable)
+out = Console(soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -75,6 +75,10 @@ class TrainConfig(_Section):
     grad_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute block activations in backward to save memory; auto: the planner turns it "
                             "on only when the run would not fit without it (off on CPU).")
+    checkpoint_layers: int | None = Field(
+        None, ge=0, description="With checkpointing on: how many blocks, counted from the first, recompute their "
+                                "activations in backward; the blocks above keep theirs (faster, more memory). "
+                                "null = all. Under grad_checkpointing: auto the planner sets it to fill the card.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
@@ -240,7 +244,7 @@ def config_to_yaml(config: Config) -> str:
 # Fields that may change between a run and its resumption without changing what is trained. How a step's
 # rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
 # optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
-RESUME_SAFE_FIELDS = {"train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+RESUME_SAFE_FIELDS = {"train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.

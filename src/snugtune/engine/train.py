@@ -33,6 +33,7 @@ from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_
                                     versions, write_json_atomic, write_text_atomic)
 from snugtune.planner import DoesNotFit, plan_config
 from snugtune.planner.cards import budget_bytes
+from snugtune.planner.memory import CUDA_CONTEXT
 from snugtune.models import check_vocab, count_parameters, default_cache_dir, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 
@@ -95,26 +96,35 @@ def _with_train(config: Config, **changes) -> Config:
     return config.model_copy(update={"train": config.train.model_copy(update=changes)})
 
 
-def _plan_memory(config: Config, device: torch.device, notify) -> Config:
-    """On a GPU: cap memory at the budget, plan, and apply the planner's micro-batch/checkpointing.
-    On CPU there is no card to fit: checkpointing 'auto' means off."""
+def _plan_memory(config: Config, device: torch.device, notify,
+                 trained_per_row: list[int]) -> tuple[Config, dict | None]:
+    """On a GPU: cap memory at the budget, plan (knowing each row's trained positions), and apply the
+    planner's micro-batch/checkpointing.
+    Returns the config to run and the plan's figures for summary.json (None on CPU, where there is no
+    card to fit and checkpointing 'auto' means off)."""
     if device.type != "cuda":
-        return _with_train(config, grad_checkpointing=False) if config.train.grad_checkpointing == "auto" else config
+        return (_with_train(config, grad_checkpointing=False) if config.train.grad_checkpointing == "auto"
+                else config), None
     if config.budget != "auto":  # simulate a smaller card on a bigger one
         budget, _, card = budget_bytes(config.budget)
         total = torch.cuda.get_device_properties(device).total_memory
-        if budget < total:
-            torch.cuda.set_per_process_memory_fraction(budget / total, device)
+        if budget < total:  # the smaller card's CUDA context is outside the allocator but inside its memory
+            torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT) / total, device)
             notify(f"memory capped at {budget / 2**30:.1f} GiB ({card}) of this {total / 2**30:.0f} GiB GPU")
-    plan = plan_config(config)
+    plan = plan_config(config, trained_per_row=trained_per_row)
     if not plan.fits:
         raise DoesNotFit(f"predicted peak {plan.peak_bytes / 2**30:.1f} GiB does not fit the "
                          f"{plan.budget_bytes / 2**30:.1f} GiB budget ({plan.card}); try {plan.suggestion} "
                          f"(see `snugtune plan`)")
     for key, (asked, chosen) in plan.changes.items():
         notify(f"planner: {key} = {chosen} (config: {asked})")
+    planned = {"predicted_peak_bytes": plan.peak_bytes, "budget_bytes": plan.budget_bytes, "card": plan.card,
+               "micro_batch": plan.settings.micro_batch, "grad_accum": plan.grad_accum,
+               "grad_checkpointing": plan.settings.grad_checkpointing,
+               "checkpoint_layers": plan.settings.checkpointed_layers}
     return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
-                       grad_checkpointing=plan.settings.grad_checkpointing)
+                       grad_checkpointing=plan.settings.grad_checkpointing,
+                       checkpoint_layers=plan.settings.checkpointed_layers), planned
 
 
 def _split_after_oom(config: Config, where: str, notify) -> Config:
@@ -188,7 +198,6 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         notify = lambda message: None  # noqa: E731 (rank 0 speaks for all)
         show_progress = False
     precision = resolve_precision(config.train.precision, device)
-    config = _plan_memory(config, device, notify)
 
     # --- model and data -------------------------------------------------------------------------
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
@@ -199,6 +208,11 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     ensure_chat_template(tokenizer)
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
                         cache_dir=default_cache_dir() / "data")
+    packed_len = config.max_seq_len if config.data.packing else None
+    first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
+    config, planned = _plan_memory(config, device, notify,
+                                   [sum(sample.trained_tokens for sample in row) for row in first_epoch_rows])
+    oom_resplits = 0
     torch.manual_seed(config.train.seed)
     model = load_base_model(resolved.path, config, device, precision.compute_dtype)
     check_vocab(model, tokenizer, config.model)
@@ -209,9 +223,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
 
     # --- optimization ---------------------------------------------------------------------------
     tc = config.train
-    packed_len = config.max_seq_len if config.data.packing else None
     rows_per_step = tc.micro_batch * tc.grad_accum * ctx.world_size
-    first_epoch_rows = epoch_rows(data.train, tc.seed, 0, packed_len)
     steps_per_epoch = math.ceil(len(first_epoch_rows) / rows_per_step)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     optimizer = build_optimizer(params, tc, device)
@@ -227,6 +239,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             config = _split_after_oom(config, "the probe step", notify)
+            oom_resplits += 1
             tc = config.train
 
     position = TrainPosition(rows_per_step=rows_per_step)
@@ -287,6 +300,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     config = _split_after_oom(config, f"step {position.step + 1}", notify)
+                    oom_resplits += 1
                     tc = config.train
                     config_yaml = config_to_yaml(config)
                     write_text_atomic(run_dir / "config.yaml", config_yaml)
@@ -362,6 +376,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         "trainable_params": trainable_params, "total_params": total_params, "precision": precision.name,
         "device": device_description(device), "versions": versions(), "data": asdict(data.report),
         "resumed_from": str(resumed_from) if resumed_from else None, "world_size": ctx.world_size,
+        "plan": planned, "oom_resplits": oom_resplits,
+        "micro_batch": config.train.micro_batch, "grad_accum": config.train.grad_accum,
     }
     if ctx.is_main:
         write_json_atomic(run_dir / "summary.json", summary)

@@ -67,32 +67,51 @@ def model_config_for(cfg: Config):
 
 
 def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
-              method: str | None = None) -> Settings:
+              method: str | None = None, checkpointed_layers: int | None = None,
+              trained: list[int] | None = None) -> Settings:
     from snugtune.models import block_linear_names
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     return Settings(method=method or cfg.method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
                     lora_last_layers=cfg.lora.last_layers, double_quant=cfg.quant.double_quant,
                     optimizer=cfg.train.optimizer, compute_bytes=2, micro_batch=micro_batch,
                     max_seq_len=seq or cfg.max_seq_len, grad_checkpointing=checkpointing,
-                    trainable_layers=cfg.freeze.trainable_layers)
+                    trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
+                    lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None)
 
 
 def _seconds_per_step(inv: Inventory, s: Settings, accum: int) -> float:
     return accum * (step_flops(inv, s) / ASSUMED_FLOPS + STEP_OVERHEAD_S)
 
 
-def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None) -> Plan:
+def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained: list[int] | None) -> list[Settings]:
+    """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
+    recomputed blocks (from the first) that fit `limit` bytes, else all of them."""
+    if cfg.train.grad_checkpointing != "auto":
+        return [_settings(cfg, inv, mb, bool(cfg.train.grad_checkpointing),
+                          checkpointed_layers=cfg.train.checkpoint_layers, trained=trained)]
+    options = [_settings(cfg, inv, mb, False, trained=trained)]
+    for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
+        s = _settings(cfg, inv, mb, True, checkpointed_layers=blocks, trained=trained)
+        if peak(estimate(inv, s)) <= limit:
+            return options + [s]
+    return options + [_settings(cfg, inv, mb, True, trained=trained)]
+
+
+def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,
+                    trained_per_row: list[int] | None = None) -> Plan:
     """The fastest settings that fit `budget` bytes: micro-batch (effective batch kept through
-    accumulation) and checkpointing where the config leaves it to 'auto'. fits=False with a suggestion
-    when even micro-batch 1 with checkpointing does not fit."""
+    accumulation) and checkpointing — off, partial (the first k blocks) or full — where the config leaves
+    it to 'auto'. fits=False with a suggestion when even micro-batch 1 with checkpointing does not fit.
+
+    trained_per_row: trained positions of each training row, when the data is known: the loss then holds
+    the logits of the micro-batch with the most of them rather than of every position."""
     inv = inv or inventory_from_config(model_config_for(cfg))
+    trained = sorted(trained_per_row, reverse=True) if trained_per_row else None
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     micro = [d for d in range(cfg.train.micro_batch, 0, -1) if effective % d == 0]
-    ckpt_options = [False, True] if cfg.train.grad_checkpointing == "auto" else [bool(cfg.train.grad_checkpointing)]
     candidates = []
     for mb in micro:
-        for ckpt in ckpt_options:
-            s = _settings(cfg, inv, mb, ckpt)
+        for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained):
             parts = estimate(inv, s)
             candidates.append((_seconds_per_step(inv, s, effective // mb), s, parts))
     fitting = [c for c in candidates if peak(c[2]) <= SAFETY * budget]
@@ -104,6 +123,8 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
             changes["train.grad_accum"] = [cfg.train.grad_accum, effective // s.micro_batch]
         if cfg.train.grad_checkpointing == "auto":
             changes["train.grad_checkpointing"] = ["auto", s.grad_checkpointing]
+            if s.checkpointed_layers is not None:
+                changes["train.checkpoint_layers"] = [cfg.train.checkpoint_layers, s.checkpointed_layers]
         return Plan(s, parts, peak(parts), budget, card, True, effective // s.micro_batch, changes)
     # nothing fits: report the smallest configuration and the smallest change that would fit
     _, s, parts = min(candidates, key=lambda c: peak(c[2]))
@@ -129,17 +150,23 @@ def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
     return "; or ".join(ideas) if ideas else "no setting snugtune knows fits; CPU offload is not available yet"
 
 
-def plan_config(cfg: Config, gpu: str | None = None) -> Plan:
+def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None) -> Plan:
     """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile)."""
     name = gpu or cfg.budget
     if name == "auto":
         import torch
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
-            return plan_for_budget(cfg, total, torch.cuda.get_device_name())
+            return plan_for_budget(cfg, total, torch.cuda.get_device_name(), trained_per_row=trained_per_row)
         name = "h100"
     size, _, card = budget_bytes(name)
-    return plan_for_budget(cfg, size, card)
+    return plan_for_budget(cfg, size, card, trained_per_row=trained_per_row)
+
+
+def _checkpointing_text(s: Settings) -> str:
+    if s.grad_checkpointing and s.checkpointed_layers is not None:
+        return f"first {s.checkpointed_layers} blocks"
+    return str(s.grad_checkpointing)
 
 
 def format_plan(plan: Plan) -> str:
@@ -153,7 +180,7 @@ def format_plan(plan: Plan) -> str:
               f"{'headroom':<{width}}{(plan.budget_bytes - plan.peak_bytes) / GIB:>9.2f}"]
     s = plan.settings
     lines.append(f"\nsettings: method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
-                 f"max_seq_len={s.max_seq_len} grad_checkpointing={s.grad_checkpointing} optimizer={s.optimizer} "
+                 f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
                  f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload=none")
     for key, (asked, chosen) in plan.changes.items():
         lines.append(f"planner chose {key}={chosen} (config: {asked})")

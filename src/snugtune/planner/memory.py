@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 MIB = 2**20
-CUDA_CONTEXT = 500 * MIB          # driver + cuBLAS/cuDNN handles; outside torch's allocator
+CUDA_CONTEXT = 685 * MIB          # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
 LOSS_CHUNK_BYTES = 256 * MIB      # engine/loss.py: fp32 logits held at once
@@ -41,6 +41,10 @@ class Inventory:
     linears: list[Linear] = field(default_factory=list)
     other_params: int = 0          # embeddings, norms, biases, lm_head (16-bit in every method)
     tied_embeddings: bool = False
+    norms_per_block: int = 2       # 1 where attention and MLP read the same normed input (Phi)
+    layer_norm: bool = False       # LayerNorm (Phi, StableLM) rather than RMSNorm
+    gated_mlp: bool = True         # gate/up/down (SwiGLU) rather than fc1/fc2
+    hidden_act: str = "silu"
 
     @property
     def linear_params(self) -> int:
@@ -65,12 +69,16 @@ def inventory_from_config(config) -> Inventory:
                                       module.out_features, i))
                 in_blocks.add(id(module.weight))
     other = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+    norms = [m for m in blocks[0].modules() if "norm" in type(m).__name__.lower()]
+    shorts = {l.short for l in linears}
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     return Inventory(config.model_type, config.hidden_size, config.intermediate_size, len(blocks),
                      config.vocab_size, heads * head_dim, kv * head_dim, heads, linears, other,
-                     bool(getattr(config, "tie_word_embeddings", False)))
+                     bool(getattr(config, "tie_word_embeddings", False)), len(norms),
+                     any(isinstance(m, torch.nn.LayerNorm) for m in norms), "gate_proj" in shorts,
+                     getattr(config, "hidden_act", "silu"))
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class Settings:
     max_seq_len: int
     grad_checkpointing: bool
     trainable_layers: int = 2    # method=freeze
+    checkpointed_layers: int | None = None  # with checkpointing: blocks (from the first) that recompute; None = all
+    lora_dropout: float = 0.0
+    trained_tokens: int | None = None  # most trained positions in one micro-batch, from the data; None: all
 
 
 def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
@@ -134,26 +145,41 @@ def optimizer_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
             f"optimizer state ({s.optimizer})": state * n}
 
 
-def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
-    """Tensors one transformer block keeps for backward, per token (no checkpointing).
+# Tensors an activation function keeps for backward: torch's own kernels keep their input; the Python
+# tanh formulas (gelu_new, gelu_fast) keep x, tanh(...), 0.5*x and 1+tanh(...).
+ACTIVATION_SAVES = {"silu": 1, "swish": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4,
+                    "gelu_fast": 4}
 
-    Each RMSNorm keeps an fp32 copy of its input, the normalized value cast back and its output
-    (4+2+2 bytes per hidden unit). Attention keeps q and k before RoPE, their rotate_half, q and k after
-    RoPE, v, the attention output and its contiguous copy for o_proj (5 q-sized and 4 kv-sized tensors)
-    and an fp32 log-sum-exp per head. The MLP keeps gate, up, act(gate) and their product. Every adapted
-    linear keeps the autocast copy of its input made for the fp32 LoRA matrices, and its rank-r output.
+
+def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
+    """Bytes one transformer block keeps for backward, per token, when it is not checkpointed.
+
+    What autograd saves on the GPU (bitsandbytes 4-bit layers keep no input, 8-bit layers do; RoPE keeps
+    only cos/sin): each norm an fp32 copy of its input; attention q, k and v (k, v repeated to all heads)
+    and its output, an fp32 log-sum-exp per head and the packed rows' block-diagonal mask as a bias
+    (seq bytes x 2 per token); the MLP the activation's saved tensors and, gated, up and act(gate). Each
+    adapted linear: the autocast copy of its input for the fp32 LoRA A, the dropout mask (1 byte), and the
+    rank-r output. Under autocast LayerNorm runs in fp32 and bitsandbytes returns its input's dtype, so in
+    quantized LayerNorm models (Phi, StableLM) the MLP's tensors are fp32.
     """
     c = s.compute_bytes
-    norms = 2 * inv.hidden * (4 + 2 * c)
-    attention = c * (5 * inv.q_dim + 4 * inv.kv_dim) + 4 * inv.heads
-    mlp = 4 * c * inv.intermediate
+    quantized = s.method in ("qlora", "lora-8bit")
+    a = 4 if inv.layer_norm and quantized else c
+    norms = inv.norms_per_block * 4 * inv.hidden
+    attention = 4 * c * inv.q_dim + 4 * inv.heads + c * s.max_seq_len
+    mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * a * inv.intermediate
+    mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
+    inputs = 0
+    if s.method == "lora-8bit":  # LLM.int8 layers keep their input
+        inputs = a * (inv.hidden + mlp_input + inv.intermediate) + c * inv.q_dim
+    elif s.method in ("freeze", "full"):  # trained weights need their inputs, trained norms their output
+        inputs = c * (inv.hidden + mlp_input + inv.intermediate + inv.q_dim) + c * inv.norms_per_block * inv.hidden
     lora = 0
     if s.method in ("lora", "qlora", "lora-8bit"):
-        adapted = {}
-        for linear in _adapted(inv, s):
-            adapted.setdefault(linear.short, linear.in_features)
-        lora = sum(c * width + 4 * s.lora_r for width in adapted.values())
-    return norms + attention + mlp + lora
+        mask = 1 if s.lora_dropout > 0 else 0
+        top_block = [l for l in _adapted(inv, s) if l.layer == inv.layers - 1]  # every adapted block alike
+        lora = sum((c + mask) * l.in_features + c * s.lora_r for l in top_block)
+    return norms + attention + mlp + inputs + lora
 
 
 def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
@@ -168,22 +194,32 @@ def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
     return inv.layers
 
 
+def checkpointed_blocks(inv: Inventory, s: Settings) -> int:
+    """Blocks that recompute their activations in backward (0 without checkpointing)."""
+    if not s.grad_checkpointing:
+        return 0
+    return inv.layers if s.checkpointed_layers is None else min(inv.layers, s.checkpointed_layers)
+
+
 def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     """Peak memory breakdown (component -> bytes) for one training step; see peak()."""
     tokens = s.micro_batch * s.max_seq_len
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
     layers = blocks_with_gradients(inv, s)
-    if s.grad_checkpointing:
-        # every block's input is kept; one block is recomputed at a time, beside the gradient flowing back
-        # the engine makes the embeddings' output require grad for checkpointing, so every block is
-        # checkpointed and keeps its input, trained or not
-        acts = {"checkpointed block inputs": inv.layers * inv.hidden * s.compute_bytes * tokens,
+    recomputed = checkpointed_blocks(inv, s)
+    if recomputed:
+        # a checkpointed block keeps only its input and is recomputed in backward, one at a time, beside the
+        # gradient flowing back; the engine makes the embeddings' output require grad for checkpointing, so
+        # checkpointed blocks keep their input whether trained or not. Blocks above them keep everything.
+        kept = min(inv.layers - recomputed, layers)
+        acts = {"checkpointed block inputs": recomputed * inv.hidden * s.compute_bytes * tokens,
+                "activations (blocks not checkpointed)": kept * per_layer,
                 "one block recomputed + its gradients": per_layer + 2 * inv.hidden * s.compute_bytes * tokens}
     else:
         acts = {"activations (blocks with gradients)": layers * per_layer,
                 "one block's gradients": per_layer}
     acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
-    trained_tokens = tokens  # upper bound: every position trained
+    trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
     chunk = max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab))
     loss = {"logits and loss (chunked)": min(chunk, trained_tokens) * inv.vocab * (s.compute_bytes + 4 + 4)
             + trained_tokens * inv.hidden * (s.compute_bytes + 4)}
@@ -218,7 +254,8 @@ def step_flops(inv: Inventory, s: Settings) -> float:
     per parameter and token, + one more forward when checkpointing. Attention scores counted too."""
     tokens = s.micro_batch * s.max_seq_len
     n = inv.total_params
-    per_token = (6 if s.method in ("full",) else 4) * n + (2 * n if s.grad_checkpointing else 0)
-    attention = 4 * inv.layers * inv.q_dim * s.max_seq_len * (3 if s.grad_checkpointing else 2)
+    share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
+    per_token = (6 if s.method in ("full",) else 4) * n + 2 * n * share
+    attention = 4 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)
     return float(tokens * (per_token + attention))
 
