@@ -1,8 +1,10 @@
 """Writing a merged HF folder as a GGUF file (llama.cpp, Ollama, LM Studio), with the `gguf` package.
 
-Supported: Llama-architecture models (Llama, TinyLlama, SmolLM, Mistral as llama.cpp writes it) and
-Qwen2, with byte-level BPE tokenizers (tokenizer.json: SmolLM2, Qwen2, Llama-3) and the default RoPE.
-Others are refused with a clear error rather than written wrong.
+Supported: Llama-architecture models (Llama 1/2/3/3.1, CodeLlama, TinyLlama, SmolLM, Mistral as
+llama.cpp writes it) and Qwen2; tokenizers that are byte-level BPE (SmolLM2, Qwen2, Llama-3) or
+SentencePiece-style BPE with byte fallback (Llama-2, CodeLlama, TinyLlama, Mistral); the default RoPE
+and Llama-3.1's "llama3" RoPE scaling (written as llama.cpp's rope_freqs factors). Anything else is
+refused with a clear error rather than written wrong.
 """
 
 from __future__ import annotations
@@ -44,26 +46,93 @@ def _gguf_name(name: str) -> str | None:
     return f"blk.{block}.{mapping[rest]}" if rest in mapping else None
 
 
+def _tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _adds_bos(folder: Path, tokenizer_config: dict) -> bool:
+    """Whether the tokenizer starts every text with BOS: tokenizer_config's flag where it has one
+    (transformers 4), else the first piece of tokenizer.json's post-processor template (transformers 5)."""
+    if "add_bos_token" in tokenizer_config:
+        return bool(tokenizer_config["add_bos_token"])
+    post = json.loads((folder / "tokenizer.json").read_text()).get("post_processor") or {}
+    single = post.get("single") or [{}]
+    return "SpecialToken" in single[0] and single[0]["SpecialToken"]["id"] == tokenizer_config.get("bos_token")
+
+
 def _tokenizer_metadata(folder: Path) -> dict:
+    """The tokenizer as GGUF stores it: model "gpt2" (byte-level BPE: tokens, types, merges) or "llama"
+    (SentencePiece-style BPE with byte fallback: tokens, scores, types)."""
     tok = json.loads((folder / "tokenizer.json").read_text())
     model = tok.get("model", {})
     pre = json.dumps(tok.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise UserError(f"{folder}: GGUF export supports byte-level BPE tokenizers (SmolLM2, Qwen2, Llama-3); "
-                        f"this one is {model.get('type')} (SentencePiece-style tokenizers are not supported yet)")
+    spm = model.get("type") == "BPE" and model.get("byte_fallback") and "ByteLevel" not in pre
+    if model.get("type") != "BPE" or not (spm or "ByteLevel" in pre):
+        raise UserError(f"{folder}: GGUF export supports byte-level BPE tokenizers (SmolLM2, Qwen2, Llama-3) and "
+                        f"SentencePiece-style BPE with byte fallback (Llama-2, Mistral, TinyLlama); this one is "
+                        f"{model.get('type')}{' without byte fallback' if model.get('type') == 'BPE' else ''}")
     vocab: dict[str, int] = dict(model["vocab"])
     special: set[int] = set()
-    for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-        if added.get("special"):
-            special.add(added["id"])
+    added: set[int] = set()
+    for token in tok.get("added_tokens", []):
+        vocab[token["content"]] = token["id"]
+        (special if token.get("special") else added).add(token["id"])
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     for text, i in vocab.items():
         tokens[i] = text
-    types = [3 if i in special else 1 for i in range(size)]  # 3 = control, 1 = normal
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges}
+    if not spm:
+        types = [3 if i in special else 1 for i in range(size)]  # 3 = control, 1 = normal
+        return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges}
+    # llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose concatenation has
+    # the highest score: a token made by the merge of rank r scores -r, so both merge in the same order.
+    scores = [0.0] * size
+    made = {}
+    for rank, merge in enumerate(merges):
+        made.setdefault(merge.replace(" ", ""), -float(rank))
+    unk_text = model.get("unk_token") or _tokenizer_config(folder).get("unk_token") or ""
+    unk = vocab.get(unk_text["content"] if isinstance(unk_text, dict) else unk_text, -1)
+    types = []
+    for i, text in enumerate(tokens):
+        if i == unk:
+            types.append(2)  # unknown
+        elif i in special:
+            types.append(3)  # control
+        elif i in added:
+            types.append(4)  # user-defined
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(6)  # byte fallback
+        else:
+            types.append(1)
+            scores[i] = made.get(text, -float(len(merges) + i))  # never made by a merge: lowest priority
+    normalizers = json.dumps(tok.get("normalizer"))
+    prefix = ('"Prepend"' in normalizers or ('"Metaspace"' in pre and '"never"' not in pre))
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "merges": merges,
+            "unk": unk if unk >= 0 else None, "space_prefix": prefix}
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray | None:
+    """Llama-3.1's RoPE scaling as llama.cpp stores it: one divisor per frequency (rope_freqs), as its
+    converter computes it. None for the default RoPE; UserError for other scalings."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise UserError(f"GGUF export supports the default RoPE and Llama-3.1's llama3 scaling, not {kind}")
+    theta = config.get("rope_theta") or scaling.get("rope_theta", 10000.0)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor, low, high = scaling.get("factor", 8.0), scaling.get("low_freq_factor", 1.0), \
+        scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old_context / high, 1.0,
+                       np.where(wavelen > old_context / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 def _pre_tokenizer_name(config: dict, tokens: list[str]) -> str:
@@ -86,12 +155,16 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f1
     if arch is None:
         raise UserError(f"{model_dir}: GGUF export supports {', '.join(sorted(ARCHES))} models, "
                         f"not {config.get('model_type')}")
-    if config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise UserError(f"{model_dir}: GGUF export supports the default RoPE only (this model scales it)")
+    try:
+        rope_factors = llama3_rope_factors(config)
+    except UserError as exc:
+        raise UserError(f"{model_dir}: {exc}") from None
+    if rope_factors is not None and arch != "llama":
+        raise UserError(f"{model_dir}: llama3 RoPE scaling is written for Llama-architecture models only")
     if gguf_type not in TYPES:
         raise UserError(f"--gguf-type: choose one of {', '.join(TYPES)}")
     tok = _tokenizer_metadata(model_dir)
-    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config = _tokenizer_config(model_dir)
     template = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").is_file() \
         else tokenizer_config.get("chat_template")
 
@@ -112,19 +185,27 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f1
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(config, tok["tokens"]))
+    writer.add_tokenizer_model(tok["model"])
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
-    writer.add_token_merges(tok["merges"])
+    if tok["model"] == "gpt2":
+        writer.add_tokenizer_pre(_pre_tokenizer_name(config, tok["tokens"]))
+    else:
+        writer.add_token_scores(tok["scores"])
+        writer.add_add_space_prefix(tok["space_prefix"])
+        if tok["unk"] is not None:
+            writer.add_unk_token_id(tok["unk"])
+    writer.add_token_merges(tok["merges"])  # llama.cpp's SentencePiece path ignores them; transformers reads them
     for key, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                         ("pad_token_id", writer.add_pad_token_id)):
         if isinstance(config.get(key), int):
             setter(config[key])
-    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", False)))
+    writer.add_add_bos_token(_adds_bos(model_dir, tokenizer_config))
     if template:
         writer.add_chat_template(template)
 
+    if rope_factors is not None:
+        writer.add_tensor("rope_freqs.weight", rope_factors)
     weight_files = sorted(model_dir.glob("*.safetensors"))
     for path in weight_files:
         with safe_open(str(path), framework="pt") as handle:
