@@ -85,6 +85,17 @@ class TrainConfig(_Section):
                                      "non-finite loss or gradient (each is skipped, not applied).")
 
 
+class OffloadConfig(_Section):
+    activations: bool | Literal["auto"] = Field(
+        "auto", description="Keep what backward needs from the forward (with checkpointing: each block's input) in "
+                            "pinned CPU memory, copied out and back on a side stream. auto: when the run does not "
+                            "fit otherwise.")
+    weights: bool | Literal["auto"] = Field(
+        "auto", description="Keep the frozen block weights in pinned CPU memory and bring one block (and the next) "
+                            "to the GPU at a time, for models whose weights do not fit the card. qlora, lora, "
+                            "freeze; needs checkpointing. auto: when nothing else fits.")
+
+
 class SaveConfig(_Section):
     every_steps: int = Field(100, ge=1, description="Write a checkpoint every N optimizer steps.")
     keep: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
@@ -109,6 +120,7 @@ class Config(_Section):
     quant: QuantConfig = Field(default_factory=QuantConfig, description="Base-weight quantization (qlora, lora-8bit).")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Settings for method=freeze.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
+    offload: OffloadConfig = Field(default_factory=OffloadConfig, description="CPU offload when the card is too small.")
     save: SaveConfig = Field(default_factory=SaveConfig, description="Checkpointing.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     log: LogConfig = Field(default_factory=LogConfig, description="Where metrics go besides metrics.jsonl.")
@@ -124,6 +136,16 @@ class Config(_Section):
         if self.quant.bits is not None and self.quant.bits != implied:
             raise ValueError(f"quant.bits={self.quant.bits} does not match method={self.method} "
                              f"(qlora is 4-bit, lora-8bit is 8-bit, other methods are not quantized)")
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_needs_checkpointing(self) -> "Config":
+        if self.offload.weights is True:
+            if self.method in ("lora-8bit", "full"):
+                raise ValueError(f"offload.weights streams frozen 4-bit or 16-bit block weights: not for "
+                                 f"method={self.method}")
+            if self.train.grad_checkpointing is False or self.train.checkpoint_layers is not None:
+                raise ValueError("offload.weights needs train.grad_checkpointing on every block (true or auto)")
         return self
 
     @property
@@ -244,7 +266,7 @@ def config_to_yaml(config: Config) -> str:
 # Fields that may change between a run and its resumption without changing what is trained. How a step's
 # rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
 # optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
-RESUME_SAFE_FIELDS = {"train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+RESUME_SAFE_FIELDS = {"train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.

@@ -215,13 +215,18 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(path: Path, config: Config, device: torch.device, compute_dtype: torch.dtype):
+def load_base_model(path: Path, config: Config, device: torch.device, compute_dtype: torch.dtype,
+                    stream_blocks: bool = False):
     """Load the base model for config.method, frozen weights in their storage dtype (never up-cast).
 
     qlora: bitsandbytes 4-bit linear layers (nf4/fp4, optional double quant), compute in compute_dtype.
     lora-8bit: LLM.int8 linear layers. lora/freeze: compute_dtype weights. full: fp32 weights (trained).
     Embeddings, norms and lm_head stay in compute_dtype for the quantized methods.
+    stream_blocks: load (and quantize) on the CPU; engine.offload.WeightStreamer then places the model,
+    block weights staying in host memory, so a model larger than the card never lands on it whole.
     """
+    if stream_blocks:
+        device = torch.device("cpu")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"trust_remote_code": config.trust_remote_code,

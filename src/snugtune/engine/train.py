@@ -25,6 +25,7 @@ from snugtune.engine.distributed import DistContext, LossModule, barrier, start,
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
                                         save_checkpoint)
 from snugtune.engine.loss import mean_loss, token_loss_sum
+from snugtune.engine.offload import ActivationOffload, WeightStreamer
 from snugtune.engine.optim import build_optimizer, build_scheduler
 from snugtune.engine.precision import resolve_device, resolve_precision
 from snugtune.engine.progress import TrainProgress
@@ -34,7 +35,8 @@ from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_
 from snugtune.planner import DoesNotFit, plan_config
 from snugtune.planner.cards import budget_bytes
 from snugtune.planner.memory import CUDA_CONTEXT
-from snugtune.models import check_vocab, count_parameters, default_cache_dir, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
+                             load_tokenizer, prepare_for_training, resolve_model)
 
 
 SINGLE = DistContext()
@@ -54,13 +56,13 @@ def trained_positions(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device,
-                         ctx: DistContext = SINGLE) -> float:
+                         ctx: DistContext = SINGLE, offload: ActivationOffload | None = None) -> float:
     """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
 
     The loss is normalised by the trained tokens of the whole accumulated batch, over all processes,
     so micro-batch 1 x accumulation 8 gives the same gradient as 8 x 1 on variable-length data, and N
     processes the same as one. `model` may be DDP(LossModule): it then syncs gradients on the last
-    micro-batch only.
+    micro-batch only. `offload` keeps what backward needs in host memory (engine.offload).
     """
     n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group))))
     ddp = isinstance(model, DDP)
@@ -69,7 +71,7 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = model.no_sync() if ddp and i < len(group) - 1 else contextlib.nullcontext()
         with sync:
-            with precision.autocast():
+            with precision.autocast(), offload or contextlib.nullcontext():
                 loss_sum, _ = model(batch) if ddp else token_loss_sum(model, batch)
             # DDP averages gradients over processes; the world size turns that back into the sum
             scaler.scale(loss_sum * ctx.world_size / n_scored).backward()
@@ -102,9 +104,10 @@ def _plan_memory(config: Config, device: torch.device, notify,
     planner's micro-batch/checkpointing.
     Returns the config to run and the plan's figures for summary.json (None on CPU, where there is no
     card to fit and checkpointing 'auto' means off)."""
-    if device.type != "cuda":
-        return (_with_train(config, grad_checkpointing=False) if config.train.grad_checkpointing == "auto"
-                else config), None
+    if device.type != "cuda":  # auto: no checkpointing (nothing to fit) unless weights stream, which needs it
+        if config.train.grad_checkpointing == "auto":
+            config = _with_train(config, grad_checkpointing=config.offload.weights is True)
+        return config, None
     if config.budget != "auto":  # simulate a smaller card on a bigger one
         budget, _, card = budget_bytes(config.budget)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -121,7 +124,11 @@ def _plan_memory(config: Config, device: torch.device, notify,
     planned = {"predicted_peak_bytes": plan.peak_bytes, "budget_bytes": plan.budget_bytes, "card": plan.card,
                "micro_batch": plan.settings.micro_batch, "grad_accum": plan.grad_accum,
                "grad_checkpointing": plan.settings.grad_checkpointing,
-               "checkpoint_layers": plan.settings.checkpointed_layers}
+               "checkpoint_layers": plan.settings.checkpointed_layers,
+               "offload_activations": plan.settings.offload_activations,
+               "offload_weights": plan.settings.stream_weights, "host_bytes": plan.host_bytes}
+    config = config.model_copy(update={"offload": config.offload.model_copy(
+        update={"activations": plan.settings.offload_activations, "weights": plan.settings.stream_weights})})
     return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
                        grad_checkpointing=plan.settings.grad_checkpointing,
                        checkpoint_layers=plan.settings.checkpointed_layers), planned
@@ -141,7 +148,7 @@ def _split_after_oom(config: Config, where: str, notify) -> Config:
     return _with_train(config, micro_batch=smaller[0], grad_accum=rows // smaller[0])
 
 
-def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, pad_id) -> None:
+def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, pad_id, offload) -> None:
     """One full step on the longest micro-batch (optimizer state allocated, learning rate 0) and one eval
     batch, then everything put back: late OOMs come from exactly these, so they surface now."""
     longest = sorted(rows, key=lambda row: -sum(len(s.input_ids) for s in row))[: config.train.micro_batch]
@@ -149,7 +156,7 @@ def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device
     lrs = [group["lr"] for group in optimizer.param_groups]
     try:
         accumulate_gradients(model, [collate_micro_batch(longest, pad_id, config.data.packing)], precision,
-                             scaler, device)
+                             scaler, device, offload=offload)
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         scaler.step(optimizer)
@@ -214,9 +221,13 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                                    [sum(sample.trained_tokens for sample in row) for row in first_epoch_rows])
     oom_resplits = 0
     torch.manual_seed(config.train.seed)
-    model = load_base_model(resolved.path, config, device, precision.compute_dtype)
+    stream = config.offload.weights is True
+    model = load_base_model(resolved.path, config, device, precision.compute_dtype, stream_blocks=stream)
     check_vocab(model, tokenizer, config.model)
     model = prepare_for_training(model, config)
+    if stream:  # frozen block weights stay in host memory, one block ahead on the device
+        WeightStreamer(decoder_layers(model), device).attach(model)
+    offload = ActivationOffload() if config.offload.activations is True else None
     model.train()
     trainable_params, total_params = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -234,7 +245,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller
         try:
             _probe(model, optimizer, scaler, first_epoch_rows, held_out[0] if held_out else None, config,
-                   precision, device, tokenizer.pad_token_id)
+                   precision, device, tokenizer.pad_token_id, offload)
             break
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -290,7 +301,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 group = [collate_micro_batch(mine[k:k + tc.micro_batch], tokenizer.pad_token_id,
                                              config.data.packing) for k in range(0, len(mine), tc.micro_batch)]
                 try:
-                    step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx)
+                    step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx, offload)
                 except torch.OutOfMemoryError:
                     if ctx.enabled:
                         raise

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from snugtune.config import Config, ConfigError
 from snugtune.planner.cards import CARDS, GIB, budget_bytes
-from snugtune.planner.memory import Inventory, Settings, estimate, inventory_from_config, peak, step_flops
+from snugtune.planner.memory import (HOST, Inventory, Settings, estimate, host_bytes, inventory_from_config, peak,
+                                     step_flops)
 
 SAFETY = 0.92               # plan to at most this share of the budget
 ASSUMED_FLOPS = 3.0e14      # sustained bf16 rate used only to rank candidate settings
 STEP_OVERHEAD_S = 0.03      # fixed cost per micro-batch (launches, dequantization, optimizer)
+HOST_COPY_BYTES_S = 12e9    # pinned host <-> GPU copies (PCIe 4 x16 in practice)
+HOST_SAFETY = 0.9           # plan to at most this share of the host's available memory
 
 
 class DoesNotFit(Exception):
@@ -31,13 +34,27 @@ class Plan:
     grad_accum: int
     changes: dict[str, list] = field(default_factory=dict)   # field -> [asked, chosen]
     suggestion: str | None = None
+    host_bytes: int = 0            # pinned host memory the offload holds
+    host_available_bytes: int = 0
 
     def to_json(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
-                "card": self.card, "breakdown": self.breakdown,
-                "settings": {**asdict(self.settings), "grad_accum": self.grad_accum, "offload": "none",
-                             "lora_targets": list(self.settings.lora_targets)},
+                "card": self.card, "breakdown": self.breakdown, "host_bytes": self.host_bytes,
+                "host_available_bytes": self.host_available_bytes,
+                "settings": {**asdict(self.settings), "grad_accum": self.grad_accum,
+                             "offload": _offload_text(self.settings), "lora_targets": list(self.settings.lora_targets)},
                 "changes": self.changes, "suggestion": self.suggestion}
+
+
+def _offload_text(s: Settings) -> str:
+    parts = [name for name, on in (("activations", s.offload_activations), ("weights", s.stream_weights)) if on]
+    return "+".join(parts) or "none"
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory available now (psutil)."""
+    import psutil
+    return int(psutil.virtual_memory().available)
 
 
 def model_config_for(cfg: Config):
@@ -68,7 +85,7 @@ def model_config_for(cfg: Config):
 
 def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
               method: str | None = None, checkpointed_layers: int | None = None,
-              trained: list[int] | None = None) -> Settings:
+              trained: list[int] | None = None, offload: tuple[bool, bool] = (False, False)) -> Settings:
     from snugtune.models import block_linear_names
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     return Settings(method=method or cfg.method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
@@ -76,60 +93,99 @@ def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool
                     optimizer=cfg.train.optimizer, compute_bytes=2, micro_batch=micro_batch,
                     max_seq_len=seq or cfg.max_seq_len, grad_checkpointing=checkpointing,
                     trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
-                    lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None)
+                    lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
+                    offload_activations=offload[0], stream_weights=offload[1])
 
 
-def _seconds_per_step(inv: Inventory, s: Settings, accum: int) -> float:
-    return accum * (step_flops(inv, s) / ASSUMED_FLOPS + STEP_OVERHEAD_S)
+def _seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: dict[str, int]) -> float:
+    copies = 2 * host_bytes(parts) / HOST_COPY_BYTES_S  # out and back (activations), forward and recompute (weights)
+    return accum * (step_flops(inv, s) / ASSUMED_FLOPS + STEP_OVERHEAD_S + copies)
 
 
-def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained: list[int] | None) -> list[Settings]:
+def _offload_levels(cfg: Config) -> list[tuple[bool, bool]]:
+    """(activations, weights) offload combinations the config allows, cheapest first."""
+    allowed = []
+    for acts, weights in ((False, False), (True, False), (False, True), (True, True)):
+        if cfg.offload.activations != "auto" and acts != cfg.offload.activations:
+            continue
+        if cfg.offload.weights != "auto" and weights != cfg.offload.weights:
+            continue
+        if weights and (cfg.method in ("lora-8bit", "full") or cfg.train.grad_checkpointing is False):
+            continue
+        allowed.append((acts, weights))
+    return allowed
+
+
+def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained: list[int] | None,
+                     offload: tuple[bool, bool]) -> list[Settings]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
-    recomputed blocks (from the first) that fit `limit` bytes, else all of them."""
+    recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
+    recomputes every block."""
+    if offload[1]:
+        return [_settings(cfg, inv, mb, True, trained=trained, offload=offload)]
     if cfg.train.grad_checkpointing != "auto":
         return [_settings(cfg, inv, mb, bool(cfg.train.grad_checkpointing),
-                          checkpointed_layers=cfg.train.checkpoint_layers, trained=trained)]
-    options = [_settings(cfg, inv, mb, False, trained=trained)]
+                          checkpointed_layers=cfg.train.checkpoint_layers, trained=trained, offload=offload)]
+    options = [_settings(cfg, inv, mb, False, trained=trained, offload=offload)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
-        s = _settings(cfg, inv, mb, True, checkpointed_layers=blocks, trained=trained)
+        s = _settings(cfg, inv, mb, True, checkpointed_layers=blocks, trained=trained, offload=offload)
         if peak(estimate(inv, s)) <= limit:
             return options + [s]
-    return options + [_settings(cfg, inv, mb, True, trained=trained)]
+    return options + [_settings(cfg, inv, mb, True, trained=trained, offload=offload)]
 
 
 def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,
-                    trained_per_row: list[int] | None = None) -> Plan:
-    """The fastest settings that fit `budget` bytes: micro-batch (effective batch kept through
-    accumulation) and checkpointing — off, partial (the first k blocks) or full — where the config leaves
-    it to 'auto'. fits=False with a suggestion when even micro-batch 1 with checkpointing does not fit.
+                    trained_per_row: list[int] | None = None, host_available: int | None = None) -> Plan:
+    """The fastest settings that fit `budget` bytes of GPU memory: micro-batch (effective batch kept
+    through accumulation), checkpointing (off, partial: the first k blocks, or full) and CPU offload
+    (activations, then frozen block weights) where the config leaves them to 'auto'. Offload is used only
+    when nothing fits without it, and only within the host's available memory. fits=False with a
+    suggestion when nothing fits.
 
     trained_per_row: trained positions of each training row, when the data is known: the loss then holds
     the logits of the micro-batch with the most of them rather than of every position."""
     inv = inv or inventory_from_config(model_config_for(cfg))
+    host_available = host_memory_available() if host_available is None else host_available
     trained = sorted(trained_per_row, reverse=True) if trained_per_row else None
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     micro = [d for d in range(cfg.train.micro_batch, 0, -1) if effective % d == 0]
     candidates = []
-    for mb in micro:
-        for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained):
-            parts = estimate(inv, s)
-            candidates.append((_seconds_per_step(inv, s, effective // mb), s, parts))
-    fitting = [c for c in candidates if peak(c[2]) <= SAFETY * budget]
-    if fitting:
-        _, s, parts = min(fitting, key=lambda c: c[0])
-        changes = {}
-        if s.micro_batch != cfg.train.micro_batch:
-            changes["train.micro_batch"] = [cfg.train.micro_batch, s.micro_batch]
-            changes["train.grad_accum"] = [cfg.train.grad_accum, effective // s.micro_batch]
-        if cfg.train.grad_checkpointing == "auto":
-            changes["train.grad_checkpointing"] = ["auto", s.grad_checkpointing]
-            if s.checkpointed_layers is not None:
-                changes["train.checkpoint_layers"] = [cfg.train.checkpoint_layers, s.checkpointed_layers]
-        return Plan(s, parts, peak(parts), budget, card, True, effective // s.micro_batch, changes)
+    for offload in _offload_levels(cfg):
+        level = []
+        for mb in micro:
+            for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained, offload):
+                parts = estimate(inv, s)
+                level.append((_seconds_per_step(inv, s, effective // mb, parts), s, parts))
+        candidates += level
+        fitting = [c for c in level if peak(c[2]) <= SAFETY * budget
+                   and host_bytes(c[2]) <= HOST_SAFETY * host_available]
+        if fitting:
+            _, s, parts = min(fitting, key=lambda c: c[0])
+            return Plan(s, parts, peak(parts), budget, card, True, effective // s.micro_batch,
+                        _changes(cfg, s, effective), host_bytes=host_bytes(parts), host_available_bytes=host_available)
     # nothing fits: report the smallest configuration and the smallest change that would fit
     _, s, parts = min(candidates, key=lambda c: peak(c[2]))
-    return Plan(s, parts, peak(parts), budget, card, False, effective // s.micro_batch,
-                suggestion=_suggest(cfg, inv, budget))
+    suggestion = _suggest(cfg, inv, budget)
+    if peak(parts) <= SAFETY * budget:  # the GPU would do; the host lacks the memory the offload needs
+        suggestion = (f"this plan needs {host_bytes(parts) / GIB:.1f} GiB of host memory for offload and "
+                      f"{host_available / GIB:.1f} GiB is available; free host memory or {suggestion}")
+    return Plan(s, parts, peak(parts), budget, card, False, effective // s.micro_batch, suggestion=suggestion,
+                host_bytes=host_bytes(parts), host_available_bytes=host_available)
+
+
+def _changes(cfg: Config, s: Settings, effective: int) -> dict[str, list]:
+    changes = {}
+    if s.micro_batch != cfg.train.micro_batch:
+        changes["train.micro_batch"] = [cfg.train.micro_batch, s.micro_batch]
+        changes["train.grad_accum"] = [cfg.train.grad_accum, effective // s.micro_batch]
+    if cfg.train.grad_checkpointing == "auto":
+        changes["train.grad_checkpointing"] = ["auto", s.grad_checkpointing]
+        if s.checkpointed_layers is not None:
+            changes["train.checkpoint_layers"] = [cfg.train.checkpoint_layers, s.checkpointed_layers]
+    for key, on in (("offload.activations", s.offload_activations), ("offload.weights", s.stream_weights)):
+        if on and getattr(cfg.offload, key.split(".")[1]) == "auto":
+            changes[key] = ["auto", on]
+    return changes
 
 
 def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
@@ -147,7 +203,7 @@ def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
     cards = sorted((c["usable_gib"], name) for name, c in CARDS.items() if c["usable_gib"] * GIB >= need)
     if cards:
         ideas.append(f"a card with at least {need / GIB:.1f} GiB such as {cards[0][1]}")
-    return "; or ".join(ideas) if ideas else "no setting snugtune knows fits; CPU offload is not available yet"
+    return "; or ".join(ideas) if ideas else "no setting snugtune knows fits, CPU offload included"
 
 
 def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None) -> Plan:
@@ -173,7 +229,7 @@ def format_plan(plan: Plan) -> str:
     """The breakdown as a table a person reads, like a VRAM budget."""
     width = max(len(k) for k in plan.breakdown) + 2
     lines = [f"{'component':<{width}}{'GiB':>9}", "-" * (width + 9)]
-    lines += [f"{k:<{width}}{v / GIB:>9.2f}" for k, v in plan.breakdown.items()]
+    lines += [f"{k:<{width}}{v / GIB:>9.2f}" for k, v in plan.breakdown.items() if not k.startswith(HOST)]
     lines += ["-" * (width + 9), f"{'predicted peak (transients: the largest one)':<{width}}"
               f"{plan.peak_bytes / GIB:>9.2f}",
               f"{'budget (' + plan.card + ')':<{width}}{plan.budget_bytes / GIB:>9.2f}",
@@ -181,7 +237,11 @@ def format_plan(plan: Plan) -> str:
     s = plan.settings
     lines.append(f"\nsettings: method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
                  f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
-                 f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload=none")
+                 f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={_offload_text(s)}")
+    if plan.host_bytes:
+        lines += [f"{k:<{width}}{v / GIB:>9.2f}" for k, v in plan.breakdown.items() if k.startswith(HOST)]
+        lines.append(f"host memory for offload: {plan.host_bytes / GIB:.2f} GiB pinned "
+                     f"(available: {plan.host_available_bytes / GIB:.1f} GiB)")
     for key, (asked, chosen) in plan.changes.items():
         lines.append(f"planner chose {key}={chosen} (config: {asked})")
     lines.append("fits" if plan.fits else f"does NOT fit. Try: {plan.suggestion}")

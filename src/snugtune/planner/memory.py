@@ -98,6 +98,11 @@ class Settings:
     checkpointed_layers: int | None = None  # with checkpointing: blocks (from the first) that recompute; None = all
     lora_dropout: float = 0.0
     trained_tokens: int | None = None  # most trained positions in one micro-batch, from the data; None: all
+    offload_activations: bool = False  # engine.offload.ActivationOffload
+    stream_weights: bool = False       # engine.offload.WeightStreamer (frozen block weights in host memory)
+
+
+HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
 
 
 def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
@@ -133,6 +138,14 @@ def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
     else:
         linear = {"frozen 16-bit weights": s.compute_bytes * n_lin}
     other = 4 * inv.other_params if s.method == "full" else s.compute_bytes * inv.other_params
+    if s.stream_weights:  # frozen block weights live in host memory; the running block and the next on the GPU
+        frozen = next(k for k in linear if k.startswith(("quantized", "frozen")))
+        stats = int(n_lin / 64 * ((1 + 4 / 256) if s.double_quant else 4)) if s.method == "qlora" else 0
+        data = linear.pop(frozen) - stats
+        linear[f"streamed block weights (2 of {inv.layers} blocks)"] = 2 * data // inv.layers
+        if stats:
+            linear["4-bit block scales (all blocks)"] = stats
+        linear[HOST + "frozen block weights (pinned)"] = data
     return {**linear, "16-bit weights kept (embeddings, norms, lm_head)": other}
 
 
@@ -218,6 +231,12 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     else:
         acts = {"activations (blocks with gradients)": layers * per_layer,
                 "one block's gradients": per_layer}
+    if s.offload_activations:  # what the forward keeps waits in host memory; one block input comes back at a time
+        for key in ("checkpointed block inputs", "activations (blocks not checkpointed)",
+                    "activations (blocks with gradients)"):
+            if acts.get(key):
+                acts[HOST + key] = acts.pop(key)
+        acts["one offloaded input copied back"] = inv.hidden * s.compute_bytes * tokens
     acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
     chunk = max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab))
@@ -239,7 +258,7 @@ TRANSIENT = ("one block recomputed + its gradients", "one block's gradients", "l
 
 def peak_allocated(parts: dict[str, int]) -> int:
     """Bytes torch has allocated at the step's peak: everything persistent plus the largest transient."""
-    persistent = sum(v for k, v in parts.items() if k not in TRANSIENT and k not in
+    persistent = sum(v for k, v in parts.items() if k not in TRANSIENT and not k.startswith(HOST) and k not in
                      ("allocator overhead and fragmentation", "CUDA context"))
     return persistent + max((parts.get(k, 0) for k in TRANSIENT), default=0)
 
@@ -247,6 +266,11 @@ def peak_allocated(parts: dict[str, int]) -> int:
 def peak(parts: dict[str, int]) -> int:
     """Predicted peak GPU memory: allocated at the peak + allocator overhead + CUDA context."""
     return peak_allocated(parts) + parts.get("allocator overhead and fragmentation", 0) + parts.get("CUDA context", 0)
+
+
+def host_bytes(parts: dict[str, int]) -> int:
+    """Host (CPU) memory the offload policies hold, pinned."""
+    return sum(v for k, v in parts.items() if k.startswith(HOST))
 
 
 def step_flops(inv: Inventory, s: Settings) -> float:
