@@ -70,6 +70,29 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(tmp_path):
     assert _max_diff(tmp_path / "one", tmp_path / "moved") < 1e-5
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fsdp_shards_the_base_over_two_processes_and_trains_like_one(tmp_path, method):
+    config = _config(tmp_path)
+    _train(config, f"output_dir={tmp_path / 'one'}", f"method={method}")
+    two = _train(config, f"output_dir={tmp_path / 'two'}", f"method={method}", "train.grad_accum=1",
+                 "train.data_parallel=fsdp", processes=2)
+    assert "on 2 processes" in two.stdout
+    one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two_summary["data_parallel"] == "fsdp" and two_summary["world_size"] == 2
+    # each process holds about half of the frozen base (4-bit packed weights included)
+    ratio = two_summary["frozen_weight_bytes_per_process"] / one_summary["frozen_weight_bytes_per_process"]
+    assert 0.45 < ratio < 0.6, ratio
+    assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")))
+    if method == "lora":  # an FSDP checkpoint resumes in one process, to the same adapter
+        import shutil
+        shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-6")
+        resumed = _train(config, f"output_dir={tmp_path / 'two'}", f"method={method}")
+        assert "resuming from" in resumed.stderr
+        assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
 def test_context_comes_from_the_launchers_environment():
     assert context_from_env({}) == DistContext()
     ctx = context_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})

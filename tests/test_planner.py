@@ -153,6 +153,29 @@ def inventory_from_config_for(cfg):
     return inventory_from_config(model_config_for(cfg))
 
 
+def test_plan_for_several_gpus_shards_with_fsdp_only_when_replicas_do_not_fit(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="lora", max_seq_len=2048,
+                      train={"micro_batch": 1, "grad_checkpointing": "auto"}, offload={"weights": False})
+    replicas = plan_for_budget(cfg, 40 * GIB, "a100-40", gpus=2, host_available=64 * GIB)
+    assert replicas.fits and replicas.settings.shards == 1 and replicas.changes["train.data_parallel"][1] == "ddp"
+    sharded = plan_for_budget(cfg, 16 * GIB, "16 GiB", gpus=2, host_available=64 * GIB)
+    assert sharded.fits and sharded.settings.shards == 2 and sharded.changes["train.data_parallel"][1] == "fsdp"
+    assert sharded.breakdown["frozen 16-bit weights (1/2 shard)"] < 7 * GIB  # half of the 8B's 13 GiB of blocks
+    alone = plan_for_budget(cfg, 16 * GIB, "16 GiB", gpus=1, host_available=64 * GIB)
+    assert not alone.fits  # one 16 GiB card cannot hold the bf16 8B without streaming
+    result = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(_write(tmp_path, cfg)), "--gpu", "16GiB",
+                             "--gpus", "2", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["shards"] == 2
+
+
+def _write(tmp_path, cfg):
+    import yaml
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
 def test_plan_cli_json_and_exit_3_with_a_suggestion(tmp_path, alpaca_file):
     config = tmp_path / "c.yaml"
     config.write_text(f"model: shape:llama3-8b\ndata: {{path: {alpaca_file}}}\nmethod: lora\nmax_seq_len: 2048\n")

@@ -98,6 +98,7 @@ def plan(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Card (t4, rtx3080, l4, a10, rtx4090, a100-40, "
                                       "a100-80, h100) or a size like 10GiB; default: the config's budget."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Processes (GPUs) under torchrun: DDP, or FSDP sharding."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -105,7 +106,7 @@ def plan(
     from snugtune.config import load_config
     from snugtune.planner import format_plan, plan_config
     cfg = _run(debug, load_config, config, overrides or [])
-    result = _run(debug, plan_config, cfg, gpu)
+    result = _run(debug, plan_config, cfg, gpu, None, gpus)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:

@@ -216,7 +216,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load_base_model(path: Path, config: Config, device: torch.device, compute_dtype: torch.dtype,
-                    stream_blocks: bool = False):
+                    stream_blocks: bool = False, shardable: bool = False):
     """Load the base model for config.method, frozen weights in their storage dtype (never up-cast).
 
     qlora: bitsandbytes 4-bit linear layers (nf4/fp4, optional double quant), compute in compute_dtype.
@@ -224,6 +224,8 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
     Embeddings, norms and lm_head stay in compute_dtype for the quantized methods.
     stream_blocks: load (and quantize) on the CPU; engine.offload.WeightStreamer then places the model,
     block weights staying in host memory, so a model larger than the card never lands on it whole.
+    shardable: 4-bit weights stored in compute_dtype-typed tensors (bnb_4bit_quant_storage), which FSDP
+    can shard with the rest.
     """
     if stream_blocks:
         device = torch.device("cpu")
@@ -235,7 +237,7 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=config.quant.type,
             bnb_4bit_use_double_quant=config.quant.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_quant_storage=compute_dtype if shardable else torch.uint8)
         kwargs["device_map"] = {"": device}
     elif config.method == "lora-8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from snugtune.config import UserError
+from snugtune.engine.distributed import full_tensor, shard_like
 from snugtune.engine.rundir import read_jsonl
 
 COMPLETE = "COMPLETE"
@@ -39,7 +40,17 @@ class TrainPosition:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """Whole trainable tensors on the CPU (gathered from every process when FSDP shards them)."""
+    return {name: full_tensor(p.detach()).contiguous().cpu() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def _whole_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with sharded (FSDP) moments gathered, so any process count can load it."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in entry.items()}
+                      for i, entry in state["state"].items()}
+    return state
 
 
 def _rng_state() -> dict:
@@ -61,21 +72,26 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position: TrainPosition, keep: int,
-                    metrics: list[dict], config_yaml: str) -> Path:
+                    metrics: list[dict], config_yaml: str, write: bool = True) -> Path:
     """Write checkpoints/step-N atomically, then drop all but the newest `keep` complete ones.
 
+    Every process calls it (sharded tensors are gathered); only the one with write=True writes.
     Raises CheckpointWriteError (the older checkpoints untouched) when the disk is full or unwritable.
     """
+    weights, optimizer_state = trainable_state(model), _whole_optimizer_state(optimizer)
     root = run_dir / "checkpoints"
     final = root / f"step-{position.step}"
+    if not write:
+        return final
     tmp = root / f".tmp-step-{position.step}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "optimizer_class": type(optimizer).__name__,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state()},
+                   tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(position)))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -113,14 +129,24 @@ def checkpoint_metrics(path: Path) -> list[dict]:
     return read_jsonl(path / "metrics.jsonl")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainPosition:
-    """Restore everything save_checkpoint wrote; returns the position to continue from."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, notify=lambda message: None) -> TrainPosition:
+    """Restore everything save_checkpoint wrote, whatever the process count then and now (sharded
+    tensors are laid out as this run's are); returns the position to continue from."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, tensor in weights.items():
-        params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
+        params[name].data.copy_(shard_like(tensor.to(params[name].dtype), params[name]))
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    saved_class = state.get("optimizer_class", type(optimizer).__name__)
+    if saved_class == type(optimizer).__name__:
+        optimizer.load_state_dict(state["optimizer"])
+        for param, entry in optimizer.state.items():  # whole moments, sharded like their parameter
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = shard_like(value, param)
+    else:  # e.g. FSDP (torch AdamW) then one GPU with 8-bit AdamW: the moments do not translate
+        notify(f"the checkpoint's optimizer state is {saved_class}'s and this run uses {type(optimizer).__name__}: "
+               f"its moments start fresh")
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])

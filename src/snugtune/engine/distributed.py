@@ -1,5 +1,5 @@
-"""Data parallelism through torch.distributed (torchrun sets the environment; PyTorch's DDP does the
-communication). One process per GPU (NCCL) or per CPU worker (gloo)."""
+"""Data parallelism through torch.distributed (torchrun sets the environment; PyTorch's DDP or FSDP does
+the communication). One process per GPU (NCCL) or per CPU worker (gloo)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,37 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.loss_fn(self.model, batch)
+
+
+def shard_with_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, loss_fn) -> torch.nn.Module:
+    """PyTorch FSDP (fully_shard): every transformer block is a unit, gathered just before it runs and
+    resharded after; the root unit (embeddings, final norm, head) wraps the model and our loss, so its
+    parameters are gathered for the whole forward. Returns the root: call it with a batch for the loss."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in layers:
+        fully_shard(layer)
+    root = LossModule(model, loss_fn)
+    fully_shard(root)
+    return root
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (FSDP) one; a plain tensor as it is. Collective for sharded ones:
+    every process must call it, in the same order."""
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `param` is: sharded the same way when param is sharded (FSDP)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor):
+        return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+    return tensor.to(param.device)
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this process holds of a tensor (its shard, for FSDP)."""
+    from torch.distributed.tensor import DTensor
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()

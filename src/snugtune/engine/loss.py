@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from snugtune.data.tokenize import IGNORE
+from snugtune.engine.distributed import LossModule
 from snugtune.models import causal_lm_parts
 
 LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits held at once
@@ -55,8 +56,8 @@ def mean_loss(model, batches, precision, device: torch.device) -> tuple[float, i
     total, count = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with precision.autocast():
-            loss_sum, n = token_loss_sum(model, batch)
+        with precision.autocast():  # an FSDP root (LossModule) must be called for its gathers to run
+            loss_sum, n = model(batch) if isinstance(model, LossModule) else token_loss_sum(model, batch)
         total += float(loss_sum)
         count += n
     model.train(was_training)

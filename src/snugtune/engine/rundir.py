@@ -71,14 +71,17 @@ def write_json_atomic(path: Path, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
 
 
-def save_model_artifacts(run_dir: Path, model, tokenizer, base_path: Path, uses_lora: bool) -> None:
+def save_model_artifacts(run_dir: Path, model, tokenizer, base_path: Path, uses_lora: bool,
+                         trainable: dict | None = None) -> None:
     """The adapter (PEFT format, base_model_name_or_path = the local base folder) or, for freeze/full,
-    the whole trained model; plus tokenizer files and chat_template.jinja. Files land by rename."""
+    the whole trained model; plus tokenizer files and chat_template.jinja. Files land by rename.
+    `trainable`: the whole trainable tensors by name, when the model's own are sharded (FSDP)."""
     staging = run_dir / f".final-tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if uses_lora:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True,
+                              **({"state_dict": trainable} if trainable is not None else {}))
         config_path = staging / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = str(base_path)

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, UserError, changed_fields, config_to_yaml
+from snugtune.config import (RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, ConfigError, UserError, changed_fields,
+                             config_to_yaml)
 from snugtune.data import collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
-from snugtune.engine.distributed import DistContext, LossModule, barrier, start, sum_across
+from snugtune.engine.distributed import (DistContext, LossModule, barrier, full_tensor, local_bytes, shard_with_fsdp,
+                                         start, sum_across)
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
-                                        save_checkpoint)
+                                        save_checkpoint, trainable_state)
 from snugtune.engine.loss import mean_loss, token_loss_sum
 from snugtune.engine.offload import ActivationOffload, WeightStreamer
 from snugtune.engine.optim import build_optimizer, build_scheduler
@@ -66,14 +68,17 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
     """
     n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group))))
     ddp = isinstance(model, DDP)
+    wrapped = ddp or isinstance(model, LossModule)  # DDP, or the FSDP root around model + loss
     step_loss = 0.0
     for i, batch in enumerate(group):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = model.no_sync() if ddp and i < len(group) - 1 else contextlib.nullcontext()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-batch only
+            model.set_requires_gradient_sync(i == len(group) - 1)
         with sync:
             with precision.autocast(), offload or contextlib.nullcontext():
-                loss_sum, _ = model(batch) if ddp else token_loss_sum(model, batch)
-            # DDP averages gradients over processes; the world size turns that back into the sum
+                loss_sum, _ = model(batch) if wrapped else token_loss_sum(model, batch)
+            # DDP and FSDP average gradients over processes; the world size turns that back into the sum
             scaler.scale(loss_sum * ctx.world_size / n_scored).backward()
         step_loss += float(loss_sum.detach()) / n_scored
     return sum_across(ctx, step_loss)
@@ -94,12 +99,24 @@ def _check_resume_config(checkpoint: Path, config: Config, rows_per_step: int, n
         notify("run length changed: the learning-rate schedule is recomputed over the new number of steps")
 
 
+def _use_fsdp(config: Config, ctx: DistContext, streaming: bool) -> bool:
+    """FSDP under torchrun when asked (data_parallel: fsdp, or auto resolved to it by the planner)."""
+    if not ctx.enabled or config.train.data_parallel != "fsdp":
+        return False
+    if not config.uses_lora:
+        raise ConfigError(f"train.data_parallel: fsdp trains LoRA methods (lora, qlora), not method={config.method}")
+    if config.method == "lora-8bit" or streaming or config.train.precision == "fp16":
+        raise ConfigError("train.data_parallel: fsdp does not combine with lora-8bit, offload.weights or fp16 "
+                          "(use qlora or lora in bf16/fp32, or data_parallel: ddp)")
+    return True
+
+
 def _with_train(config: Config, **changes) -> Config:
     return config.model_copy(update={"train": config.train.model_copy(update=changes)})
 
 
-def _plan_memory(config: Config, device: torch.device, notify,
-                 trained_per_row: list[int]) -> tuple[Config, dict | None]:
+def _plan_memory(config: Config, device: torch.device, notify, trained_per_row: list[int],
+                 world_size: int = 1) -> tuple[Config, dict | None]:
     """On a GPU: cap memory at the budget, plan (knowing each row's trained positions), and apply the
     planner's micro-batch/checkpointing.
     Returns the config to run and the plan's figures for summary.json (None on CPU, where there is no
@@ -114,7 +131,7 @@ def _plan_memory(config: Config, device: torch.device, notify,
         if budget < total:  # the smaller card's CUDA context is outside the allocator but inside its memory
             torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT) / total, device)
             notify(f"memory capped at {budget / 2**30:.1f} GiB ({card}) of this {total / 2**30:.0f} GiB GPU")
-    plan = plan_config(config, trained_per_row=trained_per_row)
+    plan = plan_config(config, trained_per_row=trained_per_row, gpus=max(1, world_size))
     if not plan.fits:
         raise DoesNotFit(f"predicted peak {plan.peak_bytes / 2**30:.1f} GiB does not fit the "
                          f"{plan.budget_bytes / 2**30:.1f} GiB budget ({plan.card}); try {plan.suggestion} "
@@ -127,11 +144,13 @@ def _plan_memory(config: Config, device: torch.device, notify,
                "checkpoint_layers": plan.settings.checkpointed_layers,
                "offload_activations": plan.settings.offload_activations,
                "offload_weights": plan.settings.stream_weights, "host_bytes": plan.host_bytes}
+    planned["data_parallel"] = ("fsdp" if plan.settings.shards > 1 else "ddp") if world_size > 1 else None
     config = config.model_copy(update={"offload": config.offload.model_copy(
         update={"activations": plan.settings.offload_activations, "weights": plan.settings.stream_weights})})
     return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
                        grad_checkpointing=plan.settings.grad_checkpointing,
-                       checkpoint_layers=plan.settings.checkpointed_layers), planned
+                       checkpoint_layers=plan.settings.checkpointed_layers,
+                       data_parallel=planned["data_parallel"] or config.train.data_parallel), planned
 
 
 def _split_after_oom(config: Config, where: str, notify) -> Config:
@@ -218,11 +237,14 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     packed_len = config.max_seq_len if config.data.packing else None
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
     config, planned = _plan_memory(config, device, notify,
-                                   [sum(sample.trained_tokens for sample in row) for row in first_epoch_rows])
+                                   [sum(sample.trained_tokens for sample in row) for row in first_epoch_rows],
+                                   ctx.world_size)
     oom_resplits = 0
     torch.manual_seed(config.train.seed)
     stream = config.offload.weights is True
-    model = load_base_model(resolved.path, config, device, precision.compute_dtype, stream_blocks=stream)
+    fsdp = _use_fsdp(config, ctx, stream)
+    model = load_base_model(resolved.path, config, device, precision.compute_dtype, stream_blocks=stream,
+                            shardable=fsdp)
     check_vocab(model, tokenizer, config.model)
     model = prepare_for_training(model, config)
     if stream:  # frozen block weights stay in host memory, one block ahead on the device
@@ -230,7 +252,13 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     offload = ActivationOffload() if config.offload.activations is True else None
     model.train()
     trainable_params, total_params = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    root = shard_with_fsdp(model, decoder_layers(model), token_loss_sum) if fsdp else None
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
+    frozen_bytes = sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)
+    if fsdp and config.train.optimizer != "adamw":
+        notify(f"FSDP: LoRA is trained with torch AdamW (not {config.train.optimizer}: bitsandbytes' optimizers "
+               f"do not take sharded tensors); its state is small")
+        config = _with_train(config, optimizer="adamw")
 
     # --- optimization ---------------------------------------------------------------------------
     tc = config.train
@@ -260,7 +288,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     if checkpoints:
         resumed_from = checkpoints[-1]
         _check_resume_config(resumed_from, config, rows_per_step, notify)
-        position = load_checkpoint(resumed_from, model, optimizer, scheduler, scaler)
+        position = load_checkpoint(resumed_from, model, optimizer, scheduler, scaler, notify)
         position.rows_per_step = rows_per_step
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
         notify(f"resuming from {resumed_from} (step {position.step} of {total_steps})")
@@ -269,20 +297,27 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     if ctx.is_main:
         write_text_atomic(run_dir / "config.yaml", config_yaml)
     # static_graph: reentrant checkpointing runs each block's backward twice through autograd
-    stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None,
-                  static_graph=config.train.grad_checkpointing is True) if ctx.enabled else model
+    if fsdp:
+        stepper = root
+    elif ctx.enabled:
+        stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None,
+                      static_graph=config.train.grad_checkpointing is True)
+    else:
+        stepper = model
+    # with FSDP every process takes part in evaluation (the weights are sharded); rank 0 reports it
+    evaluates, evaluator = ctx.is_main or fsdp, (root if fsdp else model)
 
     def checkpoint() -> None:
-        if ctx.is_main:
+        if ctx.is_main or fsdp:  # FSDP: every process gathers its shards, rank 0 writes
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, log.rows,
-                            config_yaml)
+                            config_yaml, write=ctx.is_main)
         barrier(ctx)
 
     before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         eval_loss_before = before[0]
     else:
-        eval_loss_before = mean_loss(model, held_out, precision, device)[0] if ctx.is_main else nan
+        eval_loss_before = mean_loss(evaluator, held_out, precision, device)[0] if evaluates else nan
         log.write({"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before})
 
     # --- the loop -------------------------------------------------------------------------------
@@ -319,7 +354,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group)))
                 log_tokens += step_tokens
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))))
                 finite = math.isfinite(grad_norm) and math.isfinite(step_loss)
                 if finite or precision.loss_scaling:
                     scaler.step(optimizer)  # the fp16 scaler skips a non-finite step itself and lowers its scale
@@ -340,8 +375,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                            "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
                            "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
-                    if eval_due and position.step < total_steps and held_out and ctx.is_main:
-                        row["eval_loss"] = mean_loss(model, held_out, precision, device)[0]
+                    if eval_due and position.step < total_steps and held_out and evaluates:
+                        row["eval_loss"] = mean_loss(evaluator, held_out, precision, device)[0]
                     log.write(row)
                     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
                     log_tokens, log_time = 0, now
@@ -368,11 +403,12 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                                   f"{run_dir / 'checkpoints'}; run the same command to resume")
 
     # --- after: evaluation and artifacts ----------------------------------------------------------
-    eval_loss_after, eval_tokens = mean_loss(model, held_out, precision, device) if ctx.is_main else (nan, 0)
+    eval_loss_after, eval_tokens = mean_loss(evaluator, held_out, precision, device) if evaluates else (nan, 0)
     log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
     log.close()
+    whole = trainable_state(model) if fsdp else None  # FSDP: every process gathers its shards
     if ctx.is_main:
-        save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora)
+        save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora, whole)
     train_losses = [m["loss"] for m in log.rows if "loss" in m]
     summary = {
         "model": config.model, "base_model_path": str(resolved.path), "method": config.method,
@@ -388,6 +424,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         "device": device_description(device), "versions": versions(), "data": asdict(data.report),
         "resumed_from": str(resumed_from) if resumed_from else None, "world_size": ctx.world_size,
         "plan": planned, "oom_resplits": oom_resplits,
+        "data_parallel": ("fsdp" if fsdp else "ddp") if ctx.enabled else None,
+        "frozen_weight_bytes_per_process": frozen_bytes,
         "micro_batch": config.train.micro_batch, "grad_accum": config.train.grad_accum,
     }
     if ctx.is_main:

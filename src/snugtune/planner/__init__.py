@@ -36,6 +36,7 @@ class Plan:
     suggestion: str | None = None
     host_bytes: int = 0            # pinned host memory the offload holds
     host_available_bytes: int = 0
+    gpus: int = 1
 
     def to_json(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
@@ -85,21 +86,37 @@ def model_config_for(cfg: Config):
 
 def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
               method: str | None = None, checkpointed_layers: int | None = None,
-              trained: list[int] | None = None, offload: tuple[bool, bool] = (False, False)) -> Settings:
+              trained: list[int] | None = None, offload: tuple[bool, bool] = (False, False),
+              shards: int = 1) -> Settings:
     from snugtune.models import block_linear_names
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     return Settings(method=method or cfg.method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
                     lora_last_layers=cfg.lora.last_layers, double_quant=cfg.quant.double_quant,
-                    optimizer=cfg.train.optimizer, compute_bytes=2, micro_batch=micro_batch,
+                    optimizer=cfg.train.optimizer if shards == 1 else "adamw",  # FSDP trains with torch AdamW
+                    compute_bytes=2, micro_batch=micro_batch,
                     max_seq_len=seq or cfg.max_seq_len, grad_checkpointing=checkpointing,
                     trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
-                    offload_activations=offload[0], stream_weights=offload[1])
+                    offload_activations=offload[0], stream_weights=offload[1], shards=shards)
 
 
 def _seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: dict[str, int]) -> float:
     copies = 2 * host_bytes(parts) / HOST_COPY_BYTES_S  # out and back (activations), forward and recompute (weights)
     return accum * (step_flops(inv, s) / ASSUMED_FLOPS + STEP_OVERHEAD_S + copies)
+
+
+def _levels(cfg: Config, gpus: int) -> list[tuple[int, tuple[bool, bool]]]:
+    """(FSDP shards, (activations, weights) offload) combinations the config allows, cheapest first:
+    replicated (DDP), sharded over the GPUs (FSDP, LoRA methods), then CPU offload on each GPU."""
+    parallel = [1, gpus] if gpus > 1 else [1]
+    if gpus > 1 and cfg.train.data_parallel != "auto":
+        parallel = [gpus if cfg.train.data_parallel == "fsdp" else 1]
+    if cfg.method not in ("lora", "qlora") or cfg.train.precision == "fp16":
+        parallel = [p for p in parallel if p == 1] or [1]
+    levels = [(shards, (False, False)) for shards in parallel]
+    if parallel[0] == 1:
+        levels += [(1, offload) for offload in _offload_levels(cfg) if offload != (False, False)]
+    return [level for level in levels if level[1] in _offload_levels(cfg)]
 
 
 def _offload_levels(cfg: Config) -> list[tuple[bool, bool]]:
@@ -117,7 +134,7 @@ def _offload_levels(cfg: Config) -> list[tuple[bool, bool]]:
 
 
 def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained: list[int] | None,
-                     offload: tuple[bool, bool]) -> list[Settings]:
+                     offload: tuple[bool, bool], shards: int = 1) -> list[Settings]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
     recomputes every block."""
@@ -125,17 +142,20 @@ def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained
         return [_settings(cfg, inv, mb, True, trained=trained, offload=offload)]
     if cfg.train.grad_checkpointing != "auto":
         return [_settings(cfg, inv, mb, bool(cfg.train.grad_checkpointing),
-                          checkpointed_layers=cfg.train.checkpoint_layers, trained=trained, offload=offload)]
-    options = [_settings(cfg, inv, mb, False, trained=trained, offload=offload)]
+                          checkpointed_layers=cfg.train.checkpoint_layers, trained=trained, offload=offload,
+                          shards=shards)]
+    options = [_settings(cfg, inv, mb, False, trained=trained, offload=offload, shards=shards)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
-        s = _settings(cfg, inv, mb, True, checkpointed_layers=blocks, trained=trained, offload=offload)
+        s = _settings(cfg, inv, mb, True, checkpointed_layers=blocks, trained=trained, offload=offload,
+                      shards=shards)
         if peak(estimate(inv, s)) <= limit:
             return options + [s]
-    return options + [_settings(cfg, inv, mb, True, trained=trained, offload=offload)]
+    return options + [_settings(cfg, inv, mb, True, trained=trained, offload=offload, shards=shards)]
 
 
 def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,
-                    trained_per_row: list[int] | None = None, host_available: int | None = None) -> Plan:
+                    trained_per_row: list[int] | None = None, host_available: int | None = None,
+                    gpus: int = 1) -> Plan:
     """The fastest settings that fit `budget` bytes of GPU memory: micro-batch (effective batch kept
     through accumulation), checkpointing (off, partial: the first k blocks, or full) and CPU offload
     (activations, then frozen block weights) where the config leaves them to 'auto'. Offload is used only
@@ -143,17 +163,18 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
     suggestion when nothing fits.
 
     trained_per_row: trained positions of each training row, when the data is known: the loss then holds
-    the logits of the micro-batch with the most of them rather than of every position."""
+    the logits of the micro-batch with the most of them rather than of every position.
+    gpus: processes under torchrun, each with `budget`; FSDP sharding is considered when replicas do not fit."""
     inv = inv or inventory_from_config(model_config_for(cfg))
     host_available = host_memory_available() if host_available is None else host_available
     trained = sorted(trained_per_row, reverse=True) if trained_per_row else None
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     micro = [d for d in range(cfg.train.micro_batch, 0, -1) if effective % d == 0]
     candidates = []
-    for offload in _offload_levels(cfg):
+    for shards, offload in _levels(cfg, gpus):
         level = []
         for mb in micro:
-            for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained, offload):
+            for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained, offload, shards):
                 parts = estimate(inv, s)
                 level.append((_seconds_per_step(inv, s, effective // mb, parts), s, parts))
         candidates += level
@@ -162,7 +183,8 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
         if fitting:
             _, s, parts = min(fitting, key=lambda c: c[0])
             return Plan(s, parts, peak(parts), budget, card, True, effective // s.micro_batch,
-                        _changes(cfg, s, effective), host_bytes=host_bytes(parts), host_available_bytes=host_available)
+                        _changes(cfg, s, effective, gpus), host_bytes=host_bytes(parts),
+                        host_available_bytes=host_available, gpus=gpus)
     # nothing fits: report the smallest configuration and the smallest change that would fit
     _, s, parts = min(candidates, key=lambda c: peak(c[2]))
     suggestion = _suggest(cfg, inv, budget)
@@ -170,11 +192,13 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
         suggestion = (f"this plan needs {host_bytes(parts) / GIB:.1f} GiB of host memory for offload and "
                       f"{host_available / GIB:.1f} GiB is available; free host memory or {suggestion}")
     return Plan(s, parts, peak(parts), budget, card, False, effective // s.micro_batch, suggestion=suggestion,
-                host_bytes=host_bytes(parts), host_available_bytes=host_available)
+                host_bytes=host_bytes(parts), host_available_bytes=host_available, gpus=gpus)
 
 
-def _changes(cfg: Config, s: Settings, effective: int) -> dict[str, list]:
+def _changes(cfg: Config, s: Settings, effective: int, gpus: int = 1) -> dict[str, list]:
     changes = {}
+    if gpus > 1 and cfg.train.data_parallel == "auto":
+        changes["train.data_parallel"] = ["auto", "fsdp" if s.shards > 1 else "ddp"]
     if s.micro_batch != cfg.train.micro_batch:
         changes["train.micro_batch"] = [cfg.train.micro_batch, s.micro_batch]
         changes["train.grad_accum"] = [cfg.train.grad_accum, effective // s.micro_batch]
@@ -206,17 +230,20 @@ def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
     return "; or ".join(ideas) if ideas else "no setting snugtune knows fits, CPU offload included"
 
 
-def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None) -> Plan:
-    """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile)."""
+def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None,
+                gpus: int = 1) -> Plan:
+    """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile).
+    gpus: processes (one GPU each) under torchrun."""
     name = gpu or cfg.budget
     if name == "auto":
         import torch
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
-            return plan_for_budget(cfg, total, torch.cuda.get_device_name(), trained_per_row=trained_per_row)
+            return plan_for_budget(cfg, total, torch.cuda.get_device_name(), trained_per_row=trained_per_row,
+                                   gpus=gpus)
         name = "h100"
     size, _, card = budget_bytes(name)
-    return plan_for_budget(cfg, size, card, trained_per_row=trained_per_row)
+    return plan_for_budget(cfg, size, card, trained_per_row=trained_per_row, gpus=gpus)
 
 
 def _checkpointing_text(s: Settings) -> str:
@@ -235,6 +262,9 @@ def format_plan(plan: Plan) -> str:
               f"{'budget (' + plan.card + ')':<{width}}{plan.budget_bytes / GIB:>9.2f}",
               f"{'headroom':<{width}}{(plan.budget_bytes - plan.peak_bytes) / GIB:>9.2f}"]
     s = plan.settings
+    if plan.gpus > 1:
+        lines.append(f"\nper GPU, {plan.gpus} GPUs: " + (f"FSDP, weights sharded {s.shards} ways" if s.shards > 1
+                                                          else "DDP, each GPU a full replica"))
     lines.append(f"\nsettings: method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
                  f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
                  f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={_offload_text(s)}")

@@ -100,6 +100,7 @@ class Settings:
     trained_tokens: int | None = None  # most trained positions in one micro-batch, from the data; None: all
     offload_activations: bool = False  # engine.offload.ActivationOffload
     stream_weights: bool = False       # engine.offload.WeightStreamer (frozen block weights in host memory)
+    shards: int = 1                    # FSDP processes the weights are sharded over (1: not sharded)
 
 
 HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
@@ -245,7 +246,14 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
     workspace = {"dequantize / matmul workspace": 2 * biggest * s.compute_bytes
                  + 2 * tokens * max(inv.hidden, inv.intermediate) * s.compute_bytes}
-    parts = {**weight_bytes(inv, s), **optimizer_bytes(inv, s), **acts, **loss, **workspace}
+    held = {**weight_bytes(inv, s), **optimizer_bytes(inv, s)}
+    if s.shards > 1:  # FSDP: each process keeps 1/N of every parameter, gradient and moment ...
+        held = {f"{k} (1/{s.shards} shard)": v // s.shards for k, v in held.items()}
+        # ... and gathers whole: the root unit (embeddings, head, norms) for the step, two blocks at a time
+        block = sum(v for k, v in weight_bytes(inv, s).items() if k.startswith(("quantized", "frozen", "trained")))
+        held["FSDP gathered weights (root unit + 2 blocks)"] = (
+            weight_bytes(inv, s)["16-bit weights kept (embeddings, norms, lm_head)"] + 2 * block // inv.layers)
+    parts = {**held, **acts, **loss, **workspace}
     allocated = peak_allocated(parts)
     parts["allocator overhead and fragmentation"] = int(ALLOCATOR_FIXED + ALLOCATOR_FRACTION * allocated)
     parts["CUDA context"] = CUDA_CONTEXT
