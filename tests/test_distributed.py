@@ -70,12 +70,15 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(tmp_path):
     assert _max_diff(tmp_path / "one", tmp_path / "moved") < 1e-5
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_fsdp_shards_the_base_over_two_processes_and_trains_like_one(tmp_path, method):
+@pytest.mark.parametrize("method, precision, tolerance", [("lora", "fp32", 1e-5), ("qlora", "fp32", 1e-5),
+                                                          ("qlora", "fp16", 1e-3)])
+def test_fsdp_shards_the_base_over_two_processes_and_trains_like_one(tmp_path, method, precision, tolerance):
+    # fp16 (T4): loss scaling with a scaler that skips a step on every process or on none; the adapter then
+    # differs by fp16 rounding that Adam's normalisation magnifies on near-zero gradients
     config = _config(tmp_path)
-    _train(config, f"output_dir={tmp_path / 'one'}", f"method={method}")
+    _train(config, f"output_dir={tmp_path / 'one'}", f"method={method}", f"train.precision={precision}")
     two = _train(config, f"output_dir={tmp_path / 'two'}", f"method={method}", "train.grad_accum=1",
-                 "train.data_parallel=fsdp", processes=2)
+                 "train.data_parallel=fsdp", f"train.precision={precision}", processes=2)
     assert "on 2 processes" in two.stdout
     one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -83,12 +86,12 @@ def test_fsdp_shards_the_base_over_two_processes_and_trains_like_one(tmp_path, m
     # each process holds about half of the frozen base (4-bit packed weights included)
     ratio = two_summary["frozen_weight_bytes_per_process"] / one_summary["frozen_weight_bytes_per_process"]
     assert 0.45 < ratio < 0.6, ratio
-    assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
-    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")))
+    assert _max_diff(tmp_path / "one", tmp_path / "two") < tolerance
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")))
     if method == "lora":  # an FSDP checkpoint resumes in one process, to the same adapter
         import shutil
         shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-6")
-        resumed = _train(config, f"output_dir={tmp_path / 'two'}", f"method={method}")
+        resumed = _train(config, f"output_dir={tmp_path / 'two'}", f"method={method}", f"train.precision={precision}")
         assert "resuming from" in resumed.stderr
         assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
 

@@ -105,9 +105,9 @@ def _use_fsdp(config: Config, ctx: DistContext, streaming: bool) -> bool:
         return False
     if not config.uses_lora:
         raise ConfigError(f"train.data_parallel: fsdp trains LoRA methods (lora, qlora), not method={config.method}")
-    if config.method == "lora-8bit" or streaming or config.train.precision == "fp16":
-        raise ConfigError("train.data_parallel: fsdp does not combine with lora-8bit, offload.weights or fp16 "
-                          "(use qlora or lora in bf16/fp32, or data_parallel: ddp)")
+    if config.method == "lora-8bit" or streaming:
+        raise ConfigError("train.data_parallel: fsdp does not combine with lora-8bit or offload.weights "
+                          "(use qlora or lora, or data_parallel: ddp)")
     return True
 
 
@@ -268,6 +268,9 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     optimizer = build_optimizer(params, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = precision.grad_scaler()
+    if fsdp and precision.loss_scaling:  # fp16 (T4): every process must agree on skipping a step
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        scaler = ShardedGradScaler(precision.device_type)
 
     held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id)[: config.eval.max_batches]
     while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller

@@ -111,7 +111,7 @@ def _levels(cfg: Config, gpus: int) -> list[tuple[int, tuple[bool, bool]]]:
     parallel = [1, gpus] if gpus > 1 else [1]
     if gpus > 1 and cfg.train.data_parallel != "auto":
         parallel = [gpus if cfg.train.data_parallel == "fsdp" else 1]
-    if cfg.method not in ("lora", "qlora") or cfg.train.precision == "fp16":
+    if cfg.method not in ("lora", "qlora"):
         parallel = [p for p in parallel if p == 1] or [1]
     levels = [(shards, (False, False)) for shards in parallel]
     if parallel[0] == 1:
