@@ -262,7 +262,9 @@ def bench(
     batch: int = typer.Option(1, "--batch", help="Rows per micro-batch."),
     steps: int = typer.Option(8, "--steps", help="Optimizer steps per stack (the first 3 are warm-up)."),
     cap: Optional[float] = typer.Option(None, "--cap", help="Cap GPU memory at this many GiB (both stacks)."),
-    against: str = typer.Option("plain", "--against", help="Comma-separated: plain (unsloth: not yet)."),
+    against: str = typer.Option("plain", "--against", help="Comma-separated: plain, unsloth (when installed)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Also find each stack's longest single "
+                                              "sequence that trains under --cap, up to this many tokens."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -270,7 +272,7 @@ def bench(
     """Speed and memory of snugtune beside the plain transformers+peft+bitsandbytes recipe, same run."""
     from snugtune.bench import format_table, run_bench
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
-    results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device)
+    results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context)
     print(format_table(results))
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))

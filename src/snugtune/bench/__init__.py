@@ -8,10 +8,14 @@ steps (the first three are warm-up) and counts real tokens.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -20,12 +24,28 @@ import yaml
 
 from snugtune.engine.rundir import read_jsonl
 
-STACKS = ("snugtune", "plain")
 
 
-def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str) -> dict:
-    data = str(Path(str(resources.files("snugtune") / "bundled" / "stdlib_functions.jsonl")))
-    return {"model": f"shape:{shape}", "data": {"path": data, "format": "alpaca", "eval_fraction": 0.02},
+def long_documents(folder: Path, count: int = 24) -> Path:
+    """The `count` largest modules of this Python's standard library, copied into folder: real code text
+    long enough for one document to fill a row of tens of thousands of tokens."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: -p.stat().st_size)[:count]
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    return folder
+
+
+def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
+                 long_text: Path | None = None) -> dict:
+    """The bench's run: packed rows of the bundled stdlib functions, or (long_text) one standard-library
+    module per row, truncated to `seq` tokens, for long-context runs."""
+    data = {"path": str(Path(str(resources.files("snugtune") / "bundled" / "stdlib_functions.jsonl"))),
+            "format": "alpaca", "eval_fraction": 0.02}
+    if long_text is not None:
+        data = {"path": str(long_text), "format": "text", "eval_fraction": 0.1}
+    return {"model": f"shape:{shape}", "data": data,
             "max_seq_len": seq, "method": "qlora",
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
             "quant": {"type": "nf4", "double_quant": True},
@@ -48,48 +68,113 @@ def _snugtune(config_path: Path, work: Path) -> dict:
     return {"tokens_per_s_median_step": statistics.median(speeds),
             "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
             "peak_reserved_bytes": summary["peak_memory_bytes"] if summary.get("peak_allocated_bytes") else None,
-            "loss_last": summary["train_loss_final"], "device": summary["device"]}
+            "loss_last": summary["train_loss_final"], "device": summary["device"], "plan": summary.get("plan")}
 
 
-def _plain(config_path: Path, work: Path) -> dict:
-    out = work / "plain.json"
-    proc = subprocess.run([sys.executable, "-m", "snugtune.bench.plain", str(config_path), "--out", str(out)],
-                          capture_output=True, text=True)
+def _other_stack(module: str, config_path: Path, work: Path) -> dict:
+    """Run bench.plain or bench.unsloth_stack in its own process on the same config; its JSON result."""
+    out = work / f"{module}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local checkpoints only
+    proc = subprocess.run([sys.executable, "-m", f"snugtune.bench.{module}", str(config_path), "--out", str(out)],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return {"error": "out of memory" if "OutOfMemory" in proc.stderr else last, "exit_code": proc.returncode}
     return json.loads(out.read_text())
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def run_stack(stack: str, config: dict, work: Path) -> dict:
+    """One stack on one config, in its own process: snugtune, plain or unsloth."""
+    config_path = work / f"{stack}-{config['max_seq_len']}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    if stack == "snugtune":
+        return _snugtune(config_path, work)
+    if stack == "plain":
+        return _other_stack("plain", config_path, work)
+    if stack != "unsloth":
+        return {"error": f"unknown stack {stack} (plain, unsloth)"}
+    if importlib.util.find_spec("unsloth") is None:
+        return {"error": "unsloth is not installed here (../shared/tools/device-site.sh --unsloth carries it to "
+                         "the GPU machine)"}
+    if config["device"] == "cpu" or not _cuda_available():
+        return {"error": "unsloth needs a GPU"}
+    return _other_stack("unsloth_stack", config_path, work)
+
+
+def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> tuple[int | None, dict | None]:
+    """The longest sequence (a multiple of `granularity` from `start` up to `limit`) at which trains(seq)
+    returns a result without "error": doubling until a failure, then bisection. (length, its result)."""
+    best, best_result, failed = None, None, None
+    seq = start
+    while seq <= limit:
+        result = trains(seq)
+        if "error" in result:
+            failed = seq
+            break
+        best, best_result = seq, result
+        seq *= 2
+    if best is None:
+        return None, None
+    high = failed if failed is not None else min(seq, limit + granularity)
+    while high - best > granularity:
+        mid = (best + high) // 2 // granularity * granularity
+        if mid <= best:
+            break
+        result = trains(mid)
+        if "error" in result:
+            high = mid
+        else:
+            best, best_result = mid, result
+    return best, best_result
+
+
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
-              against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto") -> dict:
-    """{stack: result} for snugtune and each stack in `against` (plain; unsloth is reported as not run)."""
-    results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib}}
+              against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
+              max_context: int | None = None) -> dict:
+    """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
+    on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one
+    standard-library module per row) that trains under the cap, up to this many tokens."""
+    results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
+                                 "max_context": max_context}}
     with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:
         work = Path(tmp)
-        config_path = work / "bench.yaml"
-        config_path.write_text(yaml.safe_dump(bench_config(shape, seq, batch, steps, cap_gib, device)))
-        # build the random-weight checkpoint once, outside both measurements
+        # build the random-weight checkpoint once, outside every measurement
         from snugtune.models import resolve_model
         resolve_model(f"shape:{shape}")
-        results["snugtune"] = _snugtune(config_path, work)
-        for stack in against:
-            if stack == "plain":
-                results["plain"] = _plain(config_path, work)
-            else:
-                results[stack] = {"error": f"{stack} is not wired into snugtune bench yet"}
+        stacks = ("snugtune", *against)
+        for stack in stacks:
+            results[stack] = run_stack(stack, bench_config(shape, seq, batch, steps, cap_gib, device), work)
+        if max_context:
+            documents = long_documents(work / "long")
+            for stack in stacks:
+                if "error" in results[stack] and "not installed" in results[stack]["error"]:
+                    continue
+                trial = lambda n: run_stack(stack, bench_config(shape, n, 1, 3, cap_gib, device, documents), work)  # noqa: E731
+                length, at_length = longest_context(trial, min(seq, max_context), max_context,
+                                                    granularity=min(1024, seq))
+                results[stack]["longest_context_tokens"] = length
+                results[stack]["tokens_per_s_at_longest"] = at_length["tokens_per_s_median_step"] if at_length else None
     return results
 
 
 def format_table(results: dict) -> str:
-    rows = ["| stack | tokens/s (median step) | peak allocated | peak reserved | last loss |", "|---|---|---|---|---|"]
+    rows = ["| stack | tokens/s (median step) | peak allocated | peak reserved | last loss | longest sequence "
+            "under the cap (tokens/s there) |", "|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
     for stack, r in results.items():
         if stack == "setting":
             continue
+        longest = "-"
+        if r.get("longest_context_tokens"):
+            longest = f"{r['longest_context_tokens']:,} ({r['tokens_per_s_at_longest']:,.0f})"
         if "error" in r:
-            rows.append(f"| {stack} | {r['error']} | | | |")
+            rows.append(f"| {stack} | {r['error']} | | | | {longest} |")
             continue
         rows.append(f"| {stack} | {r['tokens_per_s_median_step']:,.0f} | {gib(r.get('peak_allocated_bytes'))} | "
-                    f"{gib(r.get('peak_reserved_bytes'))} | {r['loss_last']:.4f} |")
+                    f"{gib(r.get('peak_reserved_bytes'))} | {r['loss_last']:.4f} | {longest} |")
     return "\n".join(rows)

@@ -23,50 +23,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+def cap_memory(cfg) -> None:
+    """The same cap snugtune's engine applies for a budget like 15GiB: the budget minus the CUDA context."""
+    if cfg.budget.lower().endswith(("gib", "gb")):
+        from snugtune.planner.cards import budget_bytes
+        from snugtune.planner.memory import CUDA_CONTEXT
+        torch.cuda.set_per_process_memory_fraction(
+            (budget_bytes(cfg.budget)[0] - CUDA_CONTEXT) / torch.cuda.get_device_properties(0).total_memory)
 
+
+def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dtype, recipe: str) -> dict:
+    """Train cfg.train.max_steps steps on the micro-batches snugtune would train on; timings and memory.
+
+    The same micro-batches snugtune trains on: packed rows (position ids restart per sample, which
+    transformers turns into a block-diagonal mask) or padded samples, per data.packing; the model's own
+    loss; the optimizer the config names. Tokens/s is the median over the warm steps (after the third)."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from snugtune.config import load_config
-    from snugtune.data import collate_micro_batch, micro_batches, prepare_data, real_tokens
-    from snugtune.models import block_linear_names, load_tokenizer, resolve_model
-
-    cfg = load_config(args.config, args.overrides)
-    path = resolve_model(cfg.model).path
-    tokenizer = load_tokenizer(path)
-    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32  # the CPU run exists to test this script
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        if cfg.budget.lower().endswith(("gib", "gb")):  # the same cap snugtune's engine applies
-            from snugtune.planner.cards import budget_bytes
-            torch.cuda.set_per_process_memory_fraction(
-                budget_bytes(cfg.budget)[0] / torch.cuda.get_device_properties(0).total_memory)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.type,
-                               bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
-                                                 device_map={"": device})
-    model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_checkpointing)
-    targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
-    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                             target_modules=list(targets), task_type="CAUSAL_LM"))
+    from snugtune.data import collate_micro_batch, micro_batches, real_tokens
+    cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
                  "adamw": torch.optim.AdamW}[cfg.train.optimizer](params, lr=cfg.train.lr)
     model.train()
     step_times, step_tokens, losses = [], [], []
-    # the same micro-batches snugtune trains on: packed rows (position ids restart per sample, which
-    # transformers turns into a block-diagonal mask) or padded samples, per data.packing
     packed_len = cfg.max_seq_len if cfg.data.packing else None
     batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0, packed_len)
     steps = cfg.train.max_steps
@@ -90,14 +70,50 @@ def main() -> None:
         step_tokens.append(tokens)
         losses.append(float(loss.detach()) * len(group))
     warm = slice(min(3, steps - 1), None)
-    result = {"recipe": "plain transformers+peft+bitsandbytes", "model": cfg.model, "steps": steps,
-              "tokens_per_s_median_step": statistics.median(t / s for t, s in zip(step_tokens[warm], step_times[warm])),
-              "tokens_per_s_overall": sum(step_tokens[warm]) / sum(step_times[warm]),
-              "step_seconds_median": statistics.median(step_times[warm]),
-              "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-              "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-              "loss_first": losses[0], "loss_last": losses[-1],
-              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return {"recipe": recipe, "model": cfg.model, "steps": steps,
+            "tokens_per_s_median_step": statistics.median(t / s for t, s in zip(step_tokens[warm], step_times[warm])),
+            "tokens_per_s_overall": sum(step_tokens[warm]) / sum(step_times[warm]),
+            "step_seconds_median": statistics.median(step_times[warm]),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from snugtune.config import load_config
+    from snugtune.data import prepare_data
+    from snugtune.models import block_linear_names, load_tokenizer, resolve_model
+
+    cfg = load_config(args.config, args.overrides)
+    path = resolve_model(cfg.model).path
+    tokenizer = load_tokenizer(path)
+    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the CPU run exists to test this script
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cap_memory(cfg)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.type,
+                               bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
+                                                 device_map={"": device})
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_checkpointing)
+    targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                             target_modules=list(targets), task_type="CAUSAL_LM"))
+    result = run_steps(model, cfg, data, tokenizer, device, dtype, "plain transformers+peft+bitsandbytes")
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
     print(json.dumps(result, indent=2))
