@@ -80,24 +80,36 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def bench_inputs(description: str):
+    """Parse `CONFIG [key=value ...] --out FILE`; load the config, the checkpoint's path, tokenizer and data."""
+    from snugtune.config import load_config
+    from snugtune.data import prepare_data
+    from snugtune.models import load_tokenizer, resolve_model
+
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from snugtune.config import load_config
-    from snugtune.data import prepare_data
-    from snugtune.models import block_linear_names, load_tokenizer, resolve_model
-
     cfg = load_config(args.config, args.overrides)
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
-    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+    return args.out, cfg, path, tokenizer, prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+
+
+def write_result(out: str, result: dict) -> None:
+    with open(out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    out, cfg, path, tokenizer, data = bench_inputs("the plain transformers+peft+bitsandbytes QLoRA recipe")
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from snugtune.models import block_linear_names
+
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32  # the CPU run exists to test this script
@@ -113,10 +125,7 @@ def main() -> None:
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
     model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules=list(targets), task_type="CAUSAL_LM"))
-    result = run_steps(model, cfg, data, tokenizer, device, dtype, "plain transformers+peft+bitsandbytes")
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(out, run_steps(model, cfg, data, tokenizer, device, dtype, "plain transformers+peft+bitsandbytes"))
 
 
 if __name__ == "__main__":

@@ -9,32 +9,17 @@ unsloth package (`../shared/tools/device-site.sh --unsloth` carries it to the GP
 
 from __future__ import annotations
 
-import argparse
-import json
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-
     import unsloth  # before transformers and peft: it patches them on import
     from unsloth import FastLanguageModel
 
     import torch
 
-    from snugtune.bench.plain import cap_memory, run_steps
-    from snugtune.config import load_config
-    from snugtune.data import prepare_data
-    from snugtune.models import block_linear_names, load_tokenizer, resolve_model
+    from snugtune.bench.plain import bench_inputs, cap_memory, run_steps, write_result
+    from snugtune.models import block_linear_names
 
-    cfg = load_config(args.config, args.overrides)
-    path = resolve_model(cfg.model).path
-    tokenizer = load_tokenizer(path)
-    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
-    device = torch.device("cuda", 0)
+    out, cfg, path, tokenizer, data = bench_inputs("Unsloth's QLoRA on a snugtune bench config")
     torch.cuda.reset_peak_memory_stats()
     cap_memory(cfg)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=cfg.max_seq_len,
@@ -45,11 +30,8 @@ def main() -> None:
                                              bias="none", random_state=cfg.train.seed,
                                              use_gradient_checkpointing="unsloth" if cfg.train.grad_checkpointing
                                              else False)
-    result = run_steps(model, cfg, data, tokenizer, device, torch.bfloat16,
-                       f"unsloth {getattr(unsloth, '__version__', '?')}")
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(out, run_steps(model, cfg, data, tokenizer, torch.device("cuda", 0), torch.bfloat16,
+                                f"unsloth {getattr(unsloth, '__version__', '?')}"))
 
 
 if __name__ == "__main__":
