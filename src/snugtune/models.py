@@ -216,18 +216,19 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load_base_model(path: Path, config: Config, device: torch.device, compute_dtype: torch.dtype,
-                    stream_blocks: bool = False, shardable: bool = False):
+                    load_on_cpu: bool = False, shardable: bool = False):
     """Load the base model for config.method, frozen weights in their storage dtype (never up-cast).
 
     qlora: bitsandbytes 4-bit linear layers (nf4/fp4, optional double quant), compute in compute_dtype.
     lora-8bit: LLM.int8 linear layers. lora/freeze: compute_dtype weights. full: fp32 weights (trained).
     Embeddings, norms and lm_head stay in compute_dtype for the quantized methods.
-    stream_blocks: load (and quantize) on the CPU; engine.offload.WeightStreamer then places the model,
-    block weights staying in host memory, so a model larger than the card never lands on it whole.
+    load_on_cpu: load (and quantize) on the CPU, for the engine to place the model itself: weight
+    streaming keeps block weights in host memory, FSDP moves each block's shard to the GPU, so a model
+    larger than the card never lands on it whole.
     shardable: 4-bit weights stored in compute_dtype-typed tensors (bnb_4bit_quant_storage), which FSDP
     can shard with the rest.
     """
-    if stream_blocks:
+    if load_on_cpu:
         device = torch.device("cpu")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -260,6 +261,15 @@ def _keep_4bit_layout_trainable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def quant_states_to(model, device: torch.device) -> None:
+    """Move bitsandbytes' 4-bit scales (a QuantState per layer: not a parameter or buffer, so neither
+    .to() on a parameter nor FSDP moves it) to `device`, in place."""
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "to"):
+            state.to(device)
 
 
 def check_vocab(model, tokenizer, model_name: str) -> None:

@@ -99,11 +99,11 @@ class WeightStreamer:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         streamed = {id(p) for layer in self.layers for p in layer.parameters() if not p.requires_grad}
         for module in model.modules():
+            state = getattr(module, "quant_state", None)  # bitsandbytes 4-bit scales stay resident
+            if state is not None and hasattr(state, "to"):
+                state.to(self.device)
             for name, p in module.named_parameters(recurse=False):
-                if id(p) in streamed:
-                    if getattr(p, "quant_state", None) is not None:  # bitsandbytes 4-bit: scales stay resident
-                        p.quant_state.to(self.device)
-                else:
+                if id(p) not in streamed:
                     p.data = p.data.to(self.device)
             for name, buffer in module.named_buffers(recurse=False):
                 module._buffers[name] = buffer.to(self.device)

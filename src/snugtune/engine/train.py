@@ -38,7 +38,7 @@ from snugtune.planner import DoesNotFit, plan_config
 from snugtune.planner.cards import budget_bytes
 from snugtune.planner.memory import CUDA_CONTEXT
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
-                             load_tokenizer, prepare_for_training, resolve_model)
+                             load_tokenizer, prepare_for_training, quant_states_to, resolve_model)
 
 
 SINGLE = DistContext()
@@ -243,7 +243,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     torch.manual_seed(config.train.seed)
     stream = config.offload.weights is True
     fsdp = _use_fsdp(config, ctx, stream)
-    model = load_base_model(resolved.path, config, device, precision.compute_dtype, stream_blocks=stream,
+    model = load_base_model(resolved.path, config, device, precision.compute_dtype, load_on_cpu=stream or fsdp,
                             shardable=fsdp)
     check_vocab(model, tokenizer, config.model)
     model = prepare_for_training(model, config)
@@ -252,7 +252,10 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     offload = ActivationOffload() if config.offload.activations is True else None
     model.train()
     trainable_params, total_params = count_parameters(model)
-    root = shard_with_fsdp(model, decoder_layers(model), token_loss_sum) if fsdp else None
+    root = None
+    if fsdp:  # loaded on the CPU: FSDP moves each unit's shard to this process's GPU as it shards it
+        quant_states_to(model, device)
+        root = shard_with_fsdp(model, decoder_layers(model), token_loss_sum)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     frozen_bytes = sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)
     if fsdp and config.train.optimizer != "adamw":
