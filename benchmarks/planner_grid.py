@@ -80,14 +80,14 @@ def cuda_context_bytes() -> int:
 
 def trained_per_row(cfg) -> list[int]:
     """Trained positions of each packed training row, as `train` gives them to the planner."""
-    from snugtune.data import epoch_rows, prepare_data
+    from snugtune.data import epoch_rows, prepare_data, trained_tokens_per_row
     from snugtune.data.tokenize import ensure_chat_template
     from snugtune.models import _tokenizer_dir, load_tokenizer
     tokenizer = load_tokenizer(_tokenizer_dir(default_cache_dir()))  # every shape uses this tokenizer
     ensure_chat_template(tokenizer)
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
     rows = epoch_rows(data.train, cfg.train.seed, 0, cfg.max_seq_len if cfg.data.packing else None)
-    return [sum(sample.trained_tokens for sample in row) for row in rows]
+    return trained_tokens_per_row(rows)
 
 
 def run_train(cfg: str, overrides: list[str], out: str) -> tuple[int, str, dict | None]:
@@ -104,10 +104,15 @@ def grid_overrides(shape: str, method: str, seq: int, mb: int, ckpt: bool) -> li
             "train.optimizer=adamw_8bit", "budget=h100", *COMMON]
 
 
+def grid_plan(overrides: list[str]):
+    """The planner's prediction for a grid configuration, knowing its data, as `train` plans it."""
+    cfg = load_config(GRID_CFG, overrides)
+    return plan_for_budget(cfg, 79 * GIB, "h100", trained_per_row=trained_per_row(cfg))
+
+
 def grid_job(i: int, shape: str, method: str, seq: int, mb: int, ckpt: bool, context: int) -> dict:
     overrides = grid_overrides(shape, method, seq, mb, ckpt)
-    cfg = load_config(GRID_CFG, overrides)
-    plan = plan_for_budget(cfg, 79 * GIB, "h100", trained_per_row=trained_per_row(cfg))
+    plan = grid_plan(overrides)
     rc, text, summary = run_train(GRID_CFG, overrides, f"/tmp/grid/g{i}")
     row = {"kind": "grid", "model": shape, "method": method, "seq": seq, "micro_batch": mb, "checkpointing": ckpt,
            "predicted_peak": plan.peak_bytes, "predicted_allocated": peak_allocated(plan.breakdown),
@@ -148,9 +153,8 @@ def recompute(grid_file: str) -> None:
         row = json.loads(line)
         if row["kind"] != "grid" or "measured_peak" not in row:
             continue
-        i = GRID.index((row["model"], row["method"], row["seq"], row["micro_batch"], row["checkpointing"]))
-        cfg = load_config(GRID_CFG, grid_overrides(*GRID[i]))
-        plan = plan_for_budget(cfg, 79 * GIB, "h100", trained_per_row=trained_per_row(cfg))
+        plan = grid_plan(grid_overrides(row["model"], row["method"], row["seq"], row["micro_batch"],
+                                        row["checkpointing"]))
         print(f"{row['model']:30s} {row['method']:9s} {row['seq']:5d}x{row['micro_batch']} ckpt={row['checkpointing']!s:5s} "
               f"predicted {plan.peak_bytes / GIB:6.2f} measured {row['measured_peak'] / GIB:6.2f} GiB "
               f"error {plan.peak_bytes / row['measured_peak'] - 1:+.1%}")

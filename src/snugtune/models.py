@@ -264,8 +264,8 @@ def _keep_4bit_layout_trainable(model) -> None:
 
 
 def quant_states_to(model, device: torch.device) -> None:
-    """Move bitsandbytes' 4-bit scales (a QuantState per layer: not a parameter or buffer, so neither
-    .to() on a parameter nor FSDP moves it) to `device`, in place."""
+    """Move bitsandbytes' 4-bit scales (a QuantState per layer, not a parameter or buffer: moving a
+    weight's `.data`, as weight streaming does, leaves it behind) to `device`, in place."""
     for module in model.modules():
         state = getattr(module, "quant_state", None)
         if state is not None and hasattr(state, "to"):

@@ -119,3 +119,8 @@ def collate_micro_batch(rows: list[Row], pad_id: int, packed: bool) -> dict[str,
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-pad tokens in a batch (what tokens/s counts)."""
     return int(batch["attention_mask" if "attention_mask" in batch else "token_mask"].sum())
+
+
+def trained_tokens_per_row(rows: list[Row]) -> list[int]:
+    """Trained (labelled) positions of each row: what the planner sizes the loss by."""
+    return [sum(sample.trained_tokens for sample in row) for row in rows]

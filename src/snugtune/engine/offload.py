@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from snugtune.models import quant_states_to
+
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors are not worth a copy
 
 
@@ -98,10 +100,8 @@ class WeightStreamer:
         the device; then hook the blocks. Returns self."""
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         streamed = {id(p) for layer in self.layers for p in layer.parameters() if not p.requires_grad}
+        quant_states_to(model, self.device)  # bitsandbytes 4-bit scales stay resident
         for module in model.modules():
-            state = getattr(module, "quant_state", None)  # bitsandbytes 4-bit scales stay resident
-            if state is not None and hasattr(state, "to"):
-                state.to(self.device)
             for name, p in module.named_parameters(recurse=False):
                 if id(p) not in streamed:
                     p.data = p.data.to(self.device)

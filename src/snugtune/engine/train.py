@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import (RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, ConfigError, UserError, changed_fields,
                              config_to_yaml)
-from snugtune.data import collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens
+from snugtune.data import (collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens,
+                           trained_tokens_per_row)
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
 from snugtune.engine.distributed import (DistContext, LossModule, barrier, full_tensor, local_bytes, shard_with_fsdp,
                                          start, sum_across)
@@ -38,7 +39,7 @@ from snugtune.planner import DoesNotFit, plan_config
 from snugtune.planner.cards import budget_bytes
 from snugtune.planner.memory import CUDA_CONTEXT
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
-                             load_tokenizer, prepare_for_training, quant_states_to, resolve_model)
+                             load_tokenizer, prepare_for_training, resolve_model)
 
 
 SINGLE = DistContext()
@@ -236,9 +237,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                         cache_dir=default_cache_dir() / "data")
     packed_len = config.max_seq_len if config.data.packing else None
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
-    config, planned = _plan_memory(config, device, notify,
-                                   [sum(sample.trained_tokens for sample in row) for row in first_epoch_rows],
-                                   ctx.world_size)
+    config, planned = _plan_memory(config, device, notify, trained_tokens_per_row(first_epoch_rows), ctx.world_size)
     oom_resplits = 0
     torch.manual_seed(config.train.seed)
     stream = config.offload.weights is True
@@ -253,8 +252,9 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     model.train()
     trainable_params, total_params = count_parameters(model)
     root = None
-    if fsdp:  # loaded on the CPU: FSDP moves each unit's shard to this process's GPU as it shards it
-        quant_states_to(model, device)
+    # loaded on the CPU: FSDP moves each unit to this process's GPU as it shards it, and bitsandbytes'
+    # Params4bit.to() takes the 4-bit scales along
+    if fsdp:
         root = shard_with_fsdp(model, decoder_layers(model), token_loss_sum)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     frozen_bytes = sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)

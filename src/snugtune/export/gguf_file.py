@@ -51,19 +51,19 @@ def _tokenizer_config(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _adds_bos(folder: Path, tokenizer_config: dict) -> bool:
+def _adds_bos(tok: dict, tokenizer_config: dict) -> bool:
     """Whether the tokenizer starts every text with BOS: tokenizer_config's flag where it has one
     (transformers 4), else the first piece of tokenizer.json's post-processor template (transformers 5)."""
     if "add_bos_token" in tokenizer_config:
         return bool(tokenizer_config["add_bos_token"])
-    post = json.loads((folder / "tokenizer.json").read_text()).get("post_processor") or {}
+    post = tok.get("post_processor") or {}
     single = post.get("single") or [{}]
     return "SpecialToken" in single[0] and single[0]["SpecialToken"]["id"] == tokenizer_config.get("bos_token")
 
 
-def _tokenizer_metadata(folder: Path) -> dict:
+def _tokenizer_metadata(folder: Path, tokenizer_config: dict) -> dict:
     """The tokenizer as GGUF stores it: model "gpt2" (byte-level BPE: tokens, types, merges) or "llama"
-    (SentencePiece-style BPE with byte fallback: tokens, scores, types)."""
+    (SentencePiece-style BPE with byte fallback: tokens, scores, types); and whether it adds BOS."""
     tok = json.loads((folder / "tokenizer.json").read_text())
     model = tok.get("model", {})
     pre = json.dumps(tok.get("pre_tokenizer"))
@@ -85,14 +85,15 @@ def _tokenizer_metadata(folder: Path) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not spm:
         types = [3 if i in special else 1 for i in range(size)]  # 3 = control, 1 = normal
-        return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges}
+        return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges,
+                "add_bos": _adds_bos(tok, tokenizer_config)}
     # llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose concatenation has
     # the highest score: a token made by the merge of rank r scores -r, so both merge in the same order.
     scores = [0.0] * size
     made = {}
     for rank, merge in enumerate(merges):
         made.setdefault(merge.replace(" ", ""), -float(rank))
-    unk_text = model.get("unk_token") or _tokenizer_config(folder).get("unk_token") or ""
+    unk_text = model.get("unk_token") or tokenizer_config.get("unk_token") or ""
     unk = vocab.get(unk_text["content"] if isinstance(unk_text, dict) else unk_text, -1)
     types = []
     for i, text in enumerate(tokens):
@@ -110,7 +111,8 @@ def _tokenizer_metadata(folder: Path) -> dict:
     normalizers = json.dumps(tok.get("normalizer"))
     prefix = ('"Prepend"' in normalizers or ('"Metaspace"' in pre and '"never"' not in pre))
     return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "merges": merges,
-            "unk": unk if unk >= 0 else None, "space_prefix": prefix}
+            "unk": unk if unk >= 0 else None, "space_prefix": prefix,
+            "add_bos": _adds_bos(tok, tokenizer_config)}
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray | None:
@@ -163,8 +165,8 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f1
         raise UserError(f"{model_dir}: llama3 RoPE scaling is written for Llama-architecture models only")
     if gguf_type not in TYPES:
         raise UserError(f"--gguf-type: choose one of {', '.join(TYPES)}")
-    tok = _tokenizer_metadata(model_dir)
     tokenizer_config = _tokenizer_config(model_dir)
+    tok = _tokenizer_metadata(model_dir, tokenizer_config)
     template = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").is_file() \
         else tokenizer_config.get("chat_template")
 
@@ -200,7 +202,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f1
                         ("pad_token_id", writer.add_pad_token_id)):
         if isinstance(config.get(key), int):
             setter(config[key])
-    writer.add_add_bos_token(_adds_bos(model_dir, tokenizer_config))
+    writer.add_add_bos_token(tok["add_bos"])
     if template:
         writer.add_chat_template(template)
 

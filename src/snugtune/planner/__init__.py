@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from snugtune.config import Config, ConfigError
@@ -113,10 +114,11 @@ def _levels(cfg: Config, gpus: int) -> list[tuple[int, tuple[bool, bool]]]:
         parallel = [gpus if cfg.train.data_parallel == "fsdp" else 1]
     if cfg.method not in ("lora", "qlora"):
         parallel = [p for p in parallel if p == 1] or [1]
-    levels = [(shards, (False, False)) for shards in parallel]
+    offloads = _offload_levels(cfg)
+    levels = [(shards, (False, False)) for shards in parallel if (False, False) in offloads]
     if parallel[0] == 1:
-        levels += [(1, offload) for offload in _offload_levels(cfg) if offload != (False, False)]
-    return [level for level in levels if level[1] in _offload_levels(cfg)]
+        levels += [(1, offload) for offload in offloads if offload != (False, False)]
+    return levels
 
 
 def _offload_levels(cfg: Config) -> list[tuple[bool, bool]]:
@@ -138,19 +140,16 @@ def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
     recomputes every block."""
+    make = partial(_settings, cfg, inv, mb, trained=trained, offload=offload, shards=shards)
     if offload[1]:
-        return [_settings(cfg, inv, mb, True, trained=trained, offload=offload)]
+        return [make(True)]
     if cfg.train.grad_checkpointing != "auto":
-        return [_settings(cfg, inv, mb, bool(cfg.train.grad_checkpointing),
-                          checkpointed_layers=cfg.train.checkpoint_layers, trained=trained, offload=offload,
-                          shards=shards)]
-    options = [_settings(cfg, inv, mb, False, trained=trained, offload=offload, shards=shards)]
+        return [make(bool(cfg.train.grad_checkpointing), checkpointed_layers=cfg.train.checkpoint_layers)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
-        s = _settings(cfg, inv, mb, True, checkpointed_layers=blocks, trained=trained, offload=offload,
-                      shards=shards)
+        s = make(True, checkpointed_layers=blocks)
         if peak(estimate(inv, s)) <= limit:
-            return options + [s]
-    return options + [_settings(cfg, inv, mb, True, trained=trained, offload=offload, shards=shards)]
+            return [make(False), s]
+    return [make(False), make(True)]
 
 
 def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,

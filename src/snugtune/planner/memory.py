@@ -123,9 +123,9 @@ def trainable_params(inv: Inventory, s: Settings) -> int:
 def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
     """Base weights as stored on the GPU: quantized block linears, and the 16-bit rest."""
     n_lin = inv.linear_params
+    # nf4: 0.5 byte/param; absmax per 64-value block: fp32, or 8-bit + an fp32 per 256 blocks (double quant)
+    stats = (n_lin / 64 * (1 + 4 / 256) if s.double_quant else n_lin / 64 * 4) if s.method == "qlora" else 0
     if s.method == "qlora":
-        # nf4: 0.5 byte/param; absmax per 64-value block: fp32, or 8-bit + an fp32 per 256 blocks (double quant)
-        stats = n_lin / 64 * (1 + 4 / 256) if s.double_quant else n_lin / 64 * 4
         linear = {"quantized weights (4-bit + block scales)": int(n_lin / 2 + stats)}
     elif s.method == "lora-8bit":
         rows = sum(l.out_features for l in inv.linears)
@@ -141,11 +141,10 @@ def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
     other = 4 * inv.other_params if s.method == "full" else s.compute_bytes * inv.other_params
     if s.stream_weights:  # frozen block weights live in host memory; the running block and the next on the GPU
         frozen = next(k for k in linear if k.startswith(("quantized", "frozen")))
-        stats = int(n_lin / 64 * ((1 + 4 / 256) if s.double_quant else 4)) if s.method == "qlora" else 0
-        data = linear.pop(frozen) - stats
+        data = linear.pop(frozen) - int(stats)
         linear[f"streamed block weights (2 of {inv.layers} blocks)"] = 2 * data // inv.layers
         if stats:
-            linear["4-bit block scales (all blocks)"] = stats
+            linear["4-bit block scales (all blocks)"] = int(stats)
         linear[HOST + "frozen block weights (pinned)"] = data
     return {**linear, "16-bit weights kept (embeddings, norms, lm_head)": other}
 
@@ -246,13 +245,14 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
     workspace = {"dequantize / matmul workspace": 2 * biggest * s.compute_bytes
                  + 2 * tokens * max(inv.hidden, inv.intermediate) * s.compute_bytes}
-    held = {**weight_bytes(inv, s), **optimizer_bytes(inv, s)}
+    weights = weight_bytes(inv, s)
+    held = {**weights, **optimizer_bytes(inv, s)}
     if s.shards > 1:  # FSDP: each process keeps 1/N of every parameter, gradient and moment ...
         held = {f"{k} (1/{s.shards} shard)": v // s.shards for k, v in held.items()}
         # ... and gathers whole: the root unit (embeddings, head, norms) for the step, two blocks at a time
-        block = sum(v for k, v in weight_bytes(inv, s).items() if k.startswith(("quantized", "frozen", "trained")))
+        block = sum(v for k, v in weights.items() if k.startswith(("quantized", "frozen", "trained")))
         held["FSDP gathered weights (root unit + 2 blocks)"] = (
-            weight_bytes(inv, s)["16-bit weights kept (embeddings, norms, lm_head)"] + 2 * block // inv.layers)
+            weights["16-bit weights kept (embeddings, norms, lm_head)"] + 2 * block // inv.layers)
     parts = {**held, **acts, **loss, **workspace}
     allocated = peak_allocated(parts)
     parts["allocator overhead and fragmentation"] = int(ALLOCATOR_FIXED + ALLOCATOR_FRACTION * allocated)
