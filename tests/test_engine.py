@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_config
 from snugtune.data import collate, prepare_data
-from snugtune.engine.optim import build_optimizer, lr_factor
+from snugtune.engine.optim import build_optimizer, flatten_trainable, lr_factor
 from snugtune.engine.precision import Precision
 from snugtune.engine.train import accumulate_gradients
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
@@ -104,6 +104,27 @@ def test_partial_checkpointing_gives_the_same_gradients(tmp_path, alpaca_file, c
     expected = _grads(plain)
     for name, grad in _grads(model).items():
         assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_one_flat_optimizer_tensor_trains_exactly_like_one_tensor_per_matrix(tmp_path, alpaca_file):
+    batch_of = lambda data, tok, k: collate(data.train[4 * k:4 * k + 4], tok.pad_token_id)  # noqa: E731
+    weights = {}
+    for flat in (False, True):
+        cfg, model, tokenizer, data = _setup(tmp_path, alpaca_file, lora={"dropout": 0.0}, train={"optimizer": "adamw"})
+        params = [p for p in model.parameters() if p.requires_grad]
+        stepped = [flatten_trainable(params)] if flat else params
+        optimizer = build_optimizer(stepped, cfg.train, CPU)
+        for k in range(3):
+            accumulate_gradients(model, [batch_of(data, tokenizer, k)], FP32, FP32.grad_scaler(), CPU)
+            torch.nn.utils.clip_grad_norm_(stepped, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in params)  # zeroed in place, views kept
+        weights[flat] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert weights[True].keys() == weights[False].keys()
+    assert all(value.any() for name, value in weights[True].items() if "lora_B" in name)  # B left zero: it trained
+    for name, value in weights[False].items():
+        assert torch.allclose(weights[True][name], value, atol=1e-6, rtol=1e-5), name
 
 
 def test_warmup_then_cosine_schedule():

@@ -50,7 +50,8 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
             "quant": {"type": "nf4", "double_quant": True},
             "train": {"max_steps": steps, "micro_batch": batch, "grad_accum": 1, "lr": 2e-4,
-                      "optimizer": "adamw_8bit", "grad_checkpointing": True, "warmup": 0},
+                      "optimizer": "adamw_8bit", "grad_checkpointing": True, "warmup": 0,
+                      "scheduler": "constant"},  # as the plain recipe's loop: losses compare step by step
             "save": {"every_steps": 100000}, "eval": {"max_batches": 1},
             "budget": f"{cap_gib}GiB" if cap_gib else "auto", "device": device}
 
@@ -68,7 +69,8 @@ def _snugtune(config_path: Path, work: Path) -> dict:
     return {"tokens_per_s_median_step": statistics.median(speeds),
             "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
             "peak_reserved_bytes": summary["peak_memory_bytes"] if summary.get("peak_allocated_bytes") else None,
-            "loss_last": summary["train_loss_final"], "device": summary["device"], "plan": summary.get("plan")}
+            "loss_last": summary["train_loss_final"], "device": summary["device"], "plan": summary.get("plan"),
+            "speedups": summary.get("speedups")}
 
 
 def _other_stack(module: str, config_path: Path, work: Path) -> dict:

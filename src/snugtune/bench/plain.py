@@ -35,12 +35,12 @@ def cap_memory(cfg) -> None:
 def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dtype, recipe: str) -> dict:
     """Train cfg.train.max_steps steps on the micro-batches snugtune would train on; timings and memory.
 
-    The same micro-batches snugtune trains on: packed rows (position ids restart per sample, which
+    The same micro-batches snugtune trains on (lengths rounded up alike): packed rows (position ids restart per sample, which
     transformers turns into a block-diagonal mask) or padded samples, per data.packing; the model's own
     loss; the optimizer the config names. Tokens/s is the median over the warm steps (after the third)."""
     import bitsandbytes as bnb
 
-    from snugtune.data import collate_micro_batch, micro_batches, real_tokens
+    from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
     cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
@@ -56,7 +56,7 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
         start = time.perf_counter()
         tokens = 0
         for rows in group:
-            batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing)
+            batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing, GPU_PAD_MULTIPLE if cuda else 1)
             tokens += real_tokens(batch)
             batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
             with torch.autocast(device.type, dtype=dtype, enabled=cuda):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from snugtune.config import ConfigError, DataConfig
 from snugtune.data import cache
-from snugtune.data.batches import (collate, collate_micro_batch, epoch_rows, eval_batches, micro_batches,
+from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate, collate_micro_batch, epoch_rows, eval_batches, micro_batches,
                                    real_tokens, trained_tokens_per_row)
 from snugtune.data.formats import FormatChoice, Row, Skipped, detect_format, read_rows, to_sample
 from snugtune.data.tokenize import TokenizedSample, fit_length, tokenize_sample
 
-__all__ = ["DataReport", "PreparedData", "prepare_data", "collate", "collate_micro_batch", "epoch_rows", "eval_batches",
+__all__ = ["GPU_PAD_MULTIPLE", "DataReport", "PreparedData", "prepare_data", "collate", "collate_micro_batch", "epoch_rows", "eval_batches",
            "micro_batches", "real_tokens", "trained_tokens_per_row"]
 
 

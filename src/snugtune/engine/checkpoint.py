@@ -45,11 +45,45 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
+def _flat_pieces(optimizer) -> list[int] | None:
+    """Sizes of the tensors an optimizer's one flat parameter holds (optim.flatten_trainable), else None."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return getattr(params[0], "pieces", None) if len(params) == 1 else None
+
+
+def _split_flat_moments(state: dict, pieces: list[int]) -> dict:
+    """torch AdamW's state of one flat parameter as the state of its tensors, one entry per tensor (as FSDP's
+    optimizer, which keeps one per tensor, writes and reads it)."""
+    entry = state["state"].get(0)
+    if entry is None:
+        split = {}
+    else:
+        moments = {k: torch.split(v, pieces) for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 1}
+        split = {i: {k: (moments[k][i].clone() if k in moments else v) for k, v in entry.items()}
+                 for i in range(len(pieces))}
+    groups = [{**state["param_groups"][0], "params": list(range(len(pieces)))}]
+    return {"state": split, "param_groups": groups}
+
+
+def _join_moments(state: dict) -> dict:
+    """The reverse of _split_flat_moments: per-tensor torch AdamW state as the state of one flat parameter."""
+    entries = [state["state"][i] for i in sorted(state["state"])]
+    joined = {}
+    if entries:
+        joined = {0: {k: (torch.cat([e[k].reshape(-1) for e in entries]) if torch.is_tensor(v) and v.dim() > 0 else v)
+                      for k, v in entries[0].items()}}
+    return {"state": joined, "param_groups": [{**state["param_groups"][0], "params": [0]}]}
+
+
 def _whole_optimizer_state(optimizer) -> dict:
-    """optimizer.state_dict() with sharded (FSDP) moments gathered, so any process count can load it."""
+    """optimizer.state_dict() with sharded (FSDP) moments gathered and torch AdamW's flat moments split
+    per tensor, so any process count and either layout can load it."""
     state = optimizer.state_dict()
     state["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in entry.items()}
                       for i, entry in state["state"].items()}
+    pieces = _flat_pieces(optimizer)
+    if pieces and isinstance(optimizer, torch.optim.AdamW):
+        state = _split_flat_moments(state, pieces)
     return state
 
 
@@ -138,15 +172,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, notify=lamb
         params[name].data.copy_(shard_like(tensor.to(params[name].dtype), params[name]))
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     saved_class = state.get("optimizer_class", type(optimizer).__name__)
-    if saved_class == type(optimizer).__name__:
-        optimizer.load_state_dict(state["optimizer"])
+    saved = state["optimizer"]
+    saved_tensors = sum(len(group["params"]) for group in saved["param_groups"])
+    tensors = sum(len(group["params"]) for group in optimizer.param_groups)
+    pieces = _flat_pieces(optimizer)
+    if pieces and isinstance(optimizer, torch.optim.AdamW) and saved_tensors == len(pieces):
+        saved, saved_tensors = _join_moments(saved), 1  # written per tensor (see _whole_optimizer_state)
+    if saved_class == type(optimizer).__name__ and saved_tensors == tensors:
+        optimizer.load_state_dict(saved)
         for param, entry in optimizer.state.items():  # whole moments, sharded like their parameter
             for key, value in entry.items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     entry[key] = shard_like(value, param)
-    else:  # e.g. FSDP (torch AdamW) then one GPU with 8-bit AdamW: the moments do not translate
-        notify(f"the checkpoint's optimizer state is {saved_class}'s and this run uses {type(optimizer).__name__}: "
-               f"its moments start fresh")
+    else:  # e.g. FSDP (torch AdamW, one tensor per matrix) then one GPU (8-bit AdamW over one flat tensor)
+        notify(f"the checkpoint's optimizer state ({saved_class}, {saved_tensors} tensors) does not fit this run's "
+               f"({type(optimizer).__name__}, {tensors}): its moments start fresh")
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])

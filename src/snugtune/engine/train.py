@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import (RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, ConfigError, UserError, changed_fields,
                              config_to_yaml)
-from snugtune.data import (collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens,
+from snugtune.data import (GPU_PAD_MULTIPLE, collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens,
                            trained_tokens_per_row)
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
 from snugtune.engine.distributed import (DistContext, LossModule, barrier, full_tensor, local_bytes, shard_with_fsdp,
@@ -29,7 +29,8 @@ from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, compl
                                         save_checkpoint, trainable_state)
 from snugtune.engine.loss import mean_loss, token_loss_sum
 from snugtune.engine.offload import ActivationOffload, WeightStreamer
-from snugtune.engine.optim import build_optimizer, build_scheduler
+from snugtune.engine.speedups import apply_speedups
+from snugtune.engine.optim import build_optimizer, build_scheduler, flatten_trainable
 from snugtune.engine.precision import resolve_device, resolve_precision
 from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
@@ -51,6 +52,11 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+def _pad_multiple(device: torch.device) -> int:
+    """Sequence lengths are rounded up to this (data.batches.GPU_PAD_MULTIPLE on a GPU; exact on the CPU)."""
+    return GPU_PAD_MULTIPLE if device.type == "cuda" else 1
 
 
 def trained_positions(batch: dict[str, torch.Tensor]) -> int:
@@ -175,7 +181,8 @@ def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
     lrs = [group["lr"] for group in optimizer.param_groups]
     try:
-        accumulate_gradients(model, [collate_micro_batch(longest, pad_id, config.data.packing)], precision,
+        accumulate_gradients(model, [collate_micro_batch(longest, pad_id, config.data.packing, _pad_multiple(device))],
+                             precision,
                              scaler, device, offload=offload)
         for group in optimizer.param_groups:
             group["lr"] = 0.0
@@ -183,7 +190,7 @@ def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device
         if eval_batch is not None:
             mean_loss(model, [eval_batch], precision, device)
     finally:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         optimizer.state.clear()  # the first real step starts from fresh moments, as it would without a probe
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
@@ -248,6 +255,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     model = prepare_for_training(model, config)
     if stream:  # frozen block weights stay in host memory, one block ahead on the device
         WeightStreamer(decoder_layers(model), device).attach(model)
+    speedups = apply_speedups(model, decoder_layers(model), config, device, ctx.enabled, stream, fsdp)
     offload = ActivationOffload() if config.offload.activations is True else None
     model.train()
     trainable_params, total_params = count_parameters(model)
@@ -268,6 +276,10 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     rows_per_step = tc.micro_batch * tc.grad_accum * ctx.world_size
     steps_per_epoch = math.ceil(len(first_epoch_rows) / rows_per_step)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    # LoRA: one flat tensor for the optimizer, in one process or under DDP (whose reducer copies the averaged
+    # gradients back into the views), so their checkpoints load into each other; FSDP shards per tensor
+    if config.uses_lora and not fsdp and params:
+        params = [flatten_trainable(params)]
     optimizer = build_optimizer(params, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = precision.grad_scaler()
@@ -275,7 +287,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         scaler = ShardedGradScaler(precision.device_type)
 
-    held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id)[: config.eval.max_batches]
+    held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id,
+                            _pad_multiple(device))[: config.eval.max_batches]
     while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller
         try:
             _probe(model, optimizer, scaler, first_epoch_rows, held_out[0] if held_out else None, config,
@@ -340,14 +353,14 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                                  * ctx.world_size]
                 mine = step_rows[ctx.rank::ctx.world_size]
                 group = [collate_micro_batch(mine[k:k + tc.micro_batch], tokenizer.pad_token_id,
-                                             config.data.packing) for k in range(0, len(mine), tc.micro_batch)]
+                                             config.data.packing, _pad_multiple(device)) for k in range(0, len(mine), tc.micro_batch)]
                 try:
                     step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx, offload)
                 except torch.OutOfMemoryError:
                     if ctx.enabled:
                         raise
                     # free what the failed step held, split the same rows into smaller micro-batches, retry
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=False)
                     del group
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -365,7 +378,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 if finite or precision.loss_scaling:
                     scaler.step(optimizer)  # the fp16 scaler skips a non-finite step itself and lowers its scale
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)
                 scheduler.step()
                 nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
                 position.skipped_steps += not finite
@@ -429,7 +442,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         "trainable_params": trainable_params, "total_params": total_params, "precision": precision.name,
         "device": device_description(device), "versions": versions(), "data": asdict(data.report),
         "resumed_from": str(resumed_from) if resumed_from else None, "world_size": ctx.world_size,
-        "plan": planned, "oom_resplits": oom_resplits,
+        "plan": planned, "oom_resplits": oom_resplits, "speedups": asdict(speedups),
         "data_parallel": ("fsdp" if fsdp else "ddp") if ctx.enabled else None,
         "frozen_weight_bytes_per_process": frozen_bytes,
         "micro_batch": config.train.micro_batch, "grad_accum": config.train.grad_accum,

@@ -1,0 +1,78 @@
+"""The engine's speedups change speed, not numbers: fused LoRA layers and compiled blocks against peft's
+own forward and eager blocks, on tiny models on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from snugtune.engine.fused_lora import fuse_lora_layers
+from snugtune.engine.train import train
+from snugtune.models import load_base_model, prepare_for_training, resolve_model
+
+from conftest import tiny_config
+
+
+def _loss_and_lora_grads(config, fuse: bool):
+    torch.manual_seed(1)
+    model = prepare_for_training(load_base_model(resolve_model(config.model).path, config, torch.device("cpu"),
+                                                 torch.float32), config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the low-rank path count
+            torch.nn.init.normal_(p, std=0.1)
+    fused = fuse_lora_layers(model) if fuse else 0
+    model.train()
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)  # same dropout masks on both paths
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return fused, float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method,dropout", [("qlora", 0.0), ("qlora", 0.1), ("lora", 0.1)])
+def test_fused_lora_layers_give_peft_loss_and_lora_gradients(tmp_path, alpaca_file, method, dropout):
+    config = tiny_config(tmp_path, alpaca_file, method=method, lora={"dropout": dropout},
+                         train={"grad_checkpointing": True})
+    _, loss, grads = _loss_and_lora_grads(config, fuse=False)
+    fused, fused_loss, fused_grads = _loss_and_lora_grads(config, fuse=True)
+    assert fused == 7 * 2  # every linear of both blocks of shape:tiny
+    assert fused_loss == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == fused_grads.keys()
+    for name in grads:
+        assert torch.allclose(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_layers_follow_peft_disable_adapter_and_leave_8bit_bases_alone(tmp_path, alpaca_file):
+    config = tiny_config(tmp_path, alpaca_file, method="qlora")
+    model = prepare_for_training(load_base_model(resolve_model(config.model).path, config, torch.device("cpu"),
+                                                 torch.float32), config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    fuse_lora_layers(model)
+    ids = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert not torch.allclose(adapted, base)
+        assert torch.allclose(model.get_base_model()(input_ids=ids).logits, adapted)
+    eight = tiny_config(tmp_path, alpaca_file, method="lora-8bit")
+    model = prepare_for_training(load_base_model(resolve_model(eight.model).path, eight, torch.device("cpu"),
+                                                 torch.float32), eight)
+    assert fuse_lora_layers(model) == 0  # LLM.int8 keeps bitsandbytes' own matmul
+
+
+def test_compiled_blocks_train_the_same_steps_as_eager_blocks(tmp_path, alpaca_file):
+    losses = {}
+    for compiled in (False, True):
+        config = tiny_config(tmp_path / str(compiled), alpaca_file, method="qlora",
+                             train={"compile": compiled, "grad_checkpointing": True, "max_steps": 2})
+        summary = train(config, show_progress=False)
+        assert summary["speedups"]["compiled_blocks"] == (2 if compiled else 0)
+        assert summary["speedups"]["fused_lora_layers"] == 14
+        rows = [json.loads(line) for line in (tmp_path / str(compiled) / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [r["loss"] for r in rows if "loss" in r]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
