@@ -86,7 +86,7 @@ class TrainConfig(_Section):
     compile: bool | Literal["auto"] = Field(
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
                             "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU in "
-                            "a single process without weight streaming.")
+                            "a single process without offload.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
