@@ -4,7 +4,11 @@ One model (the bench's: QLoRA nf4 double quant, LoRA r=16 on all linears, LoRA B
 zero so every gradient is non-trivial), one packed batch of the bench's rows, two passes:
   plain  peft's own LoRA forward, eager blocks, the model's own loss (full-vocabulary logits)
   fast   engine.speedups (fused LoRA layers, compiled blocks) + the engine's chunked loss
-Prints both losses and, per LoRA tensor, |g_fast - g_plain| / |g_plain|; exit 1 beyond tolerance.
+On a GPU a third pass, plain in fp32 (same 4-bit weights, fp32 compute, no autocast), is the reference:
+both bf16 paths are compared with it, and the fast path passes when its largest relative LoRA-gradient
+error is within `--margin` times the plain bf16 path's own (bf16 rounding alone makes small gradients
+differ by percents; what matters is that the fast path adds no error of its own). On the CPU (fp32) the
+two paths are compared directly. Exit 1 on failure.
 
   python benchmarks/fast_path_check.py --shape llama3-8b --seq 2048     (GPU: bf16 autocast)
   python benchmarks/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
@@ -22,8 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest relative gradient difference accepted (default: 2e-2 in bf16, 1e-4 in fp32)")
+    parser.add_argument("--margin", type=float, default=1.5,
+                        help="GPU: the fast path's largest error may be this many times the plain bf16 path's")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="CPU (fp32): largest relative gradient difference accepted")
     args = parser.parse_args()
 
     from snugtune.bench import bench_config
@@ -37,48 +43,66 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    tolerance = args.tolerance or (2e-2 if cuda else 1e-4)
     raw = bench_config(args.shape, args.seq, 1, 1, None, "auto")
     raw["train"]["compile"] = True
     cfg = config_from_dict(raw)
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
-    model = prepare_for_training(load_base_model(path, cfg, device, dtype), cfg)
-    model.train()
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=1e-3)
+
+    def loaded(compute_dtype: torch.dtype):
+        """The bench's model with the same LoRA values every time (seeded init, B drawn small)."""
+        base = load_base_model(path, cfg, device, compute_dtype)
+        torch.manual_seed(0)
+        model = prepare_for_training(base, cfg)
+        model.train()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=1e-3)
+        return model
+
+    model = loaded(dtype)
     rows = micro_batches(data.train, 1, cfg.train.seed, 0, cfg.max_seq_len)[0]
     batch = collate_micro_batch(rows, tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE if cuda else 1)
     batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
-    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def gradients(loss_of) -> tuple[float, dict[str, torch.Tensor]]:
-        for p in lora.values():
-            p.grad = None
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-            loss = loss_of()
+    def gradients(model, loss_of, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            loss = loss_of(model)
         loss.backward()
-        return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in lora.items()}
+        return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                                      if p.requires_grad}
 
-    plain_loss, plain = gradients(lambda: model(**batch).loss)
-    applied = apply_speedups(model, decoder_layers(model), cfg, device)
-
-    def fast_loss():
+    def fast_loss(model):
         total, n = token_loss_sum(model, batch)
         return total / n
-    fast_loss_value, fast = gradients(fast_loss)
+
+    plain_loss, plain = gradients(model, lambda m: m(**batch).loss, cuda)
+    model.zero_grad(set_to_none=True)
+    applied = apply_speedups(model, decoder_layers(model), cfg, device)
+    fast_loss_value, fast = gradients(model, fast_loss, cuda)
     unfuse_lora_layers(model)
-    worst_name, worst = max(((n, float((fast[n] - g).norm() / g.norm().clamp_min(1e-30))) for n, g in plain.items()),
-                            key=lambda item: item[1])
     print(f"{args.shape} seq {args.seq} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}); "
           f"fast path: {applied}")
-    print(f"loss: plain {plain_loss:.6f}  fast {fast_loss_value:.6f}  (difference {abs(plain_loss - fast_loss_value):.2e})")
-    print(f"LoRA gradients: {len(plain)} tensors, largest relative difference {worst:.2e} ({worst_name}); "
-          f"tolerance {tolerance:.0e}")
-    sys.exit(0 if worst <= tolerance else 1)
+
+    def worst(grads, reference) -> tuple[float, str]:
+        return max((float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)), n) for n, g in reference.items())
+
+    if not cuda:
+        error, name = worst(fast, plain)
+        print(f"loss: plain {plain_loss:.6f}  fast {fast_loss_value:.6f}")
+        print(f"LoRA gradients: {len(plain)} tensors, largest relative difference {error:.2e} ({name}); "
+              f"tolerance {args.tolerance:.0e}")
+        sys.exit(0 if error <= args.tolerance else 1)
+    del model
+    torch.cuda.empty_cache()
+    reference_loss, reference = gradients(loaded(torch.float32), lambda m: m(**batch).loss, False)
+    plain_error, plain_name = worst(plain, reference)
+    fast_error, fast_name = worst(fast, reference)
+    print(f"loss: fp32 reference {reference_loss:.6f}  plain bf16 {plain_loss:.6f}  fast bf16 {fast_loss_value:.6f}")
+    print(f"LoRA gradients ({len(reference)} tensors), largest relative error against fp32: plain bf16 "
+          f"{plain_error:.2e} ({plain_name}), fast bf16 {fast_error:.2e} ({fast_name}); margin {args.margin}x")
+    sys.exit(0 if fast_error <= args.margin * plain_error else 1)
 
 
 if __name__ == "__main__":
