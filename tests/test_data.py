@@ -235,6 +235,24 @@ def test_a_samples_loss_is_the_same_packed_and_alone(tmp_path, tokenizer):
     assert float(packed_sum) == pytest.approx(sum(float(l) for l, _ in alone), rel=1e-5)
 
 
+def test_gpu_rounding_of_lengths_pads_without_changing_tokens_or_loss(tmp_path, tokenizer):
+    import torch
+    from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, real_tokens
+    from snugtune.engine.loss import token_loss_sum
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("shape:tiny").path, dtype=torch.float32).eval()
+    data = _prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(6)), format="alpaca")
+    for packed, rows in ((True, [data.train[:3], data.train[3:5]]), (False, [[s] for s in data.train[:3]])):
+        exact = collate_micro_batch(rows, tokenizer.pad_token_id, packed)
+        rounded = collate_micro_batch(rows, tokenizer.pad_token_id, packed, GPU_PAD_MULTIPLE)
+        assert exact["input_ids"].shape[1] % GPU_PAD_MULTIPLE != 0  # the rounding does something here
+        assert rounded["input_ids"].shape[1] % GPU_PAD_MULTIPLE == 0
+        assert real_tokens(rounded) == real_tokens(exact)
+        with torch.no_grad():
+            (loss, n), (loss_rounded, n_rounded) = token_loss_sum(model, exact), token_loss_sum(model, rounded)
+        assert n_rounded == n and float(loss_rounded) == pytest.approx(float(loss), rel=1e-5)
+
+
 def test_the_tokenized_cache_is_hit_on_the_second_run(tmp_path, tokenizer, monkeypatch):
     import snugtune.data as data_module
     path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
