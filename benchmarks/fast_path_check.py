@@ -63,7 +63,7 @@ def main() -> None:
 
     model = loaded(dtype)
     rows = micro_batches(data.train, 1, cfg.train.seed, 0, cfg.max_seq_len)[0]
-    batch = collate_micro_batch(rows, tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE if cuda else 1)
+    batch = collate_micro_batch(rows, tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE if cuda else 1, cfg.max_seq_len)
     batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
 
     def gradients(model, loss_of, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:

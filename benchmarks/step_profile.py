@@ -62,7 +62,7 @@ def main() -> None:
     optimizer_seconds: list[float] = []
 
     def step(i: int) -> int:
-        batch = collate_micro_batch(batches[i % len(batches)], tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE)
+        batch = collate_micro_batch(batches[i % len(batches)], tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE, cfg.max_seq_len)
         tokens = real_tokens(batch)
         batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
         with torch.autocast("cuda", dtype=torch.bfloat16):

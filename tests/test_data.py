@@ -251,6 +251,12 @@ def test_gpu_rounding_of_lengths_pads_without_changing_tokens_or_loss(tmp_path, 
         with torch.no_grad():
             (loss, n), (loss_rounded, n_rounded) = token_loss_sum(model, exact), token_loss_sum(model, rounded)
         assert n_rounded == n and float(loss_rounded) == pytest.approx(float(loss), rel=1e-5)
+        # never past max_seq_len (what the planner sized the run for), never shorter than the rows
+        length = exact["input_ids"].shape[1]
+        capped = collate_micro_batch(rows, tokenizer.pad_token_id, packed, GPU_PAD_MULTIPLE, max_len=length + 1)
+        assert capped["input_ids"].shape[1] == length + 1
+        assert collate_micro_batch(rows, tokenizer.pad_token_id, packed, GPU_PAD_MULTIPLE,
+                                   max_len=length - 1)["input_ids"].shape[1] == length
 
 
 def test_the_tokenized_cache_is_hit_on_the_second_run(tmp_path, tokenizer, monkeypatch):

@@ -56,7 +56,8 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
         start = time.perf_counter()
         tokens = 0
         for rows in group:
-            batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing, GPU_PAD_MULTIPLE if cuda else 1)
+            batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing, GPU_PAD_MULTIPLE if cuda else 1,
+                                        cfg.max_seq_len)
             tokens += real_tokens(batch)
             batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
             with torch.autocast(device.type, dtype=dtype, enabled=cuda):

@@ -72,14 +72,17 @@ def micro_batches(samples: list[TokenizedSample], micro_batch: int, seed: int, e
     return [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
 
 
-def _padded_length(longest: int, multiple: int) -> int:
-    return -(-longest // multiple) * multiple
+def _padded_length(longest: int, multiple: int, limit: int | None) -> int:
+    """longest rounded up to a multiple, but not past `limit` (max_seq_len: what the planner sized for)."""
+    rounded = -(-longest // multiple) * multiple
+    return max(longest, min(rounded, limit)) if limit else rounded
 
 
-def collate(samples: list[TokenizedSample], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Pad to the longest sample, rounded up to a multiple of pad_multiple (right padding); padded positions
-    are masked out of attention and loss."""
-    longest = _padded_length(max(len(s.input_ids) for s in samples), pad_multiple)
+def collate(samples: list[TokenizedSample], pad_id: int, pad_multiple: int = 1,
+            max_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest sample, rounded up to a multiple of pad_multiple but not past max_len (right
+    padding); padded positions are masked out of attention and loss."""
+    longest = _padded_length(max(len(s.input_ids) for s in samples), pad_multiple, max_len)
     ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), longest), dtype=torch.long)
@@ -91,17 +94,19 @@ def collate(samples: list[TokenizedSample], pad_id: int, pad_multiple: int = 1) 
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def eval_batches(samples: list[TokenizedSample], batch_size: int, pad_id: int,
-                 pad_multiple: int = 1) -> list[dict[str, torch.Tensor]]:
+def eval_batches(samples: list[TokenizedSample], batch_size: int, pad_id: int, pad_multiple: int = 1,
+                 max_len: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Padded batches of `batch_size` samples in their stored order (evaluation: same batches every time)."""
-    return [collate(samples[i:i + batch_size], pad_id, pad_multiple) for i in range(0, len(samples), batch_size)]
+    return [collate(samples[i:i + batch_size], pad_id, pad_multiple, max_len)
+            for i in range(0, len(samples), batch_size)]
 
 
-def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1,
+                   max_len: int | None = None) -> dict[str, torch.Tensor]:
     """Packed rows: input_ids, labels, position_ids restarting per sample, and token_mask (real tokens,
     for counting only: no attention_mask is given to the model, so it isolates samples by position ids).
-    Rows are padded to the longest, rounded up to a multiple of pad_multiple."""
-    longest = _padded_length(max(sum(len(s.input_ids) for s in row) for row in rows), pad_multiple)
+    Rows are padded to the longest, rounded up to a multiple of pad_multiple but not past max_len."""
+    longest = _padded_length(max(sum(len(s.input_ids) for s in row) for row in rows), pad_multiple, max_len)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), longest), dtype=torch.long)  # padding: a run of 1-token "samples"
@@ -126,11 +131,13 @@ def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1) -> dict[
 GPU_PAD_MULTIPLE = 64
 
 
-def collate_micro_batch(rows: list[Row], pad_id: int, packed: bool, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """A micro-batch's tensors: packed rows or padded samples, lengths a multiple of pad_multiple."""
+def collate_micro_batch(rows: list[Row], pad_id: int, packed: bool, pad_multiple: int = 1,
+                        max_len: int | None = None) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors: packed rows or padded samples, lengths rounded up to a multiple of
+    pad_multiple but not past max_len."""
     if packed:
-        return collate_packed(rows, pad_id, pad_multiple)
-    return collate([row[0] for row in rows], pad_id, pad_multiple)
+        return collate_packed(rows, pad_id, pad_multiple, max_len)
+    return collate([row[0] for row in rows], pad_id, pad_multiple, max_len)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:

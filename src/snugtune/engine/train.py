@@ -7,6 +7,7 @@ optimizer steps (accumulate, unscale, clip, step, log, checkpoint) -> held-out l
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import json
 import math
 from math import nan
@@ -174,16 +175,14 @@ def _split_after_oom(config: Config, where: str, notify) -> Config:
     return _with_train(config, micro_batch=smaller[0], grad_accum=rows // smaller[0])
 
 
-def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, pad_id, offload) -> None:
+def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, batch_of, offload) -> None:
     """One full step on the longest micro-batch (optimizer state allocated, learning rate 0) and one eval
     batch, then everything put back: late OOMs come from exactly these, so they surface now."""
     longest = sorted(rows, key=lambda row: -sum(len(s.input_ids) for s in row))[: config.train.micro_batch]
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
     lrs = [group["lr"] for group in optimizer.param_groups]
     try:
-        accumulate_gradients(model, [collate_micro_batch(longest, pad_id, config.data.packing, _pad_multiple(device))],
-                             precision,
-                             scaler, device, offload=offload)
+        accumulate_gradients(model, [batch_of(longest)], precision, scaler, device, offload=offload)
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         scaler.step(optimizer)
@@ -287,12 +286,15 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         scaler = ShardedGradScaler(precision.device_type)
 
-    held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id,
-                            _pad_multiple(device))[: config.eval.max_batches]
+    pad_multiple = _pad_multiple(device)
+    batch_of = partial(collate_micro_batch, pad_id=tokenizer.pad_token_id, packed=config.data.packing,
+                       pad_multiple=pad_multiple, max_len=config.max_seq_len)
+    held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id, pad_multiple,
+                            config.max_seq_len)[: config.eval.max_batches]
     while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller
         try:
             _probe(model, optimizer, scaler, first_epoch_rows, held_out[0] if held_out else None, config,
-                   precision, device, tokenizer.pad_token_id, offload)
+                   precision, device, batch_of, offload)
             break
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -352,8 +354,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum
                                  * ctx.world_size]
                 mine = step_rows[ctx.rank::ctx.world_size]
-                group = [collate_micro_batch(mine[k:k + tc.micro_batch], tokenizer.pad_token_id,
-                                             config.data.packing, _pad_multiple(device)) for k in range(0, len(mine), tc.micro_batch)]
+                group = [batch_of(mine[k:k + tc.micro_batch]) for k in range(0, len(mine), tc.micro_batch)]
                 try:
                     step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx, offload)
                 except torch.OutOfMemoryError:
