@@ -44,6 +44,8 @@ def apply_speedups(model, layers, config: Config, device: torch.device, distribu
     compiled = 0
     if compile_wanted(config, device, distributed, streaming):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _COMPILED_VARIANTS)
+        # a machine that cannot compile (no Triton for its GPU, no C compiler) logs it and runs the block eagerly
+        torch._dynamo.config.suppress_errors = True
         for layer in layers:
             layer.compile()
             compiled += 1
