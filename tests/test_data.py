@@ -257,6 +257,9 @@ def test_gpu_rounding_of_lengths_pads_without_changing_tokens_or_loss(tmp_path, 
         assert capped["input_ids"].shape[1] == length + 1
         assert collate_micro_batch(rows, tokenizer.pad_token_id, packed, GPU_PAD_MULTIPLE,
                                    max_len=length - 1)["input_ids"].shape[1] == length
+    # a packed row of one sample stays one run of positions through its padding: no block-diagonal mask
+    single = collate_micro_batch([data.train[:1]], tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE)
+    assert torch.equal(single["position_ids"][0], torch.arange(single["input_ids"].shape[1]))
 
 
 def test_the_tokenized_cache_is_hit_on_the_second_run(tmp_path, tokenizer, monkeypatch):

@@ -81,6 +81,10 @@ def test_activations_with_and_without_checkpointing(inv):
     # LoRA on the last block only: nothing below it keeps activations
     last = estimate(inv, settings(grad_checkpointing=False, lora_last_layers=1))
     assert last["activations (blocks with gradients)"] == per_token * tokens
+    # rows of one sample each (long documents): plain causal attention, no seq x seq mask or bias
+    unmasked = estimate(inv, settings(attention_mask=False))
+    assert "attention mask (packed rows)" not in unmasked
+    assert activation_bytes_per_token_layer(inv, settings(attention_mask=False)) == per_token - 2 * 100
 
 
 def test_peak_holds_only_the_largest_transient(inv):

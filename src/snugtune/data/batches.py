@@ -109,7 +109,10 @@ def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1,
     longest = _padded_length(max(sum(len(s.input_ids) for s in row) for row in rows), pad_multiple, max_len)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-    positions = torch.zeros((len(rows), longest), dtype=torch.long)  # padding: a run of 1-token "samples"
+    # padding continues the last sample's positions: it comes after every real token, so causal attention
+    # keeps it out of their view, and a row holding one sample stays one run (plain causal attention, no
+    # block-diagonal mask)
+    positions = torch.zeros((len(rows), longest), dtype=torch.long)
     real = torch.zeros((len(rows), longest), dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
@@ -121,6 +124,7 @@ def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1,
             positions[r, at:at + n] = torch.arange(n)
             real[r, at:at + n] = 1
             at += n
+        positions[r, at:] = torch.arange(n, n + longest - at)
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "token_mask": real}
 
 

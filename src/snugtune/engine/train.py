@@ -124,9 +124,9 @@ def _with_train(config: Config, **changes) -> Config:
 
 
 def _plan_memory(config: Config, device: torch.device, notify, trained_per_row: list[int],
-                 world_size: int = 1) -> tuple[Config, dict | None]:
-    """On a GPU: cap memory at the budget, plan (knowing each row's trained positions), and apply the
-    planner's micro-batch/checkpointing.
+                 world_size: int = 1, masked: bool = True) -> tuple[Config, dict | None]:
+    """On a GPU: cap memory at the budget, plan (knowing each row's trained positions, and whether batches
+    carry an attention mask), and apply the planner's micro-batch/checkpointing.
     Returns the config to run and the plan's figures for summary.json (None on CPU, where there is no
     card to fit and checkpointing 'auto' means off)."""
     if device.type != "cuda":  # auto: no checkpointing (nothing to fit) unless weights stream, which needs it
@@ -139,7 +139,7 @@ def _plan_memory(config: Config, device: torch.device, notify, trained_per_row: 
         if budget < total:  # the smaller card's CUDA context is outside the allocator but inside its memory
             torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT) / total, device)
             notify(f"memory capped at {budget / 2**30:.1f} GiB ({card}) of this {total / 2**30:.0f} GiB GPU")
-    plan = plan_config(config, trained_per_row=trained_per_row, gpus=max(1, world_size))
+    plan = plan_config(config, trained_per_row=trained_per_row, gpus=max(1, world_size), masked=masked)
     if not plan.fits:
         raise DoesNotFit(f"predicted peak {plan.peak_bytes / 2**30:.1f} GiB does not fit the "
                          f"{plan.budget_bytes / 2**30:.1f} GiB budget ({plan.card}); try {plan.suggestion} "
@@ -243,7 +243,10 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                         cache_dir=default_cache_dir() / "data")
     packed_len = config.max_seq_len if config.data.packing else None
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
-    config, planned = _plan_memory(config, device, notify, trained_tokens_per_row(first_epoch_rows), ctx.world_size)
+    # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked
+    masked = not config.data.packing or any(len(row) > 1 for row in first_epoch_rows)
+    config, planned = _plan_memory(config, device, notify, trained_tokens_per_row(first_epoch_rows), ctx.world_size,
+                                   masked)
     oom_resplits = 0
     torch.manual_seed(config.train.seed)
     stream = config.offload.weights is True

@@ -88,7 +88,7 @@ def model_config_for(cfg: Config):
 def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
               method: str | None = None, checkpointed_layers: int | None = None,
               trained: list[int] | None = None, offload: tuple[bool, bool] = (False, False),
-              shards: int = 1) -> Settings:
+              shards: int = 1, masked: bool = True) -> Settings:
     from snugtune.models import block_linear_names
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     return Settings(method=method or cfg.method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
@@ -98,7 +98,8 @@ def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool
                     max_seq_len=seq or cfg.max_seq_len, grad_checkpointing=checkpointing,
                     trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
-                    offload_activations=offload[0], stream_weights=offload[1], shards=shards)
+                    offload_activations=offload[0], stream_weights=offload[1], shards=shards,
+                    attention_mask=masked)
 
 
 def _seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: dict[str, int]) -> float:
@@ -136,11 +137,11 @@ def _offload_levels(cfg: Config) -> list[tuple[bool, bool]]:
 
 
 def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained: list[int] | None,
-                     offload: tuple[bool, bool], shards: int = 1) -> list[Settings]:
+                     offload: tuple[bool, bool], shards: int = 1, masked: bool = True) -> list[Settings]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
     recomputes every block."""
-    make = partial(_settings, cfg, inv, mb, trained=trained, offload=offload, shards=shards)
+    make = partial(_settings, cfg, inv, mb, trained=trained, offload=offload, shards=shards, masked=masked)
     if offload[1]:
         return [make(True)]
     if cfg.train.grad_checkpointing != "auto":
@@ -154,7 +155,7 @@ def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained
 
 def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,
                     trained_per_row: list[int] | None = None, host_available: int | None = None,
-                    gpus: int = 1) -> Plan:
+                    gpus: int = 1, masked: bool = True) -> Plan:
     """The fastest settings that fit `budget` bytes of GPU memory: micro-batch (effective batch kept
     through accumulation), checkpointing (off, partial: the first k blocks, or full) and CPU offload
     (activations, then frozen block weights) where the config leaves them to 'auto'. Offload is used only
@@ -163,7 +164,9 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
 
     trained_per_row: trained positions of each training row, when the data is known: the loss then holds
     the logits of the micro-batch with the most of them rather than of every position.
-    gpus: processes under torchrun, each with `budget`; FSDP sharding is considered when replicas do not fit."""
+    gpus: processes under torchrun, each with `budget`; FSDP sharding is considered when replicas do not fit.
+    masked: whether batches carry an attention mask (False when the data is known to be one sample a row,
+    as long documents are: attention is then plain causal and holds no seq x seq mask)."""
     inv = inv or inventory_from_config(model_config_for(cfg))
     host_available = host_memory_available() if host_available is None else host_available
     trained = sorted(trained_per_row, reverse=True) if trained_per_row else None
@@ -173,7 +176,7 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
     for shards, offload in _levels(cfg, gpus):
         level = []
         for mb in micro:
-            for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained, offload, shards):
+            for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained, offload, shards, masked):
                 parts = estimate(inv, s)
                 level.append((_seconds_per_step(inv, s, effective // mb, parts), s, parts))
         candidates += level
@@ -230,19 +233,19 @@ def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
 
 
 def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None,
-                gpus: int = 1) -> Plan:
+                gpus: int = 1, masked: bool = True) -> Plan:
     """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile).
-    gpus: processes (one GPU each) under torchrun."""
+    gpus: processes (one GPU each) under torchrun. masked: see plan_for_budget."""
     name = gpu or cfg.budget
     if name == "auto":
         import torch
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             return plan_for_budget(cfg, total, torch.cuda.get_device_name(), trained_per_row=trained_per_row,
-                                   gpus=gpus)
+                                   gpus=gpus, masked=masked)
         name = "h100"
     size, _, card = budget_bytes(name)
-    return plan_for_budget(cfg, size, card, trained_per_row=trained_per_row, gpus=gpus)
+    return plan_for_budget(cfg, size, card, trained_per_row=trained_per_row, gpus=gpus, masked=masked)
 
 
 def _checkpointing_text(s: Settings) -> str:

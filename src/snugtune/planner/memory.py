@@ -101,6 +101,8 @@ class Settings:
     offload_activations: bool = False  # engine.offload.ActivationOffload
     stream_weights: bool = False       # engine.offload.WeightStreamer (frozen block weights in host memory)
     shards: int = 1                    # FSDP processes the weights are sharded over (1: not sharded)
+    attention_mask: bool = True        # batches carry a mask (several packed samples a row, or padding);
+                                       # rows of one sample each run plain causal attention, no mask
 
 
 HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
@@ -179,7 +181,7 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     quantized = s.method in ("qlora", "lora-8bit")
     a = 4 if inv.layer_norm and quantized else c
     norms = inv.norms_per_block * 4 * inv.hidden
-    attention = 4 * c * inv.q_dim + 4 * inv.heads + c * s.max_seq_len
+    attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.max_seq_len if s.attention_mask else 0)
     mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * a * inv.intermediate
     mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
     inputs = 0
@@ -237,7 +239,8 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
             if acts.get(key):
                 acts[HOST + key] = acts.pop(key)
         acts["one offloaded input copied back"] = inv.hidden * s.compute_bytes * tokens
-    acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
+    if s.attention_mask:
+        acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
     chunk = max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab))
     loss = {"logits and loss (chunked)": min(chunk, trained_tokens) * inv.vocab * (s.compute_bytes + 4 + 4)
