@@ -87,6 +87,20 @@ def test_activations_with_and_without_checkpointing(inv):
     assert activation_bytes_per_token_layer(inv, settings(attention_mask=False)) == per_token - 2 * 100
 
 
+def test_tiled_mlp_bounds_the_recomputed_block_and_costs_one_more_mlp_forward():
+    from snugtune.planner.memory import MLP_TILE_TOKENS, step_flops
+    big = inventory_from_config(LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    long = dict(micro_batch=1, max_seq_len=4 * MLP_TILE_TOKENS, attention_mask=False)
+    plain, tiled = estimate(big, settings(**long)), estimate(big, settings(**long, tiled_mlp=True))
+    key = "one block recomputed + its gradients"
+    assert tiled[key] < plain[key] * 0.75 and peak(tiled) < peak(plain)
+    assert estimate(big, settings(tiled_mlp=True))[key] > estimate(big, settings())[key]  # short rows: no gain
+    mlp_params = 2 * 3 * 256 * 1024  # two blocks x gate, up, down
+    assert step_flops(big, settings(**long, tiled_mlp=True)) - step_flops(big, settings(**long)) == \
+        2 * mlp_params * 4 * MLP_TILE_TOKENS
+
+
 def test_peak_holds_only_the_largest_transient(inv):
     parts = estimate(inv, settings())
     transient = max(parts["one block recomputed + its gradients"], parts["logits and loss (chunked)"])

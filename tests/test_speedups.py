@@ -82,3 +82,16 @@ def test_compiled_blocks_train_the_same_steps_as_eager_blocks(tmp_path, alpaca_f
         rows = [json.loads(line) for line in (tmp_path / str(compiled) / "run" / "metrics.jsonl").read_text().splitlines()]
         losses[compiled] = [r["loss"] for r in rows if "loss" in r]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_train_with_tiled_mlps_logs_the_same_losses(tmp_path, alpaca_file, monkeypatch):
+    from snugtune.engine import tiling
+    monkeypatch.setattr(tiling, "MLP_TILE_TOKENS", 32)  # rows of up to 96 tokens: several tiles each
+    losses = {}
+    for tiled in (False, True):
+        config = tiny_config(tmp_path / str(tiled), alpaca_file, lora={"dropout": 0.0},
+                             train={"tiled_mlp": tiled, "grad_checkpointing": True, "max_steps": 2})
+        train(config, show_progress=False)
+        rows = [json.loads(line) for line in (tmp_path / str(tiled) / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[tiled] = [r["loss"] for r in rows if "loss" in r]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -83,10 +83,14 @@ class TrainConfig(_Section):
         "auto", description="Under torchrun with several processes: ddp replicates the model on each GPU; fsdp "
                             "shards the base weights (and LoRA) over them with PyTorch FSDP. auto: ddp when the "
                             "planned run fits one GPU, else fsdp.")
+    tiled_mlp: bool | Literal["auto"] = Field(
+        "auto", description="Run each block's MLP over the sequence in checkpointed tiles of 8,192 tokens: far "
+                            "less memory at long contexts, for one more MLP forward per step. auto: the planner "
+                            "turns it on when full checkpointing alone does not fit.")
     compile: bool | Literal["auto"] = Field(
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
                             "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU in "
-                            "a single process without offload.")
+                            "a single process without offload or MLP tiling.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
@@ -274,7 +278,7 @@ def config_to_yaml(config: Config) -> str:
 # Fields that may change between a run and its resumption without changing what is trained. How a step's
 # rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
 # optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
-RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.tiled_mlp", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.

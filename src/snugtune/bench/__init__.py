@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,21 +25,33 @@ from snugtune.engine.rundir import read_jsonl
 
 
 
-def long_documents(folder: Path, count: int = 24) -> Path:
-    """The `count` largest modules of this Python's standard library, copied into folder: real code text
-    long enough for one document to fill a row of tens of thousands of tokens."""
+CHARS_PER_TOKEN_BOUND = 8  # Python source tokenizes at 3-4 characters a token: 8 leaves a wide margin
+
+
+def long_documents(folder: Path, tokens: int, count: int = 24) -> Path:
+    """`count` documents of real code, each at least `tokens` tokens long, written into folder: the
+    largest modules of this Python's standard library, concatenated, each document starting at a
+    different module. Every row then holds one document truncated to the row's length (no packing: plain
+    causal attention, as one long file is trained)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted((p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: -p.stat().st_size)[:count]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    chars = CHARS_PER_TOKEN_BOUND * tokens
     folder.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        shutil.copyfile(path, folder / path.name)
+    for i in range(len(texts)):
+        text = ""
+        k = i
+        while len(text) < chars:
+            text += texts[k % len(texts)] + "\n"
+            k += 1
+        (folder / f"document-{i:02d}.py").write_text(text[:chars], encoding="utf-8")
     return folder
 
 
 def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
                  long_text: Path | None = None) -> dict:
-    """The bench's run: packed rows of the bundled stdlib functions, or (long_text) one standard-library
-    module per row, truncated to `seq` tokens, for long-context runs."""
+    """The bench's run: packed rows of the bundled stdlib functions, or (long_text, from long_documents) one
+    document of standard-library code per row, truncated to `seq` tokens, for long-context runs."""
     data = {"path": str(Path(str(resources.files("snugtune") / "bundled" / "stdlib_functions.jsonl"))),
             "format": "alpaca", "eval_fraction": 0.02}
     if long_text is not None:
@@ -152,7 +163,7 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
         for stack in stacks:
             results[stack] = run_stack(stack, bench_config(shape, seq, batch, steps, cap_gib, device), work)
         if max_context:
-            documents = long_documents(work / "long")
+            documents = long_documents(work / "long", max_context)
             for stack in stacks:
                 if results[stack].get("unavailable"):  # a stack that cannot run here has no longest sequence
                     continue

@@ -29,11 +29,11 @@ class Speedups:
 def compile_wanted(config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
     """train.compile resolved: auto compiles on a CUDA GPU, in one process, without offload (weight
     streaming's hooks swap the weights a compiled block would be specialised on; activation offload's
-    saved-tensor hooks are untested under compile)."""
+    saved-tensor hooks and MLP tiling's inner checkpoints are untested under compile)."""
     if config.train.compile != "auto":
         return bool(config.train.compile)
     return (device.type == "cuda" and not distributed and not streaming
-            and config.offload.activations is not True)
+            and config.offload.activations is not True and config.train.tiled_mlp is not True)
 
 
 def apply_speedups(model, layers, config: Config, device: torch.device, distributed: bool = False,

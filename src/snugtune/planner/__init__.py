@@ -88,7 +88,7 @@ def model_config_for(cfg: Config):
 def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
               method: str | None = None, checkpointed_layers: int | None = None,
               trained: list[int] | None = None, offload: tuple[bool, bool] = (False, False),
-              shards: int = 1, masked: bool = True) -> Settings:
+              shards: int = 1, masked: bool = True, tiled_mlp: bool = False) -> Settings:
     from snugtune.models import block_linear_names
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     return Settings(method=method or cfg.method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
@@ -99,7 +99,7 @@ def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool
                     trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
                     offload_activations=offload[0], stream_weights=offload[1], shards=shards,
-                    attention_mask=masked)
+                    attention_mask=masked, tiled_mlp=tiled_mlp)
 
 
 def _seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: dict[str, int]) -> float:
@@ -142,10 +142,17 @@ def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
     recomputes every block."""
     make = partial(_settings, cfg, inv, mb, trained=trained, offload=offload, shards=shards, masked=masked)
+    tiled = cfg.train.tiled_mlp
+    if tiled == "auto":  # last of the recomputation options: every block, and each MLP in tiles
+        full = make(True)
+        tiled = peak(estimate(inv, full)) > limit and bool(cfg.train.grad_checkpointing)
     if offload[1]:
-        return [make(True)]
+        return [make(True, tiled_mlp=tiled)]
     if cfg.train.grad_checkpointing != "auto":
-        return [make(bool(cfg.train.grad_checkpointing), checkpointed_layers=cfg.train.checkpoint_layers)]
+        return [make(bool(cfg.train.grad_checkpointing), checkpointed_layers=cfg.train.checkpoint_layers,
+                     tiled_mlp=tiled)]
+    if tiled:
+        return [make(True, tiled_mlp=True)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
         s = make(True, checkpointed_layers=blocks)
         if peak(estimate(inv, s)) <= limit:
@@ -211,6 +218,8 @@ def _changes(cfg: Config, s: Settings, effective: int, gpus: int = 1) -> dict[st
     for key, on in (("offload.activations", s.offload_activations), ("offload.weights", s.stream_weights)):
         if on and getattr(cfg.offload, key.split(".")[1]) == "auto":
             changes[key] = ["auto", on]
+    if s.tiled_mlp and cfg.train.tiled_mlp == "auto":
+        changes["train.tiled_mlp"] = ["auto", True]
     return changes
 
 
@@ -269,7 +278,8 @@ def format_plan(plan: Plan) -> str:
                                                           else "DDP, each GPU a full replica"))
     lines.append(f"\nsettings: method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
                  f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
-                 f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={_offload_text(s)}")
+                 f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={_offload_text(s)}"
+                 + (" tiled_mlp=True" if s.tiled_mlp else ""))
     if plan.host_bytes:
         lines += [f"{k:<{width}}{v / GIB:>9.2f}" for k, v in plan.breakdown.items() if k.startswith(HOST)]
         lines.append(f"host memory for offload: {plan.host_bytes / GIB:.2f} GiB pinned "

@@ -16,6 +16,7 @@ CUDA_CONTEXT = 685 * MIB          # driver + cuBLAS handles, outside torch's all
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
 LOSS_CHUNK_BYTES = 256 * MIB      # engine/loss.py: fp32 logits held at once
+MLP_TILE_TOKENS = 8192            # engine/tiling.py: tokens an MLP tile holds intermediates for
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Settings:
     shards: int = 1                    # FSDP processes the weights are sharded over (1: not sharded)
     attention_mask: bool = True        # batches carry a mask (several packed samples a row, or padding);
                                        # rows of one sample each run plain causal attention, no mask
+    tiled_mlp: bool = False            # engine.tiling: each MLP over the sequence in checkpointed tiles
 
 
 HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
@@ -197,6 +199,19 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     return norms + attention + mlp + inputs + lora
 
 
+def mlp_bytes_per_token(inv: Inventory, s: Settings) -> int:
+    """The part of activation_bytes_per_token_layer that the MLP keeps: its activation's and gate's tensors
+    and, for its adapted linears, the LoRA inputs and rank-r outputs (what MLP tiling bounds)."""
+    c = s.compute_bytes
+    a = 4 if inv.layer_norm and s.method in ("qlora", "lora-8bit") else c
+    mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * a * inv.intermediate
+    if s.method in ("lora", "qlora", "lora-8bit"):
+        mask = 1 if s.lora_dropout > 0 else 0
+        mlp += sum((c + mask) * l.in_features + c * s.lora_r for l in _adapted(inv, s)
+                   if l.layer == inv.layers - 1 and inv.intermediate in (l.in_features, l.out_features))
+    return mlp
+
+
 def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
     """Blocks that backward passes through without checkpointing: from the first trained block to the
     top. Below it nothing requires grad, so autograd keeps no activations there (freeze, or LoRA on the
@@ -227,9 +242,13 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
         # gradient flowing back; the engine makes the embeddings' output require grad for checkpointing, so
         # checkpointed blocks keep their input whether trained or not. Blocks above them keep everything.
         kept = min(inv.layers - recomputed, layers)
+        recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens
+        if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
+            mlp = mlp_bytes_per_token(inv, s)
+            recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
         acts = {"checkpointed block inputs": recomputed * inv.hidden * s.compute_bytes * tokens,
                 "activations (blocks not checkpointed)": kept * per_layer,
-                "one block recomputed + its gradients": per_layer + 2 * inv.hidden * s.compute_bytes * tokens}
+                "one block recomputed + its gradients": recompute}
     else:
         acts = {"activations (blocks with gradients)": layers * per_layer,
                 "one block's gradients": per_layer}
@@ -246,8 +265,9 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     loss = {"logits and loss (chunked)": min(chunk, trained_tokens) * inv.vocab * (s.compute_bytes + 4 + 4)
             + trained_tokens * inv.hidden * (s.compute_bytes + 4)}
     biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
+    mlp_tokens = min(tokens, MLP_TILE_TOKENS) if s.tiled_mlp else tokens  # the MLP's matmuls run a tile at a time
     workspace = {"dequantize / matmul workspace": 2 * biggest * s.compute_bytes
-                 + 2 * tokens * max(inv.hidden, inv.intermediate) * s.compute_bytes}
+                 + 2 * max(tokens * inv.hidden, mlp_tokens * inv.intermediate) * s.compute_bytes}
     weights = weight_bytes(inv, s)
     held = {**weights, **optimizer_bytes(inv, s)}
     if s.shards > 1:  # FSDP: each process keeps 1/N of every parameter, gradient and moment ...
@@ -286,11 +306,15 @@ def host_bytes(parts: dict[str, int]) -> int:
 
 def step_flops(inv: Inventory, s: Settings) -> float:
     """FLOPs of one micro-batch step: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights)
-    per parameter and token, + one more forward when checkpointing. Attention scores counted too."""
+    per parameter and token, + one more forward when checkpointing (and of the MLPs when tiled).
+    Attention scores counted too."""
     tokens = s.micro_batch * s.max_seq_len
     n = inv.total_params
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
     per_token = (6 if s.method in ("full",) else 4) * n + 2 * n * share
+    if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
+        per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears
+                             if inv.intermediate in (l.in_features, l.out_features))
     attention = 4 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)
     return float(tokens * (per_token + attention))
 
