@@ -105,3 +105,49 @@ def test_planner_streams_weights_only_when_nothing_else_fits_and_checks_host_mem
     assert not starved.fits and "host memory" in starved.suggestion
     with pytest.raises(ValueError, match="checkpointing"):
         tiny_config(tmp_path, alpaca_file, offload={"weights": True}, train={"grad_checkpointing": False})
+
+
+def test_embeddings_in_host_memory_train_the_same_steps(tmp_path, alpaca_file):
+    losses = {}
+    for on_host in (False, True):
+        config = tiny_config(tmp_path / str(on_host), alpaca_file, method="qlora", lora={"dropout": 0.0},
+                             offload={"embeddings": on_host}, train={"grad_checkpointing": True, "max_steps": 2})
+        train(config, show_progress=False)
+        rows = [json.loads(line) for line in (tmp_path / str(on_host) / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[on_host] = [r["loss"] for r in rows if "loss" in r]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_host_embedding_looks_up_rows_on_the_cpu_and_refuses_tied_tables():
+    from snugtune.engine.offload import HostEmbedding, keep_embeddings_on_host
+    model = _lora_llama(layers=2)
+    ids = torch.randint(0, 64, (2, 8))
+    before = model(input_ids=ids).logits
+    assert keep_embeddings_on_host(model, torch.device("cpu"))
+    table = model.get_base_model().get_input_embeddings()
+    assert isinstance(table, HostEmbedding) and table.weight.device.type == "cpu"
+    assert torch.equal(model(input_ids=ids).logits, before)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert not keep_embeddings_on_host(tied, torch.device("cpu"))
+
+
+def test_planner_keeps_embeddings_on_host_before_offloading_activations(tmp_path, alpaca_file):
+    def plan(gib: int, embeddings="auto"):
+        cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
+                          offload={"embeddings": embeddings},
+                          train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
+        return plan_for_budget(cfg, gib * GIB, f"{gib} GiB", host_available=64 * GIB).settings
+
+    assert not plan(16).embeddings_on_host  # it fits: nothing leaves the GPU
+    # 9 GiB: the table alone is enough; forbidden, activations must go to the host instead
+    assert plan(9).embeddings_on_host and not plan(9).offload_activations
+    assert plan(9, False).offload_activations
+    # 8 GiB: table and activations on the host; forbidden, the frozen weights must stream (slowest)
+    assert plan(8).embeddings_on_host and not plan(8).stream_weights
+    assert plan(8, False).stream_weights
+    tight = plan_for_budget(tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora",
+                                        max_seq_len=4096, train={"micro_batch": 1, "grad_checkpointing": "auto"}),
+                            9 * GIB, "9 GiB", host_available=64 * GIB)
+    assert tight.changes["offload.embeddings"] == ["auto", True]
+    assert tight.breakdown["host: input embeddings (rows looked up there)"] == 128256 * 4096 * 2  # vocab x hidden

@@ -29,7 +29,7 @@ from snugtune.engine.distributed import (DistContext, LossModule, barrier, full_
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
                                         save_checkpoint, trainable_state)
 from snugtune.engine.loss import mean_loss, token_loss_sum
-from snugtune.engine.offload import ActivationOffload, WeightStreamer
+from snugtune.engine.offload import ActivationOffload, WeightStreamer, keep_embeddings_on_host
 from snugtune.engine.speedups import apply_speedups
 from snugtune.engine.tiling import tile_mlps
 from snugtune.engine.optim import build_optimizer, build_scheduler, flatten_trainable
@@ -152,11 +152,13 @@ def _plan_memory(config: Config, device: torch.device, notify, trained_per_row: 
                "grad_checkpointing": plan.settings.grad_checkpointing,
                "checkpoint_layers": plan.settings.checkpointed_layers,
                "offload_activations": plan.settings.offload_activations,
-               "offload_weights": plan.settings.stream_weights, "tiled_mlp": plan.settings.tiled_mlp,
+               "offload_weights": plan.settings.stream_weights, "offload_embeddings": plan.settings.embeddings_on_host,
+               "tiled_mlp": plan.settings.tiled_mlp,
                "host_bytes": plan.host_bytes}
     planned["data_parallel"] = ("fsdp" if plan.settings.shards > 1 else "ddp") if world_size > 1 else None
     config = config.model_copy(update={"offload": config.offload.model_copy(
-        update={"activations": plan.settings.offload_activations, "weights": plan.settings.stream_weights})})
+        update={"activations": plan.settings.offload_activations, "weights": plan.settings.stream_weights,
+                "embeddings": plan.settings.embeddings_on_host})})
     return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
                        grad_checkpointing=plan.settings.grad_checkpointing,
                        checkpoint_layers=plan.settings.checkpointed_layers, tiled_mlp=plan.settings.tiled_mlp,
@@ -259,6 +261,9 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     model = prepare_for_training(model, config)
     if stream:  # frozen block weights stay in host memory, one block ahead on the device
         WeightStreamer(decoder_layers(model), device).attach(model)
+    if config.offload.embeddings is True and not fsdp and not stream:
+        if not keep_embeddings_on_host(model, device):
+            notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
     if config.train.tiled_mlp is True:  # long contexts: one MLP tile's intermediates at a time
         tile_mlps(decoder_layers(model))
     speedups = apply_speedups(model, decoder_layers(model), config, device, ctx.enabled, stream, fsdp)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from snugtune.config import Config, ConfigError
 from snugtune.planner.cards import CARDS, GIB, budget_bytes
-from snugtune.planner.memory import (HOST, Inventory, Settings, estimate, host_bytes, inventory_from_config, peak,
-                                     step_flops)
+from snugtune.planner.memory import (EMBEDDING_TABLE, HOST, Inventory, Settings, estimate, host_bytes,
+                                     inventory_from_config, peak, step_flops)
 
 SAFETY = 0.92               # plan to at most this share of the budget
 ASSUMED_FLOPS = 3.0e14      # sustained bf16 rate used only to rank candidate settings
@@ -49,7 +49,8 @@ class Plan:
 
 
 def _offload_text(s: Settings) -> str:
-    parts = [name for name, on in (("activations", s.offload_activations), ("weights", s.stream_weights)) if on]
+    parts = [name for name, on in (("embeddings", s.embeddings_on_host), ("activations", s.offload_activations),
+                                   ("weights", s.stream_weights)) if on]
     return "+".join(parts) or "none"
 
 
@@ -87,7 +88,7 @@ def model_config_for(cfg: Config):
 
 def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
               method: str | None = None, checkpointed_layers: int | None = None,
-              trained: list[int] | None = None, offload: tuple[bool, bool] = (False, False),
+              trained: list[int] | None = None, offload: tuple[bool, bool, bool] = (False, False, False),
               shards: int = 1, masked: bool = True, tiled_mlp: bool = False) -> Settings:
     from snugtune.models import block_linear_names
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
@@ -98,46 +99,61 @@ def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool
                     max_seq_len=seq or cfg.max_seq_len, grad_checkpointing=checkpointing,
                     trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
-                    offload_activations=offload[0], stream_weights=offload[1], shards=shards,
+                    offload_activations=offload[0], stream_weights=offload[1], embeddings_on_host=offload[2],
+                    shards=shards,
                     attention_mask=masked, tiled_mlp=tiled_mlp)
 
 
 def _seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: dict[str, int]) -> float:
-    copies = 2 * host_bytes(parts) / HOST_COPY_BYTES_S  # out and back (activations), forward and recompute (weights)
+    # out and back (activations), forward and recompute (weights); of the embedding table only the batch's rows
+    copied = host_bytes(parts) - parts.get(HOST + EMBEDDING_TABLE, 0)
+    copies = 2 * copied / HOST_COPY_BYTES_S
+    if s.embeddings_on_host:
+        copies += s.micro_batch * s.max_seq_len * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
     return accum * (step_flops(inv, s) / ASSUMED_FLOPS + STEP_OVERHEAD_S + copies)
 
 
-def _levels(cfg: Config, gpus: int) -> list[tuple[int, tuple[bool, bool]]]:
-    """(FSDP shards, (activations, weights) offload) combinations the config allows, cheapest first:
-    replicated (DDP), sharded over the GPUs (FSDP, LoRA methods), then CPU offload on each GPU."""
+def _levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, tuple[bool, bool, bool]]]:
+    """(FSDP shards, (activations, weights, embeddings) offload) combinations the config allows, cheapest
+    first: replicated (DDP), sharded over the GPUs (FSDP, LoRA methods), then CPU offload on each GPU."""
     parallel = [1, gpus] if gpus > 1 else [1]
     if gpus > 1 and cfg.train.data_parallel != "auto":
         parallel = [gpus if cfg.train.data_parallel == "fsdp" else 1]
     if cfg.method not in ("lora", "qlora"):
         parallel = [p for p in parallel if p == 1] or [1]
-    offloads = _offload_levels(cfg)
-    levels = [(shards, (False, False)) for shards in parallel if (False, False) in offloads]
+    offloads = _offload_levels(cfg, inv)
+    none = (False, False, cfg.offload.embeddings is True)
+    # FSDP shards the root unit (embeddings included) over the GPUs: no host table there
+    levels = [(shards, none if shards == 1 else (False, False, False)) for shards in parallel if none in offloads]
     if parallel[0] == 1:
-        levels += [(1, offload) for offload in offloads if offload != (False, False)]
+        levels += [(1, offload) for offload in offloads if offload != none]
     return levels
 
 
-def _offload_levels(cfg: Config) -> list[tuple[bool, bool]]:
-    """(activations, weights) offload combinations the config allows, cheapest first."""
+def _offload_levels(cfg: Config, inv: Inventory) -> list[tuple[bool, bool, bool]]:
+    """(activations, weights, embeddings) offload combinations the config allows, cheapest first. The input
+    embeddings stay in host memory only when frozen and not tied to the output head, and not with weight
+    streaming (which places every non-block weight on the GPU)."""
     allowed = []
-    for acts, weights in ((False, False), (True, False), (False, True), (True, True)):
+    order = ((False, False, False), (False, False, True), (True, False, False), (True, False, True),
+             (False, True, False), (True, True, False))
+    for acts, weights, embeds in order:
         if cfg.offload.activations != "auto" and acts != cfg.offload.activations:
             continue
         if cfg.offload.weights != "auto" and weights != cfg.offload.weights:
             continue
+        if cfg.offload.embeddings != "auto" and embeds != cfg.offload.embeddings:
+            continue
         if weights and (cfg.method in ("lora-8bit", "full") or cfg.train.grad_checkpointing is False):
             continue
-        allowed.append((acts, weights))
+        if embeds and (cfg.method == "full" or inv.tied_embeddings):
+            continue
+        allowed.append((acts, weights, embeds))
     return allowed
 
 
 def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained: list[int] | None,
-                     offload: tuple[bool, bool], shards: int = 1, masked: bool = True) -> list[Settings]:
+                     offload: tuple[bool, bool, bool], shards: int = 1, masked: bool = True) -> list[Settings]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
     recomputes every block."""
@@ -180,7 +196,7 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     micro = [d for d in range(cfg.train.micro_batch, 0, -1) if effective % d == 0]
     candidates = []
-    for shards, offload in _levels(cfg, gpus):
+    for shards, offload in _levels(cfg, gpus, inv):
         level = []
         for mb in micro:
             for s in _fastest_fitting(cfg, inv, mb, SAFETY * budget, trained, offload, shards, masked):
@@ -215,7 +231,8 @@ def _changes(cfg: Config, s: Settings, effective: int, gpus: int = 1) -> dict[st
         changes["train.grad_checkpointing"] = ["auto", s.grad_checkpointing]
         if s.checkpointed_layers is not None:
             changes["train.checkpoint_layers"] = [cfg.train.checkpoint_layers, s.checkpointed_layers]
-    for key, on in (("offload.activations", s.offload_activations), ("offload.weights", s.stream_weights)):
+    for key, on in (("offload.activations", s.offload_activations), ("offload.weights", s.stream_weights),
+                    ("offload.embeddings", s.embeddings_on_host)):
         if on and getattr(cfg.offload, key.split(".")[1]) == "auto":
             changes[key] = ["auto", on]
     if s.tiled_mlp and cfg.train.tiled_mlp == "auto":

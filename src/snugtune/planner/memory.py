@@ -105,9 +105,11 @@ class Settings:
     attention_mask: bool = True        # batches carry a mask (several packed samples a row, or padding);
                                        # rows of one sample each run plain causal attention, no mask
     tiled_mlp: bool = False            # engine.tiling: each MLP over the sequence in checkpointed tiles
+    embeddings_on_host: bool = False   # engine.offload.HostEmbedding: the frozen input table in host memory
 
 
 HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
+EMBEDDING_TABLE = "input embeddings (rows looked up there)"  # host memory that is not copied each step
 
 
 def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
@@ -143,6 +145,8 @@ def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
     else:
         linear = {"frozen 16-bit weights": s.compute_bytes * n_lin}
     other = 4 * inv.other_params if s.method == "full" else s.compute_bytes * inv.other_params
+    if s.embeddings_on_host:  # looked up in host memory; only the batch's rows reach the GPU
+        other -= s.compute_bytes * inv.vocab * inv.hidden
     if s.stream_weights:  # frozen block weights live in host memory; the running block and the next on the GPU
         frozen = next(k for k in linear if k.startswith(("quantized", "frozen")))
         data = linear.pop(frozen) - int(stats)
@@ -150,7 +154,10 @@ def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
         if stats:
             linear["4-bit block scales (all blocks)"] = int(stats)
         linear[HOST + "frozen block weights (pinned)"] = data
-    return {**linear, "16-bit weights kept (embeddings, norms, lm_head)": other}
+    kept = {**linear, "16-bit weights kept (embeddings, norms, lm_head)": other}
+    if s.embeddings_on_host:
+        kept[HOST + EMBEDDING_TABLE] = s.compute_bytes * inv.vocab * inv.hidden
+    return kept
 
 
 def optimizer_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
