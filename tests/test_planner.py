@@ -101,6 +101,17 @@ def test_tiled_mlp_bounds_the_recomputed_block_and_costs_one_more_mlp_forward():
         2 * mlp_params * 4 * MLP_TILE_TOKENS
 
 
+def test_search_tiles_mlps_only_for_rows_longer_than_a_tile_that_do_not_fit_otherwise(tmp_path, alpaca_file):
+    def plan(seq: int, gib: int):
+        cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=seq,
+                          train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
+        return plan_for_budget(cfg, gib * GIB, f"{gib} GiB", host_available=64 * GIB, masked=False)
+    long = plan(32768, 15)
+    assert long.fits and long.settings.tiled_mlp and long.changes["train.tiled_mlp"] == ["auto", True]
+    assert not plan(32768, 80).settings.tiled_mlp  # fits without: no extra MLP forward
+    assert not plan(4096, 8).settings.tiled_mlp    # rows within one tile: tiling would change nothing
+
+
 def test_peak_holds_only_the_largest_transient(inv):
     parts = estimate(inv, settings())
     transient = max(parts["one block recomputed + its gradients"], parts["logits and loss (chunked)"])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from snugtune.config import Config, ConfigError
 from snugtune.planner.cards import CARDS, GIB, budget_bytes
-from snugtune.planner.memory import (EMBEDDING_TABLE, HOST, Inventory, Settings, estimate, host_bytes,
-                                     inventory_from_config, peak, step_flops)
+from snugtune.planner.memory import (EMBEDDING_TABLE, HOST, MLP_TILE_TOKENS, Inventory, Settings, estimate,
+                                     host_bytes, inventory_from_config, peak, step_flops)
 
 SAFETY = 0.92               # plan to at most this share of the budget
 ASSUMED_FLOPS = 3.0e14      # sustained bf16 rate used only to rank candidate settings
@@ -160,8 +160,8 @@ def _fastest_fitting(cfg: Config, inv: Inventory, mb: int, limit: float, trained
     make = partial(_settings, cfg, inv, mb, trained=trained, offload=offload, shards=shards, masked=masked)
     tiled = cfg.train.tiled_mlp
     if tiled == "auto":  # last of the recomputation options: every block, and each MLP in tiles
-        full = make(True)
-        tiled = peak(estimate(inv, full)) > limit and bool(cfg.train.grad_checkpointing)
+        tiled = (bool(cfg.train.grad_checkpointing) and mb * cfg.max_seq_len > MLP_TILE_TOKENS
+                 and peak(estimate(inv, make(True))) > limit)
     if offload[1]:
         return [make(True, tiled_mlp=tiled)]
     if cfg.train.grad_checkpointing != "auto":
