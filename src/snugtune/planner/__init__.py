@@ -180,8 +180,9 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
                     trained_per_row: list[int] | None = None, host_available: int | None = None,
                     gpus: int = 1, masked: bool = True) -> Plan:
     """The fastest settings that fit `budget` bytes of GPU memory: micro-batch (effective batch kept
-    through accumulation), checkpointing (off, partial: the first k blocks, or full) and CPU offload
-    (activations, then frozen block weights) where the config leaves them to 'auto'. Offload is used only
+    through accumulation), checkpointing (off, partial: the first k blocks, full, then full with MLP tiling)
+    and CPU offload (input embeddings, activations, then frozen block weights) where the config leaves them
+    to 'auto'. Offload is used only
     when nothing fits without it, and only within the host's available memory. fits=False with a
     suggestion when nothing fits.
 
