@@ -30,6 +30,7 @@ def main() -> None:
                         help="GPU: the fast path's largest error may be this many times the plain bf16 path's")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="CPU (fp32): largest relative gradient difference accepted")
+    parser.add_argument("--bf16", action="store_true", help="on the CPU too: bf16 autocast and the fp32 reference")
     args = parser.parse_args()
 
     from snugtune.bench import bench_config
@@ -42,7 +43,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda or args.bf16 else torch.float32
     raw = bench_config(args.shape, args.seq, 1, 1, None, "auto")
     raw["train"]["compile"] = True
     cfg = config_from_dict(raw)
@@ -67,7 +68,7 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
 
     def gradients(model, loss_of, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        with torch.autocast(device.type, dtype=dtype if autocast else torch.float32, enabled=autocast):
             loss = loss_of(model)
         loss.backward()
         return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
@@ -77,10 +78,11 @@ def main() -> None:
         total, n = token_loss_sum(model, batch)
         return total / n
 
-    plain_loss, plain = gradients(model, lambda m: m(**batch).loss, cuda)
+    low = dtype != torch.float32
+    plain_loss, plain = gradients(model, lambda m: m(**batch).loss, low)
     model.zero_grad(set_to_none=True)
     applied = apply_speedups(model, decoder_layers(model), cfg, device)
-    fast_loss_value, fast = gradients(model, fast_loss, cuda)
+    fast_loss_value, fast = gradients(model, fast_loss, low)
     unfuse_lora_layers(model)
     print(f"{args.shape} seq {args.seq} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}); "
           f"fast path: {applied}")
@@ -88,14 +90,15 @@ def main() -> None:
     def worst(grads, reference) -> tuple[float, str]:
         return max((float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)), n) for n, g in reference.items())
 
-    if not cuda:
+    if not low:
         error, name = worst(fast, plain)
         print(f"loss: plain {plain_loss:.6f}  fast {fast_loss_value:.6f}")
         print(f"LoRA gradients: {len(plain)} tensors, largest relative difference {error:.2e} ({name}); "
               f"tolerance {args.tolerance:.0e}")
         sys.exit(0 if error <= args.tolerance else 1)
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     reference_loss, reference = gradients(loaded(torch.float32), lambda m: m(**batch).loss, False)
     plain_error, plain_name = worst(plain, reference)
     fast_error, fast_name = worst(fast, reference)
