@@ -4,14 +4,15 @@ One model (the bench's: QLoRA nf4 double quant, LoRA r=16 on all linears, LoRA B
 zero so every gradient is non-trivial), one packed batch of the bench's rows, two passes:
   plain  peft's own LoRA forward, eager blocks, the model's own loss (full-vocabulary logits)
   fast   engine.speedups (fused LoRA layers, compiled blocks) + the engine's chunked loss
-On a GPU a third pass, plain in fp32 (same 4-bit weights, fp32 compute, no autocast), is the reference:
+On a GPU (or with --bf16 on the CPU) a third pass, plain in fp32 (same 4-bit weights, fp32 compute, no autocast), is the reference:
 both bf16 paths are compared with it, and the fast path passes when its largest relative LoRA-gradient
 error is within `--margin` times the plain bf16 path's own (bf16 rounding alone makes small gradients
-differ by percents; what matters is that the fast path adds no error of its own). On the CPU (fp32) the
+differ by percents; what matters is that the fast path adds no error of its own). On the CPU in fp32 the
 two paths are compared directly. Exit 1 on failure.
 
   python benchmarks/fast_path_check.py --shape llama3-8b --seq 2048     (GPU: bf16 autocast)
   python benchmarks/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
+  python benchmarks/fast_path_check.py --shape smollm2-135m --seq 512 --bf16   (CPU: bf16 vs fp32)
 """
 
 from __future__ import annotations
