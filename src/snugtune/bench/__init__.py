@@ -150,8 +150,9 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
               against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
               max_context: int | None = None) -> dict:
     """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
-    on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one
-    standard-library module per row) that trains under the cap, up to this many tokens."""
+    on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one long
+    document of standard-library code per row, see long_documents) that trains under the cap, up to this
+    many tokens."""
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context}}
     with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:

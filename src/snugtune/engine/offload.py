@@ -1,7 +1,7 @@
-"""CPU offload for runs larger than the card: checkpointed activations and frozen block weights live in
-(pinned) host memory and come to the GPU only while a block needs them.
+"""CPU offload for runs larger than the card: checkpointed activations, frozen block weights and the frozen
+input-embedding table live in host memory; what a step needs comes to the GPU only when it needs it.
 
-Two small policies, each usable alone, both chosen by the planner (config `offload.*`):
+Three small policies, each usable alone, all chosen by the planner (config `offload.*`):
 
 - `ActivationOffload`: a saved-tensor hook around the training forward. What autograd keeps from the
   forward (with checkpointing: every block's input) is copied to pinned host memory on a side stream,

@@ -38,7 +38,7 @@ from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
 from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
-from snugtune.planner import DoesNotFit, plan_config
+from snugtune.planner import DoesNotFit, offload_choices, plan_config
 from snugtune.planner.cards import budget_bytes
 from snugtune.planner.memory import CUDA_CONTEXT
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
@@ -156,9 +156,7 @@ def _plan_memory(config: Config, device: torch.device, notify, trained_per_row: 
                "tiled_mlp": plan.settings.tiled_mlp,
                "host_bytes": plan.host_bytes}
     planned["data_parallel"] = ("fsdp" if plan.settings.shards > 1 else "ddp") if world_size > 1 else None
-    config = config.model_copy(update={"offload": config.offload.model_copy(
-        update={"activations": plan.settings.offload_activations, "weights": plan.settings.stream_weights,
-                "embeddings": plan.settings.embeddings_on_host})})
+    config = config.model_copy(update={"offload": config.offload.model_copy(update=offload_choices(plan.settings))})
     return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
                        grad_checkpointing=plan.settings.grad_checkpointing,
                        checkpoint_layers=plan.settings.checkpointed_layers, tiled_mlp=plan.settings.tiled_mlp,

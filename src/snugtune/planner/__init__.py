@@ -48,10 +48,18 @@ class Plan:
                 "changes": self.changes, "suggestion": self.suggestion}
 
 
+# config `offload.<name>` and the Settings field that carries the planner's choice, cheapest first
+OFFLOAD_FIELDS = (("embeddings", "embeddings_on_host"), ("activations", "offload_activations"),
+                  ("weights", "stream_weights"))
+
+
+def offload_choices(s: Settings) -> dict[str, bool]:
+    """The planner's offload choices as config `offload.*` values."""
+    return {name: getattr(s, field) for name, field in OFFLOAD_FIELDS}
+
+
 def _offload_text(s: Settings) -> str:
-    parts = [name for name, on in (("embeddings", s.embeddings_on_host), ("activations", s.offload_activations),
-                                   ("weights", s.stream_weights)) if on]
-    return "+".join(parts) or "none"
+    return "+".join(name for name, on in offload_choices(s).items() if on) or "none"
 
 
 def host_memory_available() -> int:
@@ -232,10 +240,9 @@ def _changes(cfg: Config, s: Settings, effective: int, gpus: int = 1) -> dict[st
         changes["train.grad_checkpointing"] = ["auto", s.grad_checkpointing]
         if s.checkpointed_layers is not None:
             changes["train.checkpoint_layers"] = [cfg.train.checkpoint_layers, s.checkpointed_layers]
-    for key, on in (("offload.activations", s.offload_activations), ("offload.weights", s.stream_weights),
-                    ("offload.embeddings", s.embeddings_on_host)):
-        if on and getattr(cfg.offload, key.split(".")[1]) == "auto":
-            changes[key] = ["auto", on]
+    for name, on in offload_choices(s).items():
+        if on and getattr(cfg.offload, name) == "auto":
+            changes[f"offload.{name}"] = ["auto", on]
     if s.tiled_mlp and cfg.train.tiled_mlp == "auto":
         changes["train.tiled_mlp"] = ["auto", True]
     return changes

@@ -187,36 +187,44 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     quantized LayerNorm models (Phi, StableLM) the MLP's tensors are fp32.
     """
     c = s.compute_bytes
-    quantized = s.method in ("qlora", "lora-8bit")
-    a = 4 if inv.layer_norm and quantized else c
+    a = _mlp_value_bytes(inv, s)
     norms = inv.norms_per_block * 4 * inv.hidden
     attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.max_seq_len if s.attention_mask else 0)
-    mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * a * inv.intermediate
     mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
     inputs = 0
     if s.method == "lora-8bit":  # LLM.int8 layers keep their input
         inputs = a * (inv.hidden + mlp_input + inv.intermediate) + c * inv.q_dim
     elif s.method in ("freeze", "full"):  # trained weights need their inputs, trained norms their output
         inputs = c * (inv.hidden + mlp_input + inv.intermediate + inv.q_dim) + c * inv.norms_per_block * inv.hidden
-    lora = 0
-    if s.method in ("lora", "qlora", "lora-8bit"):
-        mask = 1 if s.lora_dropout > 0 else 0
-        top_block = [l for l in _adapted(inv, s) if l.layer == inv.layers - 1]  # every adapted block alike
-        lora = sum((c + mask) * l.in_features + c * s.lora_r for l in top_block)
-    return norms + attention + mlp + inputs + lora
+    lora = _lora_bytes_per_token(inv, s, lambda l: not _in_mlp(inv, l))
+    return norms + attention + inputs + lora + mlp_bytes_per_token(inv, s)
 
 
 def mlp_bytes_per_token(inv: Inventory, s: Settings) -> int:
     """The part of activation_bytes_per_token_layer that the MLP keeps: its activation's and gate's tensors
     and, for its adapted linears, the LoRA inputs and rank-r outputs (what MLP tiling bounds)."""
-    c = s.compute_bytes
-    a = 4 if inv.layer_norm and s.method in ("qlora", "lora-8bit") else c
-    mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * a * inv.intermediate
-    if s.method in ("lora", "qlora", "lora-8bit"):
-        mask = 1 if s.lora_dropout > 0 else 0
-        mlp += sum((c + mask) * l.in_features + c * s.lora_r for l in _adapted(inv, s)
-                   if l.layer == inv.layers - 1 and inv.intermediate in (l.in_features, l.out_features))
-    return mlp
+    mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * _mlp_value_bytes(inv, s)
+    return mlp * inv.intermediate + _lora_bytes_per_token(inv, s, lambda l: _in_mlp(inv, l))
+
+
+def _mlp_value_bytes(inv: Inventory, s: Settings) -> int:
+    """Bytes of one MLP value: under autocast LayerNorm runs in fp32 and bitsandbytes returns its input's
+    dtype, so quantized LayerNorm models keep fp32 MLP tensors."""
+    return 4 if inv.layer_norm and s.method in ("qlora", "lora-8bit") else s.compute_bytes
+
+
+def _in_mlp(inv: Inventory, linear: Linear) -> bool:
+    return inv.intermediate in (linear.in_features, linear.out_features)
+
+
+def _lora_bytes_per_token(inv: Inventory, s: Settings, which) -> int:
+    """Per token, for the adapted linears of one block that `which` selects: the autocast copy of the input
+    for the fp32 LoRA A, the dropout mask (1 byte) and the rank-r output."""
+    if s.method not in ("lora", "qlora", "lora-8bit"):
+        return 0
+    c, mask = s.compute_bytes, 1 if s.lora_dropout > 0 else 0
+    top_block = [l for l in _adapted(inv, s) if l.layer == inv.layers - 1 and which(l)]  # every block alike
+    return sum((c + mask) * l.in_features + c * s.lora_r for l in top_block)
 
 
 def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
@@ -320,8 +328,7 @@ def step_flops(inv: Inventory, s: Settings) -> float:
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
     per_token = (6 if s.method in ("full",) else 4) * n + 2 * n * share
     if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
-        per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears
-                             if inv.intermediate in (l.in_features, l.out_features))
+        per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears if _in_mlp(inv, l))
     attention = 4 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)
     return float(tokens * (per_token + attention))
 
