@@ -10,6 +10,12 @@ warm steps) and peak allocated memory per variant. Variants are '+'-joined featu
   liger     Liger's RMSNorm, RoPE and SwiGLU kernels (applied last: cannot be undone)
   nockpt    no gradient checkpointing
   torchadam torch's fused AdamW (fp32 moments) instead of the config's AdamW 8-bit
+  hostembed the input embeddings in host memory (engine.offload.HostEmbedding; applied for the rest of the run)
+  actoffload checkpointed block inputs offloaded to pinned host memory (engine.offload.ActivationOffload)
+  graphs    each micro-batch's forward and backward replayed as a CUDA graph (engine.graphs; needs lora dropout 0)
+
+The LoRA matrices are one flat optimizer tensor, as `train` makes them. A profiled variant also prints how
+much of the wall time the GPU was busy (sum of kernel times) and the operators with the most CPU time.
 
   python benchmarks/step_profile.py --shape llama3-8b --seq 2048 --variants base,fused,fused+compile \
       --profile base,fused --out $OUT/profile.txt
@@ -18,6 +24,7 @@ warm steps) and peak allocated memory per variant. Variants are '+'-joined featu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -38,9 +45,11 @@ def main() -> None:
     from snugtune.bench import bench_config
     from snugtune.config import config_from_dict
     from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, prepare_data, real_tokens
+    from snugtune.engine.graphs import StepGraphs
     from snugtune.engine.fused_lora import fuse_lora_layers, unfuse_lora_layers
     from snugtune.engine.loss import token_loss_sum
-    from snugtune.engine.optim import build_optimizer
+    from snugtune.engine.offload import ActivationOffload, keep_embeddings_on_host
+    from snugtune.engine.optim import build_optimizer, flatten_trainable
     from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
     cfg = config_from_dict(bench_config(args.shape, args.seq, args.batch, args.steps, None, "auto"))
@@ -53,32 +62,41 @@ def main() -> None:
     model = prepare_for_training(load_base_model(path, cfg, device, torch.bfloat16), cfg)
     model.train()
     layers = list(decoder_layers(model))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [flatten_trainable([p for p in model.parameters() if p.requires_grad])]
     optimizer = build_optimizer(params, cfg.train, device)
     batches = micro_batches(data.train, cfg.train.micro_batch, cfg.train.seed, 0, cfg.max_seq_len)
     print(f"loaded: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
     torch._dynamo.config.cache_size_limit = 64
 
     optimizer_seconds: list[float] = []
+    offload = graphs = None
 
     def step(i: int) -> int:
         batch = collate_micro_batch(batches[i % len(batches)], tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE, cfg.max_seq_len)
         tokens = real_tokens(batch)
-        batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_sum, n = token_loss_sum(model, batch)
-        (loss_sum / n).backward()
+        if graphs is not None:
+            graphs.forward_backward(batch, 1 / int((batch["labels"][:, 1:] != -100).sum()))
+        else:
+            batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
+            with torch.autocast("cuda", dtype=torch.bfloat16), offload or contextlib.nullcontext():
+                loss_sum, n = token_loss_sum(model, batch)
+            (loss_sum / n).backward()
         torch.cuda.synchronize()
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         torch.cuda.synchronize()
         optimizer_seconds.append(time.perf_counter() - start)
         return tokens
 
     def configure(features: set[str]) -> None:
-        nonlocal optimizer
+        nonlocal optimizer, offload, graphs
+        offload = ActivationOffload() if "actoffload" in features else None
+        graphs = StepGraphs(model, device, torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)) \
+            if "graphs" in features else None
+        if "hostembed" in features and not getattr(model, "_host_embeddings", False):
+            model._host_embeddings = keep_embeddings_on_host(model, device)
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, fused=True) if "torchadam" in features \
             else build_optimizer(params, cfg.train, device)
         unfuse_lora_layers(model)
@@ -130,11 +148,18 @@ def main() -> None:
         if variant in args.profile.split(","):
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
                 for i in range(2):
                     step(i)
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
-            say(f"=== profile {variant} (2 steps)\n{table}")
+                wall = time.perf_counter() - start
+            averages = prof.key_averages()
+            kernels = sum(e.self_device_time_total for e in averages if getattr(getattr(e, "device_type", None), "name", "") == "CUDA") / 1e6
+            say(f"=== profile {variant} (2 steps): wall {wall:.3f} s, GPU kernels {kernels:.3f} s "
+                f"({kernels / wall:.0%} busy)")
+            say(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+            say(averages.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,48 @@ def test_train_with_tiled_mlps_logs_the_same_losses(tmp_path, alpaca_file, monke
         rows = [json.loads(line) for line in (tmp_path / str(tiled) / "run" / "metrics.jsonl").read_text().splitlines()]
         losses[tiled] = [r["loss"] for r in rows if "loss" in r]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_fixed_shape_loss_gives_the_same_loss_and_gradients(tmp_path, alpaca_file):
+    # what a CUDA graph runs: every position through the head, untrained ones weighted zero, no sync
+    from snugtune.data import collate, prepare_data
+    from snugtune.engine.loss import token_loss_sum
+    from snugtune.models import load_tokenizer
+    config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0})
+    path = resolve_model(config.model).path
+    tokenizer = load_tokenizer(path)
+    rows = prepare_data(config.data, tokenizer, config.max_seq_len, 0).train[:4]
+    batch = collate(rows, tokenizer.pad_token_id)  # padded rows: untrained prompt and padding positions
+    model = prepare_for_training(load_base_model(path, config, torch.device("cpu"), torch.float32), config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    results = []
+    for fixed in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, n = token_loss_sum(model, batch, fixed_shape=fixed)
+        loss.backward()
+        results.append((float(loss.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters()
+                                                  if p.requires_grad}))
+    (loss, n, grads), (fixed_loss, fixed_n, fixed_grads) = results
+    assert n > 0 and fixed_n == -1  # the count comes from the CPU in that mode
+    assert fixed_loss == pytest.approx(loss, rel=1e-5)
+    for name, g in grads.items():
+        assert (fixed_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name
+
+
+@pytest.mark.parametrize("change,wanted", [({}, True), ({"lora": {"dropout": 0.05}}, False),
+                                           ({"method": "full"}, False), ({"offload": {"embeddings": True}}, False),
+                                           ({"train": {"compile": False}}, False),
+                                           ({"train": {"compile": False, "cuda_graphs": True}}, True)])
+def test_cuda_graphs_only_where_a_step_has_fixed_work_and_no_random_numbers(tmp_path, alpaca_file, change, wanted):
+    from snugtune.engine.speedups import cuda_graphs_wanted
+    sections = {"method": "qlora", "lora": {"dropout": 0.0}, "train": {"grad_checkpointing": True}}
+    for key, value in change.items():
+        sections[key] = {**sections[key], **value} if isinstance(value, dict) and key in sections else value
+    config = tiny_config(tmp_path, alpaca_file, **sections)
+    model = load_base_model(resolve_model(config.model).path, config, torch.device("cpu"), torch.float32)
+    cuda = torch.device("cuda", 0)  # the policy only; nothing runs on it
+    assert cuda_graphs_wanted(model, config, cuda, distributed=False, streaming=False) is wanted
+    assert not cuda_graphs_wanted(model, config, torch.device("cpu"), distributed=False, streaming=False)
+    assert not cuda_graphs_wanted(model, config, cuda, distributed=True, streaming=False)

@@ -91,6 +91,11 @@ class TrainConfig(_Section):
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
                             "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU in "
                             "a single process without offload or MLP tiling.")
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto", description="Replay each micro-batch's forward and backward as a CUDA graph (one per batch shape, "
+                            "captured after two eager runs), removing the per-kernel launch cost that bounds small "
+                            "batches. auto: where blocks are compiled, for LoRA methods whose blocks draw no random "
+                            "numbers (lora.dropout 0).")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
@@ -283,7 +288,7 @@ def config_to_yaml(config: Config) -> str:
 # Fields that may change between a run and its resumption without changing what is trained. How a step's
 # rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
 # optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
-RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.tiled_mlp", "offload.embeddings", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.cuda_graphs", "train.tiled_mlp", "offload.embeddings", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.

@@ -324,7 +324,10 @@ def prepare_for_training(model, config: Config):
     if config.train.grad_checkpointing is True:  # "auto" is resolved by the planner before this
         # reentrant: far less Python per recomputed op than the non-reentrant hooks, which matters in the
         # launch-bound steps of small batches (H100, TinyLlama 4x512: 5,595 vs 3,465 tok/s, same memory)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        # blocks that draw no random numbers need no generator state saved and restored around each
+        # recomputation (and cannot have it inside a CUDA graph: engine.graphs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": True, "preserve_rng_state": blocks_draw_random_numbers(model, config)})
         # partial checkpointing: blocks above the first `checkpoint_layers` keep their activations
         keep = config.train.checkpoint_layers
         if keep is not None:
@@ -333,6 +336,19 @@ def prepare_for_training(model, config: Config):
         # Frozen embeddings give inputs without grad; checkpointed blocks still need a grad path for LoRA.
         model.enable_input_require_grads()
     return model
+
+
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
+
+
+def blocks_draw_random_numbers(model, config: Config) -> bool:
+    """Whether a training forward through the blocks draws random numbers: LoRA dropout, or any dropout in
+    the model's own config (full and freeze methods train with it)."""
+    if config.uses_lora and config.lora.dropout > 0:
+        return True
+    model_config = getattr(model, "config", None)
+    return any(float(getattr(model_config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

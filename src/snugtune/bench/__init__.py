@@ -81,7 +81,7 @@ def _snugtune(config_path: Path, work: Path) -> dict:
             "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
             "peak_reserved_bytes": summary["peak_memory_bytes"] if summary.get("peak_allocated_bytes") else None,
             "loss_last": summary["train_loss_final"], "device": summary["device"], "plan": summary.get("plan"),
-            "speedups": summary.get("speedups")}
+            "speedups": summary.get("speedups"), "cuda_graphs": summary.get("cuda_graphs")}
 
 
 def _other_stack(module: str, config_path: Path, work: Path) -> dict:

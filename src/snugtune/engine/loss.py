@@ -1,7 +1,14 @@
 """Causal-LM loss computed from hidden states in chunks, never materialising full-vocabulary logits.
 
-Only positions with a trained label go through the output head; each chunk's logits are
-recomputed in backward (checkpointed), so peak memory holds one chunk of logits at a time.
+Only positions with a trained label go through the output head. When the head is frozen (every LoRA
+method) its gradient is not needed, so each chunk's gradient with respect to the hidden states is
+computed right in the forward, as fused linear + cross-entropy kernels do:
+
+    loss = logsumexp(h W^T) - (h W^T)[target]        d loss / d h = (softmax(h W^T) - onehot(target)) W
+
+That saves recomputing the chunk's logits in backward (one head matmul) and holds one chunk of logits
+in place at a time (fp32 logits turned into probabilities, plus their compute-dtype copy for the
+matmul). A trained head keeps the checkpointed per-chunk path, which recomputes logits in backward.
 """
 
 from __future__ import annotations
@@ -14,38 +21,102 @@ from snugtune.data.tokenize import IGNORE
 from snugtune.engine.distributed import LossModule
 from snugtune.models import causal_lm_parts
 
-LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits held at once
+LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits held at once
+
+
+def logits_chunk_tokens(vocab: int) -> int:
+    """Positions whose logits are computed at once (the planner sizes the loss by the same rule)."""
+    return max(64, LOGITS_CHUNK_BYTES // (4 * vocab))
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy over rows of `hidden` [N, H] through a frozen head `weight` [V, H]; the
+    gradient for `hidden` is computed in forward, chunk by chunk, and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype):
+        weight = weight.to(dtype)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                scored = (t != IGNORE).float()                       # fixed-shape batches keep ignored rows
+                t = t.clamp_min(0)
+                logits = (h @ weight.t()).float()                    # [c, V]; the 16-bit product is freed here
+                rows = torch.arange(t.shape[0], device=t.device)
+                picked = logits[rows, t]
+                top = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(top).exp_()                      # in place: no second [c, V] fp32 tensor
+                norm = probs.sum(dim=-1, keepdim=True)
+                total += ((top.squeeze(1) + norm.log().squeeze(1) - picked) * scored).sum()
+                probs.div_(norm.div_(scored.unsqueeze(1)))           # ignored rows: inf norm, zero gradient
+                probs[rows, t] -= scored                             # softmax - onehot
+                grad_hidden[start:start + chunk] = probs.to(dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden.float() * grad_total).to(ctx.hidden_dtype), None, None, None, None
 
 
 def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over trained positions, number of those positions)."""
+def _frozen_plain_head(head: torch.nn.Module) -> bool:
+    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and not head._forward_hooks and not head._forward_pre_hooks)
+
+
+def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy of `hidden` [N, H] against `targets` [N] through `head`, in chunks
+    of logits_chunk_tokens() positions (fp32 logits); targets equal to IGNORE count nothing."""
+    chunk = logits_chunk_tokens(head.weight.shape[0])
+    if _frozen_plain_head(head):
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden))
+        return sum(_chunk_loss_sum(head, hidden[s:s + chunk], targets[s:s + chunk])
+                   for s in range(0, hidden.shape[0], chunk))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(head, h, t)
+    return total
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over trained positions, number of those positions).
+
+    fixed_shape: every position goes through the head, untrained ones weighted zero, and the count is
+    not taken (returned as -1): no host synchronisation or data-dependent shape (CUDA graph capture)."""
     backbone, head = causal_lm_parts(model)
     # packed batches carry restarting position_ids and no attention_mask: transformers then builds a
     # block-diagonal causal mask (use_cache=False is required for that detection)
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
+    if fixed_shape:
+        return head_loss_sum(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)), -1
     keep = targets != IGNORE
     hidden = hidden[:, :-1][keep]
     targets = targets[keep]
     n = int(targets.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    vocab = head.weight.shape[0]
-    chunk = max(64, LOGITS_CHUNK_BYTES // (4 * vocab))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(head, h, t)
-    return total, n
+    return head_loss_sum(head, hidden, targets), n
 
 
 @torch.no_grad()

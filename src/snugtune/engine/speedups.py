@@ -1,9 +1,10 @@
 """What the engine does to a prepared model to make its steps fast, decided once per run.
 
 Each speedup leaves the numbers the same (within the compute dtype's rounding): LoRA layers run as one
-autograd function each (engine.fused_lora), and each transformer block is compiled with torch.compile,
-which fuses the norms, rotary embedding, activation and residual adds between the matmuls and removes
-most of the per-operation launch cost that bounds small-batch steps.
+autograd function each (engine.fused_lora); each transformer block is compiled with torch.compile,
+which fuses the norms, rotary embedding, activation and residual adds between the matmuls; and each
+micro-batch's forward and backward is replayed as a CUDA graph (engine.graphs), which removes the
+per-kernel launch cost that bounds small-batch steps.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from snugtune.config import Config
 from snugtune.engine.fused_lora import fuse_lora_layers
+from snugtune.models import blocks_draw_random_numbers
 
 # reentrant checkpointing runs each block with and without grad, evaluation with its own shapes
 _COMPILED_VARIANTS = 32
@@ -21,9 +23,10 @@ _COMPILED_VARIANTS = 32
 
 @dataclass(frozen=True)
 class Speedups:
-    """What was applied: LoRA layers fused, blocks compiled."""
+    """What was applied: LoRA layers fused, blocks compiled, micro-batches replayed as CUDA graphs."""
     fused_lora_layers: int
     compiled_blocks: int
+    cuda_graphs: bool = False
 
 
 def compile_wanted(config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
@@ -36,10 +39,25 @@ def compile_wanted(config: Config, device: torch.device, distributed: bool, stre
             and config.offload.activations is not True and config.train.tiled_mlp is not True)
 
 
+def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
+    """train.cuda_graphs resolved: auto replays micro-batches as CUDA graphs where blocks are compiled, for
+    LoRA methods (a frozen head: the loss needs no data-dependent shapes), with the input embeddings on the
+    GPU, and when no block draws random numbers (checkpointing cannot restore the generator in a graph).
+    Asked for explicitly, it still needs a CUDA device, one process and a frozen head."""
+    possible = (device.type == "cuda" and not distributed and not streaming and config.uses_lora
+                and config.offload.embeddings is not True and config.offload.activations is not True
+                and config.train.tiled_mlp is not True
+                and not blocks_draw_random_numbers(model, config))
+    if config.train.cuda_graphs != "auto":
+        return bool(config.train.cuda_graphs) and possible
+    return possible and compile_wanted(config, device, distributed, streaming)
+
+
 def apply_speedups(model, layers, config: Config, device: torch.device, distributed: bool = False,
                    streaming: bool = False, fsdp: bool = False) -> Speedups:
     """Fuse the LoRA layers (not under FSDP, whose unsharded weights are not bitsandbytes parameters) and
-    compile the blocks when compile_wanted(). In place; returns what was done."""
+    compile the blocks when compile_wanted(). In place; returns what was done, and whether the training
+    loop should replay micro-batches as CUDA graphs (cuda_graphs_wanted(); engine.graphs does it)."""
     fused = fuse_lora_layers(model) if config.uses_lora and not fsdp else 0
     compiled = 0
     if compile_wanted(config, device, distributed, streaming):
@@ -49,4 +67,4 @@ def apply_speedups(model, layers, config: Config, device: torch.device, distribu
         for layer in layers:
             layer.compile()
             compiled += 1
-    return Speedups(fused, compiled)
+    return Speedups(fused, compiled, cuda_graphs_wanted(model, config, device, distributed or fsdp, streaming))

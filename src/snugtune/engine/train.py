@@ -28,6 +28,7 @@ from snugtune.engine.distributed import (DistContext, LossModule, barrier, full_
                                          start, sum_across)
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
                                         save_checkpoint, trainable_state)
+from snugtune.engine.graphs import StepGraphs
 from snugtune.engine.loss import mean_loss, token_loss_sum
 from snugtune.engine.offload import ActivationOffload, WeightStreamer, keep_embeddings_on_host
 from snugtune.engine.speedups import apply_speedups
@@ -67,19 +68,24 @@ def trained_positions(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device,
-                         ctx: DistContext = SINGLE, offload: ActivationOffload | None = None) -> float:
+                         ctx: DistContext = SINGLE, offload: ActivationOffload | None = None,
+                         graphs: StepGraphs | None = None) -> float:
     """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
 
     The loss is normalised by the trained tokens of the whole accumulated batch, over all processes,
     so micro-batch 1 x accumulation 8 gives the same gradient as 8 x 1 on variable-length data, and N
     processes the same as one. `model` may be DDP(LossModule): it then syncs gradients on the last
-    micro-batch only. `offload` keeps what backward needs in host memory (engine.offload).
+    micro-batch only. `offload` keeps what backward needs in host memory (engine.offload); `graphs`
+    replays each micro-batch's forward and backward as a CUDA graph (engine.graphs; one process).
     """
     n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group))))
     ddp = isinstance(model, DDP)
     wrapped = ddp or isinstance(model, LossModule)  # DDP, or the FSDP root around model + loss
     step_loss = 0.0
     for i, batch in enumerate(group):
+        if graphs is not None:
+            step_loss += float(graphs.forward_backward(batch, ctx.world_size / n_scored)) / n_scored
+            continue
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = model.no_sync() if ddp and i < len(group) - 1 else contextlib.nullcontext()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-batch only
@@ -292,6 +298,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     optimizer = build_optimizer(params, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = precision.grad_scaler()
+    new_graphs = partial(StepGraphs, model, device, precision.compute_dtype, scaler)
+    graphs = new_graphs() if speedups.cuda_graphs else None
     if fsdp and precision.loss_scaling:  # fp16 (T4): every process must agree on skipping a step
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         scaler = ShardedGradScaler(precision.device_type)
@@ -366,7 +374,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                 mine = step_rows[ctx.rank::ctx.world_size]
                 group = [batch_of(mine[k:k + tc.micro_batch]) for k in range(0, len(mine), tc.micro_batch)]
                 try:
-                    step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx, offload)
+                    step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx, offload, graphs)
                 except torch.OutOfMemoryError:
                     if ctx.enabled:
                         raise
@@ -377,6 +385,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                         torch.cuda.empty_cache()
                     config = _split_after_oom(config, f"step {position.step + 1}", notify)
                     oom_resplits += 1
+                    graphs = new_graphs() if graphs else None  # drop the old shapes' graphs and their memory
                     tc = config.train
                     config_yaml = config_to_yaml(config)
                     write_text_atomic(run_dir / "config.yaml", config_yaml)
@@ -454,6 +463,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         "device": device_description(device), "versions": versions(), "data": asdict(data.report),
         "resumed_from": str(resumed_from) if resumed_from else None, "world_size": ctx.world_size,
         "plan": planned, "oom_resplits": oom_resplits, "speedups": asdict(speedups),
+        "cuda_graphs": ({"shapes": len(graphs.graphs), "failure": graphs.failure} if graphs else None),
         "data_parallel": ("fsdp" if fsdp else "ddp") if ctx.enabled else None,
         "frozen_weight_bytes_per_process": frozen_bytes,
         "micro_batch": config.train.micro_batch, "grad_accum": config.train.grad_accum,

@@ -15,7 +15,7 @@ MIB = 2**20
 CUDA_CONTEXT = 685 * MIB          # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
-LOSS_CHUNK_BYTES = 256 * MIB      # engine/loss.py: fp32 logits held at once
+LOSS_CHUNK_BYTES = 128 * MIB      # engine/loss.py: fp32 logits held at once
 MLP_TILE_TOKENS = 8192            # engine/tiling.py: tokens an MLP tile holds intermediates for
 
 
@@ -276,9 +276,13 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
     if s.attention_mask:
         acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
-    chunk = max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab))
-    loss = {"logits and loss (chunked)": min(chunk, trained_tokens) * inv.vocab * (s.compute_bytes + 4 + 4)
-            + trained_tokens * inv.hidden * (s.compute_bytes + 4)}
+    chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab)), trained_tokens)
+    if s.method == "full":  # trained head: fp32 logits, log-softmax and their gradient, recomputed per chunk
+        loss_bytes = chunk * inv.vocab * (s.compute_bytes + 4 + 4) + trained_tokens * inv.hidden * (s.compute_bytes + 4)
+    else:  # frozen head: fp32 logits become probabilities in place, + their 16-bit copy; the trained rows of
+        loss_bytes = (chunk * inv.vocab * (4 + s.compute_bytes)   # the hidden states and their gradient
+                      + 2 * trained_tokens * inv.hidden * s.compute_bytes)
+    loss = {"logits and loss (chunked)": loss_bytes}
     biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
     mlp_tokens = min(tokens, MLP_TILE_TOKENS) if s.tiled_mlp else tokens  # the MLP's matmuls run a tile at a time
     workspace = {"dequantize / matmul workspace": 2 * biggest * s.compute_bytes
