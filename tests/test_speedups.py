@@ -111,22 +111,27 @@ def test_fixed_shape_loss_gives_the_same_loss_and_gradients(tmp_path, alpaca_fil
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
+    looked_up = {k: v for k, v in batch.items() if k != "input_ids"}  # the host-embeddings way into a graph
+    looked_up["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
     results = []
-    for fixed in (False, True):
+    for fixed, inputs in ((False, batch), (True, batch), (True, looked_up)):
         model.zero_grad(set_to_none=True)
-        loss, n = token_loss_sum(model, batch, fixed_shape=fixed)
+        loss, n = token_loss_sum(model, inputs, fixed_shape=fixed)
         loss.backward()
         results.append((float(loss.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters()
                                                   if p.requires_grad}))
-    (loss, n, grads), (fixed_loss, fixed_n, fixed_grads) = results
-    assert n > 0 and fixed_n == -1  # the count comes from the CPU in that mode
-    assert fixed_loss == pytest.approx(loss, rel=1e-5)
-    for name, g in grads.items():
-        assert (fixed_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name
+    (loss, n, grads) = results[0]
+    assert n > 0
+    for fixed_loss, fixed_n, fixed_grads in results[1:]:
+        assert fixed_n == -1  # the count comes from the CPU in that mode
+        assert fixed_loss == pytest.approx(loss, rel=1e-5)
+        for name, g in grads.items():
+            assert (fixed_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name
 
 
 @pytest.mark.parametrize("change,wanted", [({}, True), ({"lora": {"dropout": 0.05}}, False),
-                                           ({"method": "full"}, False), ({"offload": {"embeddings": True}}, False),
+                                           ({"method": "full"}, False), ({"offload": {"activations": True}}, False),
+                                           ({"offload": {"embeddings": True}}, True),
                                            ({"train": {"compile": False}}, False),
                                            ({"train": {"compile": False, "cuda_graphs": True}}, True)])
 def test_cuda_graphs_only_where_a_step_has_fixed_work_and_no_random_numbers(tmp_path, alpaca_file, change, wanted):

@@ -14,7 +14,9 @@ What captured work must not do, and how the engine keeps to it:
 - replace gradients instead of adding to them: the LoRA gradients exist before capture (one flat
   buffer, zeroed in place), so replays accumulate as eager backward does;
 - draw random numbers (checkpointing cannot restore the generator inside a graph): only used when no
-  block draws any (engine.speedups decides).
+  block draws any (engine.speedups decides);
+- touch host memory: input embeddings kept in host memory (engine.offload.HostEmbedding) are looked up
+  before the replay and copied into the graph's input.
 Each shape runs eagerly first (warm-up: compilation, cuBLAS and cuDNN plans), then is captured and
 replayed. All graphs share one memory pool; shapes past `max_graphs` run eagerly.
 """
@@ -24,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from snugtune.engine.loss import token_loss_sum
+from snugtune.engine.offload import HostEmbedding
 
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")  # what token_loss_sum reads
 
 
 class StepGraphs:
@@ -43,6 +46,9 @@ class StepGraphs:
         self.runs: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.failure: str | None = None
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        embedding = inner.get_input_embeddings()
+        self.host_embedding = embedding if isinstance(embedding, HostEmbedding) else None
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         # no autocast cache: a graph must not keep casts made in an earlier capture
@@ -55,16 +61,21 @@ class StepGraphs:
         """Add loss_weight x the gradient of the micro-batch's summed token loss (times the fp16 loss scale)
         to the trainable parameters' .grad; returns the summed loss (a GPU scalar). `batch` is on the CPU."""
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if self.host_embedding is not None:  # the table lookup runs on the host, outside the graph
+            inputs["inputs_embeds"] = self.host_embedding(inputs.pop("input_ids"))
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
         self.loss_weight.fill_(loss_weight)
         if key in self.graphs:
             graph, static, loss = self.graphs[key]
-            for k, v in inputs.items():
-                static[k].copy_(v, non_blocking=True)
+            with torch.no_grad():  # the embeddings' input is a leaf that requires grad
+                for k, v in inputs.items():
+                    static[k].copy_(v, non_blocking=True)
             graph.replay()
             return loss.clone()
         self.runs[key] = self.runs.get(key, 0) + 1
         on_device = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        if "inputs_embeds" in on_device:  # checkpointed blocks need an input with grad for LoRA's gradients
+            on_device["inputs_embeds"].requires_grad_(True)
         capture = (self.failure is None and self.runs[key] > self.warmup_runs
                    and len(self.graphs) < self.max_graphs)
         if capture:
@@ -86,6 +97,7 @@ class StepGraphs:
 
     def _capture(self, static: dict[str, torch.Tensor]):
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise stay reserved beside the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = self._forward_backward(static)

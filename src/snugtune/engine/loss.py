@@ -98,15 +98,17 @@ def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = False) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over trained positions, number of those positions).
+    """(sum of next-token cross-entropy over trained positions, number of those positions). The batch holds
+    input_ids, or inputs_embeds already looked up (engine.graphs, with the table in host memory).
 
     fixed_shape: every position goes through the head, untrained ones weighted zero, and the count is
     not taken (returned as -1): no host synchronisation or data-dependent shape (CUDA graph capture)."""
     backbone, head = causal_lm_parts(model)
     # packed batches carry restarting position_ids and no attention_mask: transformers then builds a
     # block-diagonal causal mask (use_cache=False is required for that detection)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
+                      attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                      use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     if fixed_shape:
         return head_loss_sum(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)), -1

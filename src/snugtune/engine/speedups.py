@@ -41,11 +41,11 @@ def compile_wanted(config: Config, device: torch.device, distributed: bool, stre
 
 def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
     """train.cuda_graphs resolved: auto replays micro-batches as CUDA graphs where blocks are compiled, for
-    LoRA methods (a frozen head: the loss needs no data-dependent shapes), with the input embeddings on the
-    GPU, and when no block draws random numbers (checkpointing cannot restore the generator in a graph).
+    LoRA methods (a frozen head: the loss needs no data-dependent shapes), without activation offload (its
+    copies to host memory are made per step), and when no block draws random numbers (checkpointing cannot restore the generator in a graph).
     Asked for explicitly, it still needs a CUDA device, one process and a frozen head."""
     possible = (device.type == "cuda" and not distributed and not streaming and config.uses_lora
-                and config.offload.embeddings is not True and config.offload.activations is not True
+                and config.offload.activations is not True
                 and config.train.tiled_mlp is not True
                 and not blocks_draw_random_numbers(model, config))
     if config.train.cuda_graphs != "auto":
