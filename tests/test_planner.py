@@ -112,6 +112,21 @@ def test_search_tiles_mlps_only_for_rows_longer_than_a_tile_that_do_not_fit_othe
     assert not plan(4096, 8).settings.tiled_mlp    # rows within one tile: tiling would change nothing
 
 
+def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_offload(tmp_path, alpaca_file, inv):
+    # engine.speedups.dense_weights_kept_in: one block's dequantized LoRA-layer weights, in the compute dtype
+    block = 4096 + 2048 + 2048 + 4096 + 3 * 8192
+    recomputed = "one block recomputed + its gradients"
+    kept = estimate(inv, settings(dense_weights_kept=True))[recomputed]
+    assert kept - estimate(inv, settings())[recomputed] == 2 * block
+    assert estimate(inv, settings(method="lora", dense_weights_kept=True))[recomputed] == \
+        estimate(inv, settings(method="lora"))[recomputed]  # 16-bit bases: the weight itself, nothing extra
+    from snugtune.planner import _settings
+    cfg = tiny_config(tmp_path, alpaca_file, method="qlora")
+    assert _settings(cfg, inv, 1, True).dense_weights_kept
+    assert not _settings(cfg, inv, 1, False).dense_weights_kept  # blocks not recomputed dequantize again
+    assert not _settings(cfg, inv, 1, True, offload=(False, False, True)).dense_weights_kept
+
+
 def test_peak_holds_only_the_largest_transient(inv):
     parts = estimate(inv, settings())
     transient = max(parts["one block recomputed + its gradients"], parts["logits and loss (chunked)"])

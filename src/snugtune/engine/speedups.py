@@ -53,14 +53,26 @@ def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed:
     return possible and compile_wanted(config, device, distributed, streaming)
 
 
+def dense_weights_kept_in(layers, config: Config, compiling: bool) -> tuple:
+    """Blocks whose fused LoRA layers keep the dequantized weight from forward to backward: compiled,
+    checkpointed blocks (recomputed one at a time: one block's dense weights extra at the peak), and only
+    when nothing is offloaded (offload means memory is short; the planner models the same rule)."""
+    offloaded = True in (config.offload.embeddings, config.offload.activations, config.offload.weights)
+    if not compiling or offloaded:
+        return ()
+    return tuple(layer for layer in layers if getattr(layer, "gradient_checkpointing", False))
+
+
 def apply_speedups(model, layers, config: Config, device: torch.device, distributed: bool = False,
                    streaming: bool = False, fsdp: bool = False) -> Speedups:
     """Fuse the LoRA layers (not under FSDP, whose unsharded weights are not bitsandbytes parameters) and
     compile the blocks when compile_wanted(). In place; returns what was done, and whether the training
     loop should replay micro-batches as CUDA graphs (cuda_graphs_wanted(); engine.graphs does it)."""
-    fused = fuse_lora_layers(model) if config.uses_lora and not fsdp else 0
+    compiling = compile_wanted(config, device, distributed, streaming)
+    fused = fuse_lora_layers(model, dense_weights_kept_in(layers, config, compiling)) \
+        if config.uses_lora and not fsdp else 0
     compiled = 0
-    if compile_wanted(config, device, distributed, streaming):
+    if compiling:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _COMPILED_VARIANTS)
         # a machine that cannot compile (no Triton for its GPU, no C compiler) logs it and runs the block eagerly
         torch._dynamo.config.suppress_errors = True

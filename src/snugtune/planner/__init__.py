@@ -108,8 +108,16 @@ def _settings(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool
                     trainable_layers=cfg.freeze.trainable_layers, checkpointed_layers=checkpointed_layers,
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
                     offload_activations=offload[0], stream_weights=offload[1], embeddings_on_host=offload[2],
-                    shards=shards,
-                    attention_mask=masked, tiled_mlp=tiled_mlp)
+                    shards=shards, attention_mask=masked, tiled_mlp=tiled_mlp,
+                    dense_weights_kept=_dense_weights_kept(cfg, checkpointing, offload, shards, tiled_mlp))
+
+
+def _dense_weights_kept(cfg: Config, checkpointing: bool, offload: tuple[bool, bool, bool], shards: int,
+                        tiled_mlp: bool) -> bool:
+    """engine.speedups.dense_weights_kept_in, for the planner: compiled (train.compile, auto: one process, no
+    tiling) checkpointed blocks keep their dequantized weights for backward unless anything is offloaded."""
+    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and shards == 1 and not tiled_mlp)
+    return compiled and checkpointing and not any(offload)
 
 
 def _seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: dict[str, int]) -> float:

@@ -106,6 +106,8 @@ class Settings:
                                        # rows of one sample each run plain causal attention, no mask
     tiled_mlp: bool = False            # engine.tiling: each MLP over the sequence in checkpointed tiles
     embeddings_on_host: bool = False   # engine.offload.HostEmbedding: the frozen input table in host memory
+    dense_weights_kept: bool = False   # engine.speedups.dense_weights_kept_in: a compiled, recomputed 4-bit block
+                                       # keeps its LoRA layers' dequantized weights until its backward
 
 
 HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
@@ -261,6 +263,11 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
         if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
             mlp = mlp_bytes_per_token(inv, s)
             recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
+        if s.dense_weights_kept and s.method == "qlora":
+            per_block: dict[int, int] = {}
+            for l in _adapted(inv, s):
+                per_block[l.layer] = per_block.get(l.layer, 0) + l.in_features * l.out_features
+            recompute += max(per_block.values(), default=0) * s.compute_bytes
         acts = {"checkpointed block inputs": recomputed * inv.hidden * s.compute_bytes * tokens,
                 "activations (blocks not checkpointed)": kept * per_layer,
                 "one block recomputed + its gradients": recompute}
