@@ -18,7 +18,9 @@ What captured work must not do, and how the engine keeps to it:
 - touch host memory: input embeddings kept in host memory (engine.offload.HostEmbedding) are looked up
   before the replay and copied into the graph's input.
 Each shape runs eagerly first (warm-up: compilation, cuBLAS and cuDNN plans), then is captured and
-replayed. All graphs share one memory pool; shapes past `max_graphs` run eagerly.
+replayed. All graphs share one memory pool, held between steps (eager steps hand theirs back): if
+evaluation then runs out of memory, the training loop releases the graphs and carries on eagerly.
+Shapes past `max_graphs` run eagerly.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ class StepGraphs:
             loss = self._forward_backward(on_device)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return loss
+
+    def release(self, reason: str) -> None:
+        """Drop every graph and its memory pool (e.g. evaluation needs the room); eager from then on."""
+        self.graphs.clear()
+        self.failure = reason
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
 
     def _capture(self, static: dict[str, torch.Tensor]):
         torch.cuda.synchronize(self.device)

@@ -352,11 +352,22 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                             config_yaml, write=ctx.is_main)
         barrier(ctx)
 
+    def evaluate() -> tuple[float, int]:
+        """Held-out loss; if the CUDA graphs' memory pool leaves evaluation too little, drop the graphs."""
+        try:
+            return mean_loss(evaluator, held_out, precision, device)
+        except torch.OutOfMemoryError:
+            if graphs is None or not graphs.graphs:
+                raise
+            graphs.release("released: evaluation ran out of memory beside the graphs' memory pool")
+            notify("CUDA graphs released to make room for evaluation; training continues without them")
+            return mean_loss(evaluator, held_out, precision, device)
+
     before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         eval_loss_before = before[0]
     else:
-        eval_loss_before = mean_loss(evaluator, held_out, precision, device)[0] if evaluates else nan
+        eval_loss_before = evaluate()[0] if evaluates else nan
         log.write({"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before})
 
     # --- the loop -------------------------------------------------------------------------------
@@ -415,7 +426,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                            "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
                            "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
                     if eval_due and position.step < total_steps and held_out and evaluates:
-                        row["eval_loss"] = mean_loss(evaluator, held_out, precision, device)[0]
+                        row["eval_loss"] = evaluate()[0]
                     log.write(row)
                     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
                     log_tokens, log_time = 0, now
@@ -442,7 +453,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
                                   f"{run_dir / 'checkpoints'}; run the same command to resume")
 
     # --- after: evaluation and artifacts ----------------------------------------------------------
-    eval_loss_after, eval_tokens = mean_loss(evaluator, held_out, precision, device) if evaluates else (nan, 0)
+    eval_loss_after, eval_tokens = evaluate() if evaluates else (nan, 0)
     log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
     log.close()
     whole = trainable_state(model) if fsdp else None  # FSDP: every process gathers its shards
