@@ -42,8 +42,9 @@ class StepGraphs:
                  warmup_runs: int = 2, max_graphs: int = 4):
         self.model, self.device, self.compute_dtype, self.scaler = model, device, compute_dtype, scaler
         self.warmup_runs, self.max_graphs = warmup_runs, max_graphs
-        self.stream = torch.cuda.Stream(device)
-        self.pool = torch.cuda.graph_pool_handle()
+        cuda = device.type == "cuda"  # elsewhere (the CPU tests) every micro-batch runs the eager warm-up path
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
         self.loss_weight = torch.zeros((), dtype=torch.float32, device=device)
         self.runs: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
@@ -54,7 +55,8 @@ class StepGraphs:
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         # no autocast cache: a graph must not keep casts made in an earlier capture
-        with torch.autocast("cuda", dtype=self.compute_dtype, cache_enabled=False):
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False,
+                            enabled=self.compute_dtype != torch.float32):
             loss_sum, _ = token_loss_sum(self.model, inputs, fixed_shape=True)
         self.scaler.scale(loss_sum * self.loss_weight).backward()
         return loss_sum.detach()
@@ -78,7 +80,7 @@ class StepGraphs:
         on_device = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         if "inputs_embeds" in on_device:  # checkpointed blocks need an input with grad for LoRA's gradients
             on_device["inputs_embeds"].requires_grad_(True)
-        capture = (self.failure is None and self.runs[key] > self.warmup_runs
+        capture = (self.stream is not None and self.failure is None and self.runs[key] > self.warmup_runs
                    and len(self.graphs) < self.max_graphs)
         if capture:
             try:
@@ -90,6 +92,8 @@ class StepGraphs:
                 graph, _, loss = self.graphs[key]
                 graph.replay()  # capture only records: this replay computes this micro-batch
                 return loss.clone()
+        if self.stream is None:
+            return self._forward_backward(on_device)
         # eager, on the graphs' stream: work that warms up a shape must run where it will be captured
         if len(self.runs) == 1 and self.runs[key] == 1:
             # blocks cached by the default stream (the probe step) cannot serve this stream: hand them back
@@ -105,8 +109,9 @@ class StepGraphs:
         """Drop every graph and its memory pool (e.g. evaluation needs the room); eager from then on."""
         self.graphs.clear()
         self.failure = reason
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
+        if self.stream is not None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def _capture(self, static: dict[str, torch.Tensor]):
         torch.cuda.synchronize(self.device)
