@@ -88,8 +88,9 @@ def main() -> None:
           f"fast path: {applied}")
     if applied.cuda_graphs:  # the same micro-batch through engine.graphs: two eager warm-ups, then a replay
         from snugtune.engine.graphs import StepGraphs
+        from snugtune.engine.train import trained_positions
         graphs = StepGraphs(model, device, dtype, torch.amp.GradScaler("cuda", enabled=False))
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = trained_positions(batch)
         for run in range(graphs.warmup_runs + 2):
             model.zero_grad(set_to_none=False)
             replay_loss = float(graphs.forward_backward({k: v.cpu() for k, v in batch.items()}, 1 / n)) / n

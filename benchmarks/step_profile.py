@@ -46,6 +46,7 @@ def main() -> None:
     from snugtune.config import config_from_dict
     from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, prepare_data, real_tokens
     from snugtune.engine.graphs import StepGraphs
+    from snugtune.engine.train import trained_positions
     from snugtune.engine.fused_lora import fuse_lora_layers, unfuse_lora_layers
     from snugtune.engine.loss import token_loss_sum
     from snugtune.engine.offload import ActivationOffload, keep_embeddings_on_host
@@ -75,7 +76,7 @@ def main() -> None:
         batch = collate_micro_batch(batches[i % len(batches)], tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE, cfg.max_seq_len)
         tokens = real_tokens(batch)
         if graphs is not None:
-            graphs.forward_backward(batch, 1 / int((batch["labels"][:, 1:] != -100).sum()))
+            graphs.forward_backward(batch, 1 / trained_positions(batch))
         else:
             batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
             with torch.autocast("cuda", dtype=torch.bfloat16), offload or contextlib.nullcontext():

@@ -82,11 +82,8 @@ def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     """Sum of next-token cross-entropy of `hidden` [N, H] against `targets` [N] through `head`, in chunks
     of logits_chunk_tokens() positions (fp32 logits); targets equal to IGNORE count nothing."""
     chunk = logits_chunk_tokens(head.weight.shape[0])
-    if _frozen_plain_head(head):
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden))
-        return sum(_chunk_loss_sum(head, hidden[s:s + chunk], targets[s:s + chunk])
-                   for s in range(0, hidden.shape[0], chunk))
+    if _frozen_plain_head(head) and torch.is_grad_enabled() and hidden.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]

@@ -298,11 +298,11 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     optimizer = build_optimizer(params, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = precision.grad_scaler()
-    new_graphs = partial(StepGraphs, model, device, precision.compute_dtype, scaler)
-    graphs = new_graphs() if speedups.cuda_graphs else None
     if fsdp and precision.loss_scaling:  # fp16 (T4): every process must agree on skipping a step
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         scaler = ShardedGradScaler(precision.device_type)
+    new_graphs = partial(StepGraphs, model, device, precision.compute_dtype, scaler)
+    graphs = new_graphs() if speedups.cuda_graphs else None
 
     pad_multiple = _pad_multiple(device)
     batch_of = partial(collate_micro_batch, pad_id=tokenizer.pad_token_id, packed=config.data.packing,
