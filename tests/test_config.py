@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from snugtune.config import ConfigError, apply_overrides, config_from_dict, load_config
+from snugtune.config import apply_overrides, config_from_dict, load_config
+from snugtune.errors import ConfigError
 
 
 def _write(tmp_path, text):

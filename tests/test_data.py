@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conftest import alpaca_rows, write_jsonl
-from snugtune.config import ConfigError, DataConfig
+from snugtune.config import DataConfig
+from snugtune.errors import ConfigError
 from snugtune.data import collate, prepare_data
 from snugtune.data.formats import Row, detect_format
 from snugtune.data.tokenize import IGNORE, tokenize_sample

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import alpaca_rows, tiny_config, write_jsonl
-from snugtune.config import UserError
+from snugtune.errors import UserError
 from snugtune.engine.train import train
 from snugtune.evaluate.run import load_run
 from snugtune.export.gguf_file import write_gguf

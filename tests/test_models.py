@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from snugtune.config import ConfigError
+from snugtune.errors import ConfigError
 from snugtune.models import count_parameters, resolve_model
 from snugtune.registry import BLOCK_LINEARS, HUB_IDS, SHAPES, shape_config, shape_names
 

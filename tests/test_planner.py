@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 
 from conftest import tiny_config
-from snugtune.config import ConfigError
+from snugtune.errors import ConfigError
 from snugtune.engine import train as train_module
 from snugtune.engine.train import train
 from snugtune.planner import plan_for_budget

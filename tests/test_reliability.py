@@ -15,11 +15,11 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import alpaca_rows, tiny_config, write_jsonl
-from snugtune.config import UserError
 from snugtune.engine import checkpoint as checkpoint_module
 from snugtune.engine import train as train_module
-from snugtune.engine.checkpoint import CheckpointWriteError, complete_checkpoints
-from snugtune.engine.train import TrainingDiverged, train
+from snugtune.engine.checkpoint import complete_checkpoints
+from snugtune.engine.train import train
+from snugtune.errors import CheckpointWriteError, TrainingDiverged, UserError
 
 COMPARED = ("step", "epoch", "loss", "lr", "grad_norm", "skipped_steps")  # timing fields differ run to run
 
@@ -205,7 +205,7 @@ def test_fresh_moves_the_old_run_aside(tmp_path):
 
 
 def test_pickle_weights_are_refused_unless_opted_in(tmp_path):
-    from snugtune.config import ConfigError
+    from snugtune.errors import ConfigError
     from snugtune.models import resolve_model
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from snugtune.config import UserError
+from snugtune.errors import UserError
 from snugtune.engine.precision import resolve_device, resolve_precision
 
 

@@ -25,9 +25,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _run(debug: bool, fn, *args, **kwargs):
     """Call fn, turning the errors users meet into one line and an exit code (traceback with --debug)."""
-    from snugtune.config import UserError
-    from snugtune.engine.train import TrainingInterrupted
-    from snugtune.planner import DoesNotFit
+    from snugtune.errors import UserError
+    from snugtune.errors import TrainingInterrupted
+    from snugtune.errors import DoesNotFit
     try:
         return fn(*args, **kwargs)
     except UserError as exc:

@@ -12,13 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class UserError(ValueError):
-    """A problem the user can act on (exit 2). The message is one line saying what is wrong and what to do."""
-
-
-class ConfigError(UserError):
-    """A config or input problem the user can fix. The message names the field, or the file and row."""
+from snugtune.errors import ConfigError, UserError
+from snugtune.methods import METHODS
 
 
 class _Section(BaseModel):
@@ -154,7 +149,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _quant_matches_method(self) -> "Config":
-        implied = {"qlora": 4, "lora-8bit": 8}.get(self.method)
+        implied = METHODS[self.method].base_bits
         if self.quant.bits is not None and self.quant.bits != implied:
             raise ValueError(f"quant.bits={self.quant.bits} does not match method={self.method} "
                              f"(qlora is 4-bit, lora-8bit is 8-bit, other methods are not quantized)")
@@ -163,7 +158,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _streaming_needs_checkpointing(self) -> "Config":
         if self.offload.weights is True:
-            if self.method in ("lora-8bit", "full"):
+            if not METHODS[self.method].streams_weights:
                 raise ValueError(f"offload.weights streams frozen 4-bit or 16-bit block weights: not for "
                                  f"method={self.method}")
             if self.train.grad_checkpointing is False or self.train.checkpoint_layers is not None:
@@ -172,7 +167,7 @@ class Config(_Section):
 
     @property
     def uses_lora(self) -> bool:
-        return self.method in ("lora", "qlora", "lora-8bit")
+        return METHODS[self.method].adapters
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from snugtune.config import Config, ConfigError
+from snugtune.config import Config
+from snugtune.errors import ConfigError
+from snugtune.methods import METHODS
 from snugtune.registry import BLOCK_LINEARS, HUB_IDS, shape_config
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
@@ -234,20 +236,21 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
 
     kwargs: dict = {"trust_remote_code": config.trust_remote_code,
                     "use_safetensors": None if config.allow_pickle_weights else True}
-    if config.method == "qlora":
+    bits = METHODS[config.method].base_bits
+    if bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=config.quant.type,
             bnb_4bit_use_double_quant=config.quant.double_quant, bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype if shardable else torch.uint8)
         kwargs["device_map"] = {"": device}
-    elif config.method == "lora-8bit":
+    elif bits == 8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
-    dtype = torch.float32 if config.method == "full" else compute_dtype
+    dtype = torch.float32 if METHODS[config.method].trains_base == "all" else compute_dtype
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
-    if config.method == "qlora" and device.type == "cpu":
+    if bits == 4 and device.type == "cpu":
         _keep_4bit_layout_trainable(model)
     model.config.use_cache = False
     return model
@@ -308,7 +311,7 @@ def prepare_for_training(model, config: Config):
         model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     else:
         layers = decoder_layers(model)
-        if config.method == "freeze":
+        if METHODS[config.method].trains_base == "last_layers":
             n = config.freeze.trainable_layers
             if n > len(layers):
                 raise ConfigError(f"freeze.trainable_layers={n} but the model has {len(layers)} blocks")

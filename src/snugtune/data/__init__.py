@@ -6,7 +6,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from snugtune.config import ConfigError, DataConfig
+from snugtune.config import DataConfig
+from snugtune.errors import ConfigError
 from snugtune.data import cache
 from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate, collate_micro_batch, epoch_rows, eval_batches, micro_batches,
                                    real_tokens, trained_tokens_per_row)

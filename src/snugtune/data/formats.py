@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from snugtune.config import ConfigError
+from snugtune.errors import ConfigError
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 SOURCE_SUFFIXES = {".py", ".c", ".h", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".rb", ".sh", ".md", ".txt"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snugtune.config import ConfigError
+from snugtune.errors import ConfigError
 
 IGNORE = -100
 

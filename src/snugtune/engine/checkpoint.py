@@ -17,15 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from snugtune.config import UserError
+from snugtune.errors import UserError
 from snugtune.engine.distributed import full_tensor, shard_like
 from snugtune.engine.rundir import read_jsonl
 
 COMPLETE = "COMPLETE"
 
-
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (disk full, unwritable folder); the previous one is intact."""
 
 
 @dataclass

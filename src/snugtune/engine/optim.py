@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from snugtune.config import ConfigError, TrainConfig
+from snugtune.config import TrainConfig
+from snugtune.errors import ConfigError
 
 
 def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device: torch.device):

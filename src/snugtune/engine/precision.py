@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from snugtune.config import ConfigError
+from snugtune.errors import ConfigError
 
 
 @dataclass(frozen=True)

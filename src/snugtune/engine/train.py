@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from snugtune.config import (RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, ConfigError, UserError, changed_fields,
-                             config_to_yaml)
+from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, changed_fields, config_to_yaml
+from snugtune.errors import ConfigError, DoesNotFit, TrainingDiverged, TrainingInterrupted, UserError
 from snugtune.data import (GPU_PAD_MULTIPLE, collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens,
                            trained_tokens_per_row)
 from snugtune.data.tokenize import IGNORE, ensure_chat_template
@@ -39,9 +39,10 @@ from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
 from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
                                     versions, write_json_atomic, write_text_atomic)
-from snugtune.planner import DoesNotFit, offload_choices, plan_config
+from snugtune.planner import offload_choices, plan_config
 from snugtune.planner.cards import budget_bytes
 from snugtune.planner.memory import CUDA_CONTEXT
+from snugtune.methods import METHODS
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
                              load_tokenizer, prepare_for_training, resolve_model)
 
@@ -49,12 +50,6 @@ from snugtune.models import (check_vocab, count_parameters, decoder_layers, defa
 SINGLE = DistContext()
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM during training; a checkpoint was saved first (the CLI exits 130)."""
-
-
-class TrainingDiverged(UserError):
-    """Too many consecutive non-finite steps; the last good checkpoint is kept."""
 
 
 def _pad_multiple(device: torch.device) -> int:
@@ -118,11 +113,12 @@ def _use_fsdp(config: Config, ctx: DistContext, streaming: bool) -> bool:
     """FSDP under torchrun when asked (data_parallel: fsdp, or auto resolved to it by the planner)."""
     if not ctx.enabled or config.train.data_parallel != "fsdp":
         return False
-    if not config.uses_lora:
-        raise ConfigError(f"train.data_parallel: fsdp trains LoRA methods (lora, qlora), not method={config.method}")
-    if config.method == "lora-8bit" or streaming:
-        raise ConfigError("train.data_parallel: fsdp does not combine with lora-8bit or offload.weights "
-                          "(use qlora or lora, or data_parallel: ddp)")
+    sharded = [name for name, m in METHODS.items() if m.shards_with_fsdp]
+    if not METHODS[config.method].shards_with_fsdp:
+        raise ConfigError(f"train.data_parallel: fsdp trains {', '.join(sharded)}, not method={config.method} "
+                          f"(or use data_parallel: ddp)")
+    if streaming:
+        raise ConfigError("train.data_parallel: fsdp does not combine with offload.weights (or use data_parallel: ddp)")
     return True
 
 

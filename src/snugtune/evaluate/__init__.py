@@ -8,7 +8,8 @@ import math
 from importlib import resources
 from pathlib import Path
 
-from snugtune.config import DataConfig, UserError
+from snugtune.config import DataConfig
+from snugtune.errors import UserError
 from snugtune.data import eval_batches, prepare_data
 from snugtune.engine.loss import mean_loss
 from snugtune.engine.rundir import write_json_atomic

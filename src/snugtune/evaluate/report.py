@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from snugtune.config import UserError
+from snugtune.errors import UserError
 from snugtune.engine.rundir import read_jsonl, write_text_atomic
 
 COLUMNS = ["run", "model", "dataset", "samples", "method", "LoRA", "peak memory", "train time", "tokens/s",

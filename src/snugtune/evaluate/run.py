@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from snugtune.config import Config, UserError, config_from_dict
+from snugtune.config import Config, config_from_dict
+from snugtune.errors import UserError
 from snugtune.engine.precision import Precision, resolve_device, resolve_precision
 from snugtune.models import load_base_model, load_tokenizer
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from snugtune.config import UserError
+from snugtune.errors import UserError
 
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 TYPES = ("f16", "q8_0")

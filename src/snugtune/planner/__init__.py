@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from snugtune.config import Config, ConfigError
+from snugtune.config import Config
+from snugtune.errors import ConfigError
+from snugtune.methods import METHODS
 from snugtune.planner.cards import CARDS, GIB, budget_bytes
 from snugtune.planner.memory import (EMBEDDING_TABLE, HOST, MLP_TILE_TOKENS, Inventory, Settings, estimate,
                                      host_bytes, inventory_from_config, peak, step_flops)
@@ -19,9 +21,6 @@ STEP_OVERHEAD_S = 0.03      # fixed cost per micro-batch (launches, dequantizati
 HOST_COPY_BYTES_S = 12e9    # pinned host <-> GPU copies (PCIe 4 x16 in practice)
 HOST_SAFETY = 0.9           # plan to at most this share of the host's available memory
 
-
-class DoesNotFit(Exception):
-    """No settings fit the memory budget (the CLI exits 3)."""
 
 
 @dataclass
@@ -135,7 +134,7 @@ def _levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, tuple[boo
     parallel = [1, gpus] if gpus > 1 else [1]
     if gpus > 1 and cfg.train.data_parallel != "auto":
         parallel = [gpus if cfg.train.data_parallel == "fsdp" else 1]
-    if cfg.method not in ("lora", "qlora"):
+    if not METHODS[cfg.method].shards_with_fsdp:
         parallel = [p for p in parallel if p == 1] or [1]
     offloads = _offload_levels(cfg, inv)
     none = (False, False, cfg.offload.embeddings is True)
@@ -160,9 +159,9 @@ def _offload_levels(cfg: Config, inv: Inventory) -> list[tuple[bool, bool, bool]
             continue
         if cfg.offload.embeddings != "auto" and embeds != cfg.offload.embeddings:
             continue
-        if weights and (cfg.method in ("lora-8bit", "full") or cfg.train.grad_checkpointing is False):
+        if weights and (not METHODS[cfg.method].streams_weights or cfg.train.grad_checkpointing is False):
             continue
-        if embeds and (cfg.method == "full" or inv.tied_embeddings):
+        if embeds and (METHODS[cfg.method].trains_base == "all" or inv.tied_embeddings):
             continue
         allowed.append((acts, weights, embeds))
     return allowed
@@ -264,7 +263,7 @@ def _suggest(cfg: Config, inv: Inventory, budget: int) -> str:
         if peak(estimate(inv, _settings(cfg, inv, 1, True, seq=seq))) <= SAFETY * budget:
             ideas.append(f"max_seq_len={seq} (with micro_batch=1 and grad_checkpointing=true)")
             break
-    if cfg.method in ("lora", "lora-8bit", "freeze"):
+    if METHODS[cfg.method].base_bits != 4 and METHODS[cfg.method].trains_base != "all":
         if peak(estimate(inv, _settings(cfg, inv, 1, True, method="qlora"))) <= SAFETY * budget:
             ideas.append("method=qlora (4-bit base weights)")
     need = peak(estimate(inv, _settings(cfg, inv, 1, True))) / SAFETY

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from snugtune.config import ConfigError
+from snugtune.errors import ConfigError
 
 GIB = 2**30
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from snugtune.methods import METHODS
+
 MIB = 2**20
 CUDA_CONTEXT = 685 * MIB          # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
@@ -120,9 +122,10 @@ def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
 
 
 def trainable_params(inv: Inventory, s: Settings) -> int:
-    if s.method in ("lora", "qlora", "lora-8bit"):
+    m = METHODS[s.method]
+    if m.adapters:
         return sum(s.lora_r * (l.in_features + l.out_features) for l in _adapted(inv, s))
-    if s.method == "freeze":
+    if m.trains_base == "last_layers":
         first = inv.layers - s.trainable_layers  # the blocks' norms are a few thousand values: left out
         return sum(l.in_features * l.out_features for l in inv.linears if l.layer >= first)
     return inv.total_params
@@ -131,22 +134,23 @@ def trainable_params(inv: Inventory, s: Settings) -> int:
 def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
     """Base weights as stored on the GPU: quantized block linears, and the 16-bit rest."""
     n_lin = inv.linear_params
+    m = METHODS[s.method]
     # nf4: 0.5 byte/param; absmax per 64-value block: fp32, or 8-bit + an fp32 per 256 blocks (double quant)
-    stats = (n_lin / 64 * (1 + 4 / 256) if s.double_quant else n_lin / 64 * 4) if s.method == "qlora" else 0
-    if s.method == "qlora":
+    stats = (n_lin / 64 * (1 + 4 / 256) if s.double_quant else n_lin / 64 * 4) if m.base_bits == 4 else 0
+    if m.base_bits == 4:
         linear = {"quantized weights (4-bit + block scales)": int(n_lin / 2 + stats)}
-    elif s.method == "lora-8bit":
+    elif m.base_bits == 8:
         rows = sum(l.out_features for l in inv.linears)
         linear = {"quantized weights (8-bit + row scales)": int(n_lin + 4 * rows)}
-    elif s.method == "full":
+    elif m.trains_base == "all":
         linear = {"trained weights (fp32 masters)": 4 * n_lin}
-    elif s.method == "freeze":
+    elif m.trains_base == "last_layers":
         trained = trainable_params(inv, s)
         linear = {"frozen 16-bit weights": s.compute_bytes * (n_lin - trained),
                   "trained weights (fp32 masters)": 4 * trained}
     else:
         linear = {"frozen 16-bit weights": s.compute_bytes * n_lin}
-    other = 4 * inv.other_params if s.method == "full" else s.compute_bytes * inv.other_params
+    other = 4 * inv.other_params if m.trains_base == "all" else s.compute_bytes * inv.other_params
     if s.embeddings_on_host:  # looked up in host memory; only the batch's rows reach the GPU
         other -= s.compute_bytes * inv.vocab * inv.hidden
     if s.stream_weights:  # frozen block weights live in host memory; the running block and the next on the GPU
@@ -165,8 +169,8 @@ def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
 def optimizer_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
     n = trainable_params(inv, s)
     state = 8 if s.optimizer == "adamw" else 2  # two fp32 moments, or two 8-bit moments
-    label = "LoRA" if s.method in ("lora", "qlora", "lora-8bit") else "trained"
-    extra = 0 if s.method in ("full", "freeze") else 4 * n  # LoRA masters (full/freeze counted as weights)
+    label = "LoRA" if METHODS[s.method].adapters else "trained"
+    extra = 4 * n if METHODS[s.method].adapters else 0  # LoRA masters (full/freeze counted as weights)
     return {f"{label} parameters (fp32)": extra, f"{label} gradients (fp32)": 4 * n,
             f"optimizer state ({s.optimizer})": state * n}
 
@@ -194,9 +198,10 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.max_seq_len if s.attention_mask else 0)
     mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
     inputs = 0
-    if s.method == "lora-8bit":  # LLM.int8 layers keep their input
+    m = METHODS[s.method]
+    if m.linears_keep_input:  # LLM.int8 layers keep their input
         inputs = a * (inv.hidden + mlp_input + inv.intermediate) + c * inv.q_dim
-    elif s.method in ("freeze", "full"):  # trained weights need their inputs, trained norms their output
+    elif m.trains_base != "none":  # trained weights need their inputs, trained norms their output
         inputs = c * (inv.hidden + mlp_input + inv.intermediate + inv.q_dim) + c * inv.norms_per_block * inv.hidden
     lora = _lora_bytes_per_token(inv, s, lambda l: not _in_mlp(inv, l))
     return norms + attention + inputs + lora + mlp_bytes_per_token(inv, s)
@@ -212,7 +217,7 @@ def mlp_bytes_per_token(inv: Inventory, s: Settings) -> int:
 def _mlp_value_bytes(inv: Inventory, s: Settings) -> int:
     """Bytes of one MLP value: under autocast LayerNorm runs in fp32 and bitsandbytes returns its input's
     dtype, so quantized LayerNorm models keep fp32 MLP tensors."""
-    return 4 if inv.layer_norm and s.method in ("qlora", "lora-8bit") else s.compute_bytes
+    return 4 if inv.layer_norm and METHODS[s.method].base_bits else s.compute_bytes
 
 
 def _in_mlp(inv: Inventory, linear: Linear) -> bool:
@@ -222,7 +227,7 @@ def _in_mlp(inv: Inventory, linear: Linear) -> bool:
 def _lora_bytes_per_token(inv: Inventory, s: Settings, which) -> int:
     """Per token, for the adapted linears of one block that `which` selects: the autocast copy of the input
     for the fp32 LoRA A, the dropout mask (1 byte) and the rank-r output."""
-    if s.method not in ("lora", "qlora", "lora-8bit"):
+    if not METHODS[s.method].adapters:
         return 0
     c, mask = s.compute_bytes, 1 if s.lora_dropout > 0 else 0
     top_block = [l for l in _adapted(inv, s) if l.layer == inv.layers - 1 and which(l)]  # every block alike
@@ -233,9 +238,10 @@ def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
     """Blocks that backward passes through without checkpointing: from the first trained block to the
     top. Below it nothing requires grad, so autograd keeps no activations there (freeze, or LoRA on the
     last layers only)."""
-    if s.method == "freeze":
+    m = METHODS[s.method]
+    if m.trains_base == "last_layers":
         return min(inv.layers, s.trainable_layers)
-    if s.method in ("lora", "qlora", "lora-8bit"):
+    if m.adapters:
         adapted = _adapted(inv, s)
         return inv.layers - min(l.layer for l in adapted) if adapted else 0
     return inv.layers
@@ -263,7 +269,7 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
         if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
             mlp = mlp_bytes_per_token(inv, s)
             recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
-        if s.dense_weights_kept and s.method == "qlora":
+        if s.dense_weights_kept and METHODS[s.method].base_bits == 4:
             per_block: dict[int, int] = {}
             for l in _adapted(inv, s):
                 per_block[l.layer] = per_block.get(l.layer, 0) + l.in_features * l.out_features
@@ -284,7 +290,7 @@ def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
         acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
     chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab)), trained_tokens)
-    if s.method == "full":  # trained head: fp32 logits, log-softmax and their gradient, recomputed per chunk
+    if METHODS[s.method].trains_base == "all":  # trained head: fp32 logits, log-softmax and their gradient, recomputed per chunk
         loss_bytes = chunk * inv.vocab * (s.compute_bytes + 4 + 4) + trained_tokens * inv.hidden * (s.compute_bytes + 4)
     else:  # frozen head: fp32 logits become probabilities in place, + their 16-bit copy; the trained rows of
         loss_bytes = (chunk * inv.vocab * (4 + s.compute_bytes)   # the hidden states and their gradient
@@ -337,7 +343,7 @@ def step_flops(inv: Inventory, s: Settings) -> float:
     tokens = s.micro_batch * s.max_seq_len
     n = inv.total_params
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
-    per_token = (6 if s.method in ("full",) else 4) * n + 2 * n * share
+    per_token = (6 if METHODS[s.method].trains_base == "all" else 4) * n + 2 * n * share
     if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
         per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears if _in_mlp(inv, l))
     attention = 4 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)
