@@ -1,11 +1,11 @@
 # make demo: set up .venv and fine-tune the embedded SmolLM2-135M on CPU (or GPU) in a few minutes.
-# make test: set up .venv if needed and run the test suite.
+# make test: set up .venv if needed and run the test suite (fast stage; `make test-slow` runs the rest).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/snugtune report runs/quickstart --out runs/quickstart/report
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# the tests marked slow (the embedded model, multi-process runs): CI runs them after `make test` passes
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
 
 clean:
 	rm -rf $(VENV) runs

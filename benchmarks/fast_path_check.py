@@ -38,7 +38,7 @@ def main() -> None:
     from snugtune.config import config_from_dict
     from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, prepare_data
     from snugtune.engine.fused_lora import unfuse_lora_layers
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.loss import token_loss_sum
     from snugtune.engine.speedups import apply_speedups
     from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
@@ -88,8 +88,9 @@ def main() -> None:
           f"fast path: {applied}")
     if applied.cuda_graphs:  # the same micro-batch through engine.graphs: two eager warm-ups, then a replay
         from snugtune.engine.graphs import StepGraphs
-        from snugtune.engine.train import trained_positions
-        graphs = StepGraphs(model, device, dtype, torch.amp.GradScaler("cuda", enabled=False))
+        from snugtune.engine.step import trained_positions
+        from snugtune.precision import Precision
+        graphs = StepGraphs(model, device, Precision("bf16", "cuda"), torch.amp.GradScaler("cuda", enabled=False))
         n = trained_positions(batch)
         for run in range(graphs.warmup_runs + 2):
             model.zero_grad(set_to_none=False)

@@ -68,7 +68,7 @@ def main() -> None:
     trace = snapshot["device_traces"][0]
     # the peak after loading: from the first allocation made by the training loop's own files
     start = next((i for i, e in enumerate(trace) if e["action"] == "alloc"
-                  and any("snugtune/engine/loss.py" in f["filename"] for f in e["frames"])), 0)
+                  and any("snugtune/loss.py" in f["filename"] for f in e["frames"])), 0)
     lines = [f"config: {cfg} {' '.join(overrides)}",
              f"torch max_memory_allocated: {torch.cuda.max_memory_allocated() / MIB:.1f} MiB"]
     lines += peak_report(trace, start)

@@ -12,8 +12,8 @@ import sys
 from snugtune.config import load_config
 from snugtune.data import collate, micro_batches, prepare_data
 from snugtune.data.batches import collate_packed
-from snugtune.engine.loss import mean_loss
-from snugtune.engine.precision import resolve_device, resolve_precision
+from snugtune.loss import mean_loss
+from snugtune.precision import resolve_device, resolve_precision
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 cfg = load_config(sys.argv[1], sys.argv[2:])

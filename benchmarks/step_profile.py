@@ -24,7 +24,6 @@ much of the wall time the GPU was busy (sum of kernel times) and the operators w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -45,10 +44,10 @@ def main() -> None:
     from snugtune.bench import bench_config
     from snugtune.config import config_from_dict
     from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, prepare_data, real_tokens
-    from snugtune.engine.graphs import StepGraphs
-    from snugtune.engine.train import trained_positions
     from snugtune.engine.fused_lora import fuse_lora_layers, unfuse_lora_layers
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.engine.graphs import StepGraphs
+    from snugtune.engine.step import forward_backward, trained_positions
+    from snugtune.precision import Precision
     from snugtune.engine.offload import ActivationOffload, keep_embeddings_on_host
     from snugtune.engine.optim import build_optimizer, flatten_trainable
     from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
@@ -71,6 +70,8 @@ def main() -> None:
 
     optimizer_seconds: list[float] = []
     offload = graphs = None
+    bf16 = Precision("bf16", "cuda")
+    no_scaling = bf16.grad_scaler()
 
     def step(i: int) -> int:
         batch = collate_micro_batch(batches[i % len(batches)], tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE, cfg.max_seq_len)
@@ -79,9 +80,7 @@ def main() -> None:
             graphs.forward_backward(batch, 1 / trained_positions(batch))
         else:
             batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
-            with torch.autocast("cuda", dtype=torch.bfloat16), offload or contextlib.nullcontext():
-                loss_sum, n = token_loss_sum(model, batch)
-            (loss_sum / n).backward()
+            forward_backward(model, batch, 1 / trained_positions(batch), bf16, no_scaling, offload=offload)
         torch.cuda.synchronize()
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -94,7 +93,7 @@ def main() -> None:
     def configure(features: set[str]) -> None:
         nonlocal optimizer, offload, graphs
         offload = ActivationOffload() if "actoffload" in features else None
-        graphs = StepGraphs(model, device, torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)) \
+        graphs = StepGraphs(model, device, bf16, no_scaling) \
             if "graphs" in features else None
         if "hostembed" in features and not getattr(model, "_host_embeddings", False):
             model._host_embeddings = keep_embeddings_on_host(model, device)

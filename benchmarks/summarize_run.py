@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from snugtune.engine.rundir import read_jsonl
+from snugtune.rundir import read_jsonl
 
 run = Path(sys.argv[1])
 skip = int(sys.argv[sys.argv.index("--skip") + 1]) if "--skip" in sys.argv else 3

@@ -218,7 +218,7 @@ def test_packing_fills_rows_without_crossing_max_seq_len(tmp_path, tokenizer):
 def test_a_samples_loss_is_the_same_packed_and_alone(tmp_path, tokenizer):
     import torch
     from snugtune.data.batches import collate_packed
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.loss import token_loss_sum
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(resolve_model("shape:tiny").path, dtype=torch.float32).eval()
     data = _prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(6)), format="alpaca")
@@ -239,7 +239,7 @@ def test_a_samples_loss_is_the_same_packed_and_alone(tmp_path, tokenizer):
 def test_gpu_rounding_of_lengths_pads_without_changing_tokens_or_loss(tmp_path, tokenizer):
     import torch
     from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, real_tokens
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.loss import token_loss_sum
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(resolve_model("shape:tiny").path, dtype=torch.float32).eval()
     data = _prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(6)), format="alpaca")

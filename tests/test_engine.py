@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-import snugtune.engine.loss as loss_module
+import snugtune.loss as loss_module
 import snugtune.planner.memory as memory
 from snugtune.data import collate, prepare_data
 from snugtune.data.tokenize import IGNORE
-from snugtune.engine.loss import head_loss_sum, logits_chunk_tokens
+from snugtune.loss import head_loss_sum, logits_chunk_tokens
 from snugtune.engine.optim import build_optimizer, flatten_trainable, lr_factor
-from snugtune.engine.precision import Precision
-from snugtune.engine.train import accumulate_gradients
+from snugtune.precision import Precision
+from snugtune.engine.step import accumulate_gradients
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
 FP32 = Precision("fp32", "cpu")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import alpaca_rows, tiny_config, write_jsonl
 from snugtune.engine.train import train
-from snugtune.evaluate import evaluate_run
+from snugtune.evaluate.tasks import evaluate_run
 from snugtune.evaluate.humaneval import load_problems, pass_at_k, program_for
 from snugtune.evaluate.report import build_report
 from snugtune.evaluate.sandbox import run_sandboxed

@@ -100,7 +100,7 @@ def test_train_with_tiled_mlps_logs_the_same_losses(tmp_path, alpaca_file, monke
 def test_fixed_shape_loss_gives_the_same_loss_and_gradients(tmp_path, alpaca_file):
     # what a CUDA graph runs: every position through the head, untrained ones weighted zero, no sync
     from snugtune.data import collate, prepare_data
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.loss import token_loss_sum
     from snugtune.models import load_tokenizer
     config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0})
     path = resolve_model(config.model).path
@@ -154,8 +154,8 @@ def test_graph_path_adds_the_same_gradients_as_the_eager_step(tmp_path, alpaca_f
     from snugtune.data import collate, prepare_data
     from snugtune.engine.graphs import StepGraphs
     from snugtune.engine.offload import keep_embeddings_on_host
-    from snugtune.engine.precision import Precision
-    from snugtune.engine.train import accumulate_gradients
+    from snugtune.precision import Precision
+    from snugtune.engine.step import accumulate_gradients
     from snugtune.models import load_tokenizer
     config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0},
                          train={"grad_checkpointing": True})
@@ -176,7 +176,7 @@ def test_graph_path_adds_the_same_gradients_as_the_eager_step(tmp_path, alpaca_f
             assert keep_embeddings_on_host(model, torch.device("cpu"))
         fp32 = Precision("fp32", "cpu")
         scaler = fp32.grad_scaler()
-        graphs = StepGraphs(model, torch.device("cpu"), torch.float32, scaler) if use_graphs else None
+        graphs = StepGraphs(model, torch.device("cpu"), fp32, scaler) if use_graphs else None
         losses.append(accumulate_gradients(model, group, fp32, scaler, torch.device("cpu"), graphs=graphs))
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -11,8 +11,8 @@ import yaml
 from conftest import tiny_config
 from snugtune.config import Config
 from snugtune.data import collate, prepare_data
-from snugtune.engine.loss import mean_loss
-from snugtune.engine.precision import Precision
+from snugtune.loss import mean_loss
+from snugtune.precision import Precision
 from snugtune.engine.train import train
 from snugtune.models import load_tokenizer
 

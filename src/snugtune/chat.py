@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from snugtune.errors import UserError
-from snugtune.engine.precision import resolve_device, resolve_precision
+from snugtune.precision import resolve_device, resolve_precision
 
 
 def load_for_chat(path: str | Path, device: str = "auto"):

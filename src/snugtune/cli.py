@@ -61,7 +61,7 @@ def train(
     """Fine-tune. Resumes when the output directory has a checkpoint (--fresh starts over)."""
     from snugtune.config import load_config
     from snugtune.engine import distributed
-    from snugtune.engine.rundir import move_run_aside
+    from snugtune.rundir import move_run_aside
     from snugtune.engine.train import train as run_training
 
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
@@ -164,7 +164,7 @@ def eval_command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Base model and fine-tuned model side by side: loss/perplexity, retention, generations, HumanEval."""
-    from snugtune.evaluate import evaluate_run
+    from snugtune.evaluate.tasks import evaluate_run
     tasks = [t.strip() for t in task.split(",") if t.strip()]
     results = _run(debug, evaluate_run, run_dir, tasks, data_file, limit, device,
                    progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from snugtune.errors import ConfigError, UserError
+from snugtune.errors import ConfigError
 from snugtune.methods import METHODS
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from snugtune.engine.rundir import read_jsonl
+from snugtune.rundir import read_jsonl
 
 
 

@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from snugtune.errors import UserError
+from snugtune.errors import CheckpointWriteError
 from snugtune.engine.distributed import full_tensor, shard_like
-from snugtune.engine.rundir import read_jsonl
-
-COMPLETE = "COMPLETE"
+from snugtune.rundir import COMPLETE, complete_checkpoints, read_jsonl
 
 
 
@@ -144,15 +142,6 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; half-written ones (no marker, temp names) are ignored."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def checkpoint_metrics(path: Path) -> list[dict]:

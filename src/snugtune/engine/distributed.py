@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from snugtune.loss import LossModule
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -23,6 +25,9 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+SINGLE = DistContext()  # one process
 
 
 def context_from_env(environ=os.environ) -> DistContext:
@@ -56,18 +61,6 @@ def sum_across(ctx: DistContext, value: float) -> float:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
-
-
-class LossModule(torch.nn.Module):
-    """The model plus our loss, as one module whose forward DDP can wrap (its hooks sync the gradients)."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return self.loss_fn(self.model, batch)
 
 
 def shard_with_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList, loss_fn) -> torch.nn.Module:

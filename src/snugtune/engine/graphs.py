@@ -7,7 +7,7 @@ with one call. The optimizer step (whose learning rate and step count change eve
 
 What captured work must not do, and how the engine keeps to it:
 - synchronise with the host or take data-dependent shapes: the loss runs every position through the
-  head with untrained ones weighted zero (engine.loss, fixed_shape), and the token count comes from
+  head with untrained ones weighted zero (snugtune.loss, fixed_shape), and the token count comes from
   the CPU;
 - bake in numbers that change: the loss weight (1 / trained tokens) is a tensor filled before each
   replay, and the fp16 loss scale is the GradScaler's own tensor;
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from snugtune.engine.loss import token_loss_sum
 from snugtune.engine.offload import HostEmbedding
+from snugtune.engine.step import forward_backward
 
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")  # what token_loss_sum reads
 
@@ -38,9 +38,8 @@ class StepGraphs:
 
     `failure` holds why capture failed, after which every micro-batch runs eagerly."""
 
-    def __init__(self, model, device: torch.device, compute_dtype: torch.dtype, scaler,
-                 warmup_runs: int = 2, max_graphs: int = 4):
-        self.model, self.device, self.compute_dtype, self.scaler = model, device, compute_dtype, scaler
+    def __init__(self, model, device: torch.device, precision, scaler, warmup_runs: int = 2, max_graphs: int = 4):
+        self.model, self.device, self.precision, self.scaler = model, device, precision, scaler
         self.warmup_runs, self.max_graphs = warmup_runs, max_graphs
         cuda = device.type == "cuda"  # elsewhere (the CPU tests) every micro-batch runs the eager warm-up path
         self.stream = torch.cuda.Stream(device) if cuda else None
@@ -54,12 +53,8 @@ class StepGraphs:
         self.host_embedding = embedding if isinstance(embedding, HostEmbedding) else None
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # no autocast cache: a graph must not keep casts made in an earlier capture
-        with torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False,
-                            enabled=self.compute_dtype != torch.float32):
-            loss_sum, _ = token_loss_sum(self.model, inputs, fixed_shape=True)
-        self.scaler.scale(loss_sum * self.loss_weight).backward()
-        return loss_sum.detach()
+        return forward_backward(self.model, inputs, self.loss_weight, self.precision, self.scaler,
+                                fixed_shape=True, autocast_cache=False)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_weight: float) -> torch.Tensor:
         """Add loss_weight x the gradient of the micro-batch's summed token loss (times the fp16 loss scale)

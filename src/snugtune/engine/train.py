@@ -1,112 +1,286 @@
-"""The training recipe: one function that reads top to bottom, in the style of torchtune's recipes.
+"""The training recipe, read top to bottom in the manner of torchtune's recipes:
 
-set up (device, precision, model, data, optimizer) -> resume -> held-out loss before -> loop over
-optimizer steps (accumulate, unscale, clip, step, log, checkpoint) -> held-out loss after -> artifacts.
+    set_up (device, data, plan, model, optimizer, probe) -> resume -> held-out loss before
+    -> train_loop (per optimizer step: engine.step's accumulate_gradients and optimizer_step, log,
+       checkpoint) -> final checkpoint -> finish (held-out loss after, artifacts, summary.json).
 """
 
 from __future__ import annotations
 
-import contextlib
-from functools import partial
 import json
 import math
-from math import nan
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+from functools import partial
+from math import nan
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, changed_fields, config_to_yaml
-from snugtune.errors import ConfigError, DoesNotFit, TrainingDiverged, TrainingInterrupted, UserError
-from snugtune.data import (GPU_PAD_MULTIPLE, collate_micro_batch, epoch_rows, eval_batches, prepare_data, real_tokens,
-                           trained_tokens_per_row)
-from snugtune.data.tokenize import IGNORE, ensure_chat_template
-from snugtune.engine.distributed import (DistContext, LossModule, barrier, full_tensor, local_bytes, shard_with_fsdp,
-                                         start, sum_across)
-from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, complete_checkpoints, load_checkpoint,
-                                        save_checkpoint, trainable_state)
+from snugtune.data import (GPU_PAD_MULTIPLE, PreparedData, collate_micro_batch, epoch_rows, eval_batches, prepare_data,
+                           real_tokens, trained_tokens_per_row)
+from snugtune.data.tokenize import ensure_chat_template
+from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint,
+                                        trainable_state)
+from snugtune.engine.distributed import SINGLE, DistContext, barrier, local_bytes, shard_with_fsdp, start, sum_across
 from snugtune.engine.graphs import StepGraphs
-from snugtune.engine.loss import mean_loss, token_loss_sum
+from snugtune.engine.machine import device_description, peak_memory_bytes, versions
 from snugtune.engine.offload import ActivationOffload, WeightStreamer, keep_embeddings_on_host
-from snugtune.engine.speedups import apply_speedups
-from snugtune.engine.tiling import tile_mlps
 from snugtune.engine.optim import build_optimizer, build_scheduler, flatten_trainable
-from snugtune.engine.precision import resolve_device, resolve_precision
 from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
-from snugtune.engine.rundir import (MetricsLog, device_description, peak_memory_bytes, plot_losses, save_model_artifacts,
-                                    versions, write_json_atomic, write_text_atomic)
-from snugtune.planner import offload_choices, plan_config
-from snugtune.planner.cards import budget_bytes
-from snugtune.planner.memory import CUDA_CONTEXT
+from snugtune.engine.speedups import Speedups, apply_speedups
+from snugtune.engine.step import StepResult, accumulate_gradients, optimizer_step
+from snugtune.engine.tiling import tile_mlps
+from snugtune.errors import ConfigError, DoesNotFit, TrainingDiverged, TrainingInterrupted, UserError
+from snugtune.loss import LossModule, mean_loss, token_loss_sum
 from snugtune.methods import METHODS
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
                              load_tokenizer, prepare_for_training, resolve_model)
+from snugtune.planner import offload_choices, plan_config
+from snugtune.planner.cards import budget_bytes
+from snugtune.planner.memory import CUDA_CONTEXT
+from snugtune.precision import Precision, resolve_device, resolve_precision
+from snugtune.rundir import MetricsLog, RunFolder, plot_losses, save_model_artifacts
 
 
-SINGLE = DistContext()
+@dataclass
+class Run:
+    """What set_up builds and the loop uses. `config` and `graphs` change when an OOM re-splits the step."""
+    config: Config
+    ctx: DistContext
+    device: torch.device
+    precision: Precision
+    notify: object
+    run_dir: Path
+    base_path: Path
+    tokenizer: object
+    data: PreparedData
+    packed_len: int | None
+    first_epoch_rows: list
+    planned: dict | None
+    model: torch.nn.Module
+    fsdp_root: torch.nn.Module | None
+    stepper: torch.nn.Module     # what a micro-batch is fed to: the model, DDP(LossModule) or the FSDP root
+    speedups: Speedups
+    offload: ActivationOffload | None
+    counts: dict                 # parameters trained / in all, frozen bytes per process
+    batch_of: object             # rows -> a collated micro-batch
+    held_out: list
+    # set by _build_optimizer
+    params: list = field(default_factory=list)
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    graphs: StepGraphs | None = None
+    total_steps: int = 0
+    rows_per_step: int = 0
+    oom_resplits: int = 0
+
+    @property
+    def evaluates(self) -> bool:  # with FSDP every process takes part (the weights are sharded); rank 0 reports
+        return self.ctx.is_main or self.fsdp_root is not None
+
+    @property
+    def evaluator(self) -> torch.nn.Module:
+        return self.fsdp_root if self.fsdp_root is not None else self.model
 
 
+def train(config: Config, show_progress: bool = True, notify=lambda message: None, ctx: DistContext = SINGLE) -> dict:
+    """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict.
 
-
-def _pad_multiple(device: torch.device) -> int:
-    """Sequence lengths are rounded up to this (data.batches.GPU_PAD_MULTIPLE on a GPU; exact on the CPU)."""
-    return GPU_PAD_MULTIPLE if device.type == "cuda" else 1
-
-
-def trained_positions(batch: dict[str, torch.Tensor]) -> int:
-    """Positions the loss scores in a batch (labels shifted by one)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device,
-                         ctx: DistContext = SINGLE, offload: ActivationOffload | None = None,
-                         graphs: StepGraphs | None = None) -> float:
-    """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
-
-    The loss is normalised by the trained tokens of the whole accumulated batch, over all processes,
-    so micro-batch 1 x accumulation 8 gives the same gradient as 8 x 1 on variable-length data, and N
-    processes the same as one. `model` may be DDP(LossModule): it then syncs gradients on the last
-    micro-batch only. `offload` keeps what backward needs in host memory (engine.offload); `graphs`
-    replays each micro-batch's forward and backward as a CUDA graph (engine.graphs; one process).
+    `notify(str)` receives one-line notices (resuming, schedule changes). SIGINT/SIGTERM finish the current
+    step, save a checkpoint and raise TrainingInterrupted. Under torchrun (ctx from
+    engine.distributed.context_from_env) each process trains on its share of every step's rows through
+    PyTorch's DDP or FSDP; only rank 0 writes metrics, checkpoints and artifacts.
     """
-    n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group))))
-    ddp = isinstance(model, DDP)
-    wrapped = ddp or isinstance(model, LossModule)  # DDP, or the FSDP root around model + loss
-    step_loss = 0.0
-    for i, batch in enumerate(group):
-        if graphs is not None:
-            step_loss += float(graphs.forward_backward(batch, ctx.world_size / n_scored)) / n_scored
-            continue
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        sync = model.no_sync() if ddp and i < len(group) - 1 else contextlib.nullcontext()
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-batch only
-            model.set_requires_gradient_sync(i == len(group) - 1)
-        with sync:
-            with precision.autocast(), offload or contextlib.nullcontext():
-                loss_sum, _ = model(batch) if wrapped else token_loss_sum(model, batch)
-            # DDP and FSDP average gradients over processes; the world size turns that back into the sum
-            scaler.scale(loss_sum * ctx.world_size / n_scored).backward()
-        step_loss += float(loss_sum.detach()) / n_scored
-    return sum_across(ctx, step_loss)
+    started = time.perf_counter()
+    run = set_up(config, notify if ctx.is_main else (lambda message: None), ctx)
+    position, log, resumed_from = resume(run)
+    eval_loss_before = held_out_loss_before(run, log)
+    stopped = train_loop(run, position, log, show_progress and ctx.is_main)
+    save_checkpoint_now(run, position, log)
+    if stopped and position.step < run.total_steps:
+        raise TrainingInterrupted(f"{stopped} at step {position.step}: checkpoint saved in "
+                                  f"{run.run_dir / 'checkpoints'}; run the same command to resume")
+    return finish(run, position, log, eval_loss_before, resumed_from, started)
 
 
-def _check_resume_config(checkpoint: Path, config: Config, rows_per_step: int, notify) -> None:
-    """Refuse to resume with a config that would train something else; allow harmless changes,
-    including another split of the same rows per step over micro-batches, accumulation and processes."""
-    changed = changed_fields((checkpoint / "config.yaml").read_text(), config)
-    refused = [f for f in changed if f not in RESUME_SAFE_FIELDS | RESUME_LENGTH_FIELDS]
-    saved_rows = json.loads((checkpoint / "position.json").read_text()).get("rows_per_step") or rows_per_step
-    if saved_rows != rows_per_step:
-        refused.append(f"rows per step (micro_batch x grad_accum x processes: {saved_rows} then, {rows_per_step} now)")
-    if refused:
-        raise UserError(f"{checkpoint.parent.parent}: the config differs from the checkpointed run in "
-                        f"{', '.join(refused)}; resume with the same settings, or pass --fresh to start over")
-    if any(f in RESUME_LENGTH_FIELDS for f in changed):
-        notify("run length changed: the learning-rate schedule is recomputed over the new number of steps")
+# --- set up --------------------------------------------------------------------------------------
+
+def set_up(config: Config, notify, ctx: DistContext) -> Run:
+    """Device, data, the memory plan, the model, the optimizer; then one probe step on a GPU."""
+    run_dir = Path(config.output_dir)
+    _prepare_run_dir(run_dir)
+    device = _device_for(config, ctx)
+    precision = resolve_precision(config.train.precision, device)
+    resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
+    if device.type == "cuda":  # building a shape model on the GPU is not part of the run's peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
+                        cache_dir=default_cache_dir() / "data")
+    packed_len = config.max_seq_len if config.data.packing else None
+    first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
+    # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked
+    masked = not config.data.packing or any(len(row) > 1 for row in first_epoch_rows)
+    config, planned = _plan_memory(config, device, notify, trained_tokens_per_row(first_epoch_rows), ctx.world_size,
+                                   masked)
+    torch.manual_seed(config.train.seed)
+    built = _build_model(config, ctx, device, precision, notify, resolved.path, tokenizer)
+    pad_multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else 1  # lengths rounded up on a GPU; exact on CPU
+    run = Run(config=config, ctx=ctx, device=device, precision=precision, notify=notify, run_dir=run_dir,
+              base_path=resolved.path, tokenizer=tokenizer, data=data, packed_len=packed_len,
+              first_epoch_rows=first_epoch_rows, planned=planned, model=built.model, fsdp_root=built.fsdp_root,
+              stepper=built.stepper, speedups=built.speedups, offload=built.offload, counts=built.counts,
+              batch_of=partial(collate_micro_batch, pad_id=tokenizer.pad_token_id, packed=config.data.packing,
+                               pad_multiple=pad_multiple, max_len=config.max_seq_len),
+              held_out=eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id, pad_multiple,
+                                    config.max_seq_len)[: config.eval.max_batches])
+    _build_optimizer(run)
+    if device.type == "cuda" and not ctx.enabled:
+        _probe_until_it_fits(run)
+    return run
+
+
+def _device_for(config: Config, ctx: DistContext) -> torch.device:
+    device = resolve_device(config.device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    start(ctx, device)
+    return device
+
+
+class BuiltModel(NamedTuple):
+    model: torch.nn.Module
+    fsdp_root: torch.nn.Module | None
+    stepper: torch.nn.Module
+    speedups: Speedups
+    offload: ActivationOffload | None
+    counts: dict
+
+
+def _build_model(config: Config, ctx: DistContext, device: torch.device, precision: Precision, notify,
+                 base_path: Path, tokenizer) -> BuiltModel:
+    """The base loaded as the method stores it, LoRA or trainable blocks attached, the memory policies
+    (weight streaming, host embeddings, MLP tiling, activation offload) and speedups applied, and FSDP or
+    DDP around it under torchrun."""
+    stream = config.offload.weights is True
+    fsdp = _use_fsdp(config, ctx, stream)
+    model = load_base_model(base_path, config, device, precision.compute_dtype, load_on_cpu=stream or fsdp,
+                            shardable=fsdp)
+    check_vocab(model, tokenizer, config.model)
+    model = prepare_for_training(model, config)
+    layers = decoder_layers(model)
+    if stream:  # frozen block weights stay in host memory, one block ahead on the device
+        WeightStreamer(layers, device).attach(model)
+    if config.offload.embeddings is True and not fsdp and not stream:
+        if not keep_embeddings_on_host(model, device):
+            notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
+    if config.train.tiled_mlp is True:  # long contexts: one MLP tile's intermediates at a time
+        tile_mlps(layers)
+    speedups = apply_speedups(model, layers, config, device, ctx.enabled, stream, fsdp)
+    model.train()
+    trainable, total = count_parameters(model)
+    # loaded on the CPU: FSDP moves each unit to this process's GPU as it shards it (4-bit scales included)
+    root = shard_with_fsdp(model, layers, token_loss_sum) if fsdp else None
+    if root is not None:
+        stepper = root
+    elif ctx.enabled:  # static_graph: reentrant checkpointing runs each block's backward twice through autograd
+        stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None,
+                      static_graph=config.train.grad_checkpointing is True)
+    else:
+        stepper = model
+    counts = {"trainable_params": trainable, "total_params": total,
+              "frozen_weight_bytes_per_process": sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)}
+    offload = ActivationOffload() if config.offload.activations is True else None
+    return BuiltModel(model, root, stepper, speedups, offload, counts)
+
+
+def _build_optimizer(run: Run) -> None:
+    """Optimizer, schedule over the run's steps, loss scaler, and the CUDA graphs (which need the scaler)."""
+    fsdp = run.fsdp_root is not None
+    if fsdp and run.config.train.optimizer != "adamw":
+        run.notify(f"FSDP: LoRA is trained with torch AdamW (not {run.config.train.optimizer}: bitsandbytes' "
+                   f"optimizers do not take sharded tensors); its state is small")
+        run.config = _with_train(run.config, optimizer="adamw")
+    tc = run.config.train
+    run.rows_per_step = tc.micro_batch * tc.grad_accum * run.ctx.world_size
+    steps_per_epoch = math.ceil(len(run.first_epoch_rows) / run.rows_per_step)
+    run.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    run.params = [p for p in run.model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
+    # LoRA: one flat tensor for the optimizer, in one process or under DDP (whose reducer copies the averaged
+    # gradients back into the views), so their checkpoints load into each other; FSDP shards per tensor
+    if run.config.uses_lora and not fsdp and run.params:
+        run.params = [flatten_trainable(run.params)]
+    run.optimizer = build_optimizer(run.params, tc, run.device)
+    run.scheduler = build_scheduler(run.optimizer, tc, run.total_steps)
+    run.scaler = run.precision.grad_scaler()
+    if fsdp and run.precision.loss_scaling:  # fp16 (T4): every process must agree on skipping a step
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        run.scaler = ShardedGradScaler(run.precision.device_type)
+    run.graphs = _new_graphs(run) if run.speedups.cuda_graphs else None
+
+
+def _new_graphs(run: Run) -> StepGraphs:
+    return StepGraphs(run.model, run.device, run.precision, run.scaler)
+
+
+def _probe_until_it_fits(run: Run) -> None:
+    """Probe before the first step; on an OOM split the step into smaller micro-batches and probe again."""
+    while True:
+        try:
+            _probe(run)
+            return
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            run.config = _split_after_oom(run.config, "the probe step", run.notify)
+            run.oom_resplits += 1
+
+
+def _probe(run: Run) -> None:
+    """One full step on the longest micro-batch (optimizer state allocated, learning rate 0) and one eval
+    batch, then everything put back: late OOMs come from exactly these, so they surface now."""
+    rows, optimizer, scaler = run.first_epoch_rows, run.optimizer, run.scaler
+    longest = sorted(rows, key=lambda row: -sum(len(s.input_ids) for s in row))[: run.config.train.micro_batch]
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    try:
+        accumulate_gradients(run.model, [run.batch_of(longest)], run.precision, scaler, run.device,
+                             offload=run.offload)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        scaler.step(optimizer)
+        if run.held_out:
+            mean_loss(run.model, run.held_out[:1], run.precision, run.device)
+    finally:
+        optimizer.zero_grad(set_to_none=False)
+        optimizer.state.clear()  # the first real step starts from fresh moments, as it would without a probe
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        if scaler.is_enabled():
+            scaler.update(scaler.get_scale())  # close the probe's scaler step, keeping the scale
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state_all(rng[1])
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir: cannot write to {run_dir}: {exc.strerror or exc}") from None
 
 
 def _use_fsdp(config: Config, ctx: DistContext, streaming: bool) -> bool:
@@ -179,310 +353,233 @@ def _split_after_oom(config: Config, where: str, notify) -> Config:
     return _with_train(config, micro_batch=smaller[0], grad_accum=rows // smaller[0])
 
 
-def _probe(model, optimizer, scaler, rows, eval_batch, config, precision, device, batch_of, offload) -> None:
-    """One full step on the longest micro-batch (optimizer state allocated, learning rate 0) and one eval
-    batch, then everything put back: late OOMs come from exactly these, so they surface now."""
-    longest = sorted(rows, key=lambda row: -sum(len(s.input_ids) for s in row))[: config.train.micro_batch]
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    try:
-        accumulate_gradients(model, [batch_of(longest)], precision, scaler, device, offload=offload)
-        for group in optimizer.param_groups:
-            group["lr"] = 0.0
-        scaler.step(optimizer)
-        if eval_batch is not None:
-            mean_loss(model, [eval_batch], precision, device)
-    finally:
-        optimizer.zero_grad(set_to_none=False)
-        optimizer.state.clear()  # the first real step starts from fresh moments, as it would without a probe
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        if scaler.is_enabled():
-            scaler.update(scaler.get_scale())  # close the probe's scaler step, keeping the scale
-        torch.set_rng_state(rng[0])
-        torch.cuda.set_rng_state_all(rng[1])
+# --- resume --------------------------------------------------------------------------------------
 
-
-def _prepare_run_dir(run_dir: Path) -> None:
-    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output_dir: cannot write to {run_dir}: {exc.strerror or exc}") from None
-
-
-def train(config: Config, show_progress: bool = True, notify=lambda message: None, ctx: DistContext = SINGLE) -> dict:
-    """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict.
-
-    `notify(str)` receives one-line notices (resuming, schedule changes). SIGINT/SIGTERM finish the
-    current step, save a checkpoint and raise TrainingInterrupted. Under torchrun (ctx from
-    engine.distributed.context_from_env) each process trains on its share of every step's rows through
-    PyTorch's DDP; only rank 0 writes metrics, checkpoints and artifacts.
-    """
-    started = time.perf_counter()
-    run_dir = Path(config.output_dir)
-    _prepare_run_dir(run_dir)
-    device = resolve_device(config.device)
-    if ctx.enabled and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
-    start(ctx, device)
-    if not ctx.is_main:
-        notify = lambda message: None  # noqa: E731 (rank 0 speaks for all)
-        show_progress = False
-    precision = resolve_precision(config.train.precision, device)
-
-    # --- model and data -------------------------------------------------------------------------
-    resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
-    if device.type == "cuda":  # building a shape model on the GPU is not part of the run's peak
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
-    ensure_chat_template(tokenizer)
-    data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
-                        cache_dir=default_cache_dir() / "data")
-    packed_len = config.max_seq_len if config.data.packing else None
-    first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
-    # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked
-    masked = not config.data.packing or any(len(row) > 1 for row in first_epoch_rows)
-    config, planned = _plan_memory(config, device, notify, trained_tokens_per_row(first_epoch_rows), ctx.world_size,
-                                   masked)
-    oom_resplits = 0
-    torch.manual_seed(config.train.seed)
-    stream = config.offload.weights is True
-    fsdp = _use_fsdp(config, ctx, stream)
-    model = load_base_model(resolved.path, config, device, precision.compute_dtype, load_on_cpu=stream or fsdp,
-                            shardable=fsdp)
-    check_vocab(model, tokenizer, config.model)
-    model = prepare_for_training(model, config)
-    if stream:  # frozen block weights stay in host memory, one block ahead on the device
-        WeightStreamer(decoder_layers(model), device).attach(model)
-    if config.offload.embeddings is True and not fsdp and not stream:
-        if not keep_embeddings_on_host(model, device):
-            notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
-    if config.train.tiled_mlp is True:  # long contexts: one MLP tile's intermediates at a time
-        tile_mlps(decoder_layers(model))
-    speedups = apply_speedups(model, decoder_layers(model), config, device, ctx.enabled, stream, fsdp)
-    offload = ActivationOffload() if config.offload.activations is True else None
-    model.train()
-    trainable_params, total_params = count_parameters(model)
-    root = None
-    # loaded on the CPU: FSDP moves each unit to this process's GPU as it shards it, and bitsandbytes'
-    # Params4bit.to() takes the 4-bit scales along
-    if fsdp:
-        root = shard_with_fsdp(model, decoder_layers(model), token_loss_sum)
-    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
-    frozen_bytes = sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)
-    if fsdp and config.train.optimizer != "adamw":
-        notify(f"FSDP: LoRA is trained with torch AdamW (not {config.train.optimizer}: bitsandbytes' optimizers "
-               f"do not take sharded tensors); its state is small")
-        config = _with_train(config, optimizer="adamw")
-
-    # --- optimization ---------------------------------------------------------------------------
-    tc = config.train
-    rows_per_step = tc.micro_batch * tc.grad_accum * ctx.world_size
-    steps_per_epoch = math.ceil(len(first_epoch_rows) / rows_per_step)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    # LoRA: one flat tensor for the optimizer, in one process or under DDP (whose reducer copies the averaged
-    # gradients back into the views), so their checkpoints load into each other; FSDP shards per tensor
-    if config.uses_lora and not fsdp and params:
-        params = [flatten_trainable(params)]
-    optimizer = build_optimizer(params, tc, device)
-    scheduler = build_scheduler(optimizer, tc, total_steps)
-    scaler = precision.grad_scaler()
-    if fsdp and precision.loss_scaling:  # fp16 (T4): every process must agree on skipping a step
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        scaler = ShardedGradScaler(precision.device_type)
-    new_graphs = partial(StepGraphs, model, device, precision.compute_dtype, scaler)
-    graphs = new_graphs() if speedups.cuda_graphs else None
-
-    pad_multiple = _pad_multiple(device)
-    batch_of = partial(collate_micro_batch, pad_id=tokenizer.pad_token_id, packed=config.data.packing,
-                       pad_multiple=pad_multiple, max_len=config.max_seq_len)
-    held_out = eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id, pad_multiple,
-                            config.max_seq_len)[: config.eval.max_batches]
-    while device.type == "cuda" and not ctx.enabled:  # probe before the first step; on OOM split smaller
-        try:
-            _probe(model, optimizer, scaler, first_epoch_rows, held_out[0] if held_out else None, config,
-                   precision, device, batch_of, offload)
-            break
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            config = _split_after_oom(config, "the probe step", notify)
-            oom_resplits += 1
-            tc = config.train
-
-    position = TrainPosition(rows_per_step=rows_per_step)
+def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
+    """The position to start from (the newest complete checkpoint's, or the start), the metrics log with the
+    rows logged up to it, and that checkpoint. Writes the run's config.yaml."""
+    folder = RunFolder(run.run_dir)
+    position = TrainPosition(rows_per_step=run.rows_per_step)
     metrics: list[dict] = []
-    checkpoints = complete_checkpoints(run_dir)
-    resumed_from = None
-    if checkpoints:
-        resumed_from = checkpoints[-1]
-        _check_resume_config(resumed_from, config, rows_per_step, notify)
-        position = load_checkpoint(resumed_from, model, optimizer, scheduler, scaler, notify)
-        position.rows_per_step = rows_per_step
+    checkpoints = folder.checkpoints()
+    resumed_from = checkpoints[-1] if checkpoints else None
+    if resumed_from is not None:
+        _check_resume_config(resumed_from, run.config, run.rows_per_step, run.notify)
+        position = load_checkpoint(resumed_from, run.model, run.optimizer, run.scheduler, run.scaler, run.notify)
+        position.rows_per_step = run.rows_per_step
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
-        notify(f"resuming from {resumed_from} (step {position.step} of {total_steps})")
-    config_yaml = config_to_yaml(config)
-    log = MetricsLog(run_dir, metrics, tensorboard=config.log.tensorboard, write=ctx.is_main)
-    if ctx.is_main:
-        write_text_atomic(run_dir / "config.yaml", config_yaml)
-    # static_graph: reentrant checkpointing runs each block's backward twice through autograd
-    if fsdp:
-        stepper = root
-    elif ctx.enabled:
-        stepper = DDP(LossModule(model, token_loss_sum), device_ids=[device.index] if device.type == "cuda" else None,
-                      static_graph=config.train.grad_checkpointing is True)
-    else:
-        stepper = model
-    # with FSDP every process takes part in evaluation (the weights are sharded); rank 0 reports it
-    evaluates, evaluator = ctx.is_main or fsdp, (root if fsdp else model)
+        run.notify(f"resuming from {resumed_from} (step {position.step} of {run.total_steps})")
+    log = MetricsLog(run.run_dir, metrics, tensorboard=run.config.log.tensorboard, write=run.ctx.is_main)
+    if run.ctx.is_main:
+        folder.write_config(config_to_yaml(run.config))
+    return position, log, resumed_from
 
-    def checkpoint() -> None:
-        if ctx.is_main or fsdp:  # FSDP: every process gathers its shards, rank 0 writes
-            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, position, config.save.keep, log.rows,
-                            config_yaml, write=ctx.is_main)
-        barrier(ctx)
 
-    def evaluate() -> tuple[float, int]:
-        """Held-out loss; if the CUDA graphs' memory pool leaves evaluation too little, drop the graphs."""
-        try:
-            return mean_loss(evaluator, held_out, precision, device)
-        except torch.OutOfMemoryError:
-            if graphs is None or not graphs.graphs:
-                raise
-            graphs.release("released: evaluation ran out of memory beside the graphs' memory pool")
-            notify("CUDA graphs released to make room for evaluation; training continues without them")
-            return mean_loss(evaluator, held_out, precision, device)
+def _check_resume_config(checkpoint: Path, config: Config, rows_per_step: int, notify) -> None:
+    """Refuse to resume with a config that would train something else; allow harmless changes,
+    including another split of the same rows per step over micro-batches, accumulation and processes."""
+    changed = changed_fields((checkpoint / "config.yaml").read_text(), config)
+    refused = [f for f in changed if f not in RESUME_SAFE_FIELDS | RESUME_LENGTH_FIELDS]
+    saved_rows = json.loads((checkpoint / "position.json").read_text()).get("rows_per_step") or rows_per_step
+    if saved_rows != rows_per_step:
+        refused.append(f"rows per step (micro_batch x grad_accum x processes: {saved_rows} then, {rows_per_step} now)")
+    if refused:
+        raise UserError(f"{checkpoint.parent.parent}: the config differs from the checkpointed run in "
+                        f"{', '.join(refused)}; resume with the same settings, or pass --fresh to start over")
+    if any(f in RESUME_LENGTH_FIELDS for f in changed):
+        notify("run length changed: the learning-rate schedule is recomputed over the new number of steps")
 
+
+def held_out_loss_before(run: Run, log: MetricsLog) -> float:
+    """The held-out loss before training: logged as step 0 once, read back from the log on a resume."""
     before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
-        eval_loss_before = before[0]
-    else:
-        eval_loss_before = evaluate()[0] if evaluates else nan
-        log.write({"step": 0, "epoch": 0.0, "eval_loss": eval_loss_before})
+        return before[0]
+    loss = evaluate(run)[0] if run.evaluates else nan
+    log.write({"step": 0, "epoch": 0.0, "eval_loss": loss})
+    return loss
 
-    # --- the loop -------------------------------------------------------------------------------
-    progress = TrainProgress(total_steps, position.step, enabled=show_progress)
-    log_tokens, log_time = 0, time.perf_counter()
-    nonfinite_in_a_row = 0
+
+def evaluate(run: Run) -> tuple[float, int]:
+    """Held-out loss; if the CUDA graphs' memory pool leaves evaluation too little, drop the graphs."""
+    try:
+        return mean_loss(run.evaluator, run.held_out, run.precision, run.device)
+    except torch.OutOfMemoryError:
+        if run.graphs is None or not run.graphs.graphs:
+            raise
+        run.graphs.release("released: evaluation ran out of memory beside the graphs' memory pool")
+        run.notify("CUDA graphs released to make room for evaluation; training continues without them")
+        return mean_loss(run.evaluator, run.held_out, run.precision, run.device)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    """Counters the loop carries between steps: tokens and time since the last logged row, and the
+    current run of non-finite steps."""
+    log_tokens: int = 0
+    log_time: float = field(default_factory=time.perf_counter)
+    nonfinite_in_a_row: int = 0
+
+
+def train_loop(run: Run, position: TrainPosition, log: MetricsLog, show_progress: bool) -> str | None:
+    """Optimizer steps until the run's last, epoch after epoch; returns the signal's name if one stopped it."""
+    progress = TrainProgress(run.total_steps, position.step, enabled=show_progress)
+    state = LoopState()
     stop = StopRequests()
-    with stop.installed():
-        while position.step < total_steps and not stop.requested:
-            rows = epoch_rows(data.train, tc.seed, position.epoch, packed_len)
-            # every process needs at least one row of a step: a shorter tail of the epoch is left out
-            while len(rows) - position.rows_in_epoch >= ctx.world_size and position.step < total_steps:
-                step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum
-                                 * ctx.world_size]
-                mine = step_rows[ctx.rank::ctx.world_size]
-                group = [batch_of(mine[k:k + tc.micro_batch]) for k in range(0, len(mine), tc.micro_batch)]
-                try:
-                    step_loss = accumulate_gradients(stepper, group, precision, scaler, device, ctx, offload, graphs)
-                except torch.OutOfMemoryError:
-                    if ctx.enabled:
-                        raise
-                    # free what the failed step held, split the same rows into smaller micro-batches, retry
-                    optimizer.zero_grad(set_to_none=False)
-                    del group
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    config = _split_after_oom(config, f"step {position.step + 1}", notify)
-                    oom_resplits += 1
-                    graphs = new_graphs() if graphs else None  # drop the old shapes' graphs and their memory
-                    tc = config.train
-                    config_yaml = config_to_yaml(config)
-                    write_text_atomic(run_dir / "config.yaml", config_yaml)
-                    continue
-                step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group)))
-                log_tokens += step_tokens
-                scaler.unscale_(optimizer)
-                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))))
-                finite = math.isfinite(grad_norm) and math.isfinite(step_loss)
-                if finite or precision.loss_scaling:
-                    scaler.step(optimizer)  # the fp16 scaler skips a non-finite step itself and lowers its scale
-                scaler.update()
-                optimizer.zero_grad(set_to_none=False)
-                scheduler.step()
-                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-                position.skipped_steps += not finite
-                position.step += 1
-                position.rows_in_epoch += len(step_rows)
-                position.tokens_trained += step_tokens
+    try:
+        with stop.installed():
+            while position.step < run.total_steps and not stop.requested:
+                rows = epoch_rows(run.data.train, run.config.train.seed, position.epoch, run.packed_len)
+                train_epoch(run, position, rows, log, progress, state, stop)
+    finally:
+        progress.close()
+    return stop.requested
 
-                eval_due = bool(config.eval.every_steps) and position.step % config.eval.every_steps == 0
-                if position.step % tc.log_every == 0 or position.step == total_steps or not finite or eval_due:
-                    now = time.perf_counter()
-                    row = {"step": position.step,
-                           "epoch": round(position.epoch + position.rows_in_epoch / len(rows), 4),
-                           "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
-                           "memory_bytes": _current_memory(device), "skipped_steps": position.skipped_steps}
-                    if eval_due and position.step < total_steps and held_out and evaluates:
-                        row["eval_loss"] = evaluate()[0]
-                    log.write(row)
-                    progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
-                    log_tokens, log_time = 0, now
-                if nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                    progress.close()
-                    kept = complete_checkpoints(run_dir)
-                    raise TrainingDiverged(
-                        f"training diverged: {nonfinite_in_a_row} consecutive steps with a non-finite loss or "
-                        f"gradient (up to step {position.step}); "
-                        + (f"the last good checkpoint {kept[-1]} is kept; " if kept else "")
-                        + "lower train.lr, or use bf16 instead of fp16")
-                if stop.requested:
-                    break
-                # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
-                if position.step % config.save.every_steps == 0 and position.step < total_steps and finite:
-                    checkpoint()
-            if len(rows) - position.rows_in_epoch < ctx.world_size:
-                position.epoch += 1
-                position.rows_in_epoch = 0
-    progress.close()
-    checkpoint()
-    if stop.requested and position.step < total_steps:
-        raise TrainingInterrupted(f"{stop.requested} at step {position.step}: checkpoint saved in "
-                                  f"{run_dir / 'checkpoints'}; run the same command to resume")
 
-    # --- after: evaluation and artifacts ----------------------------------------------------------
-    eval_loss_after, eval_tokens = evaluate() if evaluates else (nan, 0)
-    log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
-    log.close()
-    whole = trainable_state(model) if fsdp else None  # FSDP: every process gathers its shards
-    if ctx.is_main:
-        save_model_artifacts(run_dir, model, tokenizer, resolved.path, config.uses_lora, whole)
-    train_losses = [m["loss"] for m in log.rows if "loss" in m]
-    summary = {
-        "model": config.model, "base_model_path": str(resolved.path), "method": config.method,
-        "train_loss_final": train_losses[-1] if train_losses else None,
-        "train_loss_final_mean10": sum(train_losses[-10:]) / len(train_losses[-10:]) if train_losses else None,
-        "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after, "eval_tokens": eval_tokens,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": "cuda max_memory_reserved" if device.type == "cuda" else "process peak RSS",
-        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-        "wall_seconds": time.perf_counter() - started, "steps": position.step,
-        "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
-        "trainable_params": trainable_params, "total_params": total_params, "precision": precision.name,
-        "device": device_description(device), "versions": versions(), "data": asdict(data.report),
-        "resumed_from": str(resumed_from) if resumed_from else None, "world_size": ctx.world_size,
-        "plan": planned, "oom_resplits": oom_resplits, "speedups": asdict(speedups),
-        "cuda_graphs": ({"shapes": len(graphs.graphs), "failure": graphs.failure} if graphs else None),
-        "data_parallel": ("fsdp" if fsdp else "ddp") if ctx.enabled else None,
-        "frozen_weight_bytes_per_process": frozen_bytes,
-        "micro_batch": config.train.micro_batch, "grad_accum": config.train.grad_accum,
-    }
-    if ctx.is_main:
-        write_json_atomic(run_dir / "summary.json", summary)
-        plot_losses(run_dir, log.rows)
-    barrier(ctx)
-    return summary
+def train_epoch(run: Run, position: TrainPosition, rows: list, log: MetricsLog, progress: TrainProgress,
+                state: LoopState, stop: StopRequests) -> None:
+    """Steps over the epoch's rows from position.rows_in_epoch; at the epoch's end, position moves to the next.
+    Every process needs at least one row of a step: a shorter tail of the epoch is left out."""
+    world = run.ctx.world_size
+    while len(rows) - position.rows_in_epoch >= world and position.step < run.total_steps:
+        result = one_step(run, position, rows, log, progress, state)
+        if stop.requested:
+            break
+        # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
+        every = run.config.save.every_steps
+        if result is not None and result.finite and position.step % every == 0 and position.step < run.total_steps:
+            save_checkpoint_now(run, position, log)
+    if len(rows) - position.rows_in_epoch < world:
+        position.epoch += 1
+        position.rows_in_epoch = 0
+
+
+def one_step(run: Run, position: TrainPosition, rows: list, log: MetricsLog, progress: TrainProgress,
+             state: LoopState) -> StepResult | None:
+    """One optimizer step on the epoch's next rows: accumulate, step, log. An OOM re-splits the same rows
+    into smaller micro-batches and returns None without advancing, so the loop retries them."""
+    ctx, tc = run.ctx, run.config.train
+    step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum * ctx.world_size]
+    mine = step_rows[ctx.rank::ctx.world_size]
+    group = [run.batch_of(mine[k:k + tc.micro_batch]) for k in range(0, len(mine), tc.micro_batch)]
+    try:
+        step_loss = accumulate_gradients(run.stepper, group, run.precision, run.scaler, run.device, ctx, run.offload,
+                                         run.graphs)
+    except torch.OutOfMemoryError:
+        if ctx.enabled:
+            raise
+        group.clear()  # free the batches before re-splitting
+        _resplit_after_oom(run, position)
+        return None
+    step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group)))
+    result = optimizer_step(run.optimizer, run.scheduler, run.scaler, run.params, tc.max_grad_norm, step_loss,
+                            run.precision.loss_scaling)
+    state.nonfinite_in_a_row = 0 if result.finite else state.nonfinite_in_a_row + 1
+    state.log_tokens += step_tokens
+    position.skipped_steps += not result.finite
+    position.step += 1
+    position.rows_in_epoch += len(step_rows)
+    position.tokens_trained += step_tokens
+    _log_step(run, position, rows, log, progress, state, step_loss, result)
+    if state.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+        _raise_diverged(run, position, state)
+    return result
+
+
+def _resplit_after_oom(run: Run, position: TrainPosition) -> None:
+    """Free what the failed step held, split the same rows into smaller micro-batches, rebuild the graphs."""
+    run.optimizer.zero_grad(set_to_none=False)
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    run.config = _split_after_oom(run.config, f"step {position.step + 1}", run.notify)
+    run.oom_resplits += 1
+    run.graphs = _new_graphs(run) if run.graphs else None  # drop the old shapes' graphs and their memory
+    RunFolder(run.run_dir).write_config(config_to_yaml(run.config))
+
+
+def _log_step(run: Run, position: TrainPosition, rows: list, log: MetricsLog, progress: TrainProgress,
+              state: LoopState, step_loss: float, result: StepResult) -> None:
+    """A metrics row every log_every steps, at the last step, at a non-finite step and where evaluation is due."""
+    every = run.config.eval.every_steps
+    eval_due = bool(every) and position.step % every == 0
+    if not (position.step % run.config.train.log_every == 0 or position.step == run.total_steps
+            or not result.finite or eval_due):
+        return
+    now = time.perf_counter()
+    row = {"step": position.step, "epoch": round(position.epoch + position.rows_in_epoch / len(rows), 4),
+           "loss": step_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+           "tokens_per_s": state.log_tokens / max(now - state.log_time, 1e-9),
+           "memory_bytes": _current_memory(run.device), "skipped_steps": position.skipped_steps}
+    if eval_due and position.step < run.total_steps and run.held_out and run.evaluates:
+        row["eval_loss"] = evaluate(run)[0]
+    log.write(row)
+    progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
+    state.log_tokens, state.log_time = 0, now
+
+
+def _raise_diverged(run: Run, position: TrainPosition, state: LoopState) -> None:
+    kept = RunFolder(run.run_dir).checkpoints()
+    raise TrainingDiverged(
+        f"training diverged: {state.nonfinite_in_a_row} consecutive steps with a non-finite loss or gradient "
+        f"(up to step {position.step}); " + (f"the last good checkpoint {kept[-1]} is kept; " if kept else "")
+        + "lower train.lr, or use bf16 instead of fp16")
+
+
+def save_checkpoint_now(run: Run, position: TrainPosition, log: MetricsLog) -> None:
+    if run.ctx.is_main or run.fsdp_root is not None:  # FSDP: every process gathers its shards, rank 0 writes
+        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, position,
+                        run.config.save.keep, log.rows, config_to_yaml(run.config), write=run.ctx.is_main)
+    barrier(run.ctx)
 
 
 def _current_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return peak_memory_bytes(device)
+
+
+# --- finish --------------------------------------------------------------------------------------
+
+def finish(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_before: float, resumed_from: Path | None,
+           started: float) -> dict:
+    """Held-out loss after training, the adapter (or trained model), summary.json and loss.png."""
+    eval_loss_after, eval_tokens = evaluate(run) if run.evaluates else (nan, 0)
+    log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
+    log.close()
+    whole = trainable_state(run.model) if run.fsdp_root is not None else None  # FSDP: every process gathers
+    if run.ctx.is_main:
+        save_model_artifacts(run.run_dir, run.model, run.tokenizer, run.base_path, run.config.uses_lora, whole)
+    summary = _summary(run, position, log, eval_loss_before, (eval_loss_after, eval_tokens), resumed_from, started)
+    if run.ctx.is_main:
+        RunFolder(run.run_dir).write_summary(summary)
+        plot_losses(run.run_dir, log.rows)
+    barrier(run.ctx)
+    return summary
+
+
+def _summary(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_before: float,
+             after: tuple[float, int], resumed_from: Path | None, started: float) -> dict:
+    config, device, graphs = run.config, run.device, run.graphs
+    losses = [m["loss"] for m in log.rows if "loss" in m]
+    return {
+        "model": config.model, "base_model_path": str(run.base_path), "method": config.method,
+        "train_loss_final": losses[-1] if losses else None,
+        "train_loss_final_mean10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "eval_loss_before": eval_loss_before, "eval_loss_after": after[0], "eval_tokens": after[1],
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": "cuda max_memory_reserved" if device.type == "cuda" else "process peak RSS",
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        "wall_seconds": time.perf_counter() - started, "steps": position.step,
+        "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
+        "trainable_params": run.counts["trainable_params"], "total_params": run.counts["total_params"],
+        "precision": run.precision.name, "device": device_description(device), "versions": versions(),
+        "data": asdict(run.data.report), "resumed_from": str(resumed_from) if resumed_from else None,
+        "world_size": run.ctx.world_size, "plan": run.planned, "oom_resplits": run.oom_resplits,
+        "speedups": asdict(run.speedups),
+        "cuda_graphs": ({"shapes": len(graphs.graphs), "failure": graphs.failure} if graphs else None),
+        "data_parallel": ("fsdp" if run.fsdp_root is not None else "ddp") if run.ctx.enabled else None,
+        "frozen_weight_bytes_per_process": run.counts["frozen_weight_bytes_per_process"],
+        "micro_batch": config.train.micro_batch, "grad_accum": config.train.grad_accum,
+    }

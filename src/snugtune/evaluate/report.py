@@ -7,10 +7,9 @@ import os
 import statistics
 from pathlib import Path
 
-import yaml
 
-from snugtune.errors import UserError
-from snugtune.engine.rundir import read_jsonl, write_text_atomic
+from snugtune.methods import METHODS
+from snugtune.rundir import EVAL, RunFolder, write_text_atomic
 
 COLUMNS = ["run", "model", "dataset", "samples", "method", "LoRA", "peak memory", "train time", "tokens/s",
            "train loss", "eval loss (base → tuned)", "retention", "HumanEval pass@1 (base → tuned)"]
@@ -18,15 +17,12 @@ COLUMNS = ["run", "model", "dataset", "samples", "method", "LoRA", "peak memory"
 
 def report_row(run_dir: Path) -> dict:
     """One table row (column -> text) from a run's summary.json, config.yaml, metrics.jsonl and eval.json."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise UserError(f"{run_dir}: no summary.json (not a finished snugtune run)")
-    summary = json.loads(summary_path.read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    evals = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
-    steps = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in m]
+    run = RunFolder(run_dir)
+    summary, config = run.summary(), run.config_dict()
+    evals = json.loads((run_dir / EVAL).read_text()) if (run_dir / EVAL).is_file() else {}
+    steps = [m for m in run.metrics() if "tokens_per_s" in m]
     lora = config["lora"]
-    uses_lora = config["method"] in ("lora", "qlora", "lora-8bit")
+    uses_lora = METHODS[config["method"]].adapters
     targets = lora["targets"] if isinstance(lora["targets"], str) else ",".join(lora["targets"])
     ppl, ret, he = evals.get("perplexity"), evals.get("retention"), evals.get("humaneval")
     return {
@@ -64,7 +60,7 @@ def _plot(run_dirs: list[Path], target: Path) -> Path:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for run_dir in map(Path, run_dirs):
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        metrics = RunFolder(run_dir).metrics()
         train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
         evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
         line = ax.plot(*zip(*train), lw=1.3, label=f"{run_dir.name} train")[0] if train else None

@@ -4,17 +4,15 @@ plus the adapter, with a way to score the base alone for side-by-side numbers.""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from snugtune.config import Config, config_from_dict
-from snugtune.errors import UserError
-from snugtune.engine.precision import Precision, resolve_device, resolve_precision
+from snugtune.precision import Precision, resolve_device, resolve_precision
 from snugtune.models import load_base_model, load_tokenizer
+from snugtune.rundir import CONFIG, RunFolder
 
 
 @dataclass
@@ -40,13 +38,9 @@ class LoadedRun:
 def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
     """Load RUN_DIR (config.yaml, adapter or trained weights, tokenizer) for evaluation or chat."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a snugtune run directory (no config.yaml)")
-    config = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise UserError(f"{run_dir}: training has not finished (no summary.json); run `snugtune train` to finish it")
-    base_path = Path(json.loads(summary_path.read_text())["base_model_path"])
+    run = RunFolder(run_dir)
+    config = config_from_dict(run.config_dict(), source=str(run_dir / CONFIG))
+    base_path = run.base_model_path()
     dev = resolve_device(device)
     precision = resolve_precision(config.train.precision, dev)
     tokenizer = load_tokenizer(run_dir)

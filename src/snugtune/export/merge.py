@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from snugtune.errors import UserError
+from snugtune.rundir import RunFolder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARD_BYTES = 2 * 2**30
@@ -77,16 +78,15 @@ def _lora_deltas(run_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
     """Write a merged HF model folder for RUN_DIR at out_dir (atomically); returns out_dir."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        raise UserError(f"{run_dir}: not a finished snugtune run (no summary.json)")
+    run = RunFolder(run_dir)
+    run.summary()  # a finished run: names the missing or broken file otherwise
     if dtype not in DTYPES:
         raise UserError(f"--dtype: choose one of {', '.join(DTYPES)}")
     out_dtype = DTYPES[dtype]
     adapter = (run_dir / "adapter_model.safetensors").is_file()
     if adapter:
         deltas, scale, _ = _lora_deltas(run_dir)
-        base = Path(json.loads(summary.read_text())["base_model_path"])
+        base = run.base_model_path()
     else:  # freeze / full runs saved the whole trained model
         deltas, scale, base = {}, 0.0, run_dir
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

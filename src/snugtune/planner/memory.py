@@ -17,7 +17,7 @@ MIB = 2**20
 CUDA_CONTEXT = 685 * MIB          # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
-LOSS_CHUNK_BYTES = 128 * MIB      # engine/loss.py: fp32 logits held at once
+LOSS_CHUNK_BYTES = 128 * MIB      # loss.py: fp32 logits held at once
 MLP_TILE_TOKENS = 8192            # engine/tiling.py: tokens an MLP tile holds intermediates for
 
 

@@ -1,13 +1,82 @@
-"""Writing the run directory's artifacts (DESIGN §8), each file atomically (temp name, then rename)."""
+"""The run folder: the one place that knows its files, reads them for evaluation, export and chat, and
+writes them for training, each file atomically (temp name, then rename).
+
+RUN/config.yaml        the resolved config            RUN/summary.json   the run's figures
+RUN/metrics.jsonl      one row per logged step         RUN/loss.png       training and held-out loss
+RUN/checkpoints/step-N one folder per checkpoint (complete when it holds COMPLETE)
+RUN/adapter_model.safetensors, adapter_config.json, tokenizer files: the trained result (PEFT format)
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import yaml
+
+from snugtune.errors import UserError
+
+CONFIG, SUMMARY, METRICS, EVAL = "config.yaml", "summary.json", "metrics.jsonl", "eval.json"
+CHECKPOINTS, COMPLETE = "checkpoints", "COMPLETE"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run directory, read by name: every reader of a run goes through here, so a missing or broken file
+    is one UserError naming it and what to do."""
+    path: Path
+
+    def config_dict(self) -> dict:
+        """config.yaml as written by training (validate with config.config_from_dict)."""
+        return self._parsed(CONFIG, yaml.safe_load, "not a snugtune run directory")
+
+    def summary(self) -> dict:
+        return self._parsed(SUMMARY, json.loads, "training has not finished; run `snugtune train` to finish it")
+
+    def base_model_path(self) -> Path:
+        base = self.summary().get("base_model_path")
+        if not base:
+            raise UserError(f"{self.path / SUMMARY}: no base_model_path; the file is damaged: train again with "
+                            f"--fresh, or restore it")
+        return Path(base)
+
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.path / METRICS)
+
+    def checkpoints(self) -> list[Path]:
+        return complete_checkpoints(self.path)
+
+    def write_config(self, text: str) -> None:
+        write_text_atomic(self.path / CONFIG, text)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.path / SUMMARY, summary)
+
+    def _parsed(self, name: str, parse, missing: str):
+        path = self.path / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing ({missing})")
+        try:
+            value = parse(path.read_text(encoding="utf-8"))
+        except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot be read ({str(exc).splitlines()[0]}); restore it or train again "
+                            f"with --fresh") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping, found {type(value).__name__}; restore it or train "
+                            f"again with --fresh")
+        return value
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written ones (no marker, temp names) are ignored."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def move_run_aside(run_dir: Path) -> Path | None:
@@ -26,7 +95,7 @@ class MetricsLog:
     tensorboard=True the numeric fields also go to TensorBoard event files in RUN_DIR/tensorboard."""
 
     def __init__(self, run_dir: Path, rows: list[dict], tensorboard: bool = False, write: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.rows = list(rows)
         self._write = write  # False on the other processes of a distributed run: they keep rows only
         self._board = None
@@ -121,28 +190,3 @@ def plot_losses(run_dir: Path, metrics: list[dict]) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, run_dir / "loss.png")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory reserved by torch on cuda; peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_reserved(device))
-    import resource
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-    found = {}
-    for name in ("snugtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"

@@ -24,10 +24,11 @@ class Precision:
     def loss_scaling(self) -> bool:
         return self.name == "fp16"
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
+        """cache_enabled=False: no casts kept across calls (a CUDA graph must not reuse an earlier capture's)."""
         if self.name == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.compute_dtype, cache_enabled=cache_enabled)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device_type, enabled=self.loss_scaling)

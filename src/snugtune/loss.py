@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from snugtune.data.tokenize import IGNORE
-from snugtune.engine.distributed import LossModule
 from snugtune.models import causal_lm_parts
 
 LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits held at once
@@ -116,6 +115,18 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = Fa
     if n == 0:
         return hidden.sum() * 0.0, 0
     return head_loss_sum(head, hidden, targets), n
+
+
+class LossModule(torch.nn.Module):
+    """The model plus our loss, as one module whose forward DDP can wrap (its hooks sync the gradients)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(self.model, batch)
 
 
 @torch.no_grad()
