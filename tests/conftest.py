@@ -7,8 +7,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from snugtune.config import Config, config_from_dict
+from snugtune.data import prepare_data
+from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.precision import Precision
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -44,3 +48,22 @@ def tiny_config(tmp_path: Path, data_path: Path, **sections) -> Config:
         else:
             raw[key] = value
     return config_from_dict(raw)
+
+
+FP32 = Precision("fp32", "cpu")
+CPU = torch.device("cpu")
+
+
+def tiny_model(tmp_path: Path, data_file: Path, **sections):
+    """(config, model ready to train on the CPU in fp32, tokenizer, prepared data) for tiny_config(...)."""
+    cfg = tiny_config(tmp_path, data_file, **sections)
+    path = resolve_model(cfg.model).path
+    tokenizer = load_tokenizer(path)
+    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, 0)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(path, cfg, CPU, torch.float32), cfg)
+    return cfg, model, tokenizer, data
+
+
+def trainable_grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,46 +1,9 @@
 import pytest
 import torch
 
+from conftest import CPU, tiny_config, tiny_model
 from snugtune.errors import ConfigError
-from snugtune.models import count_parameters, resolve_model
-from snugtune.registry import BLOCK_LINEARS, HUB_IDS, SHAPES, shape_config, shape_names
-
-
-def test_registry_holds_the_recipe_models_and_llama3():
-    for name in ["codellama-7b", "phi-2", "mistral-7b", "llama2-7b", "deepseek-r1-distill-qwen-1.5b",
-                 "stable-code-3b", "tinyllama-1.1b", "llama3-8b", "llama3.2-1b", "smollm2-135m"]:
-        assert name in SHAPES
-    assert set(HUB_IDS.values()) <= set(SHAPES)
-    assert {s["model_type"] for s in SHAPES.values()} <= set(BLOCK_LINEARS)
-
-
-@pytest.mark.parametrize("name", sorted(SHAPES))
-def test_every_shape_builds_a_transformers_config_with_the_published_size(name):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = dict(shape_config(name))
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    billions = sum(p.numel() for p in model.parameters()) / 1e9
-    published = {"llama3-8b": 8.03, "llama2-7b": 6.74, "codellama-7b": 6.74, "mistral-7b": 7.24,
-                 "tinyllama-1.1b": 1.10, "phi-2": 2.78, "stable-code-3b": 2.80, "qwen2.5-7b": 7.62,
-                 "deepseek-r1-distill-qwen-1.5b": 1.78, "qwen2.5-1.5b": 1.54, "llama3.2-1b": 1.24,
-                 "llama3.2-3b": 3.21, "gemma-7b": 8.54, "smollm2-135m": 0.135}
-    if name in published:
-        assert billions == pytest.approx(published[name], rel=0.03)
-
-
-def test_tiny_shapes_are_small_and_exist_for_each_family():
-    assert "tiny-phi-2" in shape_names() and "tiny-stable-code-3b" in shape_names()
-    model_dir = resolve_model("shape:tiny").path
-    from transformers import AutoModelForCausalLM
-    _, total = count_parameters(AutoModelForCausalLM.from_pretrained(model_dir))
-    assert total < 5_000_000
-
-
-def test_unknown_shape_suggests_a_name():
-    with pytest.raises(ConfigError, match="did you mean 'shape:llama3-8b'"):
-        resolve_model("shape:llama3-8")
+from snugtune.models import load_base_model, prepare_for_training, resolve_model
 
 
 def test_pickle_only_folder_is_refused(tmp_path):
@@ -74,3 +37,24 @@ def test_a_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", unreachable)
     with pytest.raises(ConfigError, match="hub cannot be reached .*shape:tinyllama-1.1b"):
         resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+
+
+def test_quantized_methods_keep_real_quantized_layers_and_unupcast_frozen_weights(tmp_path, alpaca_file):
+    import bitsandbytes as bnb
+    _, model, _, _ = tiny_model(tmp_path, alpaca_file, method="qlora")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4 and all(m.weight.dtype == torch.uint8 for m in linear4)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linear4)
+    _, model8, _, _ = tiny_model(tmp_path, alpaca_file, method="lora-8bit")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in model8.modules())
+    # trainable parameters are exactly the LoRA matrices
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_frozen_weights_stay_in_the_compute_dtype(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, method="qlora")
+    path = resolve_model(cfg.model).path
+    model = prepare_for_training(load_base_model(path, cfg, CPU, torch.bfloat16), cfg)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == {torch.bfloat16}  # embeddings, norms, lm_head: no fp32 up-cast
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
