@@ -1,4 +1,4 @@
-"""End-to-end runs on shape:tiny: the run directory of DESIGN §8, peft reload, resume, the CLI."""
+"""End-to-end runs on shape:tiny: the run directory (docs/architecture.md), peft reload, resume, the CLI."""
 
 import json
 import subprocess
