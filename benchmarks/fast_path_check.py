@@ -36,7 +36,8 @@ def main() -> None:
 
     from snugtune.bench import bench_config
     from snugtune.config import config_from_dict
-    from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, prepare_data
+    from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches
+    from snugtune.data.prepare import prepare_data
     from snugtune.engine.fused_lora import unfuse_lora_layers
     from snugtune.loss import token_loss_sum
     from snugtune.engine.speedups import apply_speedups

@@ -10,7 +10,8 @@ import json
 import sys
 
 from snugtune.config import load_config
-from snugtune.data import collate, micro_batches, prepare_data
+from snugtune.data.batches import collate, micro_batches
+from snugtune.data.prepare import prepare_data
 from snugtune.data.batches import collate_packed
 from snugtune.loss import mean_loss
 from snugtune.precision import resolve_device, resolve_precision

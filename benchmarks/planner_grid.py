@@ -80,11 +80,10 @@ def cuda_context_bytes() -> int:
 
 def trained_per_row(cfg) -> list[int]:
     """Trained positions of each packed training row, as `train` gives them to the planner."""
-    from snugtune.data import epoch_rows, prepare_data, trained_tokens_per_row
-    from snugtune.data.tokenize import ensure_chat_template
+    from snugtune.data.batches import epoch_rows, trained_tokens_per_row
+    from snugtune.data.prepare import prepare_data
     from snugtune.models import _tokenizer_dir, load_tokenizer
     tokenizer = load_tokenizer(_tokenizer_dir(default_cache_dir()))  # every shape uses this tokenizer
-    ensure_chat_template(tokenizer)
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
     rows = epoch_rows(data.train, cfg.train.seed, 0, cfg.max_seq_len if cfg.data.packing else None)
     return trained_tokens_per_row(rows)

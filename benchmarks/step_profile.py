@@ -43,7 +43,8 @@ def main() -> None:
 
     from snugtune.bench import bench_config
     from snugtune.config import config_from_dict
-    from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, prepare_data, real_tokens
+    from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
+    from snugtune.data.prepare import prepare_data
     from snugtune.engine.fused_lora import fuse_lora_layers, unfuse_lora_layers
     from snugtune.engine.graphs import StepGraphs
     from snugtune.engine.step import forward_backward, trained_positions

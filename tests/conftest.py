@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from snugtune.config import Config, config_from_dict
-from snugtune.data import prepare_data
+from snugtune.config import Config, DataConfig, config_from_dict
+from snugtune.data.prepare import prepare_data
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
 from snugtune.precision import Precision
 
@@ -67,3 +67,21 @@ def tiny_model(tmp_path: Path, data_file: Path, **sections):
 
 def trainable_grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (ChatML template, ChatML tokens in its vocabulary), as shape models use it."""
+    return load_tokenizer(resolve_model("shape:tiny").path)
+
+
+def trained_text(sample, tokenizer) -> str:
+    """The tokens of a tokenized sample that the loss covers, decoded."""
+    from snugtune.data.tokenize import IGNORE
+    return tokenizer.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE])
+
+
+def prepare(tokenizer, path, max_seq_len: int = 256, **data):
+    """prepare_data on a file with no held-out split."""
+    return prepare_data(DataConfig(path=str(path), **{"eval_fraction": 0.0, **data}), tokenizer, max_seq_len, 0)
+

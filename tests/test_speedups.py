@@ -99,7 +99,8 @@ def test_train_with_tiled_mlps_logs_the_same_losses(tmp_path, alpaca_file, monke
 
 def test_fixed_shape_loss_gives_the_same_loss_and_gradients(tmp_path, alpaca_file):
     # what a CUDA graph runs: every position through the head, untrained ones weighted zero, no sync
-    from snugtune.data import collate, prepare_data
+    from snugtune.data.batches import collate
+    from snugtune.data.prepare import prepare_data
     from snugtune.loss import token_loss_sum
     from snugtune.models import load_tokenizer
     config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0})
@@ -151,7 +152,8 @@ def test_cuda_graphs_only_where_a_step_has_fixed_work_and_no_random_numbers(tmp_
 def test_graph_path_adds_the_same_gradients_as_the_eager_step(tmp_path, alpaca_file, host_embeddings):
     # engine.graphs' own forward/backward (what it warms up, then captures on a GPU) against the training
     # loop's eager one, on the same micro-batches: loss weight, accumulation and host-side lookups included
-    from snugtune.data import collate, prepare_data
+    from snugtune.data.batches import collate
+    from snugtune.data.prepare import prepare_data
     from snugtune.engine.graphs import StepGraphs
     from snugtune.engine.offload import keep_embeddings_on_host
     from snugtune.precision import Precision

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import CPU, FP32, tiny_model, trainable_grads
-from snugtune.data import collate
+from snugtune.data.batches import collate
 from snugtune.engine.optim import build_optimizer
 from snugtune.engine.step import accumulate_gradients
 

@@ -10,7 +10,8 @@ import yaml
 
 from conftest import tiny_config
 from snugtune.config import Config
-from snugtune.data import collate, prepare_data
+from snugtune.data.batches import collate
+from snugtune.data.prepare import prepare_data
 from snugtune.loss import mean_loss
 from snugtune.precision import Precision
 from snugtune.engine.train import train
@@ -86,6 +87,7 @@ def test_cli_train_end_to_end(tmp_path, alpaca_file):
                            "lora.r=4", "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss:" in proc.stdout and str(tmp_path / "r") in proc.stdout
+    assert "data format: alpaca (rows have 'instruction' and 'output')" in proc.stderr and "rows read 40" in proc.stderr
     assert (tmp_path / "r" / "adapter_model.safetensors").is_file()
 
 

@@ -125,14 +125,13 @@ def data(
 ) -> None:
     """Detected format, row counts, drops and token lengths; optionally rendered samples."""
     from snugtune.config import load_config
-    from snugtune.data import prepare_data
-    from snugtune.data.tokenize import ensure_chat_template
+    from snugtune.data.prepare import prepare_data
+    from snugtune.data.report import report_lines
     from snugtune.models import default_cache_dir, load_tokenizer, resolve_model
 
     cfg = _run(debug, load_config, config, overrides or [])
     resolved = _run(debug, resolve_model, cfg.model, allow_pickle=cfg.allow_pickle_weights)
     tokenizer = load_tokenizer(resolved.path, cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
     prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed,
                     cache_dir=default_cache_dir() / "data")
     report = prepared.report
@@ -141,11 +140,8 @@ def data(
     if as_json:
         print(json.dumps({**report.__dict__, "token_length_percentiles": pct}, indent=2))
         return
-    out.print(f"format: [bold]{report.format}[/] ({report.format_reason}); tokenized cache: {report.cache}",
-              highlight=False)
-    out.print(f"rows read {report.rows_read}, kept {report.kept} (train {report.train_samples}, "
-              f"eval {report.eval_samples}), truncated {report.truncated}, dropped {sum(report.dropped.values())}"
-              + (f" {report.dropped}" if report.dropped else ""), highlight=False)
+    for line in report_lines(report):
+        out.print(line, highlight=False, markup=False)
     out.print("token lengths: " + ", ".join(f"p{p} {v}" for p, v in pct.items()), highlight=False)
     for sample in prepared.train[:show]:
         out.rule()

@@ -6,6 +6,7 @@ Every field has a help text; unknown keys are errors that name the closest valid
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,17 +21,45 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DATA_FIELDS = ("instruction", "input", "output", "system", "history", "prompt", "completion", "messages",
+               "conversations", "text", "tools", "role", "content")
+
+
 class DataConfig(_Section):
-    path: str = Field(description="Data file (.jsonl/.json/.csv/.parquet) or folder, relative to the config file.")
+    path: str = Field(description="Data file (.jsonl/.json/.csv/.parquet/.txt) or folder, relative to the config "
+                      "file, or a dataset id on the Hugging Face hub (owner/name).")
     format: Literal["auto", "alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion"] = Field(
         "auto", description="Row format; auto detects it from the first rows and says what it chose.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows (after shuffling with the seed).")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map format fields to the file's column names, {FIELD: COLUMN}: e.g. "
+        "{instruction: question, output: answer}, {text: code}, {messages: dialog, role: speaker, content: text}. "
+        "Fields: " + ", ".join(DATA_FIELDS) + ".")
+    system_prompt: str | None = Field(None, description="System message for conversations that have none of their own.")
+    chat_template: str | None = Field(
+        None, description="Chat template instead of the model's: 'chatml', 'alpaca', a .jinja file (relative to "
+                          "the config file) or the Jinja text itself. Default: the model's own; a model without "
+                          "one gets ChatML when its vocabulary has ChatML's tokens, else Alpaca-style text + EOS.")
+    subset: str | None = Field(None, description="Hub dataset: the configuration (subset) name.")
+    split: str = Field("train", description="Hub dataset: the split to read.")
+    revision: str | None = Field(None, description="Hub dataset: a branch, tag or commit.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows (after shuffling with the "
+                                    "seed); a hub dataset is streamed and only this many rows are read.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
-    too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with samples longer than max_seq_len.")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with conversations longer than max_seq_len (text documents are split "
+                                "into chunks of max_seq_len instead).")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: assistant tokens only).")
     skip_bad_rows: bool = Field(False, description="Skip malformed rows (counted) instead of stopping with exit 2.")
     packing: bool = Field(True, description="Padding-free batches: pack samples into rows of max_seq_len tokens "
                           "(attention cannot cross samples). false: pad to the longest, grouped by length.")
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "DataConfig":
+        unknown = sorted(set(self.columns) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"data.columns: unknown field '{unknown[0]}' (fields: {', '.join(DATA_FIELDS)}; "
+                             f"write {{FIELD: YOUR_COLUMN}})")
+        return self
 
 
 class LoraConfig(_Section):
@@ -261,10 +290,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     apply_overrides(raw, overrides or [])
     config = config_from_dict(raw, source=str(path))
-    data_path = Path(config.data.path).expanduser()
-    if not data_path.is_absolute():
-        config.data.path = str((path.parent / data_path).resolve())
+    config.data.path = _resolve_data_path(config.data.path, path.parent)
+    template = config.data.chat_template
+    if template and template.endswith(".jinja"):
+        config.data.chat_template = str((path.parent / Path(template).expanduser()).resolve())
     return config
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _resolve_data_path(value: str, config_dir: Path) -> str:
+    """A local path resolves against the config's folder; a hub dataset id (owner/name) that names no local
+    file stays as it is."""
+    local = (config_dir / Path(value).expanduser()).resolve()
+    if local.exists() or not _HUB_ID.match(value) or "/" not in value:
+        return str(local)
+    return value
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:

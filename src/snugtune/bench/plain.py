@@ -40,7 +40,7 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
     loss; the optimizer the config names. Tokens/s is the median over the warm steps (after the third)."""
     import bitsandbytes as bnb
 
-    from snugtune.data import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
+    from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
     cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
@@ -84,7 +84,7 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
 def bench_inputs(description: str):
     """Parse `CONFIG [key=value ...] --out FILE`; load the config, the checkpoint's path, tokenizer and data."""
     from snugtune.config import load_config
-    from snugtune.data import prepare_data
+    from snugtune.data.prepare import prepare_data
     from snugtune.models import load_tokenizer, resolve_model
 
     parser = argparse.ArgumentParser(description=description)

@@ -11,7 +11,7 @@ from pathlib import Path
 from snugtune.config import DataConfig
 from snugtune.data.tokenize import TokenizedSample
 
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
 
 
 def _hash_path(path: Path, h) -> None:

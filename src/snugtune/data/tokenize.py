@@ -6,17 +6,13 @@ trained; a sample gets exactly one BOS. Labels use -100 for tokens the loss igno
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
+from snugtune.data.templates import render
 
 IGNORE = -100
-
-# Stated default for tokenizers that ship no chat template: ChatML, written to chat_template.jinja.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -27,19 +23,6 @@ class TokenizedSample:
     @property
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
-
-
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a template-less tokenizer the stated default; returns True when it did."""
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return True
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    # transformers renders templates in a sandboxed jinja environment
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -56,21 +39,21 @@ def _bos_prefix(tokenizer, first_text: str) -> list[int]:
 
 
 def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool = False) -> TokenizedSample:
-    """Token ids and labels for one normalized sample (see data.formats)."""
-    eos_id = tokenizer.eos_token_id
+    """Token ids and labels for one normalized sample (see data.formats): the assistant turns of a
+    conversation, as the chat template renders them, or every token of a text document."""
     if "text" in sample:
         ids = _encode(tokenizer, sample["text"])
-        ids = _bos_prefix(tokenizer, sample["text"]) + ids + [eos_id]
+        ids = _bos_prefix(tokenizer, sample["text"]) + ids + [tokenizer.eos_token_id]
         return TokenizedSample(ids, list(ids))
 
-    messages = sample["messages"]
+    messages, tools = sample["messages"], sample.get("tools")
     segments: list[tuple[str, bool]] = []  # (rendered text, trained?)
     done = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = render(tokenizer, messages[:i], True, tools, where)
+        full = render(tokenizer, messages[: i + 1], False, tools, where)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ConfigError(f"{where}: the chat template does not render turns as a prefix of the next; "
                               f"cannot locate the assistant tokens (set data.train_on_prompt: true or use "
@@ -81,18 +64,30 @@ def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool =
     if not segments:
         raise ConfigError(f"{where}: the conversation has no assistant turn to train on")
 
-    ids = _bos_prefix(tokenizer, segments[0][0])
-    labels = [IGNORE] * len(ids)
-    for text, trained in segments:
-        piece = _encode(tokenizer, text)
-        if trained and eos_id not in piece:  # templates without an end-of-turn token: end the answer with EOS
-            piece = piece + [eos_id]
-        ids += piece
-        labels += piece if (trained or train_on_prompt) else [IGNORE] * len(piece)
-    result = TokenizedSample(ids, labels)
+    result = _label_segments(tokenizer, segments, train_on_prompt)
     if result.trained_tokens == 0:  # never train silently on nothing
         raise ConfigError(f"{where}: no token of this sample is trained (every label is masked)")
     return result
+
+
+def _label_segments(tokenizer, segments: list[tuple[str, bool]], train_on_prompt: bool) -> TokenizedSample:
+    """Tokenize the rendered conversation as one text, as it reads at inference, and train the tokens that
+    start inside a trained segment. (Tokenized apart, each answer of a SentencePiece tokenizer would begin
+    with a word-start piece that the prompt at inference never leads to.)"""
+    texts, starts, trained_flags, at = [], [], [], 0
+    for text, trained in segments:
+        if trained and tokenizer.eos_token not in text:  # templates without an end-of-turn token: end with EOS
+            text += tokenizer.eos_token
+        texts.append(text)
+        starts.append(at)
+        trained_flags.append(trained or train_on_prompt)
+        at += len(text)
+    whole = "".join(texts)
+    encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if trained_flags[bisect.bisect_right(starts, start) - 1] else IGNORE
+              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    bos = _bos_prefix(tokenizer, whole)
+    return TokenizedSample(bos + encoded["input_ids"], [IGNORE] * len(bos) + labels)
 
 
 def fit_length(sample: TokenizedSample, max_len: int, too_long: str) -> TokenizedSample | None:
@@ -103,3 +98,10 @@ def fit_length(sample: TokenizedSample, max_len: int, too_long: str) -> Tokenize
         return None
     cut = TokenizedSample(sample.input_ids[:max_len], sample.labels[:max_len])
     return cut if cut.trained_tokens > 0 else None
+
+
+def split_document(sample: TokenizedSample, max_len: int) -> list[TokenizedSample]:
+    """A text document longer than max_len as consecutive chunks of max_len tokens (packing fills rows
+    with them), so no token of it is thrown away."""
+    return [TokenizedSample(sample.input_ids[k:k + max_len], sample.labels[k:k + max_len])
+            for k in range(0, len(sample.input_ids), max_len)]

@@ -21,9 +21,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, changed_fields, config_to_yaml
-from snugtune.data import (GPU_PAD_MULTIPLE, PreparedData, collate_micro_batch, epoch_rows, eval_batches, prepare_data,
-                           real_tokens, trained_tokens_per_row)
-from snugtune.data.tokenize import ensure_chat_template
+from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate_micro_batch, epoch_rows, eval_batches, real_tokens,
+                                   trained_tokens_per_row)
+from snugtune.data.prepare import PreparedData, prepare_data
+from snugtune.data.report import report_lines
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint,
                                         trainable_state)
 from snugtune.engine.distributed import SINGLE, DistContext, barrier, local_bytes, shard_with_fsdp, start, sum_across
@@ -123,9 +124,10 @@ def set_up(config: Config, notify, ctx: DistContext) -> Run:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
-    ensure_chat_template(tokenizer)
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
                         cache_dir=default_cache_dir() / "data")
+    for line in report_lines(data.report):
+        notify(line)
     packed_len = config.max_seq_len if config.data.packing else None
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
     # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked

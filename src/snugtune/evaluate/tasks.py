@@ -10,7 +10,8 @@ from pathlib import Path
 
 from snugtune.config import DataConfig
 from snugtune.errors import UserError
-from snugtune.data import eval_batches, prepare_data
+from snugtune.data.batches import eval_batches
+from snugtune.data.prepare import prepare_data
 from snugtune.loss import mean_loss
 from snugtune.rundir import write_json_atomic
 from snugtune.evaluate.run import LoadedRun, load_run
@@ -90,7 +91,7 @@ def _sample_generations(run: LoadedRun, n: int) -> list[dict]:
         first = next((i for i, label in enumerate(sample.labels) if label != IGNORE), 0)
         if first == 0:
             continue  # plain text: no prompt to answer
-        # the untrained prefix is exactly the inference prompt (tested in tests/test_data.py)
+        # the untrained prefix is exactly the inference prompt (tested in tests/test_tokenize.py)
         prompts.append(run.tokenizer.decode(sample.input_ids[:first]))
         references.append(run.tokenizer.decode([t for t in sample.labels[first:] if t != IGNORE],
                                                skip_special_tokens=True))

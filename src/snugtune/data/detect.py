@@ -1,0 +1,94 @@
+"""Which format rows are in, from their keys; and the kinds of data we refuse rather than misread.
+
+Keys are compared without case and without a leading `###` (ChatDoctor's `### Instruction`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snugtune.errors import ConfigError
+from snugtune.data.files import Row
+
+FORMATS = ("alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion")
+PROMPT_COMPLETION_KEYS = [("prompt", "completion"), ("problem", "solution"), ("question", "answer")]
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
+ROWS_LOOKED_AT = 20
+
+
+@dataclass
+class FormatChoice:
+    name: str
+    reason: str
+
+
+def plain_keys(value: dict) -> dict[str, object]:
+    """The row's fields by lower-case name without a leading '###'."""
+    return {str(k).lower().lstrip("#").strip(): v for k, v in value.items()}
+
+
+def refusal(value: dict) -> str | None:
+    """Why rows like this one cannot be trained as supervised fine-tuning (None: they can)."""
+    keys = plain_keys(value)
+    if "chosen" in keys and "rejected" in keys:
+        return ("preference data (chosen/rejected pairs, for DPO/ORPO): snugtune trains supervised fine-tuning "
+                "and would train the rejected answers as good ones; to train on the chosen answers alone, map "
+                "them with data.columns: {completion: chosen} (or {messages: chosen})")
+    if isinstance(keys.get("label"), bool):
+        return ("unpaired preference data (KTO: rows with a boolean 'label'): snugtune trains supervised "
+                "fine-tuning and would train the 'bad' answers as good ones; keep the rows whose label is true")
+    if "completions" in keys and "labels" in keys:
+        return "stepwise supervision data ('completions' with 'labels', for process reward models)"
+    media = [k for k in MEDIA_KEYS if keys.get(k)]
+    if media:
+        return (f"multimodal data (a '{media[0]}' column): snugtune trains text models, and the media would be "
+                f"lost while its <image> markers are trained as text")
+    return None
+
+
+def refuse_kind(row: Row) -> None:
+    if isinstance(row.value, dict):
+        reason = refusal(row.value)
+        if reason:
+            raise ConfigError(f"{row.where}: {reason}")
+
+
+def _vote(keys: dict[str, object]) -> tuple[str, str] | None:
+    if "messages" in keys:
+        return "messages", "rows have a 'messages' list"
+    if "conversations" in keys:
+        return "sharegpt", "rows have a 'conversations' list"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca", "rows have 'instruction' and 'output'"
+    for p, c in PROMPT_COMPLETION_KEYS:
+        if p in keys and c in keys:
+            return "prompt-completion", f"rows have '{p}' and '{c}'"
+    if "text" in keys and "### human:" in str(keys["text"]).lower():
+        return "guanaco", "rows have 'text' with '### Human:' turns"
+    if "text" in keys:
+        return "text", "rows have a 'text' field"
+    return None
+
+
+def detect_format(rows: list[Row]) -> FormatChoice:
+    """Pick the format from the keys of the first rows; ConfigError when ambiguous, unknown or refused."""
+    votes: dict[str, str] = {}
+    seen: list[str] = []
+    for row in rows[:ROWS_LOOKED_AT]:
+        if not isinstance(row.value, dict):
+            raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
+        refuse_kind(row)
+        seen += [str(k) for k in row.value if str(k) not in seen]
+        vote = _vote(plain_keys(row.value))
+        if vote:
+            votes.setdefault(*vote)
+    if "guanaco" in votes:  # a guanaco file may hold rows with a single turn
+        votes.pop("text", None)
+    if len(votes) == 1:
+        return FormatChoice(*next(iter(votes.items())))
+    where = rows[0].where.rsplit(":", 1)[0] if rows else "data"
+    if not votes:
+        raise ConfigError(f"{where}: cannot tell the data format from the keys of the first rows "
+                          f"({', '.join(seen) or 'none'}); set data.format ({', '.join(FORMATS)}) or map "
+                          f"your columns with data.columns")
+    raise ConfigError(f"{where}: rows look like several formats ({', '.join(sorted(votes))}); set data.format")
