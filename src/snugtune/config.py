@@ -297,16 +297,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_dataset_id(path: str) -> bool:
+    """owner/name, and not a data file someone mistyped."""
+    return bool(_DATASET_ID.match(path)) and not path.lower().endswith((".jsonl", ".json", ".csv", ".parquet", ".txt"))
 
 
 def _resolve_data_path(value: str, config_dir: Path) -> str:
     """A local path resolves against the config's folder; a hub dataset id (owner/name) that names no local
     file stays as it is."""
     local = (config_dir / Path(value).expanduser()).resolve()
-    if local.exists() or not _HUB_ID.match(value) or "/" not in value:
-        return str(local)
-    return value
+    return value if not local.exists() and looks_like_dataset_id(value) else str(local)
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from snugtune.config import DataConfig
+from snugtune.config import DataConfig, looks_like_dataset_id
 from snugtune.errors import ConfigError
 from snugtune.data import hub
 
@@ -40,7 +40,7 @@ def read_rows(data: DataConfig, skipped: Skipped) -> Iterator[Row]:
     """Rows of data.path in file order: a file, a folder, a saved or hub-laid-out dataset, or a hub id."""
     path = Path(data.path)
     if not path.exists():
-        if not hub.looks_like_dataset_id(data.path):
+        if not looks_like_dataset_id(data.path):
             raise ConfigError(f"data.path: {path} does not exist")
         yield from _numbered(data.path, hub.load_rows(data.path, data))
     elif path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):

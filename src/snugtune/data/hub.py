@@ -15,15 +15,6 @@ from typing import Iterable
 from snugtune.config import DataConfig
 from snugtune.errors import ConfigError
 
-_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-
-
-def looks_like_dataset_id(path: str) -> bool:
-    """owner/name, and not a data file someone mistyped."""
-    return bool(_DATASET_ID.match(path)) and not path.lower().endswith(_FILE_SUFFIXES)
-
-
 def has_dataset_card(folder: Path) -> bool:
     """A folder laid out as a hub dataset repository: a README.md whose YAML header declares the data."""
     card = folder / "README.md"
@@ -53,9 +44,13 @@ def load_rows(source: str, data: DataConfig) -> Iterable[dict]:
     try:
         loaded = datasets.load_dataset(source, name=data.subset, split=data.split, revision=data.revision,
                                        streaming=stream)
-    except ValueError as exc:  # an unknown subset or split; the message lists the ones there are
-        field = "data.subset" if "BuilderConfig" in str(exc) or "config name" in str(exc) else "data.split"
-        raise ConfigError(f"{field}: {source}: {exc}") from None
+    except ValueError as exc:  # a missing or unknown subset or split; the message lists the ones there are
+        message = " ".join(str(exc).split("Example of usage")[0].split())
+        field = "data.subset" if "config" in message.lower() else "data.split"
+        raise ConfigError(f"{field}: {source}: {message}") from None
+    except RuntimeError as exc:  # datasets 4 runs no loading scripts
+        raise ConfigError(f"data.path: {source}: {exc}; download its data files (parquet/jsonl) and set "
+                          f"data.path to them") from None
     except (ConnectionError, FileNotFoundError) as exc:
         raise ConfigError(_not_available(source, offline, exc)) from None
     except datasets.exceptions.DatasetNotFoundError as exc:
