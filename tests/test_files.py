@@ -101,3 +101,13 @@ def test_source_folders_train_every_token_and_end_with_eos(tmp_path, tokenizer):
     assert data.report.kept == 2
     for sample in data.train:
         assert all(lab != IGNORE for lab in sample.labels) and sample.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_a_saved_dataset_dict_reads_data_split(tmp_path):
+    import datasets
+    rows = alpaca_rows(4)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "saved"))
+    assert [r.value for r in _rows(tmp_path / "saved", split="test")] == rows[:1]
+    with pytest.raises(ConfigError, match=r"data.split: .* without a 'validation' split \(train, test\)"):
+        _rows(tmp_path / "saved", split="validation")

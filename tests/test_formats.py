@@ -101,3 +101,13 @@ def test_history_that_is_not_pairs_names_the_field(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b", "history": ["just text"]}])
     with pytest.raises(ConfigError, match=r"d.jsonl:1: field 'history' should be a list of \[question, answer\]"):
         prepare(tokenizer, path)
+
+
+def test_openai_weight_zero_leaves_an_assistant_turn_untrained(tmp_path, tokenizer):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey.", "weight": 0},
+                        {"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello!", "weight": 1}]}
+    sample = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", [row])).train[0]
+    assert trained_text(sample, tokenizer) == "Hello!<|im_end|>\n" and "Hey." in prompt_text(sample, tokenizer)
+    row["messages"][1]["weight"] = 0.5
+    with pytest.raises(ConfigError, match=r"d.jsonl:1: messages\[1\].weight should be 0 or 1"):
+        prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", [row]))

@@ -44,7 +44,7 @@ def read_rows(data: DataConfig, skipped: Skipped) -> Iterator[Row]:
             raise ConfigError(f"data.path: {path} does not exist")
         yield from _numbered(data.path, hub.load_rows(data.path, data))
     elif path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        yield from _numbered(str(path), hub.load_saved(path))
+        yield from _numbered(str(path), hub.load_saved(path, data.split))
     elif path.is_dir() and hub.has_dataset_card(path):
         yield from _numbered(str(path), hub.load_rows(str(path), data))
     elif path.is_dir():

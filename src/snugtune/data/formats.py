@@ -110,5 +110,5 @@ def blank_turn(sample: dict) -> bool:
     (training it would teach the model to end its turn at once)."""
     if "text" in sample:
         return not sample["text"].strip()
-    answers = [m for m in sample["messages"] if m["role"] == "assistant"]
+    answers = [m for m in sample["messages"] if turns.trained(m)]
     return not answers or any(not m["content"].strip() and not m.get("tool_calls") for m in answers)

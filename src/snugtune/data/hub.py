@@ -24,14 +24,14 @@ def has_dataset_card(folder: Path) -> bool:
     return text.startswith("---") and re.search(r"^(configs|dataset_info):", text, re.MULTILINE) is not None
 
 
-def load_saved(path: Path) -> Iterable[dict]:
-    """A folder written by datasets' save_to_disk (a Dataset, or a DatasetDict whose 'train' split is used)."""
+def load_saved(path: Path, split: str) -> Iterable[dict]:
+    """A folder written by datasets' save_to_disk (a Dataset, or a DatasetDict's data.split)."""
     import datasets
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise ConfigError(f"data.path: {path} is a DatasetDict without a 'train' split ({list(loaded)})")
-        loaded = loaded["train"]
+        if split not in loaded:
+            raise ConfigError(f"data.split: {path} is a DatasetDict without a '{split}' split ({', '.join(loaded)})")
+        loaded = loaded[split]
     return loaded
 
 

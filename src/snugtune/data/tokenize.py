@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
 from snugtune.data.templates import render
+from snugtune.data.turns import trained
 
 IGNORE = -100
 
@@ -50,7 +51,7 @@ def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool =
     segments: list[tuple[str, bool]] = []  # (rendered text, trained?)
     done = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not trained(message):
             continue
         prompt = render(tokenizer, messages[:i], True, tools, where)
         full = render(tokenizer, messages[: i + 1], False, tools, where)
@@ -75,12 +76,12 @@ def _label_segments(tokenizer, segments: list[tuple[str, bool]], train_on_prompt
     start inside a trained segment. (Tokenized apart, each answer of a SentencePiece tokenizer would begin
     with a word-start piece that the prompt at inference never leads to.)"""
     texts, starts, trained_flags, at = [], [], [], 0
-    for text, trained in segments:
-        if trained and tokenizer.eos_token not in text:  # templates without an end-of-turn token: end with EOS
+    for text, is_trained in segments:
+        if is_trained and tokenizer.eos_token not in text:  # templates without an end-of-turn token: end with EOS
             text += tokenizer.eos_token
         texts.append(text)
         starts.append(at)
-        trained_flags.append(trained or train_on_prompt)
+        trained_flags.append(is_trained or train_on_prompt)
         at += len(text)
     whole = "".join(texts)
     encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)

@@ -1,8 +1,8 @@
 """One conversation turn, as OpenAI, TRL, ShareGPT and LLaMA-Factory write it, made a chat-template message.
 
 A message is {"role": system|user|assistant|tool, "content": str}, plus "tool_calls" on an assistant turn
-that calls functions (OpenAI's shape, arguments as an object: what transformers' chat templates expect)
-and "name"/"tool_call_id" on a tool result when the data has them.
+that calls functions (OpenAI's shape, arguments as an object: what transformers' chat templates expect),
+"weight": 0 on an assistant turn not to train, and "name"/"tool_call_id" on a tool result.
 """
 
 from __future__ import annotations
@@ -50,7 +50,16 @@ def message(turn, where: str, at: str) -> dict:
     for extra in ("name", "tool_call_id"):
         if role == "tool" and isinstance(turn.get(extra), str):
             result[extra] = turn[extra]
+    if role == "assistant" and "weight" in turn:  # OpenAI's fine-tuning format: weight 0 = not trained
+        if turn["weight"] not in (0, 1):
+            raise ConfigError(f"{where}: {at}.weight should be 0 or 1, got {turn['weight']!r}")
+        result.update({"weight": 0} if turn["weight"] == 0 else {})
     return result
+
+
+def trained(message: dict) -> bool:
+    """An assistant turn whose tokens the loss covers."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
 def text(content, where: str, at: str) -> str:
