@@ -2,8 +2,6 @@
 declares the configs) in a temporary folder, read through the same datasets.load_dataset path as an id."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -138,12 +136,14 @@ def test_a_config_keeps_a_dataset_id_but_resolves_a_local_path(tmp_path):
     assert load_config(config).data.path == str(tmp_path / "data" / "train.jsonl")
 
 
-def test_cli_offline_missing_dataset_is_exit_2_without_traceback(offline_hub):
+def test_cli_offline_missing_dataset_is_exit_2_naming_it(offline_hub):
+    from typer.testing import CliRunner
+    from snugtune.cli import app
     config = offline_hub / "c.yaml"
     config.write_text("model: shape:tiny\ndata: {path: lavita/ChatDoctor-HealthCareMagic-100k, max_samples: 2000}\n")
-    proc = subprocess.run([sys.executable, "-m", "snugtune", "data", str(config)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "lavita/ChatDoctor-HealthCareMagic-100k is not in the local datasets cache" in proc.stderr
+    result = CliRunner().invoke(app, ["data", str(config)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # a clean exit, no traceback
+    assert "lavita/ChatDoctor-HealthCareMagic-100k is not in the local datasets cache" in result.output
 
 
 def test_a_dataset_with_a_loading_script_is_refused_saying_what_to_do(offline_hub, tokenizer):

@@ -1,7 +1,7 @@
-import subprocess
-import sys
+from typer.testing import CliRunner
 
 from conftest import alpaca_rows, write_jsonl
+from snugtune.cli import app
 from snugtune.data.report import DataReport, report_lines
 
 
@@ -22,9 +22,8 @@ def test_data_command_prints_the_format_drops_and_marks_trained_tokens(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     config = tmp_path / "c.yaml"
     config.write_text(f"model: shape:tiny\ndata: {{path: {data}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "snugtune", "data", str(config), "--show", "1"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "data format: alpaca (rows have 'instruction' and 'output')" in proc.stdout
-    assert "rows read 21, kept 20, dropped 1 (1 blank answer)" in proc.stdout
-    assert "[[The sum is" in proc.stdout and "<|im_end|>" in proc.stdout
+    result = CliRunner().invoke(app, ["data", str(config), "--show", "1"])
+    assert result.exit_code == 0, result.output
+    assert "data format: alpaca (rows have 'instruction' and 'output')" in result.output
+    assert "rows read 21, kept 20, dropped 1 (1 blank answer)" in result.output
+    assert "[[The sum is" in result.output and "<|im_end|>" in result.output

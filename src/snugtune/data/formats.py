@@ -32,14 +32,17 @@ def _system(row: Row, keys: dict) -> list[dict]:
     return [{"role": "system", "content": system}] if system and system.strip() else []
 
 
+def _text_pair(pair) -> bool:
+    return isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+
+
 def _alpaca(row: Row, keys: dict) -> list[dict]:
     """instruction + input -> the question, output -> the answer; LLaMA-Factory's system and history
     ([[question, answer], ...]) become the system turn and the earlier turns of the conversation."""
     instruction = _field(row, keys, "instruction")
     extra = _field(row, keys, "input", required=False) or ""
     history = keys.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p)
-                                                for p in history):
+    if not isinstance(history, list) or not all(_text_pair(pair) for pair in history):
         raise ConfigError(f"{row.where}: field 'history' should be a list of [question, answer] pairs")
     earlier = [{"role": role, "content": t} for pair in history for role, t in zip(("user", "assistant"), pair)]
     return _system(row, keys) + earlier + [
@@ -61,11 +64,17 @@ def _prompt_completion(row: Row, keys: dict) -> list[dict]:
     raise ConfigError(f"{row.where}: missing field 'prompt' (or problem/question)")
 
 
-def _conversation(key: str):
-    def read(row: Row, keys: dict) -> list[dict]:
-        messages = turns.conversation(keys.get(key), row.where, key)
-        return messages if messages[0]["role"] == "system" else _system(row, keys) + messages
-    return read
+def _turns(row: Row, keys: dict, key: str) -> list[dict]:
+    messages = turns.conversation(keys.get(key), row.where, key)
+    return messages if messages[0]["role"] == "system" else _system(row, keys) + messages
+
+
+def _messages(row: Row, keys: dict) -> list[dict]:
+    return _turns(row, keys, "messages")
+
+
+def _sharegpt(row: Row, keys: dict) -> list[dict]:
+    return _turns(row, keys, "conversations")
 
 
 _GUANACO_TURN = re.compile(r"###\s*(Human|Assistant):", re.IGNORECASE)
@@ -83,7 +92,7 @@ def _guanaco(row: Row, keys: dict) -> list[dict]:
 
 
 CONVERSATION_READERS = {"alpaca": _alpaca, "prompt-completion": _prompt_completion,
-                        "messages": _conversation("messages"), "sharegpt": _conversation("conversations"),
+                        "messages": _messages, "sharegpt": _sharegpt,
                         "guanaco": _guanaco}
 
 
