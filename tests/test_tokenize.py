@@ -66,3 +66,25 @@ def test_text_is_trained_whole_and_a_long_document_splits_into_chunks_keeping_ev
     assert [len(c.input_ids) for c in chunks] == [128, 128, len(document.input_ids) - 256]
     assert [t for c in chunks for t in c.input_ids] == document.input_ids
     assert split_document(TokenizedSample([1, 2], [1, 2]), 128) == [TokenizedSample([1, 2], [1, 2])]
+
+
+class WithoutOffsets:
+    """A tokenizer that cannot give character offsets, as Python tokenizers cannot."""
+
+    def __init__(self, tokenizer):
+        self.wrapped = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)
+
+    def __call__(self, text, **kwargs):
+        if kwargs.pop("return_offsets_mapping", False):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self.wrapped(text, **kwargs)
+
+
+def test_a_tokenizer_without_offsets_gets_the_same_tokens_and_labels(tokenizer):
+    sample = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                           {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                           {"role": "assistant", "content": "Goodbye, see you."}]}
+    assert tokenize_sample(sample, WithoutOffsets(tokenizer), "row") == tokenize_sample(sample, tokenizer, "row")

@@ -7,6 +7,7 @@ trained; a sample gets exactly one BOS. Labels use -100 for tokens the loss igno
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
@@ -72,23 +73,34 @@ def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool =
 
 
 def _label_segments(tokenizer, segments: list[tuple[str, bool]], train_on_prompt: bool) -> TokenizedSample:
-    """Tokenize the rendered conversation as one text, as it reads at inference, and train the tokens that
-    start inside a trained segment. (Tokenized apart, each answer of a SentencePiece tokenizer would begin
-    with a word-start piece that the prompt at inference never leads to.)"""
-    texts, starts, trained_flags, at = [], [], [], 0
-    for text, is_trained in segments:
-        if is_trained and tokenizer.eos_token not in text:  # templates without an end-of-turn token: end with EOS
-            text += tokenizer.eos_token
-        texts.append(text)
-        starts.append(at)
-        trained_flags.append(is_trained or train_on_prompt)
-        at += len(text)
+    """Tokenize the rendered conversation as one text, as it reads at inference, and train the tokens of
+    the trained segments. (Tokenized apart, each answer of a SentencePiece tokenizer would begin with a
+    word-start piece that the prompt at inference never leads to.)"""
+    # a template that adds no end-of-turn token: the answer ends with EOS, trained
+    texts = [text + tokenizer.eos_token if trained and tokenizer.eos_token not in text else text
+             for text, trained in segments]
+    flags = [trained or train_on_prompt for _, trained in segments]
     whole = "".join(texts)
-    encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [token if trained_flags[bisect.bisect_right(starts, start) - 1] else IGNORE
-              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    ids, ends = _tokens_and_segment_ends(tokenizer, whole, texts)
+    labels, at = [], 0
+    for end, trained in zip(ends, flags):
+        labels += ids[at:end] if trained else [IGNORE] * (end - at)
+        at = end
     bos = _bos_prefix(tokenizer, whole)
-    return TokenizedSample(bos + encoded["input_ids"], [IGNORE] * len(bos) + labels)
+    return TokenizedSample(bos + ids, [IGNORE] * len(bos) + labels)
+
+
+def _tokens_and_segment_ends(tokenizer, whole: str, texts: list[str]) -> tuple[list[int], list[int]]:
+    """The ids of the whole text and, for each segment, the number of tokens up to its end: from character
+    offsets, or, for tokenizers without them (Python ones), by tokenizing the text up to each end."""
+    char_ends = list(itertools.accumulate(len(t) for t in texts))
+    try:
+        encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [start for start, _ in encoded["offset_mapping"]]
+    except (NotImplementedError, ValueError, KeyError):
+        ids = _encode(tokenizer, whole)
+        return ids, [len(_encode(tokenizer, whole[:end])) for end in char_ends[:-1]] + [len(ids)]
+    return encoded["input_ids"], [bisect.bisect_left(starts, end) for end in char_ends]
 
 
 def fit_length(sample: TokenizedSample, max_len: int, too_long: str) -> TokenizedSample | None:
