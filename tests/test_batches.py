@@ -44,7 +44,7 @@ def _tiny_model():
 
 def test_a_samples_loss_is_the_same_packed_and_alone(tmp_path, tokenizer):
     import torch
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.loss import token_loss_sum
     model = _tiny_model()
     data = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(6)), format="alpaca")
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_a_samples_loss_is_the_same_packed_and_alone(tmp_path, tokenizer):
 
 def test_gpu_rounding_of_lengths_pads_without_changing_tokens_or_loss(tmp_path, tokenizer):
     import torch
-    from snugtune.engine.loss import token_loss_sum
+    from snugtune.loss import token_loss_sum
     model = _tiny_model()
     data = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(6)), format="alpaca")
     for packed, rows in ((True, [data.train[:3], data.train[3:5]]), (False, [[s] for s in data.train[:3]])):
