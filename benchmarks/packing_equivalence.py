@@ -10,9 +10,8 @@ import json
 import sys
 
 from snugtune.config import load_config
-from snugtune.data.batches import collate, micro_batches
+from snugtune.data.batches import collate, collate_packed, micro_batches
 from snugtune.data.prepare import prepare_data
-from snugtune.data.batches import collate_packed
 from snugtune.loss import mean_loss
 from snugtune.precision import resolve_device, resolve_precision
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
