@@ -48,3 +48,12 @@ def test_nothing_usable_is_an_error_saying_what_was_dropped(tmp_path, tokenizer)
     rows = [{"instruction": "a", "output": ""}, {"instruction": "b", "output": "  "}]
     with pytest.raises(ConfigError, match=r"no usable samples remain \(dropped: \{'blank answer': 2\}\)"):
         prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_columns_the_format_does_not_read_are_reported(tmp_path, tokenizer):
+    # a spreadsheet with the answer under another name: alpaca by its keys, and "answer_text" is said unused
+    rows = [{"id": i, "instruction": "Add 1 and 1.", "output": "2", "answer_text": "Two."} for i in range(3)]
+    report = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", rows)).report
+    assert report.format == "alpaca" and report.unused_columns == ["id", "answer_text"]
+    chatdoctor = [{"### Instruction": "I", "### Input": "In", "### Output": "Out"}]
+    assert prepare(tokenizer, write_jsonl(tmp_path / "c.jsonl", chatdoctor)).report.unused_columns == []

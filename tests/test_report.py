@@ -9,12 +9,13 @@ def test_report_lines_name_the_format_its_reason_and_every_count():
     report = DataReport(format="alpaca", format_reason="rows have 'instruction' and 'output'",
                         chat_template="the model's own", rows_read=100, kept=90, truncated=3, documents_split=2,
                         chunks=9, dropped={"blank answer": 6, "invalid JSON": 4}, train_samples=85, eval_samples=5,
-                        train_tokens=12345)
+                        train_tokens=12345, unused_columns=["id", "source"])
     text = "\n".join(report_lines(report))
     assert "data format: alpaca (rows have 'instruction' and 'output'); chat template: the model's own" in text
     assert "rows read 100, kept 90, dropped 10 (6 blank answer, 4 invalid JSON), truncated 3 to max_seq_len" in text
     assert "split 2 documents longer than max_seq_len into 9 chunks" in text
     assert "train 85, eval 5; 12,345 training tokens" in text
+    assert "columns not used by the alpaca format: id, source" in text
 
 
 def test_data_command_prints_the_format_drops_and_marks_trained_tokens(tmp_path):

@@ -16,15 +16,31 @@ MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 ROWS_LOOKED_AT = 20
 
 
+_CONVERSATION_EXTRAS = {"system", "tools"}
+FIELDS_READ = {  # the row fields each format reads; any other column is reported as not used
+    "alpaca": {"instruction", "input", "output", "history"} | _CONVERSATION_EXTRAS,
+    "prompt-completion": {k for pair in PROMPT_COMPLETION_KEYS for k in pair} | _CONVERSATION_EXTRAS,
+    "messages": {"messages"} | _CONVERSATION_EXTRAS,
+    "sharegpt": {"conversations"} | _CONVERSATION_EXTRAS,
+    "guanaco": {"text", "tools"},
+    "text": {"text", "content", "code"},
+}
+
+
 @dataclass
 class FormatChoice:
     name: str
     reason: str
 
 
+def plain_key(key) -> str:
+    """A column name in lower case without a leading '###'."""
+    return str(key).lower().lstrip("#").strip()
+
+
 def plain_keys(value: dict) -> dict[str, object]:
-    """The row's fields by lower-case name without a leading '###'."""
-    return {str(k).lower().lstrip("#").strip(): v for k, v in value.items()}
+    """The row's fields by plain name."""
+    return {plain_key(k): v for k, v in value.items()}
 
 
 def refusal(value: dict) -> str | None:
@@ -68,6 +84,13 @@ def _vote(keys: dict[str, object]) -> tuple[str, str] | None:
     if "text" in keys:
         return "text", "rows have a 'text' field"
     return None
+
+
+def unused_columns(rows: list[Row], fmt: str) -> list[str]:
+    """Columns of the first rows that the format does not read (said out loud: a column may hold what a
+    field should, under another name)."""
+    seen = dict.fromkeys(str(k) for row in rows[:ROWS_LOOKED_AT] if isinstance(row.value, dict) for k in row.value)
+    return [k for k in seen if plain_key(k) not in FIELDS_READ.get(fmt, set())]
 
 
 def detect_format(rows: list[Row]) -> FormatChoice:

@@ -10,7 +10,7 @@ from snugtune.config import DataConfig
 from snugtune.errors import ConfigError
 from snugtune.data import cache
 from snugtune.data.columns import map_columns
-from snugtune.data.detect import FormatChoice, detect_format
+from snugtune.data.detect import FormatChoice, detect_format, unused_columns
 from snugtune.data.files import Row, Skipped, read_rows
 from snugtune.data.formats import blank_turn, to_sample
 from snugtune.data.report import DataReport
@@ -66,6 +66,7 @@ def _prepare(data: DataConfig, tokenizer, max_seq_len: int, seed: int, template:
     rows, skipped = _read(data)
     choice = FormatChoice(data.format, "set in the config") if data.format != "auto" else detect_format(rows)
     report = DataReport(format=choice.name, format_reason=choice.reason, chat_template=template,
+                        unused_columns=unused_columns(rows, choice.name),
                         rows_read=len(rows) + sum(skipped.reasons.values()))
     for reason, n in skipped.reasons.items():
         report.drop(reason, n)

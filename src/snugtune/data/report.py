@@ -10,6 +10,7 @@ class DataReport:
     format: str = ""
     format_reason: str = ""
     chat_template: str = ""
+    unused_columns: list[str] = field(default_factory=list)
     rows_read: int = 0
     kept: int = 0
     truncated: int = 0
@@ -35,6 +36,9 @@ def report_lines(report: DataReport) -> list[str]:
              f"rows read {report.rows_read}, kept {report.kept}, dropped {dropped}" + (f" ({reasons})" if reasons else "")
              + f", truncated {report.truncated} to max_seq_len",
              f"samples: train {report.train_samples}, eval {report.eval_samples}; {report.train_tokens:,} training tokens"]
+    if report.unused_columns:
+        lines.append(f"columns not used by the {report.format} format: {', '.join(report.unused_columns)} "
+                     f"(map one to a field with data.columns if it holds what the field should)")
     if report.documents_split:
         lines.append(f"split {report.documents_split} documents longer than max_seq_len into {report.chunks} chunks "
                      f"(packed; no token dropped)")
