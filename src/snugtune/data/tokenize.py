@@ -77,14 +77,14 @@ def _label_segments(tokenizer, segments: list[tuple[str, bool]], train_on_prompt
     the trained segments. (Tokenized apart, each answer of a SentencePiece tokenizer would begin with a
     word-start piece that the prompt at inference never leads to.)"""
     # a template that adds no end-of-turn token: the answer ends with EOS, trained
-    texts = [text + tokenizer.eos_token if trained and tokenizer.eos_token not in text else text
-             for text, trained in segments]
-    flags = [trained or train_on_prompt for _, trained in segments]
+    texts = [text + tokenizer.eos_token if is_trained and tokenizer.eos_token not in text else text
+             for text, is_trained in segments]
+    flags = [is_trained or train_on_prompt for _, is_trained in segments]
     whole = "".join(texts)
     ids, ends = _tokens_and_segment_ends(tokenizer, whole, texts)
     labels, at = [], 0
-    for end, trained in zip(ends, flags):
-        labels += ids[at:end] if trained else [IGNORE] * (end - at)
+    for end, is_trained in zip(ends, flags):
+        labels += ids[at:end] if is_trained else [IGNORE] * (end - at)
         at = end
     bos = _bos_prefix(tokenizer, whole)
     return TokenizedSample(bos + ids, [IGNORE] * len(bos) + labels)
