@@ -3,6 +3,7 @@ the communication). One process per GPU (NCCL) or per CPU worker (gloo)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -56,6 +57,30 @@ def sum_across(ctx: DistContext, value: float) -> float:
                           device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def max_across(ctx: DistContext, value: int) -> int:
+    """The largest of an integer over all processes (collective: every process must call it)."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def step_share(step_rows: list, ctx: DistContext, micro_batch: int) -> tuple[list[list], int]:
+    """This process's micro-batches of one optimizer step's rows (rows r, r+N, ... of N processes), and how
+    many of them, at the end, are padding to run with weight 0.
+
+    Every process runs the same number of micro-batches, so the collectives inside each forward and
+    backward (FSDP's gathers, DDP's gradient sync on the last one) pair up at an epoch's tail too, where
+    the rows do not split evenly: a process short of rows runs the step's first row again, weighted 0.
+    """
+    mine = step_rows[ctx.rank::ctx.world_size]
+    count = math.ceil(math.ceil(len(step_rows) / ctx.world_size) / micro_batch)  # the fullest process's
+    batches = [mine[k:k + micro_batch] for k in range(0, len(mine), micro_batch)]
+    padding = count - len(batches)
+    return batches + [step_rows[:1]] * padding, padding
 
 
 def barrier(ctx: DistContext) -> None:

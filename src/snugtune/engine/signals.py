@@ -1,6 +1,7 @@
 """Stop requests: SIGINT/SIGTERM let the current optimizer step finish, then the loop saves and exits.
 
-A second SIGINT while a stop is pending interrupts at once (the default behaviour).
+A second SIGINT while a stop is pending interrupts at once (the default behaviour). Under torchrun a
+signal may reach one process only; the processes agree once per step, so all stop after the same step.
 """
 
 from __future__ import annotations
@@ -9,12 +10,22 @@ import contextlib
 import signal
 import threading
 
+from snugtune.engine.distributed import DistContext, max_across
+
 
 class StopRequests:
-    """Records SIGINT/SIGTERM while installed; `requested` holds the signal's name once one arrived."""
+    """Records SIGINT/SIGTERM while installed: `requested` holds the signal's name once one reached this
+    process; `agreed` holds it on every process once `agree` has run after any process received one."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.agreed: str | None = None
+
+    def agree(self, ctx: DistContext) -> None:
+        """Share the stop request with every process (collective: all call it once per optimizer step);
+        when several arrived, the highest signal number names the stop everywhere."""
+        number = max_across(ctx, signal.Signals[self.requested].value if self.requested else 0)
+        self.agreed = signal.Signals(number).name if number else None
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:

@@ -39,19 +39,21 @@ def forward_backward(model, batch: dict[str, torch.Tensor], loss_weight, precisi
 
 
 def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device,
-                         ctx: DistContext = SINGLE, offload=None, graphs=None) -> float:
+                         ctx: DistContext = SINGLE, offload=None, graphs=None, padding: int = 0) -> float:
     """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
 
     The loss is normalised by the trained tokens of the whole accumulated batch, over all processes, so
     micro-batch 1 x accumulation 8 gives the same gradient as 8 x 1 on variable-length data, and N processes
     the same as one; DDP and FSDP average gradients over processes, the world size turns that back into the
     sum. Under DDP or FSDP gradients are synchronised on the last micro-batch only. `graphs`
-    (engine.graphs.StepGraphs) replays each micro-batch as a CUDA graph (one process)."""
-    n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group))))
-    weight = ctx.world_size / n_scored
+    (engine.graphs.StepGraphs) replays each micro-batch as a CUDA graph (one process). The last `padding`
+    micro-batches run with weight 0 (engine.distributed.step_share: every process runs the same count)."""
+    real = len(group) - padding
+    n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group[:real]))))
     step_loss = 0.0
     for i, batch in enumerate(group):
         last = i == len(group) - 1
+        weight = (ctx.world_size if i < real else 0.0) / n_scored
         if graphs is not None:
             loss_sum = graphs.forward_backward(batch, weight)
         else:
@@ -60,7 +62,7 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
                 model.set_requires_gradient_sync(last)
             with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
                 loss_sum = forward_backward(model, batch, weight, precision, scaler, offload=offload)
-        step_loss += float(loss_sum) / n_scored
+        step_loss += float(loss_sum) * weight / ctx.world_size
     return sum_across(ctx, step_loss)
 
 

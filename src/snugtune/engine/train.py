@@ -27,7 +27,8 @@ from snugtune.data.prepare import PreparedData, prepare_data
 from snugtune.data.report import report_lines
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint,
                                         trainable_state)
-from snugtune.engine.distributed import SINGLE, DistContext, barrier, local_bytes, shard_with_fsdp, start, sum_across
+from snugtune.engine.distributed import (SINGLE, DistContext, barrier, local_bytes, shard_with_fsdp, start, step_share,
+                                         sum_across)
 from snugtune.engine.graphs import StepGraphs
 from snugtune.engine.machine import device_description, peak_memory_bytes, versions
 from snugtune.engine.offload import ActivationOffload, WeightStreamer, keep_embeddings_on_host
@@ -432,28 +433,27 @@ def train_loop(run: Run, position: TrainPosition, log: MetricsLog, show_progress
     stop = StopRequests()
     try:
         with stop.installed():
-            while position.step < run.total_steps and not stop.requested:
+            while position.step < run.total_steps and not stop.agreed:
                 rows = epoch_rows(run.data.train, run.config.train.seed, position.epoch, run.packed_len)
                 train_epoch(run, position, rows, log, progress, state, stop)
     finally:
         progress.close()
-    return stop.requested
+    return stop.agreed
 
 
 def train_epoch(run: Run, position: TrainPosition, rows: list, log: MetricsLog, progress: TrainProgress,
                 state: LoopState, stop: StopRequests) -> None:
-    """Steps over the epoch's rows from position.rows_in_epoch; at the epoch's end, position moves to the next.
-    Every process needs at least one row of a step: a shorter tail of the epoch is left out."""
-    world = run.ctx.world_size
-    while len(rows) - position.rows_in_epoch >= world and position.step < run.total_steps:
+    """Steps over the epoch's rows from position.rows_in_epoch; at the epoch's end, position moves to the next."""
+    while position.rows_in_epoch < len(rows) and position.step < run.total_steps:
         result = one_step(run, position, rows, log, progress, state)
-        if stop.requested:
+        stop.agree(run.ctx)  # a signal to any process stops every process after this same step
+        if stop.agreed:
             break
         # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
         every = run.config.save.every_steps
         if result is not None and result.finite and position.step % every == 0 and position.step < run.total_steps:
             save_checkpoint_now(run, position, log)
-    if len(rows) - position.rows_in_epoch < world:
+    if position.rows_in_epoch >= len(rows):
         position.epoch += 1
         position.rows_in_epoch = 0
 
@@ -464,18 +464,18 @@ def one_step(run: Run, position: TrainPosition, rows: list, log: MetricsLog, pro
     into smaller micro-batches and returns None without advancing, so the loop retries them."""
     ctx, tc = run.ctx, run.config.train
     step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum * ctx.world_size]
-    mine = step_rows[ctx.rank::ctx.world_size]
-    group = [run.batch_of(mine[k:k + tc.micro_batch]) for k in range(0, len(mine), tc.micro_batch)]
+    shares, padding = step_share(step_rows, ctx, tc.micro_batch)
+    group = [run.batch_of(share) for share in shares]
     try:
         step_loss = accumulate_gradients(run.stepper, group, run.precision, run.scaler, run.device, ctx, run.offload,
-                                         run.graphs)
+                                         run.graphs, padding)
     except torch.OutOfMemoryError:
         if ctx.enabled:
             raise
         group.clear()  # free the batches before re-splitting
         _resplit_after_oom(run, position)
         return None
-    step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group)))
+    step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group[:len(group) - padding])))
     result = optimizer_step(run.optimizer, run.scheduler, run.scaler, run.params, tc.max_grad_norm, step_loss,
                             run.precision.loss_scaling)
     state.nonfinite_in_a_row = 0 if result.finite else state.nonfinite_in_a_row + 1
