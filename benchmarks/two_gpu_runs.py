@@ -14,8 +14,10 @@ Runs, most important first, in stages (runs of one stage share the machine, one 
 with `snugtune plan --gpus 1/2 --json` for both models beside them. Every GPU's memory in use is
 sampled (nvidia-smi, every 0.5 s) during each stage. OUT/two_gpu_runs.json is rewritten after every
 stage, so a run cut short still reports what finished; stages that would start after --budget-s are
-skipped and listed as such. Run folders (checkpoints included) live under OUT/../two_gpu_work, or
---work DIR; OUT receives only each run's metrics.jsonl, summary.json and log.
+skipped and listed as such. Run folders (checkpoints included) go to a new runs/two-gpu-TIME folder
+of the repository (or --work DIR); OUT receives only each run's metrics.jsonl, summary.json and log.
+Every job gets OMP_NUM_THREADS = cores / 2 (two jobs or two ranks share the host): torchrun would set 1,
+and under FSDP each process quantizes the 8B on the host, which takes minutes on one thread.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def run_stage(jobs: dict[str, tuple[list[str], str]], logs: Path, timeout: float
     started, procs = time.perf_counter(), {}
     with MemorySampler() as memory:
         for name, (command, gpus) in jobs.items():
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}
             log = open(logs / f"{name}.log", "w")
             procs[name] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log)
         results = {}
@@ -198,15 +200,15 @@ def gpu_card() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--work", type=Path, help="Where the run folders go (default: OUT/../two_gpu_work).")
+    parser.add_argument("--work", type=Path, help="A new folder for the runs (default: runs/two-gpu-TIME).")
     parser.add_argument("--budget-s", type=float, default=540, help="Start no stage after this many seconds.")
     parser.add_argument("--cpu-check", action="store_true", help="Tiny shapes on the CPU: try the plumbing.")
     args = parser.parse_args()
     started = time.perf_counter()
-    work = args.work or args.out.resolve().parent / "two_gpu_work"
+    work = args.work or REPO / "runs" / time.strftime("two-gpu-%Y%m%d-%H%M%S")
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=False)  # new: an old run there would be resumed instead
     card = gpu_card()
     report = {"card_for_plan": card, "steps": STEPS, "rows_per_step": 4, "stages": {}, "skipped": [], "runs": {}}
     for stage, jobs in stages(work, card, CPU_CHECK_MODELS if args.cpu_check else MODELS):
