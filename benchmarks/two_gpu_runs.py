@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "src" / "snugtune" / "bundled" / "stdlib_functions.jsonl"
 CONFIG = REPO / "examples" / "llama3-8b_qlora_2xt4.yaml"
 STEPS, SAVE_AT = 20, 10
+# NVLink multicast stays off on the lent machines (set by the caller too; these are the defaults)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # fixed settings on both sides (the planner only checks they fit): checkpointing every block, micro-batch 2,
 # no dropout, so the 1- and 2-GPU curves compare and memory differs only by what FSDP shards
 COMMON = [f"data.path={DATA}", f"train.max_steps={STEPS}", f"save.every_steps={SAVE_AT}", "lora.dropout=0",
@@ -50,10 +52,10 @@ CPU_CHECK_MODELS = {"8b": ["model=shape:tiny-llama3-8b", "train.data_parallel=fs
                                   "device=cpu", "max_seq_len=256"]}
 
 
-def train_command(model: list[str], processes: int, run_dir: Path) -> list[str]:
+def train_command(model: list[str], processes: int, run_dir: Path, port: int = 29500) -> list[str]:
     """4 rows a step whatever the process count: micro 2 x accumulation (2 / processes) x processes."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] \
-        if processes > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                "--master-port", str(port)] if processes > 1 else [sys.executable]
     return [*launcher, "-m", "snugtune", "train", str(CONFIG), *COMMON, *model,
             f"train.grad_accum={2 // processes}", f"output_dir={run_dir}", "--quiet"]
 
@@ -94,7 +96,8 @@ def run_stage(jobs: dict[str, tuple[list[str], str]], logs: Path, timeout: float
     started, procs = time.perf_counter(), {}
     with MemorySampler() as memory:
         for name, (command, gpus) in jobs.items():
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}
+            env = {**NO_MULTICAST, **os.environ, "CUDA_VISIBLE_DEVICES": gpus,
+                   "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}
             log = open(logs / f"{name}.log", "w")
             procs[name] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log)
         results = {}
@@ -148,14 +151,15 @@ def stages(work: Path, card: str, models: dict[str, list[str]]) -> list[tuple[st
         ("references", {"8b_1gpu": (train_command(models["8b"], 1, one8), "0"),
                         "tinyllama_1gpu": (train_command(models["tinyllama"], 1, one_tiny), "1"),
                         **{f"plan_{m}_{n}gpu": (plan_command(models[m], n, card), "") for m in models for n in (1, 2)}}),
-        ("fsdp", {"8b_fsdp_2gpu": (train_command(models["8b"], 2, fsdp), "0,1")}),
-        ("ddp", {"tinyllama_ddp_2gpu": (train_command(models["tinyllama"], 2, ddp), "0,1")}),
+        ("fsdp", {"8b_fsdp_2gpu": (train_command(models["8b"], 2, fsdp, 29511), "0,1")}),
+        ("ddp", {"tinyllama_ddp_2gpu": (train_command(models["tinyllama"], 2, ddp, 29512), "0,1")}),
         ("resume_on_1", {"8b_fsdp_resumed_1gpu": (train_command(models["8b"], 1, work / "8b_fsdp_resumed_1gpu"), "0"),
                          "tinyllama_ddp_resumed_1gpu": (train_command(models["tinyllama"], 1,
                                                                       work / "tinyllama_ddp_resumed_1gpu"), "1")}),
-        ("ddp_resume_on_2", {"tinyllama_ddp_resumed_2gpu": (train_command(models["tinyllama"], 2,
-                                                                          work / "tinyllama_ddp_resumed_2gpu"), "0,1")}),
-        ("fsdp_resume_on_2", {"8b_fsdp_resumed_2gpu": (train_command(models["8b"], 2, work / "8b_fsdp_resumed_2gpu"), "0,1")}),
+        ("ddp_resume_on_2", {"tinyllama_ddp_resumed_2gpu": (
+            train_command(models["tinyllama"], 2, work / "tinyllama_ddp_resumed_2gpu", 29513), "0,1")}),
+        ("fsdp_resume_on_2", {"8b_fsdp_resumed_2gpu": (
+            train_command(models["8b"], 2, work / "8b_fsdp_resumed_2gpu", 29514), "0,1")}),
     ]
 
 
