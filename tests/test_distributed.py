@@ -228,3 +228,16 @@ def test_context_comes_from_the_launchers_environment():
     assert context_from_env({}) == DistContext()
     ctx = context_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
     assert ctx.enabled and not ctx.is_main and ctx.world_size == 4
+
+
+def test_a_checkpoint_saved_with_two_gpus_visible_restores_on_one(monkeypatch):
+    # a 2-process run saves every visible GPU's generator; resumed with one GPU visible it restores that one
+    from snugtune.engine.checkpoint import restore_rng_state, rng_state
+    state = rng_state()
+    state["cuda"] = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, index: restored.append((int(value[0]), index)))
+    restore_rng_state(state)
+    assert restored == [(1, 0)]

@@ -82,7 +82,7 @@ def _whole_optimizer_state(optimizer) -> dict:
     return state
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -91,11 +91,13 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # saved where another number of GPUs was visible (2 processes, resumed on 1): restore those both have
+        for index, generator_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
 
@@ -119,7 +121,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
         tmp.mkdir()
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer_state, "optimizer_class": type(optimizer).__name__,
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state()},
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(position)))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -175,5 +177,5 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, notify=lamb
                f"({type(optimizer).__name__}, {tensors}): its moments start fresh")
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    restore_rng_state(state["rng"])
     return TrainPosition(**json.loads((path / "position.json").read_text()))
