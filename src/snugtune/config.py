@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from snugtune.errors import ConfigError
 from snugtune.methods import METHODS
@@ -153,8 +153,34 @@ class EvalConfig(_Section):
     batch_size: int = Field(4, ge=1, description="Sequences per evaluation forward pass.")
 
 
+class WandbConfig(_Section):
+    project: str = Field("snugtune", description="Weights & Biases project.")
+    entity: str | None = Field(None, description="Team or user (null: the account's default).")
+    name: str | None = Field(None, description="Run name (null: the run directory's name).")
+    mode: Literal["offline", "online"] = Field("offline", description="offline: written under RUN_DIR/wandb only "
+                                               "(`wandb sync` uploads it later); online: sent to the server as it runs.")
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="Where runs are stored: an MLflow server URL, sqlite:///FILE or "
+                                     "file:DIR (null: sqlite:///RUN_DIR/mlflow.db, local).")
+    experiment: str = Field("snugtune", description="Experiment name (created when missing).")
+    run_name: str | None = Field(None, description="Run name (null: the run directory's name).")
+
+
+def _true_is_defaults(value):
+    """`wandb: true` turns a tracker on with its defaults, `false` turns it off."""
+    return {} if value is True else None if value is False else value
+
+
 class LogConfig(_Section):
     tensorboard: bool = Field(False, description="Also write metrics as TensorBoard event files in RUN_DIR/tensorboard.")
+    wandb: WandbConfig | None = Field(None, description="Also log metrics to Weights & Biases (true or settings; "
+                                      "needs the snugtune[wandb] extra).")
+    mlflow: MlflowConfig | None = Field(None, description="Also log metrics and the config to MLflow (true or "
+                                        "settings; needs the snugtune[mlflow] extra).")
+
+    _trackers_from_bools = field_validator("wandb", "mlflow", mode="before")(_true_is_defaults)
 
 
 class Config(_Section):
@@ -331,6 +357,9 @@ def config_to_yaml(config: Config) -> str:
 RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.cuda_graphs", "train.tiled_mlp", "offload.embeddings", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
+# Where metrics are sent does not change what is trained (a resumed run replays its kept rows to the trackers).
+RESUME_SAFE_FIELDS |= {f"log.{name}{key}" for name, section in (("wandb", WandbConfig), ("mlflow", MlflowConfig))
+                       for key in ("", *(f".{field}" for field in section.model_fields))}
 # Fields that extend (or shorten) a run: allowed, and the LR schedule is recomputed over the new length.
 RESUME_LENGTH_FIELDS = {"train.max_steps", "train.epochs"}
 

@@ -92,11 +92,14 @@ def move_run_aside(run_dir: Path) -> Path | None:
 
 class MetricsLog:
     """metrics.jsonl, rewritten with the rows kept so far and then appended one line per row; with
-    tensorboard=True the numeric fields also go to TensorBoard event files in RUN_DIR/tensorboard."""
+    tensorboard=True the numeric fields also go to TensorBoard event files in RUN_DIR/tensorboard, and
+    each row also goes to `trackers` (W&B, MLflow) when given."""
 
-    def __init__(self, run_dir: Path, rows: list[dict], tensorboard: bool = False, write: bool = True):
+    def __init__(self, run_dir: Path, rows: list[dict], tensorboard: bool = False, write: bool = True,
+                 trackers=None):
         self.path = run_dir / METRICS
         self.rows = list(rows)
+        self.trackers = trackers
         self._write = write  # False on the other processes of a distributed run: they keep rows only
         self._board = None
         if not write:
@@ -112,6 +115,8 @@ class MetricsLog:
             return
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
         if self._board is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -119,6 +124,8 @@ class MetricsLog:
             self._board.flush()
 
     def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
         if self._board is not None:
             self._board.close()
 

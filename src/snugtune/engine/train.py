@@ -41,6 +41,7 @@ from snugtune.engine.tiling import tile_mlps
 from snugtune.errors import ConfigError, DoesNotFit, TrainingDiverged, TrainingInterrupted, UserError
 from snugtune.loss import LossModule, mean_loss, token_loss_sum
 from snugtune.methods import METHODS
+from snugtune.trackers import open_trackers
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
                              load_tokenizer, prepare_for_training, resolve_model)
 from snugtune.planner import offload_choices, plan_config
@@ -372,7 +373,8 @@ def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
         position.rows_per_step = run.rows_per_step
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
         run.notify(f"resuming from {resumed_from} (step {position.step} of {run.total_steps})")
-    log = MetricsLog(run.run_dir, metrics, tensorboard=run.config.log.tensorboard, write=run.ctx.is_main)
+    log = MetricsLog(run.run_dir, metrics, tensorboard=run.config.log.tensorboard, write=run.ctx.is_main,
+                     trackers=open_trackers(run.config, run.run_dir, metrics) if run.ctx.is_main else None)
     if run.ctx.is_main:
         folder.write_config(config_to_yaml(run.config))
     return position, log, resumed_from
