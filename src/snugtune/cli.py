@@ -215,18 +215,27 @@ def merge(
     out_dir: Path = typer.Option(..., "--out", help="Folder for the merged Hugging Face model."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
     gguf: bool = typer.Option(False, "--gguf", help="Also write a GGUF file (llama.cpp / Ollama / LM Studio)."),
-    gguf_type: str = typer.Option("f16", "--gguf-type", help="f16 or q8_0."),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="f16, q8_0, or by llama.cpp's quantizer (the "
+                                  "gguf-quant extra): q4_k_m, q5_k_m, q6_k, q4_0."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Merge the adapter into a 16-bit copy of the base (streamed, never into 4-bit weights); optionally GGUF."""
-    from snugtune.export.gguf_file import write_gguf
+    """Merge the adapter into a 16-bit copy of the base (streamed, never into 4-bit weights); optionally GGUF
+    with an Ollama Modelfile beside it."""
+    from snugtune.export.gguf_file import check_gguf_type, export_gguf
     from snugtune.export.merge import merge_run
+    from snugtune.export.modelfile import write_modelfile
+    from snugtune.export.quantize import tensor_types
+    if gguf:
+        _run(debug, check_gguf_type, gguf_type)  # before the merge: a missing extra fails in a second
     merged = _run(debug, merge_run, run_dir, out_dir, dtype)
     err.print(f"merged model: [bold]{merged}[/]", highlight=False)
     if gguf:
         target = merged / f"{merged.name}-{gguf_type}.gguf"
-        written = _run(debug, write_gguf, merged, target, gguf_type)
-        err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+        written = _run(debug, export_gguf, merged, target, gguf_type)
+        kinds = ", ".join(f"{count} {kind}" for kind, count in tensor_types(written).most_common())
+        err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB; tensors: {kinds})",
+                  highlight=False)
+        err.print(f"Ollama: [bold]{_run(debug, write_modelfile, written, merged)}[/]", highlight=False)
 
 
 @app.command()

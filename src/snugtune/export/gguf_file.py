@@ -18,9 +18,13 @@ import torch
 from safetensors import safe_open
 
 from snugtune.errors import UserError
+from snugtune.export.quantize import llama_cpp_bindings, quantize_gguf
 
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-TYPES = ("f16", "q8_0")
+# f16 and q8_0 are written here (q8_0 with llama.cpp's gguf package); the others are llama.cpp quantizations of
+# the f16 file (export.quantize)
+WRITTEN_TYPES = ("f16", "q8_0")
+TYPES = (*WRITTEN_TYPES, "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -147,6 +151,35 @@ def _pre_tokenizer_name(config: dict, tokens: list[str]) -> str:
     return "default"
 
 
+def read_chat_template(model_dir: Path) -> str | None:
+    """The folder's chat template: chat_template.jinja, else tokenizer_config.json's (older folders)."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    return _tokenizer_config(model_dir).get("chat_template")
+
+
+def check_gguf_type(gguf_type: str) -> None:
+    """UserError unless gguf_type is one export_gguf writes here, with what it needs installed."""
+    if gguf_type not in TYPES:
+        raise UserError(f"--gguf-type: choose one of {', '.join(TYPES)}")
+    if gguf_type not in WRITTEN_TYPES:
+        llama_cpp_bindings()
+
+
+def export_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f16") -> Path:
+    """Write model_dir as a GGUF of gguf_type: f16 and q8_0 directly, the others by llama.cpp's quantizer
+    from an f16 file written first (and removed after). Returns out_file."""
+    check_gguf_type(gguf_type)
+    if gguf_type in WRITTEN_TYPES:
+        return write_gguf(model_dir, out_file, gguf_type)
+    out_file = Path(out_file)
+    f16 = write_gguf(model_dir, out_file.with_name(f".{out_file.name}.f16-{os.getpid()}"), "f16")
+    try:
+        return quantize_gguf(f16, out_file, gguf_type)
+    finally:
+        f16.unlink()
+
+
 def write_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f16") -> Path:
     """Write model_dir (a merged HF folder) as one GGUF file, atomically. Returns out_file."""
     import gguf
@@ -163,12 +196,11 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f1
         raise UserError(f"{model_dir}: {exc}") from None
     if rope_factors is not None and arch != "llama":
         raise UserError(f"{model_dir}: llama3 RoPE scaling is written for Llama-architecture models only")
-    if gguf_type not in TYPES:
-        raise UserError(f"--gguf-type: choose one of {', '.join(TYPES)}")
+    if gguf_type not in WRITTEN_TYPES:
+        raise UserError(f"--gguf-type: choose one of {', '.join(WRITTEN_TYPES)}")
     tokenizer_config = _tokenizer_config(model_dir)
     tok = _tokenizer_metadata(model_dir, tokenizer_config)
-    template = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").is_file() \
-        else tokenizer_config.get("chat_template")
+    template = read_chat_template(model_dir)
 
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
