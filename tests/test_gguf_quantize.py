@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,10 @@ def exported(tmp_path_factory):
 
 @pytest.mark.slow
 def test_q4_k_m_is_llama_cpps_mix_and_leaves_only_the_file(exported):
+    import gguf
     folder, files = exported
     kinds = tensor_types(files["q4_k_m"])
+    assert kinds == Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(files["q4_k_m"]).tensors)
     # llama.cpp's Q4_K_M: Q4_K for most matrices, Q6_K for some (attn_v, ffn_down, the tied embedding), F32 norms
     assert kinds["Q4_K"] > 0 and kinds["Q6_K"] > 0 and kinds["F32"] == 5
     assert files["q4_k_m"].stat().st_size < 0.45 * files["f16"].stat().st_size

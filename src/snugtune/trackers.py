@@ -9,6 +9,7 @@ row's step, the same numbers metrics.jsonl holds.
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class WandbRun:
 
     def __init__(self, settings: WandbConfig, run_dir: Path, config: dict):
         wandb = import_extra("wandb", "log.wandb")
+        if settings.mode == "offline":  # W&B's service reports its own errors online unless told not to
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         # console="off": W&B would otherwise wrap stdout/stderr, under the progress bar
         self.run = wandb.init(mode=settings.mode, dir=str(run_dir), project=settings.project,
                               entity=settings.entity, name=settings.name or run_dir.name, config=config,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import os
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -51,11 +53,54 @@ def quantize_gguf(source: str | Path, target: str | Path, gguf_type: str) -> Pat
     return target
 
 
+# GGUF metadata value types: fixed sizes by type id (8 = string, 9 = array are read as they come)
+GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def skip_gguf_value(data: bytes, pos: int, kind: int) -> int:
+    """The position after one metadata value of GGUF type `kind` starting at `pos`."""
+    if kind == 8:
+        return pos + 8 + int.from_bytes(data[pos:pos + 8], "little")
+    if kind != 9:
+        return pos + GGUF_SCALAR_BYTES[kind]
+    item, count = struct.unpack_from("<IQ", data, pos)
+    pos += 12
+    if item != 8:
+        return pos + count * GGUF_SCALAR_BYTES[item]
+    for _ in range(count):
+        pos += 8 + int.from_bytes(data[pos:pos + 8], "little")
+    return pos
+
+
 def tensor_types(path: str | Path) -> Counter:
-    """How many tensors of each GGML type a GGUF file holds (what llama.cpp chose, fallbacks included)."""
+    """How many tensors of each GGML type a GGUF file holds (what llama.cpp chose, fallbacks included).
+
+    Reads only the header, skipping the metadata (gguf.GGUFReader parses every token of the vocabulary
+    into its own array view: minutes for a 49k-token vocabulary)."""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return header_tensor_types(path, data)
+
+
+def header_tensor_types(path: str | Path, data: mmap.mmap) -> Counter:
+    """tensor_types of a GGUF file's bytes: skip the metadata, then read each tensor's type id."""
     import gguf
 
-    return Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors)
+    magic, _, tensor_count, kv_count = struct.unpack_from("<4sIQQ", data, 0)
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file")
+    pos = 24
+    for _ in range(kv_count):
+        pos += 8 + int.from_bytes(data[pos:pos + 8], "little")  # the key
+        kind = int.from_bytes(data[pos:pos + 4], "little")
+        pos = skip_gguf_value(data, pos + 4, kind)
+    kinds: Counter = Counter()
+    for _ in range(tensor_count):
+        pos += 8 + int.from_bytes(data[pos:pos + 8], "little")  # the name
+        dims = int.from_bytes(data[pos:pos + 4], "little")
+        pos += 4 + 8 * dims
+        kinds[gguf.GGMLQuantizationType(int.from_bytes(data[pos:pos + 4], "little")).name] += 1
+        pos += 4 + 8  # the type, then the data offset
+    return kinds
 
 
 def gguf_perplexity(path: str | Path, text: str, context: int = 512) -> tuple[float, int]:
@@ -65,7 +110,8 @@ def gguf_perplexity(path: str | Path, text: str, context: int = 512) -> tuple[fl
     and only each window's second half is scored, so every scored token has at least context/2 before it.
     """
     llama_cpp = llama_cpp_bindings()
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False)
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
+                            n_threads=os.cpu_count() or 1)
     tokens = model.tokenize(text.encode(), add_bos=False)
     bos = model.token_bos()
     total, scored = 0.0, 0
