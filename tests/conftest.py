@@ -85,3 +85,22 @@ def prepare(tokenizer, path, max_seq_len: int = 256, **data):
     """prepare_data on a file with no held-out split."""
     return prepare_data(DataConfig(path=str(path), **{"eval_fraction": 0.0, **data}), tokenizer, max_seq_len, 0)
 
+
+@pytest.fixture(scope="module")
+def tiny_llama_inventory():
+    """The planner's inventory of a two-block Llama small enough to check by hand."""
+    from transformers import LlamaConfig
+    from snugtune.planner.inventory import inventory_from_config
+    return inventory_from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                             tie_word_embeddings=False))
+
+
+def planner_settings(**changes):
+    """Planner Settings for tiny_llama_inventory: QLoRA r=4 on all seven linears, 2 x 100 tokens, checkpointed."""
+    from snugtune.planner.memory import Settings
+    base = dict(method="qlora", lora_r=4, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"),
+                lora_last_layers=None, double_quant=True, optimizer="adamw", compute_bytes=2, micro_batch=2,
+                max_seq_len=100, grad_checkpointing=True)
+    return Settings(**{**base, **changes})

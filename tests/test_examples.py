@@ -54,7 +54,7 @@ def test_recipe_trains_two_steps_on_a_tiny_model_of_its_family(path, tmp_path):
     cfg = load_config(path)
     data = _fixture_data(cfg.data.format, tmp_path)
     overrides = [f"model=shape:tiny-{HUB_IDS[cfg.model]}", f"data.path={data}", "train.max_steps=2",
-                 "train.micro_batch=2", "train.grad_accum=2", f"output_dir={tmp_path / 'run'}", "device=cpu",
+                 "train.rows_per_step=4", f"output_dir={tmp_path / 'run'}", "device=cpu",
                  "train.precision=auto", "max_seq_len=128", "eval.max_batches=1"]
     if cfg.train.optimizer == "paged_adamw_8bit":
         overrides.append("train.optimizer=adamw_8bit")  # paging needs a GPU

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 import snugtune.loss as loss_module
-import snugtune.planner.memory as memory
 from snugtune.data.tokenize import IGNORE
 from snugtune.loss import head_loss_sum, logits_chunk_tokens
 
@@ -17,7 +16,6 @@ def test_chunked_loss_matches_full_logits_cross_entropy(monkeypatch, dtype, head
     # one cross-entropy over the full logits, with several chunks and a ragged last one
     torch.manual_seed(0)
     vocab, width, n, chunk_rows = 1000, 32, 300, 64
-    assert memory.LOSS_CHUNK_BYTES == loss_module.LOGITS_CHUNK_BYTES  # the planner sizes the chunk the engine runs
     monkeypatch.setattr(loss_module, "LOGITS_CHUNK_BYTES", chunk_rows * 4 * vocab)  # several chunks of a small vocab
     head = torch.nn.Linear(width, vocab, bias=False)
     head.weight.requires_grad_(head_trained)

@@ -13,6 +13,7 @@ from snugtune.engine.offload import ActivationOffload, WeightStreamer
 from snugtune.engine.train import train
 from snugtune.planner import plan_for_budget
 from snugtune.planner.cards import GIB
+from snugtune.planner.memory import Part
 
 
 def _lora_llama(layers: int = 4):
@@ -150,4 +151,4 @@ def test_planner_keeps_embeddings_on_host_before_offloading_activations(tmp_path
                                         max_seq_len=4096, train={"micro_batch": 1, "grad_checkpointing": "auto"}),
                             9 * GIB, "9 GiB", host_available=64 * GIB)
     assert tight.changes["offload.embeddings"] == ["auto", True]
-    assert tight.breakdown["host: input embeddings (rows looked up there)"] == 128256 * 4096 * 2  # vocab x hidden
+    assert tight.breakdown[Part.HOST_EMBEDDING_TABLE] == 128256 * 4096 * 2  # vocab x hidden

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,8 +85,14 @@ class FreezeConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch: int = Field(4, ge=1, description="Sequences per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        4, description="Sequences per forward pass. auto: the planner splits train.rows_per_step into the "
+                             "fastest micro-batch x accumulation that fits the card (results do not depend on "
+                             "the split: losses are token-normalised).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (with micro_batch: auto, the "
+                                                 "planner's).")
+    rows_per_step: int | None = Field(None, ge=1, description="Sequences (rows) per optimizer step; needed with "
+                                      "micro_batch: auto. null: micro_batch x grad_accum.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else a step count.")
@@ -124,6 +130,23 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
                                      "non-finite loss or gradient (each is skipped, not applied).")
+
+    @model_validator(mode="after")
+    def _rows_per_step_is_one_number(self) -> "TrainConfig":
+        if self.micro_batch == "auto":
+            if self.rows_per_step is None:
+                raise ValueError("micro_batch: auto splits train.rows_per_step; set rows_per_step (sequences per "
+                                 "optimizer step)")
+        elif self.rows_per_step is not None and self.rows_per_step != self.micro_batch * self.grad_accum:
+            raise ValueError(f"rows_per_step={self.rows_per_step} is not micro_batch x grad_accum "
+                             f"({self.micro_batch} x {self.grad_accum}); set micro_batch: auto to let the planner "
+                             f"split it, or leave rows_per_step out")
+        return self
+
+    @property
+    def step_rows(self) -> int:
+        """Sequences per optimizer step in one process, however they are split."""
+        return self.rows_per_step if self.micro_batch == "auto" else self.micro_batch * self.grad_accum
 
 
 class OffloadConfig(_Section):
@@ -354,7 +377,7 @@ def config_to_yaml(config: Config) -> str:
 # Fields that may change between a run and its resumption without changing what is trained. How a step's
 # rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
 # optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
-RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.cuda_graphs", "train.tiled_mlp", "offload.embeddings", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.rows_per_step", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.cuda_graphs", "train.tiled_mlp", "offload.embeddings", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
                       "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
                       "device"}
 # Where metrics are sent does not change what is trained (a resumed run replays its kept rows to the trackers).

@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from snugtune.data.tokenize import IGNORE
+from snugtune.memory_rules import LOGITS_CHUNK_BYTES, logits_chunk_tokens as _chunk_tokens
 from snugtune.models import causal_lm_parts
-
-LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits held at once
 
 
 def logits_chunk_tokens(vocab: int) -> int:
-    """Positions whose logits are computed at once (the planner sizes the loss by the same rule)."""
-    return max(64, LOGITS_CHUNK_BYTES // (4 * vocab))
+    """Positions whose logits are computed at once (memory_rules.logits_chunk_tokens, the planner's rule)."""
+    return _chunk_tokens(vocab, LOGITS_CHUNK_BYTES)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

@@ -15,6 +15,7 @@ import torch
 
 from snugtune.config import Config
 from snugtune.engine.fused_lora import fuse_lora_layers
+from snugtune.memory_rules import compiles_blocks, keeps_dense_weights, replays_cuda_graphs
 from snugtune.models import blocks_draw_random_numbers
 
 # reentrant checkpointing runs each block with and without grad, evaluation with its own shapes
@@ -30,37 +31,25 @@ class Speedups:
 
 
 def compile_wanted(config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
-    """train.compile resolved: auto compiles on a CUDA GPU, in one process, without offload (weight
-    streaming's hooks swap the weights a compiled block would be specialised on; activation offload's
-    saved-tensor hooks and MLP tiling's inner checkpoints are untested under compile)."""
-    if config.train.compile != "auto":
-        return bool(config.train.compile)
-    return (device.type == "cuda" and not distributed and not streaming
-            and config.offload.activations is not True and config.train.tiled_mlp is not True)
+    """train.compile resolved (memory_rules.compiles_blocks)."""
+    return compiles_blocks(config.train.compile, device.type == "cuda", not distributed, streaming,
+                           config.offload.activations is True, config.train.tiled_mlp is True)
 
 
 def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
-    """train.cuda_graphs resolved: auto replays micro-batches as CUDA graphs where blocks are compiled, for
-    LoRA methods (a frozen head: the loss needs no data-dependent shapes), without activation offload (its
-    copies to host memory are made per step), and when no block draws random numbers (checkpointing cannot restore the generator in a graph).
-    Asked for explicitly, it still needs a CUDA device, one process and a frozen head."""
-    possible = (device.type == "cuda" and not distributed and not streaming and config.uses_lora
-                and config.offload.activations is not True
-                and config.train.tiled_mlp is not True
-                and not blocks_draw_random_numbers(model, config))
-    if config.train.cuda_graphs != "auto":
-        return bool(config.train.cuda_graphs) and possible
-    return possible and compile_wanted(config, device, distributed, streaming)
+    """train.cuda_graphs resolved (memory_rules.replays_cuda_graphs)."""
+    return replays_cuda_graphs(config.train.cuda_graphs, compile_wanted(config, device, distributed, streaming),
+                               device.type == "cuda", not distributed, streaming, config.uses_lora,
+                               config.offload.activations is True, config.train.tiled_mlp is True,
+                               blocks_draw_random_numbers(model, config))
 
 
 def dense_weights_kept_in(layers, config: Config, compiling: bool) -> tuple:
-    """Blocks whose fused LoRA layers keep the dequantized weight from forward to backward: compiled,
-    checkpointed blocks (recomputed one at a time: one block's dense weights extra at the peak), and only
-    when nothing is offloaded (offload means memory is short; the planner models the same rule)."""
+    """Blocks whose fused LoRA layers keep the dequantized weight from forward to backward
+    (memory_rules.keeps_dense_weights)."""
     offloaded = True in (config.offload.embeddings, config.offload.activations, config.offload.weights)
-    if not compiling or offloaded:
-        return ()
-    return tuple(layer for layer in layers if getattr(layer, "gradient_checkpointing", False))
+    return tuple(layer for layer in layers
+                 if keeps_dense_weights(compiling, getattr(layer, "gradient_checkpointing", False), offloaded))
 
 
 def apply_speedups(model, layers, config: Config, device: torch.device, distributed: bool = False,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-MLP_TILE_TOKENS = 8192
+from snugtune.memory_rules import MLP_TILE_TOKENS
 
 
 def _tiled(forward, tile_tokens: int):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -38,22 +39,23 @@ from snugtune.engine.signals import StopRequests
 from snugtune.engine.speedups import Speedups, apply_speedups
 from snugtune.engine.step import StepResult, accumulate_gradients, optimizer_step
 from snugtune.engine.tiling import tile_mlps
-from snugtune.errors import ConfigError, DoesNotFit, TrainingDiverged, TrainingInterrupted, UserError
+from snugtune.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from snugtune.loss import LossModule, mean_loss, token_loss_sum
 from snugtune.methods import METHODS
 from snugtune.trackers import open_trackers
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
                              load_tokenizer, prepare_for_training, resolve_model)
-from snugtune.planner import offload_choices, plan_config
+from snugtune.memory_rules import CUDA_CONTEXT_BYTES
+from snugtune.planner import Plan, needs_new_model, plan_run, planned_figures, step_down
 from snugtune.planner.cards import budget_bytes
-from snugtune.planner.memory import CUDA_CONTEXT
 from snugtune.precision import Precision, resolve_device, resolve_precision
 from snugtune.rundir import MetricsLog, RunFolder, plot_losses, save_model_artifacts
 
 
 @dataclass
 class Run:
-    """What set_up builds and the loop uses. `config` and `graphs` change when an OOM re-splits the step."""
+    """What set_up builds and the loop uses. `config`, `plan` and `graphs` change when an OOM steps down."""
+    asked: Config                # the config as given, which the planner plans from
     config: Config
     ctx: DistContext
     device: torch.device
@@ -65,7 +67,10 @@ class Run:
     data: PreparedData
     packed_len: int | None
     first_epoch_rows: list
-    planned: dict | None
+    trained_per_row: list        # trained positions of each first-epoch row, as the planner sized the loss
+    masked: bool                 # batches carry an attention mask (not rows of one long document each)
+    plan: Plan | None            # None without a card to plan for (the CPU under budget: auto)
+    step_downs: list             # the notice of each step down after an OOM, in order
     model: torch.nn.Module
     fsdp_root: torch.nn.Module | None
     stepper: torch.nn.Module     # what a micro-batch is fed to: the model, DDP(LossModule) or the FSDP root
@@ -82,7 +87,6 @@ class Run:
     graphs: StepGraphs | None = None
     total_steps: int = 0
     rows_per_step: int = 0
-    oom_resplits: int = 0
 
     @property
     def evaluates(self) -> bool:  # with FSDP every process takes part (the weights are sharded); rank 0 reports
@@ -102,7 +106,34 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     PyTorch's DDP or FSDP; only rank 0 writes metrics, checkpoints and artifacts.
     """
     started = time.perf_counter()
-    run = set_up(config, notify if ctx.is_main else (lambda message: None), ctx)
+    stepped = None
+    while True:  # an OOM that needs another model: build it and resume from the checkpoint the loop wrote
+        try:
+            return _train_attempt(config, notify if ctx.is_main else (lambda message: None), ctx, show_progress,
+                                  started, stepped)
+        except SteppedDown as change:
+            stepped = change.run
+        gc.collect()  # the failed attempt's model and optimizer, before the next is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+Stepped = tuple[Config, Plan | None, list[str]]  # after a step down: the config to train with, its plan, the notices
+
+
+class SteppedDown(Exception):
+    """Raised out of a training attempt when an out-of-memory error needs a model built with other settings
+    (offload, checkpointing, tiling)."""
+
+    def __init__(self, run: Stepped):
+        super().__init__("stepped down")
+        self.run = run
+
+
+def _train_attempt(config: Config, notify, ctx: DistContext, show_progress: bool, started: float,
+                   stepped: Stepped | None) -> dict:
+    """set_up -> resume -> the loop -> finish, as planned or with the settings a step down chose."""
+    run = set_up(config, notify, ctx, stepped)
     position, log, resumed_from = resume(run)
     eval_loss_before = held_out_loss_before(run, log)
     stopped = train_loop(run, position, log, show_progress and ctx.is_main)
@@ -115,8 +146,9 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
 
 # --- set up --------------------------------------------------------------------------------------
 
-def set_up(config: Config, notify, ctx: DistContext) -> Run:
-    """Device, data, the memory plan, the model, the optimizer; then one probe step on a GPU."""
+def set_up(config: Config, notify, ctx: DistContext, stepped: Stepped | None = None) -> Run:
+    """Device, data, the memory plan (or the one a step down chose), the model, the optimizer; then one probe
+    step on a GPU."""
     run_dir = Path(config.output_dir)
     _prepare_run_dir(run_dir)
     device = _device_for(config, ctx)
@@ -134,14 +166,20 @@ def set_up(config: Config, notify, ctx: DistContext) -> Run:
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
     # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked
     masked = not config.data.packing or any(len(row) > 1 for row in first_epoch_rows)
-    config, planned = _plan_memory(config, device, notify, trained_tokens_per_row(first_epoch_rows), ctx.world_size,
-                                   masked)
+    asked, trained_per_row = config, trained_tokens_per_row(first_epoch_rows)
+    _cap_memory(config, device, notify)
+    if stepped is None:
+        config, plan = plan_run(asked, trained_per_row, ctx.world_size, masked, device.type == "cuda", notify)
+        step_downs: list[str] = []
+    else:
+        config, plan, step_downs = stepped
     torch.manual_seed(config.train.seed)
     built = _build_model(config, ctx, device, precision, notify, resolved.path, tokenizer)
     pad_multiple = GPU_PAD_MULTIPLE if device.type == "cuda" else 1  # lengths rounded up on a GPU; exact on CPU
-    run = Run(config=config, ctx=ctx, device=device, precision=precision, notify=notify, run_dir=run_dir,
-              base_path=resolved.path, tokenizer=tokenizer, data=data, packed_len=packed_len,
-              first_epoch_rows=first_epoch_rows, planned=planned, model=built.model, fsdp_root=built.fsdp_root,
+    run = Run(asked=asked, config=config, ctx=ctx, device=device, precision=precision, notify=notify,
+              run_dir=run_dir, base_path=resolved.path, tokenizer=tokenizer, data=data, packed_len=packed_len,
+              first_epoch_rows=first_epoch_rows, trained_per_row=trained_per_row, masked=masked, plan=plan,
+              step_downs=step_downs, model=built.model, fsdp_root=built.fsdp_root,
               stepper=built.stepper, speedups=built.speedups, offload=built.offload, counts=built.counts,
               batch_of=partial(collate_micro_batch, pad_id=tokenizer.pad_token_id, packed=config.data.packing,
                                pad_multiple=pad_multiple, max_len=config.max_seq_len),
@@ -238,15 +276,15 @@ def _new_graphs(run: Run) -> StepGraphs:
 
 
 def _probe_until_it_fits(run: Run) -> None:
-    """Probe before the first step; on an OOM split the step into smaller micro-batches and probe again."""
+    """Probe before the first step; on an OOM step down to the planner's next plan and probe again."""
     while True:
         try:
             _probe(run)
             return
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            run.config = _split_after_oom(run.config, "the probe step", run.notify)
-            run.oom_resplits += 1
+            if _step_down(run, "the probe step"):
+                raise SteppedDown((run.config, run.plan, run.step_downs)) from None
 
 
 def _probe(run: Run) -> None:
@@ -304,57 +342,29 @@ def _with_train(config: Config, **changes) -> Config:
     return config.model_copy(update={"train": config.train.model_copy(update=changes)})
 
 
-def _plan_memory(config: Config, device: torch.device, notify, trained_per_row: list[int],
-                 world_size: int = 1, masked: bool = True) -> tuple[Config, dict | None]:
-    """On a GPU: cap memory at the budget, plan (knowing each row's trained positions, and whether batches
-    carry an attention mask), and apply the planner's micro-batch/checkpointing.
-    Returns the config to run and the plan's figures for summary.json (None on CPU, where there is no
-    card to fit and checkpointing 'auto' means off)."""
-    if device.type != "cuda":  # auto: no checkpointing (nothing to fit) unless weights stream, which needs it
-        if config.train.grad_checkpointing == "auto":
-            config = _with_train(config, grad_checkpointing=config.offload.weights is True)
-        return config, None
-    if config.budget != "auto":  # simulate a smaller card on a bigger one
-        budget, _, card = budget_bytes(config.budget)
-        total = torch.cuda.get_device_properties(device).total_memory
-        if budget < total:  # the smaller card's CUDA context is outside the allocator but inside its memory
-            torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT) / total, device)
-            notify(f"memory capped at {budget / 2**30:.1f} GiB ({card}) of this {total / 2**30:.0f} GiB GPU")
-    plan = plan_config(config, trained_per_row=trained_per_row, gpus=max(1, world_size), masked=masked)
-    if not plan.fits:
-        raise DoesNotFit(f"predicted peak {plan.peak_bytes / 2**30:.1f} GiB does not fit the "
-                         f"{plan.budget_bytes / 2**30:.1f} GiB budget ({plan.card}); try {plan.suggestion} "
-                         f"(see `snugtune plan`)")
-    for key, (asked, chosen) in plan.changes.items():
-        notify(f"planner: {key} = {chosen} (config: {asked})")
-    planned = {"predicted_peak_bytes": plan.peak_bytes, "budget_bytes": plan.budget_bytes, "card": plan.card,
-               "micro_batch": plan.settings.micro_batch, "grad_accum": plan.grad_accum,
-               "grad_checkpointing": plan.settings.grad_checkpointing,
-               "checkpoint_layers": plan.settings.checkpointed_layers,
-               "offload_activations": plan.settings.offload_activations,
-               "offload_weights": plan.settings.stream_weights, "offload_embeddings": plan.settings.embeddings_on_host,
-               "tiled_mlp": plan.settings.tiled_mlp,
-               "host_bytes": plan.host_bytes}
-    planned["data_parallel"] = ("fsdp" if plan.settings.shards > 1 else "ddp") if world_size > 1 else None
-    config = config.model_copy(update={"offload": config.offload.model_copy(update=offload_choices(plan.settings))})
-    return _with_train(config, micro_batch=plan.settings.micro_batch, grad_accum=plan.grad_accum,
-                       grad_checkpointing=plan.settings.grad_checkpointing,
-                       checkpoint_layers=plan.settings.checkpointed_layers, tiled_mlp=plan.settings.tiled_mlp,
-                       data_parallel=planned["data_parallel"] or config.train.data_parallel), planned
+def _cap_memory(config: Config, device: torch.device, notify) -> None:
+    """On a GPU larger than the budget: cap this process's memory at the budget (simulate a smaller card)."""
+    if device.type != "cuda" or config.budget == "auto":
+        return
+    budget, _, card = budget_bytes(config.budget)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget < total:  # the smaller card's CUDA context is outside the allocator but inside its memory
+        torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT_BYTES) / total, device)
+        notify(f"memory capped at {budget / 2**30:.1f} GiB ({card}) of this {total / 2**30:.0f} GiB GPU")
 
 
-def _split_after_oom(config: Config, where: str, notify) -> Config:
-    """After an OOM: the next smaller micro-batch that divides the rows per step, accumulation raised to keep
-    the rows per step. DoesNotFit when the micro-batch is already 1."""
-    tc = config.train
-    rows = tc.micro_batch * tc.grad_accum
-    smaller = [d for d in range(tc.micro_batch - 1, 0, -1) if rows % d == 0]
-    if not smaller:
-        raise DoesNotFit(f"{where} ran out of memory even with micro_batch=1; lower max_seq_len or use "
-                         f"method=qlora (see `snugtune plan`)")
-    notify(f"{where} ran out of memory: re-planned to micro_batch={smaller[0]} x grad_accum={rows // smaller[0]} "
-           f"(same rows per step), continuing")
-    return _with_train(config, micro_batch=smaller[0], grad_accum=rows // smaller[0])
+def _step_down(run: Run, where: str) -> bool:
+    """The planner's next plan after an OOM, announced and recorded in run; True when it needs a new model
+    (the caller raises SteppedDown), else the loop carries on with a new split or without CUDA graphs."""
+    new, run.plan, notice = step_down(run.asked, run.config, run.plan, where, run.trained_per_row, run.masked)
+    run.notify(notice)
+    run.step_downs.append(notice)
+    rebuild = needs_new_model(run.config, new)
+    run.config = new
+    if not rebuild and run.graphs is not None:  # drop the old shapes' graphs and their memory pool
+        run.graphs.release("stepped down after running out of memory")
+        run.graphs = _new_graphs(run) if new.train.cuda_graphs is not False else None
+    return rebuild
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -474,8 +484,8 @@ def one_step(run: Run, position: TrainPosition, rows: list, log: MetricsLog, pro
     except torch.OutOfMemoryError:
         if ctx.enabled:
             raise
-        group.clear()  # free the batches before re-splitting
-        _resplit_after_oom(run, position)
+        group.clear()  # free the batches before stepping down
+        _step_down_after_oom(run, position, log)
         return None
     step_tokens = int(sum_across(ctx, sum(real_tokens(b) for b in group[:len(group) - padding])))
     result = optimizer_step(run.optimizer, run.scheduler, run.scaler, run.params, tc.max_grad_norm, step_loss,
@@ -492,14 +502,17 @@ def one_step(run: Run, position: TrainPosition, rows: list, log: MetricsLog, pro
     return result
 
 
-def _resplit_after_oom(run: Run, position: TrainPosition) -> None:
-    """Free what the failed step held, split the same rows into smaller micro-batches, rebuild the graphs."""
+def _step_down_after_oom(run: Run, position: TrainPosition, log: MetricsLog) -> None:
+    """Free what the failed step held and step down; a step down that needs another model checkpoints this
+    position first (train() builds the model and resumes from it), so the run carries on from this step."""
     run.optimizer.zero_grad(set_to_none=False)
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
-    run.config = _split_after_oom(run.config, f"step {position.step + 1}", run.notify)
-    run.oom_resplits += 1
-    run.graphs = _new_graphs(run) if run.graphs else None  # drop the old shapes' graphs and their memory
+    old_yaml = config_to_yaml(run.config)
+    if _step_down(run, f"step {position.step + 1}"):
+        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, position,
+                        run.config.save.keep, log.rows, old_yaml)
+        raise SteppedDown((run.config, run.plan, run.step_downs)) from None
     RunFolder(run.run_dir).write_config(config_to_yaml(run.config))
 
 
@@ -580,7 +593,8 @@ def _summary(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_befor
         "trainable_params": run.counts["trainable_params"], "total_params": run.counts["total_params"],
         "precision": run.precision.name, "device": device_description(device), "versions": versions(),
         "data": asdict(run.data.report), "resumed_from": str(resumed_from) if resumed_from else None,
-        "world_size": run.ctx.world_size, "plan": run.planned, "oom_resplits": run.oom_resplits,
+        "world_size": run.ctx.world_size, "plan": planned_figures(run.plan, run.ctx.world_size),
+        "oom_resplits": len(run.step_downs), "step_downs": run.step_downs,
         "speedups": asdict(run.speedups),
         "cuda_graphs": ({"shapes": len(graphs.graphs), "failure": graphs.failure} if graphs else None),
         "data_parallel": ("fsdp" if run.fsdp_root is not None else "ddp") if run.ctx.enabled else None,

@@ -1,4 +1,5 @@
-"""Known GPU profiles: memory usable for a training process (GiB) and whether the card has bf16."""
+"""Known GPU profiles: memory usable for a training process (GiB), whether the card has bf16, and its
+datasheet dense 16-bit tensor rate (TFLOP/s, fp32 accumulate), which the step-time model scales."""
 
 from __future__ import annotations
 
@@ -7,17 +8,18 @@ import re
 from snugtune.errors import ConfigError
 
 GIB = 2**30
+DEFAULT_TFLOPS = 989.0  # a budget given as a size, or a card not listed: ranked as an H100
 
 CARDS: dict[str, dict] = {
-    "t4": {"usable_gib": 15.0, "bf16": False, "name": "Tesla T4 16 GB"},
-    "rtx3080": {"usable_gib": 10.0, "bf16": True, "name": "RTX 3080 10 GB"},
-    "rtx3090": {"usable_gib": 24.0, "bf16": True, "name": "RTX 3090 24 GB"},
-    "rtx4090": {"usable_gib": 24.0, "bf16": True, "name": "RTX 4090 24 GB"},
-    "l4": {"usable_gib": 22.0, "bf16": True, "name": "L4 24 GB"},
-    "a10": {"usable_gib": 22.0, "bf16": True, "name": "A10 24 GB"},
-    "a100-40": {"usable_gib": 39.5, "bf16": True, "name": "A100 40 GB"},
-    "a100-80": {"usable_gib": 79.0, "bf16": True, "name": "A100 80 GB"},
-    "h100": {"usable_gib": 79.0, "bf16": True, "name": "H100 80 GB"},
+    "t4": {"usable_gib": 15.0, "bf16": False, "name": "Tesla T4 16 GB", "tflops": 65},
+    "rtx3080": {"usable_gib": 10.0, "bf16": True, "name": "RTX 3080 10 GB", "tflops": 59.5},
+    "rtx3090": {"usable_gib": 24.0, "bf16": True, "name": "RTX 3090 24 GB", "tflops": 71},
+    "rtx4090": {"usable_gib": 24.0, "bf16": True, "name": "RTX 4090 24 GB", "tflops": 165},
+    "l4": {"usable_gib": 22.0, "bf16": True, "name": "L4 24 GB", "tflops": 121},
+    "a10": {"usable_gib": 22.0, "bf16": True, "name": "A10 24 GB", "tflops": 125},
+    "a100-40": {"usable_gib": 39.5, "bf16": True, "name": "A100 40 GB", "tflops": 312},
+    "a100-80": {"usable_gib": 79.0, "bf16": True, "name": "A100 80 GB", "tflops": 312},
+    "h100": {"usable_gib": 79.0, "bf16": True, "name": "H100 80 GB", "tflops": 989},
 }
 
 
@@ -31,3 +33,12 @@ def budget_bytes(budget: str) -> tuple[int, bool, str]:
     if match:
         return int(float(match.group(1)) * GIB), True, f"{match.group(1)} GiB"
     raise ConfigError(f"budget: '{budget}' is neither a card ({', '.join(CARDS)}) nor a size like 10GiB")
+
+
+def card_tflops(card: str) -> float:
+    """Datasheet dense 16-bit TFLOP/s of a card given by key or description (DEFAULT_TFLOPS if unknown)."""
+    key = card.strip().lower()
+    for name, profile in CARDS.items():
+        if key in (name, profile["name"].lower()):
+            return profile["tflops"]
+    return DEFAULT_TFLOPS

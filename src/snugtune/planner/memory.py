@@ -1,87 +1,83 @@
-"""Peak GPU memory of a snugtune training step, by component, from a model's config alone.
+"""Peak GPU memory of a snugtune training step, by component, from a model's inventory alone.
 
-The model is instantiated on the meta device (no memory, any architecture transformers knows), so the
-parameter inventory is exact; activation and workspace terms follow what the engine keeps alive
-(see docs/planner.md for each term and how it is derived). All sizes are bytes.
+Activation and workspace terms follow what the engine keeps alive (see docs/planner.md for each term and
+how it is derived). All sizes are bytes. A breakdown is keyed by Part; each Part carries its label, where
+it lives (GPU or host memory) and when it is alive (the whole step, or one moment of it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 
-import torch
-
+from snugtune.memory_rules import CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, logits_chunk_tokens
 from snugtune.methods import METHODS
+from snugtune.planner.inventory import Inventory, Linear
 
-MIB = 2**20
-CUDA_CONTEXT = 685 * MIB          # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
-LOSS_CHUNK_BYTES = 128 * MIB      # loss.py: fp32 logits held at once
-MLP_TILE_TOKENS = 8192            # engine/tiling.py: tokens an MLP tile holds intermediates for
+GRAPH_POOL_FRACTION = 0.65        # CUDA graphs' private pool reserves this share of the step's working memory
+                                  # beyond it (no expandable segments there): fitted to Llama-3.1-8B 1x4096,
+                                  # 10.68 GiB reserved for 7.96 allocated; 1x2048 is then over-predicted
 
 
-@dataclass(frozen=True)
-class Linear:
-    name: str          # e.g. model.layers.3.self_attn.q_proj
-    short: str         # q_proj
-    in_features: int
-    out_features: int
-    layer: int         # block index
-
-
-@dataclass
-class Inventory:
-    """What memory depends on in a model: its block linears and everything else, counted exactly."""
-    model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
-    vocab: int
-    q_dim: int
-    kv_dim: int
-    heads: int
-    linears: list[Linear] = field(default_factory=list)
-    other_params: int = 0          # embeddings, norms, biases, lm_head (16-bit in every method)
-    tied_embeddings: bool = False
-    norms_per_block: int = 2       # 1 where attention and MLP read the same normed input (Phi)
-    layer_norm: bool = False       # LayerNorm (Phi, StableLM) rather than RMSNorm
-    gated_mlp: bool = True         # gate/up/down (SwiGLU) rather than fc1/fc2
-    hidden_act: str = "silu"
+class Part(Enum):
+    """A row of the breakdown: (label, where: gpu | host, alive: step | transient | overhead).
+    Transients are alive at different moments of a step: the peak holds only the largest."""
+    QUANTIZED_4BIT = ("quantized weights (4-bit + block scales)", "gpu", "step")
+    QUANTIZED_8BIT = ("quantized weights (8-bit + row scales)", "gpu", "step")
+    FROZEN_WEIGHTS = ("frozen 16-bit weights", "gpu", "step")
+    TRAINED_WEIGHTS = ("trained weights (fp32 masters)", "gpu", "step")
+    STREAMED_BLOCKS = ("streamed block weights (2 blocks at a time)", "gpu", "step")
+    BLOCK_SCALES = ("4-bit block scales (all blocks)", "gpu", "step")
+    HOST_BLOCK_WEIGHTS = ("frozen block weights (pinned)", "host", "step")
+    KEPT_WEIGHTS = ("16-bit weights kept (embeddings, norms, lm_head)", "gpu", "step")
+    HOST_EMBEDDING_TABLE = ("input embeddings (rows looked up there)", "host", "step")
+    ADAPTER_PARAMS = ("LoRA parameters (fp32)", "gpu", "step")
+    ADAPTER_GRADS = ("LoRA gradients (fp32)", "gpu", "step")
+    TRAINED_GRADS = ("trained gradients (fp32)", "gpu", "step")
+    OPTIMIZER_STATE = ("optimizer state", "gpu", "step")
+    FSDP_GATHERED = ("FSDP gathered weights (root unit + 2 blocks)", "gpu", "step")
+    CHECKPOINTED_INPUTS = ("checkpointed block inputs", "gpu", "step")
+    KEPT_ACTIVATIONS = ("activations (blocks not checkpointed)", "gpu", "step")
+    ALL_ACTIVATIONS = ("activations (blocks with gradients)", "gpu", "step")
+    HOST_CHECKPOINTED_INPUTS = ("checkpointed block inputs", "host", "step")
+    HOST_KEPT_ACTIVATIONS = ("activations (blocks not checkpointed)", "host", "step")
+    HOST_ALL_ACTIVATIONS = ("activations (blocks with gradients)", "host", "step")
+    OFFLOADED_INPUT_BACK = ("one offloaded input copied back", "gpu", "step")
+    ATTENTION_MASK = ("attention mask (packed rows)", "gpu", "step")
+    WORKSPACE = ("dequantize / matmul workspace", "gpu", "step")
+    RECOMPUTED_BLOCK = ("one block recomputed + its gradients", "gpu", "transient")
+    BLOCK_GRADIENTS = ("one block's gradients", "gpu", "transient")
+    LOSS = ("logits and loss (chunked)", "gpu", "transient")
+    GRAPH_POOL = ("CUDA graphs' memory pool (reserved beyond use)", "gpu", "overhead")
+    ALLOCATOR = ("allocator overhead and fragmentation", "gpu", "overhead")
+    CUDA_CONTEXT = ("CUDA context", "gpu", "overhead")
 
     @property
-    def linear_params(self) -> int:
-        return sum(l.in_features * l.out_features for l in self.linears)
+    def label(self) -> str:
+        return self.value[0]
 
     @property
-    def total_params(self) -> int:
-        return self.linear_params + self.other_params
+    def on_host(self) -> bool:
+        return self.value[1] == "host"
+
+    @property
+    def transient(self) -> bool:
+        return self.value[2] == "transient"
+
+    @property
+    def overhead(self) -> bool:
+        return self.value[2] == "overhead"
 
 
-def inventory_from_config(config) -> Inventory:
-    """Build the model on the meta device and list its parameters."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    blocks = model.model.layers
-    linears, in_blocks = [], set()
-    for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                linears.append(Linear(f"model.layers.{i}.{name}", name.rsplit(".", 1)[-1], module.in_features,
-                                      module.out_features, i))
-                in_blocks.add(id(module.weight))
-    other = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
-    norms = [m for m in blocks[0].modules() if "norm" in type(m).__name__.lower()]
-    shorts = {l.short for l in linears}
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    return Inventory(config.model_type, config.hidden_size, config.intermediate_size, len(blocks),
-                     config.vocab_size, heads * head_dim, kv * head_dim, heads, linears, other,
-                     bool(getattr(config, "tie_word_embeddings", False)), len(norms),
-                     any(isinstance(m, torch.nn.LayerNorm) for m in norms), "gate_proj" in shorts,
-                     getattr(config, "hidden_act", "silu"))
+Breakdown = dict[Part, int]
+WEIGHT_PARTS = (Part.QUANTIZED_4BIT, Part.QUANTIZED_8BIT, Part.FROZEN_WEIGHTS, Part.TRAINED_WEIGHTS)
+SHARDED_PARTS = (*WEIGHT_PARTS, Part.KEPT_WEIGHTS, Part.ADAPTER_PARAMS, Part.ADAPTER_GRADS, Part.TRAINED_GRADS,
+                 Part.OPTIMIZER_STATE)  # under FSDP each process keeps 1/N of these
+ON_HOST_WHEN_OFFLOADED = {Part.CHECKPOINTED_INPUTS: Part.HOST_CHECKPOINTED_INPUTS,
+                          Part.KEPT_ACTIVATIONS: Part.HOST_KEPT_ACTIVATIONS,
+                          Part.ALL_ACTIVATIONS: Part.HOST_ALL_ACTIVATIONS}
 
 
 @dataclass(frozen=True)
@@ -108,12 +104,9 @@ class Settings:
                                        # rows of one sample each run plain causal attention, no mask
     tiled_mlp: bool = False            # engine.tiling: each MLP over the sequence in checkpointed tiles
     embeddings_on_host: bool = False   # engine.offload.HostEmbedding: the frozen input table in host memory
-    dense_weights_kept: bool = False   # engine.speedups.dense_weights_kept_in: a compiled, recomputed 4-bit block
+    dense_weights_kept: bool = False   # memory_rules.keeps_dense_weights: a compiled, recomputed 4-bit block
                                        # keeps its LoRA layers' dequantized weights until its backward
-
-
-HOST = "host: "  # breakdown keys of host (CPU) memory: not part of the GPU peak
-EMBEDDING_TABLE = "input embeddings (rows looked up there)"  # host memory that is not copied each step
+    cuda_graphs: bool = False          # memory_rules.replays_cuda_graphs: the step replays from a private pool
 
 
 def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
@@ -131,48 +124,46 @@ def trainable_params(inv: Inventory, s: Settings) -> int:
     return inv.total_params
 
 
-def weight_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
+def weight_bytes(inv: Inventory, s: Settings) -> Breakdown:
     """Base weights as stored on the GPU: quantized block linears, and the 16-bit rest."""
     n_lin = inv.linear_params
     m = METHODS[s.method]
     # nf4: 0.5 byte/param; absmax per 64-value block: fp32, or 8-bit + an fp32 per 256 blocks (double quant)
     stats = (n_lin / 64 * (1 + 4 / 256) if s.double_quant else n_lin / 64 * 4) if m.base_bits == 4 else 0
     if m.base_bits == 4:
-        linear = {"quantized weights (4-bit + block scales)": int(n_lin / 2 + stats)}
+        linear = {Part.QUANTIZED_4BIT: int(n_lin / 2 + stats)}
     elif m.base_bits == 8:
         rows = sum(l.out_features for l in inv.linears)
-        linear = {"quantized weights (8-bit + row scales)": int(n_lin + 4 * rows)}
+        linear = {Part.QUANTIZED_8BIT: int(n_lin + 4 * rows)}
     elif m.trains_base == "all":
-        linear = {"trained weights (fp32 masters)": 4 * n_lin}
+        linear = {Part.TRAINED_WEIGHTS: 4 * n_lin}
     elif m.trains_base == "last_layers":
         trained = trainable_params(inv, s)
-        linear = {"frozen 16-bit weights": s.compute_bytes * (n_lin - trained),
-                  "trained weights (fp32 masters)": 4 * trained}
+        linear = {Part.FROZEN_WEIGHTS: s.compute_bytes * (n_lin - trained), Part.TRAINED_WEIGHTS: 4 * trained}
     else:
-        linear = {"frozen 16-bit weights": s.compute_bytes * n_lin}
+        linear = {Part.FROZEN_WEIGHTS: s.compute_bytes * n_lin}
     other = 4 * inv.other_params if m.trains_base == "all" else s.compute_bytes * inv.other_params
     if s.embeddings_on_host:  # looked up in host memory; only the batch's rows reach the GPU
         other -= s.compute_bytes * inv.vocab * inv.hidden
     if s.stream_weights:  # frozen block weights live in host memory; the running block and the next on the GPU
-        frozen = next(k for k in linear if k.startswith(("quantized", "frozen")))
+        frozen = next(k for k in linear if k in (Part.QUANTIZED_4BIT, Part.QUANTIZED_8BIT, Part.FROZEN_WEIGHTS))
         data = linear.pop(frozen) - int(stats)
-        linear[f"streamed block weights (2 of {inv.layers} blocks)"] = 2 * data // inv.layers
+        linear[Part.STREAMED_BLOCKS] = 2 * data // inv.layers
         if stats:
-            linear["4-bit block scales (all blocks)"] = int(stats)
-        linear[HOST + "frozen block weights (pinned)"] = data
-    kept = {**linear, "16-bit weights kept (embeddings, norms, lm_head)": other}
+            linear[Part.BLOCK_SCALES] = int(stats)
+        linear[Part.HOST_BLOCK_WEIGHTS] = data
+    kept = {**linear, Part.KEPT_WEIGHTS: other}
     if s.embeddings_on_host:
-        kept[HOST + EMBEDDING_TABLE] = s.compute_bytes * inv.vocab * inv.hidden
+        kept[Part.HOST_EMBEDDING_TABLE] = s.compute_bytes * inv.vocab * inv.hidden
     return kept
 
 
-def optimizer_bytes(inv: Inventory, s: Settings) -> dict[str, int]:
+def optimizer_bytes(inv: Inventory, s: Settings) -> Breakdown:
     n = trainable_params(inv, s)
     state = 8 if s.optimizer == "adamw" else 2  # two fp32 moments, or two 8-bit moments
-    label = "LoRA" if METHODS[s.method].adapters else "trained"
-    extra = 4 * n if METHODS[s.method].adapters else 0  # LoRA masters (full/freeze counted as weights)
-    return {f"{label} parameters (fp32)": extra, f"{label} gradients (fp32)": 4 * n,
-            f"optimizer state ({s.optimizer})": state * n}
+    if METHODS[s.method].adapters:  # LoRA masters (full/freeze counted as weights)
+        return {Part.ADAPTER_PARAMS: 4 * n, Part.ADAPTER_GRADS: 4 * n, Part.OPTIMIZER_STATE: state * n}
+    return {Part.TRAINED_GRADS: 4 * n, Part.OPTIMIZER_STATE: state * n}
 
 
 # Tensors an activation function keeps for backward: torch's own kernels keep their input; the Python
@@ -254,98 +245,115 @@ def checkpointed_blocks(inv: Inventory, s: Settings) -> int:
     return inv.layers if s.checkpointed_layers is None else min(inv.layers, s.checkpointed_layers)
 
 
-def estimate(inv: Inventory, s: Settings) -> dict[str, int]:
-    """Peak memory breakdown (component -> bytes) for one training step; see peak()."""
+def _activation_parts(inv: Inventory, s: Settings) -> Breakdown:
+    """What the forward keeps for backward, and the transient of backward's one block at a time."""
     tokens = s.micro_batch * s.max_seq_len
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
     layers = blocks_with_gradients(inv, s)
     recomputed = checkpointed_blocks(inv, s)
-    if recomputed:
-        # a checkpointed block keeps only its input and is recomputed in backward, one at a time, beside the
-        # gradient flowing back; the engine makes the embeddings' output require grad for checkpointing, so
-        # checkpointed blocks keep their input whether trained or not. Blocks above them keep everything.
-        kept = min(inv.layers - recomputed, layers)
-        recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens
-        if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
-            mlp = mlp_bytes_per_token(inv, s)
-            recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
-        if s.dense_weights_kept and METHODS[s.method].base_bits == 4:
-            per_block: dict[int, int] = {}
-            for l in _adapted(inv, s):
-                per_block[l.layer] = per_block.get(l.layer, 0) + l.in_features * l.out_features
-            recompute += max(per_block.values(), default=0) * s.compute_bytes
-        acts = {"checkpointed block inputs": recomputed * inv.hidden * s.compute_bytes * tokens,
-                "activations (blocks not checkpointed)": kept * per_layer,
-                "one block recomputed + its gradients": recompute}
-    else:
-        acts = {"activations (blocks with gradients)": layers * per_layer,
-                "one block's gradients": per_layer}
-    if s.offload_activations:  # what the forward keeps waits in host memory; one block input comes back at a time
-        for key in ("checkpointed block inputs", "activations (blocks not checkpointed)",
-                    "activations (blocks with gradients)"):
-            if acts.get(key):
-                acts[HOST + key] = acts.pop(key)
-        acts["one offloaded input copied back"] = inv.hidden * s.compute_bytes * tokens
-    if s.attention_mask:
-        acts["attention mask (packed rows)"] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
+    if not recomputed:
+        return {Part.ALL_ACTIVATIONS: layers * per_layer, Part.BLOCK_GRADIENTS: per_layer}
+    # a checkpointed block keeps only its input and is recomputed in backward, one at a time, beside the
+    # gradient flowing back; the engine makes the embeddings' output require grad for checkpointing, so
+    # checkpointed blocks keep their input whether trained or not. Blocks above them keep everything.
+    kept = min(inv.layers - recomputed, layers)
+    recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens
+    if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
+        mlp = mlp_bytes_per_token(inv, s)
+        recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
+    if s.dense_weights_kept and METHODS[s.method].base_bits == 4:
+        per_block: dict[int, int] = {}
+        for l in _adapted(inv, s):
+            per_block[l.layer] = per_block.get(l.layer, 0) + l.in_features * l.out_features
+        recompute += max(per_block.values(), default=0) * s.compute_bytes
+    return {Part.CHECKPOINTED_INPUTS: recomputed * inv.hidden * s.compute_bytes * tokens,
+            Part.KEPT_ACTIVATIONS: kept * per_layer, Part.RECOMPUTED_BLOCK: recompute}
+
+
+def _loss_bytes(inv: Inventory, s: Settings) -> int:
+    tokens = s.micro_batch * s.max_seq_len
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
-    chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * inv.vocab)), trained_tokens)
-    if METHODS[s.method].trains_base == "all":  # trained head: fp32 logits, log-softmax and their gradient, recomputed per chunk
-        loss_bytes = chunk * inv.vocab * (s.compute_bytes + 4 + 4) + trained_tokens * inv.hidden * (s.compute_bytes + 4)
-    else:  # frozen head: fp32 logits become probabilities in place, + their 16-bit copy; the trained rows of
-        loss_bytes = (chunk * inv.vocab * (4 + s.compute_bytes)   # the hidden states and their gradient
-                      + 2 * trained_tokens * inv.hidden * s.compute_bytes)
-    loss = {"logits and loss (chunked)": loss_bytes}
-    biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
-    mlp_tokens = min(tokens, MLP_TILE_TOKENS) if s.tiled_mlp else tokens  # the MLP's matmuls run a tile at a time
-    workspace = {"dequantize / matmul workspace": 2 * biggest * s.compute_bytes
-                 + 2 * max(tokens * inv.hidden, mlp_tokens * inv.intermediate) * s.compute_bytes}
+    chunk = min(logits_chunk_tokens(inv.vocab), trained_tokens)
+    if METHODS[s.method].trains_base == "all":  # trained head: fp32 logits, log-softmax and their gradient
+        return chunk * inv.vocab * (s.compute_bytes + 4 + 4) + trained_tokens * inv.hidden * (s.compute_bytes + 4)
+    # frozen head: fp32 logits become probabilities in place, + their 16-bit copy; the trained rows of the
+    # hidden states and their gradient
+    return chunk * inv.vocab * (4 + s.compute_bytes) + 2 * trained_tokens * inv.hidden * s.compute_bytes
+
+
+def _held_parts(inv: Inventory, s: Settings) -> Breakdown:
+    """Weights, trained parameters, their gradients and optimizer state; under FSDP each process keeps
+    1/N of each and gathers the root unit (embeddings, head, norms) and two blocks at a time whole."""
     weights = weight_bytes(inv, s)
     held = {**weights, **optimizer_bytes(inv, s)}
-    if s.shards > 1:  # FSDP: each process keeps 1/N of every parameter, gradient and moment ...
-        held = {f"{k} (1/{s.shards} shard)": v // s.shards for k, v in held.items()}
-        # ... and gathers whole: the root unit (embeddings, head, norms) for the step, two blocks at a time
-        block = sum(v for k, v in weights.items() if k.startswith(("quantized", "frozen", "trained")))
-        held["FSDP gathered weights (root unit + 2 blocks)"] = (
-            weights["16-bit weights kept (embeddings, norms, lm_head)"] + 2 * block // inv.layers)
-    parts = {**held, **acts, **loss, **workspace}
+    if s.shards > 1:
+        held = {k: v // s.shards for k, v in held.items()}
+        block = sum(v for k, v in weights.items() if k in WEIGHT_PARTS)
+        held[Part.FSDP_GATHERED] = weights[Part.KEPT_WEIGHTS] + 2 * block // inv.layers
+    return held
+
+
+def estimate(inv: Inventory, s: Settings) -> Breakdown:
+    """Peak memory breakdown (Part -> bytes) for one training step; see peak()."""
+    tokens = s.micro_batch * s.max_seq_len
+    acts = _activation_parts(inv, s)
+    if s.offload_activations:  # what the forward keeps waits in host memory; one block input comes back at a time
+        acts = {ON_HOST_WHEN_OFFLOADED.get(k, k): v for k, v in acts.items()}
+        acts[Part.OFFLOADED_INPUT_BACK] = inv.hidden * s.compute_bytes * tokens
+    if s.attention_mask:
+        acts[Part.ATTENTION_MASK] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
+    biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
+    mlp_tokens = min(tokens, MLP_TILE_TOKENS) if s.tiled_mlp else tokens  # the MLP's matmuls run a tile at a time
+    workspace = (2 * biggest * s.compute_bytes
+                 + 2 * max(tokens * inv.hidden, mlp_tokens * inv.intermediate) * s.compute_bytes)
+    parts = {**_held_parts(inv, s), **acts, Part.LOSS: _loss_bytes(inv, s), Part.WORKSPACE: workspace}
     allocated = peak_allocated(parts)
-    parts["allocator overhead and fragmentation"] = int(ALLOCATOR_FIXED + ALLOCATOR_FRACTION * allocated)
-    parts["CUDA context"] = CUDA_CONTEXT
+    if s.cuda_graphs:  # the pool serves the step's activations, transients and workspace
+        working = allocated - sum(v for k, v in _held_parts(inv, s).items() if not k.on_host)
+        parts[Part.GRAPH_POOL] = int(GRAPH_POOL_FRACTION * working)
+    parts[Part.ALLOCATOR] = int(ALLOCATOR_FIXED + ALLOCATOR_FRACTION * allocated)
+    parts[Part.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     return {k: int(v) for k, v in parts.items() if v}
 
 
-# Alive at different moments of a step, so the peak holds only the larger of them.
-TRANSIENT = ("one block recomputed + its gradients", "one block's gradients", "logits and loss (chunked)")
+def largest_transient(parts: Breakdown) -> Part | None:
+    """The transient alive at the step's peak (the largest of them)."""
+    transients = [k for k in parts if k.transient]
+    return max(transients, key=lambda k: parts[k]) if transients else None
 
 
-def peak_allocated(parts: dict[str, int]) -> int:
+def alive_at_peak(parts: Breakdown) -> Breakdown:
+    """The GPU rows that make up the peak: everything held through the step, the largest transient and
+    the overheads. The other transients are alive at other moments, host rows not on the GPU at all."""
+    top = largest_transient(parts)
+    return {k: v for k, v in parts.items() if not k.on_host and (not k.transient or k is top)}
+
+
+def peak_allocated(parts: Breakdown) -> int:
     """Bytes torch has allocated at the step's peak: everything persistent plus the largest transient."""
-    persistent = sum(v for k, v in parts.items() if k not in TRANSIENT and not k.startswith(HOST) and k not in
-                     ("allocator overhead and fragmentation", "CUDA context"))
-    return persistent + max((parts.get(k, 0) for k in TRANSIENT), default=0)
+    return sum(v for k, v in alive_at_peak(parts).items() if not k.overhead)
 
 
-def peak(parts: dict[str, int]) -> int:
-    """Predicted peak GPU memory: allocated at the peak + allocator overhead + CUDA context."""
-    return peak_allocated(parts) + parts.get("allocator overhead and fragmentation", 0) + parts.get("CUDA context", 0)
+def peak(parts: Breakdown) -> int:
+    """Predicted peak GPU memory: allocated at the peak + graph pool + allocator overhead + CUDA context."""
+    return sum(alive_at_peak(parts).values())
 
 
-def host_bytes(parts: dict[str, int]) -> int:
+def host_bytes(parts: Breakdown) -> int:
     """Host (CPU) memory the offload policies hold, pinned."""
-    return sum(v for k, v in parts.items() if k.startswith(HOST))
+    return sum(v for k, v in parts.items() if k.on_host)
 
 
 def step_flops(inv: Inventory, s: Settings) -> float:
     """FLOPs of one micro-batch step: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights)
-    per parameter and token, + one more forward when checkpointing (and of the MLPs when tiled).
-    Attention scores counted too."""
+    per parameter that multiplies (the input embeddings only look rows up) and token, + one more forward
+    when checkpointing (and of the MLPs when tiled). Attention scores counted too (causal kernels skip
+    the masked half)."""
     tokens = s.micro_batch * s.max_seq_len
-    n = inv.total_params
+    n = inv.total_params - (0 if inv.tied_embeddings else inv.vocab * inv.hidden)
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
     per_token = (6 if METHODS[s.method].trains_base == "all" else 4) * n + 2 * n * share
     if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
         per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears if _in_mlp(inv, l))
-    attention = 4 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)
+    attention = 2 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)  # causal: half the score matrix
     return float(tokens * (per_token + attention))
-

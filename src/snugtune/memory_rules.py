@@ -1,0 +1,48 @@
+"""Sizes and rules that the engine runs by and the planner predicts by: both import them from here, so a
+change to one is a change to the other (tests/test_memory_rules.py ties them).
+
+Sizes are bytes or tokens; rules are plain functions of the run's resolved settings.
+"""
+
+from __future__ import annotations
+
+MIB = 2**20
+CUDA_CONTEXT_BYTES = 685 * MIB    # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
+LOGITS_CHUNK_BYTES = 128 * MIB    # fp32 logits the chunked loss holds at once
+MLP_TILE_TOKENS = 8192            # tokens one MLP tile holds intermediates for (train.tiled_mlp)
+
+
+def logits_chunk_tokens(vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """Positions whose fp32 logits the chunked loss computes at once."""
+    return max(64, chunk_bytes // (4 * vocab))
+
+
+def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_weights: bool,
+                    offloads_activations: bool, tiles_mlp: bool) -> bool:
+    """train.compile resolved: auto compiles on a CUDA GPU, in one process, without offload (weight
+    streaming's hooks swap the weights a compiled block would be specialised on; activation offload's
+    saved-tensor hooks and MLP tiling's inner checkpoints are untested under compile)."""
+    if setting != "auto":
+        return bool(setting)
+    return cuda and one_process and not streams_weights and not offloads_activations and not tiles_mlp
+
+
+def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded: bool) -> bool:
+    """Whether a block's fused LoRA layers keep their dequantized weight from forward to backward:
+    compiled, checkpointed blocks (recomputed one at a time: one block's dense weights extra at the
+    peak), and only when nothing is offloaded (offload means memory is short)."""
+    return compiling and checkpointed and not anything_offloaded
+
+
+def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_process: bool,
+                        streams_weights: bool, adapters: bool, offloads_activations: bool, tiles_mlp: bool,
+                        draws_random_numbers: bool) -> bool:
+    """train.cuda_graphs resolved: possible on a CUDA device in one process for LoRA methods (a frozen head:
+    the loss needs no data-dependent shapes), without weight streaming, activation offload (its copies to
+    host memory are made per step) or MLP tiling, and when no block draws random numbers (checkpointing
+    cannot restore the generator in a graph). auto: where possible and blocks are compiled."""
+    possible = (cuda and one_process and not streams_weights and adapters and not offloads_activations
+                and not tiles_mlp and not draws_random_numbers)
+    if setting != "auto":
+        return bool(setting) and possible
+    return possible and compiling

@@ -1,0 +1,33 @@
+"""Predicted time of one optimizer step, to rank the settings that fit and to say what the chosen split
+costs: per micro-batch the GPU's arithmetic (FLOPs at a share of the card's datasheet rate) plus the
+CPU's kernel launches (per block: far fewer when the step replays as a CUDA graph) plus host copies
+(offload); per step the optimizer, by the parameters it trains. Constants measured on an H100 (docs/benchmarks.md, TinyLlama 4 x 512:
+0.193 s a compiled eager step, 0.053 s replayed, 46 ms of it GPU work)."""
+
+from __future__ import annotations
+
+from snugtune.planner.cards import card_tflops
+from snugtune.planner.inventory import Inventory
+from snugtune.planner.memory import Breakdown, Part, Settings, host_bytes, step_flops, trainable_params
+
+FLOPS_EFFICIENCY = 0.4        # sustained share of the datasheet rate (Llama-3.1-8B 1 x 2048 on an H100)
+EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled block's forward + backward, eager
+GRAPH_LAUNCH_S_PER_BLOCK = 0.3e-3   # ... replayed as a CUDA graph (the copies in and the replay call)
+OPTIMIZER_S_PER_PARAM = 1e-9        # unscale, clip, AdamW step (Llama-3.1-8B, 42M LoRA parameters: 32-49 ms)
+HOST_COPY_BYTES_S = 12e9            # pinned host <-> GPU copies (PCIe 4 x16 in practice)
+
+
+def seconds_per_micro_batch(inv: Inventory, s: Settings, parts: Breakdown, card: str = "") -> float:
+    arithmetic = step_flops(inv, s) / (card_tflops(card) * 1e12 * FLOPS_EFFICIENCY)
+    launches = inv.layers * (GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK)
+    # out and back (activations), forward and recompute (weights); of the embedding table only the batch's rows
+    copied = host_bytes(parts) - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
+    copies = 2 * copied / HOST_COPY_BYTES_S
+    if s.embeddings_on_host:
+        copies += s.micro_batch * s.max_seq_len * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
+    return arithmetic + launches + copies
+
+
+def seconds_per_step(inv: Inventory, s: Settings, accum: int, parts: Breakdown, card: str = "") -> float:
+    """Predicted seconds of one optimizer step of `accum` micro-batches."""
+    return accum * seconds_per_micro_batch(inv, s, parts, card) + OPTIMIZER_S_PER_PARAM * trainable_params(inv, s)

@@ -1,0 +1,89 @@
+"""planner.apply: the plan applied to the run's Config, and stepped down after an out-of-memory error."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from snugtune.errors import DoesNotFit
+from snugtune.engine import train as train_module
+from snugtune.engine.train import train
+
+
+def test_an_oom_re_plans_the_micro_batch_and_continues_on_the_same_rows(tmp_path, alpaca_file, monkeypatch):
+    reference = tiny_config(tmp_path / "a", alpaca_file, output_dir=str(tmp_path / "ref"),
+                            train={"max_steps": 4, "micro_batch": 2, "grad_accum": 2})
+    train(reference, show_progress=False)
+    real = train_module.accumulate_gradients
+
+    def oom_when_big(model, group, *args):
+        if group[0]["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, group, *args)
+    monkeypatch.setattr(train_module, "accumulate_gradients", oom_when_big)
+    notices = []
+    cfg = tiny_config(tmp_path / "b", alpaca_file, output_dir=str(tmp_path / "oom"),
+                      train={"max_steps": 4, "micro_batch": 4, "grad_accum": 1})
+    summary = train(cfg, show_progress=False, notify=notices.append)
+    assert summary["steps"] == 4 and any("re-planned to micro_batch=2 x grad_accum=2" in n for n in notices)
+    a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "oom" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert "micro_batch: 2" in (tmp_path / "oom" / "config.yaml").read_text()
+
+
+def _oom_on_calls(monkeypatch, calls: set[int]):
+    """accumulate_gradients raising CUDA's out-of-memory error on the given calls (1-based)."""
+    real = train_module.accumulate_gradients
+    seen = []
+
+    def flaky(*args, **kwargs):
+        seen.append(1)
+        if len(seen) in calls:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "accumulate_gradients", flaky)
+
+
+def test_an_oom_at_one_micro_batch_steps_down_the_planners_levels_and_carries_on(tmp_path, alpaca_file, monkeypatch):
+    # a budget on the CPU is planned as for that card; one row per step: the split cannot shrink
+    sections = dict(budget="2GiB", lora={"dropout": 0.0},
+                    train={"max_steps": 4, "micro_batch": "auto", "rows_per_step": 1, "grad_checkpointing": "auto"})
+    train(tiny_config(tmp_path / "a", alpaca_file, output_dir=str(tmp_path / "ref"), **sections), show_progress=False)
+    _oom_on_calls(monkeypatch, {2, 3})
+    notices = []
+    summary = train(tiny_config(tmp_path / "b", alpaca_file, output_dir=str(tmp_path / "oom"), **sections),
+                    show_progress=False, notify=notices.append)
+    reference = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["oom_resplits"] == 2 and len(summary["step_downs"]) == 2
+    assert summary["plan"]["predicted_peak_bytes"] < reference["plan"]["predicted_peak_bytes"]
+    peaks = [reference["plan"]["predicted_peak_bytes"] / 2**30]
+    for notice in summary["step_downs"]:  # each names what it changed, each predicted lower than the last
+        assert "ran out of memory: stepped down to " in notice and "=" in notice.split("stepped down to ")[1]
+        before, after = notice.split("predicted peak ")[1].split(" GiB")[0].split(" -> ")
+        assert float(before) == pytest.approx(peaks[-1], abs=1e-3) and float(after) < float(before)
+        peaks.append(float(after))
+    # the CUDA graphs' pool released, checkpointing, offload: the steps the planner chose are the run's config
+    config = yaml.safe_load((tmp_path / "oom" / "config.yaml").read_text())
+    assert (config["train"]["grad_checkpointing"], config["train"]["cuda_graphs"]) == \
+        (summary["plan"]["grad_checkpointing"], "auto" if summary["plan"]["cuda_graphs"] else False)
+    assert any("grad_checkpointing=True" in n for n in summary["step_downs"])  # a step that needed a new model
+    # the same step was carried on: the adapter is the one the run without errors trained
+    a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "oom" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_running_out_at_every_level_ends_in_exit_3_with_the_numbers(tmp_path, alpaca_file, monkeypatch):
+    _oom_on_calls(monkeypatch, set(range(1, 100)))
+    cfg = tiny_config(tmp_path, alpaca_file, budget="2GiB",
+                      train={"max_steps": 2, "micro_batch": "auto", "rows_per_step": 1})
+    with pytest.raises(DoesNotFit) as refused:
+        train(cfg, show_progress=False)
+    message = str(refused.value)
+    assert "ran out of memory with method=lora micro_batch=1" in message
+    assert "predicted peak" in message and "keeping 8% in reserve" in message and "Try: " in message
+    assert "method=qlora" not in message.split("Try: ")[1] or cfg.method != "qlora"

@@ -1,0 +1,70 @@
+"""planner.choose: the search for the fastest settings that fit a budget."""
+
+import json
+import subprocess
+import sys
+
+from conftest import tiny_config
+from snugtune.planner import plan_for_budget
+from snugtune.planner.cards import GIB
+from snugtune.planner.inventory import inventory_for
+from snugtune.planner.memory import Part, Settings, estimate, peak
+
+
+def test_search_tiles_mlps_only_for_rows_longer_than_a_tile_that_do_not_fit_otherwise(tmp_path, alpaca_file):
+    def plan(seq: int, gib: int):
+        cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=seq,
+                          train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
+        return plan_for_budget(cfg, gib * GIB, f"{gib} GiB", host_available=64 * GIB, masked=False)
+    long = plan(32768, 15)
+    assert long.fits and long.settings.tiled_mlp and long.changes["train.tiled_mlp"] == ["auto", True]
+    assert not plan(32768, 80).settings.tiled_mlp  # fits without: no extra MLP forward
+    assert not plan(4096, 8).settings.tiled_mlp    # rows within one tile: tiling would change nothing
+
+
+def test_search_prefers_no_checkpointing_when_it_fits_and_keeps_the_effective_batch(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
+                      train={"micro_batch": 4, "grad_accum": 2, "grad_checkpointing": "auto"})
+    roomy = plan_for_budget(cfg.model_copy(update={"max_seq_len": 1024}), 80 * GIB, "h100")
+    assert roomy.fits and roomy.settings.grad_checkpointing is False and roomy.settings.micro_batch == 4
+    long = plan_for_budget(cfg, 80 * GIB, "h100")  # 4 x 4096 without recomputation would not fit: split
+    assert long.fits and long.settings.micro_batch * long.grad_accum == 8
+    small = plan_for_budget(cfg, 15 * GIB, "t4")
+    assert small.fits and small.peak_bytes <= 0.92 * 15 * GIB
+    assert small.settings.micro_batch * small.grad_accum == 8  # effective batch kept
+    assert small.settings.grad_checkpointing is True or small.settings.micro_batch < 4
+    assert small.changes
+
+
+def test_search_fills_the_card_with_partial_checkpointing(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
+                      train={"micro_batch": 1, "grad_accum": 4, "grad_checkpointing": "auto"})
+    plan = plan_for_budget(cfg, 15 * GIB, "t4")
+    assert plan.fits and plan.settings.grad_checkpointing
+    assert 0 < plan.settings.checkpointed_layers < 32 and plan.changes["train.checkpoint_layers"][1] > 0
+    # the fewest recomputed blocks that fit: one fewer would not
+    fewer = Settings(**{**plan.settings.__dict__, "checkpointed_layers": plan.settings.checkpointed_layers - 1})
+    assert peak(estimate(inventory_for(cfg), fewer)) > 0.92 * 15 * GIB >= plan.peak_bytes
+
+
+def test_plan_for_several_gpus_shards_with_fsdp_only_when_replicas_do_not_fit(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="lora", max_seq_len=2048,
+                      train={"micro_batch": 1, "grad_checkpointing": "auto"}, offload={"weights": False})
+    replicas = plan_for_budget(cfg, 40 * GIB, "a100-40", gpus=2, host_available=64 * GIB)
+    assert replicas.fits and replicas.settings.shards == 1 and replicas.changes["train.data_parallel"][1] == "ddp"
+    sharded = plan_for_budget(cfg, 16 * GIB, "16 GiB", gpus=2, host_available=64 * GIB)
+    assert sharded.fits and sharded.settings.shards == 2 and sharded.changes["train.data_parallel"][1] == "fsdp"
+    assert sharded.breakdown[Part.FROZEN_WEIGHTS] < 7 * GIB  # half of the 8B's 13 GiB of blocks
+    alone = plan_for_budget(cfg, 16 * GIB, "16 GiB", gpus=1, host_available=64 * GIB)
+    assert not alone.fits  # one 16 GiB card cannot hold the bf16 8B without streaming
+    result = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(_write(tmp_path, cfg)), "--gpu", "16GiB",
+                             "--gpus", "2", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["shards"] == 2
+
+
+def _write(tmp_path, cfg):
+    import yaml
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path

@@ -1,0 +1,134 @@
+"""planner.memory: each component's arithmetic on a hand-checkable two-block model, and the peak."""
+
+import pytest
+from transformers import LlamaConfig
+
+from conftest import planner_settings, tiny_config
+from snugtune.planner import settings_for, Offload
+from snugtune.planner.inventory import inventory_from_config
+from snugtune.planner.memory import (GRAPH_POOL_FRACTION, Part, activation_bytes_per_token_layer, alive_at_peak, estimate, optimizer_bytes,
+                                     peak, peak_allocated, step_flops, trainable_params, weight_bytes)
+from snugtune.memory_rules import MLP_TILE_TOKENS
+
+def test_weight_bytes_per_method(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    n = inv.linear_params  # 73,728
+    q4 = weight_bytes(inv, planner_settings())
+    assert q4[Part.QUANTIZED_4BIT] == int(n / 2 + n / 64 * (1 + 4 / 256))
+    assert q4[Part.KEPT_WEIGHTS] == 2 * inv.other_params
+    assert weight_bytes(inv, planner_settings(double_quant=False))[Part.QUANTIZED_4BIT] == n // 2 + n // 16
+    rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    assert weight_bytes(inv, planner_settings(method="lora-8bit"))[Part.QUANTIZED_8BIT] == n + 4 * rows
+    assert weight_bytes(inv, planner_settings(method="lora"))[Part.FROZEN_WEIGHTS] == 2 * n
+
+
+def test_lora_and_optimizer_bytes(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    per_block = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r x (in + out) for the seven
+    assert trainable_params(inv, planner_settings()) == 2 * per_block == 8192
+    assert optimizer_bytes(inv, planner_settings()) == {Part.ADAPTER_PARAMS: 4 * 8192, Part.ADAPTER_GRADS: 4 * 8192,
+                                                Part.OPTIMIZER_STATE: 8 * 8192}
+    assert optimizer_bytes(inv, planner_settings(optimizer="adamw_8bit"))[Part.OPTIMIZER_STATE] == 2 * 8192
+    assert trainable_params(inv, planner_settings(lora_last_layers=1)) == per_block
+
+
+def test_activations_with_and_without_checkpointing(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    per_token = activation_bytes_per_token_layer(inv, planner_settings())
+    # norms: 2 x fp32 copy of 64; attention: q, k, v (repeated to 4 heads), output 4*2*64, fp32 lse per head,
+    # mask bias 2 bytes x 100 positions; SwiGLU: gate, up, act(gate) 3*2*128;
+    # LoRA: the 16-bit input copy + rank-4 output for each of the seven (six read 64, down_proj reads 128)
+    assert per_token == 2 * 4 * 64 + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (6 * (2 * 64 + 8) + (2 * 128 + 8))
+    # dropout keeps a 1-byte mask per adapted input; LLM.int8 layers keep their inputs (hidden x2, q, MLP)
+    assert activation_bytes_per_token_layer(inv, planner_settings(lora_dropout=0.05)) == per_token + 6 * 64 + 128
+    assert activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit")) == \
+        per_token + 2 * (64 + 64 + 128) + 2 * 64
+    tokens = 2 * 100
+    with_ckpt = estimate(inv, planner_settings())
+    assert with_ckpt[Part.CHECKPOINTED_INPUTS] == 2 * 64 * 2 * tokens
+    assert with_ckpt[Part.RECOMPUTED_BLOCK] == per_token * tokens + 2 * 64 * 2 * tokens
+    assert with_ckpt[Part.ATTENTION_MASK] == 2 * 100 * 100
+    without = estimate(inv, planner_settings(grad_checkpointing=False))
+    assert without[Part.ALL_ACTIVATIONS] == 2 * per_token * tokens
+    assert peak(without) > peak(with_ckpt)
+    # LoRA on the last block only: nothing below it keeps activations
+    last = estimate(inv, planner_settings(grad_checkpointing=False, lora_last_layers=1))
+    assert last[Part.ALL_ACTIVATIONS] == per_token * tokens
+    # rows of one sample each (long documents): plain causal attention, no seq x seq mask or bias
+    unmasked = estimate(inv, planner_settings(attention_mask=False))
+    assert Part.ATTENTION_MASK not in unmasked
+    assert activation_bytes_per_token_layer(inv, planner_settings(attention_mask=False)) == per_token - 2 * 100
+
+
+def test_tiled_mlp_bounds_the_recomputed_block_and_costs_one_more_mlp_forward():
+    big = inventory_from_config(LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    long = dict(micro_batch=1, max_seq_len=4 * MLP_TILE_TOKENS, attention_mask=False)
+    plain, tiled = estimate(big, planner_settings(**long)), estimate(big, planner_settings(**long, tiled_mlp=True))
+    key = Part.RECOMPUTED_BLOCK
+    assert tiled[key] < plain[key] * 0.75 and peak(tiled) < peak(plain)
+    assert estimate(big, planner_settings(tiled_mlp=True))[key] > estimate(big, planner_settings())[key]  # short rows: no gain
+    mlp_params = 2 * 3 * 256 * 1024  # two blocks x gate, up, down
+    assert step_flops(big, planner_settings(**long, tiled_mlp=True)) - step_flops(big, planner_settings(**long)) == \
+        2 * mlp_params * 4 * MLP_TILE_TOKENS
+
+
+def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_offload(tmp_path, alpaca_file, tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    # engine.speedups.dense_weights_kept_in: one block's dequantized LoRA-layer weights, in the compute dtype
+    block = 4096 + 2048 + 2048 + 4096 + 3 * 8192
+    recomputed = Part.RECOMPUTED_BLOCK
+    kept = estimate(inv, planner_settings(dense_weights_kept=True))[recomputed]
+    assert kept - estimate(inv, planner_settings())[recomputed] == 2 * block
+    assert estimate(inv, planner_settings(method="lora", dense_weights_kept=True))[recomputed] == \
+        estimate(inv, planner_settings(method="lora"))[recomputed]  # 16-bit bases: the weight itself, nothing extra
+    cfg = tiny_config(tmp_path, alpaca_file, method="qlora")
+    assert settings_for(cfg, inv, 1, True).dense_weights_kept
+    assert not settings_for(cfg, inv, 1, False).dense_weights_kept  # blocks not recomputed dequantize again
+    assert not settings_for(cfg, inv, 1, True, offload=Offload(embeddings=True)).dense_weights_kept
+
+
+def test_peak_holds_only_the_largest_transient_and_its_rows_add_up_to_it(tiny_llama_inventory):
+    parts = estimate(tiny_llama_inventory, planner_settings())
+    transient = max(parts[Part.RECOMPUTED_BLOCK], parts[Part.LOSS])
+    overheads = (Part.RECOMPUTED_BLOCK, Part.LOSS, Part.ALLOCATOR, Part.CUDA_CONTEXT)
+    persistent = sum(v for k, v in parts.items() if k not in overheads)
+    assert peak_allocated(parts) == persistent + transient
+    assert peak(parts) == persistent + transient + parts[Part.ALLOCATOR] + parts[Part.CUDA_CONTEXT]
+    at_peak = alive_at_peak(parts)
+    assert sum(at_peak.values()) == peak(parts)  # the table `plan` prints adds up to the peak it reports
+    assert len(parts) - len(at_peak) == 1 and min(parts[Part.RECOMPUTED_BLOCK], parts[Part.LOSS]) not in at_peak.values()
+
+
+def test_cuda_graphs_pool_is_counted_on_the_steps_working_memory(tiny_llama_inventory):
+    eager = estimate(tiny_llama_inventory, planner_settings())
+    graphs = estimate(tiny_llama_inventory, planner_settings(cuda_graphs=True))
+    held = sum(eager[k] for k in (Part.QUANTIZED_4BIT, Part.KEPT_WEIGHTS, Part.ADAPTER_PARAMS, Part.ADAPTER_GRADS,
+                                  Part.OPTIMIZER_STATE))
+    assert graphs[Part.GRAPH_POOL] == int(GRAPH_POOL_FRACTION * (peak_allocated(eager) - held))
+    assert peak(graphs) == peak(eager) + graphs[Part.GRAPH_POOL]
+
+
+def test_layernorm_models_under_quantization_keep_fp32_mlp_tensors():
+    from transformers import PhiConfig
+    phi = inventory_from_config(PhiConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, vocab_size=1000))
+    assert (phi.norms_per_block, phi.layer_norm, phi.gated_mlp, phi.hidden_act) == (1, True, False, "gelu_new")
+    targets = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    q4 = activation_bytes_per_token_layer(phi, planner_settings(lora_targets=targets))
+    lora16 = activation_bytes_per_token_layer(phi, planner_settings(lora_targets=targets, method="lora"))
+    # gelu_new keeps 4 tensors of the 256-wide MLP: fp32 (4 bytes) behind 4-bit layers, 2 bytes otherwise
+    assert q4 - lora16 == 4 * 256 * (4 - 2)
+
+
+def test_partial_checkpointing_sits_between_none_and_all(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    per_layer = activation_bytes_per_token_layer(inv, planner_settings()) * 200
+    inputs = 64 * 2 * 200  # one block's input: hidden x 2 bytes x tokens
+    one = estimate(inv, planner_settings(checkpointed_layers=1))
+    assert one[Part.CHECKPOINTED_INPUTS] == inputs
+    assert one[Part.KEPT_ACTIVATIONS] == per_layer  # the top block keeps everything
+    full = estimate(inv, planner_settings())
+    assert full[Part.CHECKPOINTED_INPUTS] == 2 * inputs and Part.KEPT_ACTIVATIONS not in full
+    none = estimate(inv, planner_settings(grad_checkpointing=False))
+    assert peak(full) < peak(one) < peak(none)
