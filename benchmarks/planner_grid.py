@@ -1,25 +1,27 @@
-"""Planner accuracy on the GPU: predicted vs measured peak memory over a grid, and the plans chosen
-under simulated small cards.
+"""Planner accuracy on the GPU, for the engine as it runs by default (compiled blocks, CUDA graphs, fused
+loss, offload, MLP tiling, weight streaming): predicted vs measured peak memory and step time over a grid,
+and each shipped recipe on its own card's budget with micro_batch: auto.
 
-  python benchmarks/planner_grid.py OUT_DIR [--jobs 5] [--deadline SECONDS]
-  python benchmarks/planner_grid.py --recompute OUT_DIR/grid.jsonl   # today's planner vs an earlier run
+  python benchmarks/planner_grid.py OUT_DIR [--jobs 8] [--deadline 480] [--only SUBSTRING]
 
-GRID: each configuration trains 3 steps in its own process (snugtune train, budget h100, settings as
-given); the planner's prediction is compared with torch's max_memory_reserved + the CUDA context
-(measured once here) and with max_memory_allocated.
-BUDGETS: each recipe config trains 3 steps under a simulated card (budget=NGiB caps the process with
-set_per_process_memory_fraction) with micro-batch and checkpointing left to the planner (micro_batch =
-the recipe's rows per step, grad_accum 1, checkpointing auto); recorded: whether it ran without an OOM,
-what it chose, and the share of the budget it used.
-
-Configurations of one model run concurrently (--jobs processes; torch's peak counters are per process,
-so the memory figures are unaffected; timings are not measured here) and each model's random-weight
-checkpoint is deleted after its group, to stay within the machine's disk. Rows are appended to
-OUT_DIR/grid.jsonl as they finish.
+Every configuration trains a few steps with `snugtune train` in its own process (an OOM or a leak does
+not carry to the next), under a per-configuration timeout, models ordered small to large; the
+configurations of one model run --jobs at a time (BIG_JOBS for the 7-8B models; torch's peak counters
+are per process, so memory is unaffected; step times are then measured beside other work and are upper
+figures). Each model's random-weight checkpoint is built while the model before it trains, and deleted
+after its group. No configuration starts after --deadline seconds, and each is stopped by then + GRACE_S,
+so the whole run ends within deadline + GRACE_S (a row then says "skipped" or "timeout"). One JSON line a
+configuration goes to OUT_DIR/grid.jsonl as it finishes (recompute it with benchmarks/planner_recompute.py):
+- predicted: the plan `train` made for exactly the settings it ran (summary.json's plan, with its
+  Settings, so the prediction can be recomputed later from the row alone);
+- measured: torch.cuda.max_memory_reserved + the CUDA context measured once here, and the allocated peak;
+- step time: predicted by the planner's step-time model, measured as the median of the last steps'
+  time from metrics.jsonl (after compilation and graph capture).
 """
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -28,46 +30,74 @@ from pathlib import Path
 
 import torch
 
-from snugtune.config import load_config
+from snugtune.bench import long_documents
 from snugtune.models import default_cache_dir, resolve_model
-from snugtune.planner import plan_for_budget
 from snugtune.planner.cards import GIB
-from snugtune.planner.memory import peak_allocated
 
 DATA = str(Path("src/snugtune/bundled/stdlib_functions.jsonl").resolve())
-GRID_CFG = "examples/tinyllama-1.1b_qlora_t4.yaml"
-# (shape, method, max_seq_len, micro_batch, checkpointing); recipe settings marked in the comments
+BASE_CFG = "examples/tinyllama-1.1b_qlora_t4.yaml"
+STEPS = 5             # two eager warm-ups, the capture, then replays: the last two are timed
+LONG_STEPS = 3        # rows of 32k tokens and more: a step takes seconds
+TIMEOUT_S = 180
+LONG_TIMEOUT_S = 300
+GRACE_S = 60          # past the deadline, running configurations get this long to finish
+BIG = ("codellama-7b", "llama3-8b")
+BIG_JOBS = 5          # 7-8B configurations at once (their predicted peaks add up to about 100 GiB)
+END = [float("inf")]  # the time no configuration may run past (set in main)
+# (shape, method, seq, micro_batch, checkpointing: on | off | first N blocks, extra overrides), small to large
 GRID = [
-    ("smollm2-135m", "lora", 8192, 1, False), ("smollm2-135m", "qlora", 2048, 8, True),
-    ("smollm2-135m", "freeze", 1024, 8, False),
-    ("tinyllama-1.1b", "qlora", 512, 4, True),  # chatdoctor-1b
-    ("tinyllama-1.1b", "qlora", 512, 4, False), ("tinyllama-1.1b", "lora-8bit", 512, 2, True),
-    ("tinyllama-1.1b", "lora", 1024, 2, True), ("tinyllama-1.1b", "freeze", 2048, 2, True),
-    ("llama3.2-1b", "qlora", 8192, 1, True), ("llama3.2-1b", "lora", 4096, 2, False),
-    ("deepseek-r1-distill-qwen-1.5b", "lora-8bit", 1024, 1, True),  # math-1.5b
-    ("deepseek-r1-distill-qwen-1.5b", "lora-8bit", 1024, 2, True),
-    ("deepseek-r1-distill-qwen-1.5b", "qlora", 2048, 4, True),
-    ("deepseek-r1-distill-qwen-1.5b", "lora-8bit", 256, 8, False),
-    ("phi-2", "qlora", 512, 1, True),  # guanaco-matrix
-    ("phi-2", "qlora", 1024, 2, False), ("phi-2", "freeze", 512, 2, True),
-    ("stable-code-3b", "qlora", 1024, 2, True),  # code-3b-10gb
-    ("stable-code-3b", "lora-8bit", 1024, 2, True),
-    ("codellama-7b", "lora-8bit", 256, 1, True),  # code-7b
-    ("codellama-7b", "qlora", 2048, 2, True), ("codellama-7b", "lora-8bit", 1024, 1, False),
-    ("llama3-8b", "qlora", 2048, 1, True), ("llama3-8b", "qlora", 8192, 1, True),
-    ("llama3-8b", "lora-8bit", 512, 1, True), ("llama3-8b", "lora", 1024, 1, True),
-    ("llama3-8b", "qlora", 512, 8, True),
+    ("smollm2-135m", "lora", 256, 8, "off", []),
+    ("smollm2-135m", "qlora", 1024, 4, "on", []),
+    ("smollm2-135m", "freeze", 512, 8, "off", []),
+    ("smollm2-135m", "full", 256, 4, "on", []),
+    ("smollm2-135m", "lora-8bit", 512, 2, "off", []),
+    ("smollm2-135m", "qlora", 2048, 8, "15", []),
+    ("smollm2-135m", "lora", 8192, 1, "off", ["train.cuda_graphs=false"]),
+    ("tinyllama-1.1b", "qlora", 512, 4, "on", []),
+    ("tinyllama-1.1b", "qlora", 512, 4, "on", ["train.cuda_graphs=false"]),
+    ("tinyllama-1.1b", "qlora", 512, 4, "off", []),
+    ("tinyllama-1.1b", "qlora", 512, 4, "on", ["lora.dropout=0.05"]),
+    ("tinyllama-1.1b", "lora-8bit", 512, 2, "on", []),
+    ("tinyllama-1.1b", "lora", 1024, 2, "11", []),
+    ("tinyllama-1.1b", "freeze", 2048, 2, "on", []),
+    ("tinyllama-1.1b", "full", 256, 1, "on", []),
+    ("tinyllama-1.1b", "qlora", 4096, 2, "on", ["offload.embeddings=true"]),
+    ("llama3.2-1b", "qlora", 8192, 1, "on", []),
+    ("llama3.2-1b", "lora", 4096, 2, "off", []),
+    ("deepseek-r1-distill-qwen-1.5b", "lora-8bit", 1024, 1, "on", []),
+    ("deepseek-r1-distill-qwen-1.5b", "qlora", 2048, 4, "on", []),
+    ("deepseek-r1-distill-qwen-1.5b", "lora-8bit", 256, 8, "off", []),
+    ("phi-2", "qlora", 512, 1, "on", []),
+    ("phi-2", "qlora", 1024, 2, "off", []),
+    ("stable-code-3b", "qlora", 1024, 2, "on", []),
+    ("codellama-7b", "lora-8bit", 256, 1, "on", []),
+    ("codellama-7b", "qlora", 2048, 2, "on", []),
+    ("llama3-8b", "qlora", 512, 8, "on", []),
+    ("llama3-8b", "qlora", 2048, 1, "on", []),
+    ("llama3-8b", "qlora", 4096, 1, "on", []),
+    ("llama3-8b", "qlora", 4096, 1, "on", ["train.cuda_graphs=false"]),
+    ("llama3-8b", "qlora", 4096, 1, "off", []),
+    ("llama3-8b", "qlora", 8192, 1, "on", ["train.tiled_mlp=true"]),
+    ("llama3-8b", "qlora", 16384, 1, "on", ["offload.activations=true"]),
+    ("llama3-8b", "lora", 1024, 1, "on", ["offload.weights=true"]),
+    ("llama3-8b", "qlora", 32768, 1, "on", ["train.tiled_mlp=true", "offload.activations=true",
+                                              "offload.embeddings=true"]),
+    ("llama3-8b", "qlora", 65536, 1, "on", ["train.tiled_mlp=true", "offload.activations=true",
+                                              "offload.weights=true"]),
 ]
-RECIPES = {  # shape -> recipe config (its own method, LoRA settings, sequence length and rows per step)
+RECIPES = {  # shape -> the recipe trained on its own card's budget, micro_batch: auto as shipped
     "tinyllama-1.1b": "examples/tinyllama-1.1b_qlora_t4.yaml",
     "deepseek-r1-distill-qwen-1.5b": "examples/deepseek-r1-distill-qwen-1.5b_lora-8bit_t4.yaml",
     "phi-2": "examples/phi-2_qlora_t4.yaml",
     "stable-code-3b": "examples/stable-code-3b_qlora_rtx3080.yaml",
     "codellama-7b": "examples/codellama-7b_lora-8bit_t4.yaml",
+    "llama3-8b": "examples/mistral-7b_qlora_t4.yaml",  # Mistral's recipe on the 8B shape: the same card
 }
-BUDGETS_GIB = (10, 15)
-COMMON = ["train.max_steps=3", "save.every_steps=1000", "eval.max_batches=1", f"data.path={DATA}",
-          "data.format=alpaca", "data.max_samples=null"]
+COMMON = ["save.every_steps=1000", "eval.max_batches=1", f"data.path={DATA}", "data.format=alpaca",
+          "data.max_samples=null", "log.tensorboard=false", "train.log_every=1"]
+OFF_OFFLOAD = ["offload.embeddings=false", "offload.activations=false", "offload.weights=false"]
+LONG_FROM = 8192      # rows this long hold one standard-library document each (bench.long_documents)
+LONG_DATA: list[str] = []  # the overrides that point at those documents, set in main()
 
 
 def cuda_context_bytes() -> int:
@@ -78,123 +108,130 @@ def cuda_context_bytes() -> int:
     return total - free - torch.cuda.memory_reserved()
 
 
-def trained_per_row(cfg) -> list[int]:
-    """Trained positions of each packed training row, as `train` gives them to the planner."""
-    from snugtune.data.batches import epoch_rows, trained_tokens_per_row
-    from snugtune.data.prepare import prepare_data
-    from snugtune.models import _tokenizer_dir, load_tokenizer
-    tokenizer = load_tokenizer(_tokenizer_dir(default_cache_dir()))  # every shape uses this tokenizer
-    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
-    rows = epoch_rows(data.train, cfg.train.seed, 0, cfg.max_seq_len if cfg.data.packing else None)
-    return trained_tokens_per_row(rows)
-
-
-def run_train(cfg: str, overrides: list[str], out: str) -> tuple[int, str, dict | None]:
-    proc = subprocess.run([sys.executable, "-m", "snugtune", "train", cfg, *overrides, f"output_dir={out}", "-q",
-                           "--fresh"], capture_output=True, text=True)
-    summary = Path(out, "summary.json")
-    text = proc.stdout + proc.stderr
-    return proc.returncode, text, json.loads(summary.read_text()) if proc.returncode == 0 else None
-
-
-def grid_overrides(shape: str, method: str, seq: int, mb: int, ckpt: bool) -> list[str]:
+def grid_overrides(shape: str, method: str, seq: int, mb: int, ckpt: str, extra: list[str]) -> list[str]:
+    """Every setting explicit, so the plan `train` makes is the configuration it runs."""
+    layers = [f"train.checkpoint_layers={ckpt}"] if ckpt.isdigit() else []
+    steps = LONG_STEPS if seq >= 32768 else STEPS
+    given = {item.split("=")[0] for item in extra}
     return [f"model=shape:{shape}", f"method={method}", f"max_seq_len={seq}", f"train.micro_batch={mb}",
-            "train.grad_accum=1", f"train.grad_checkpointing={str(ckpt).lower()}", "lora.targets=all-linear",
-            "train.optimizer=adamw_8bit", "budget=h100", *COMMON]
+            "train.grad_accum=1", "train.rows_per_step=null", f"train.max_steps={steps}",
+            f"train.grad_checkpointing={'false' if ckpt == 'off' else 'true'}", *layers,
+            "lora.targets=all-linear", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
+            "train.optimizer=adamw_8bit", "train.tiled_mlp=false", "budget=h100",
+            *[o for o in OFF_OFFLOAD if o.split("=")[0] not in given], *extra, *COMMON]
 
 
-def grid_plan(overrides: list[str]):
-    """The planner's prediction for a grid configuration, knowing its data, as `train` plans it."""
-    cfg = load_config(GRID_CFG, overrides)
-    return plan_for_budget(cfg, 79 * GIB, "h100", trained_per_row=trained_per_row(cfg))
+def measured_step_seconds(out: Path, summary: dict, timed: int = 2) -> float | None:
+    """Median seconds of the last `timed` steps (tokens of a step over its logged tokens/s)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-timed:]
+    if not rates or not summary["steps"]:
+        return None
+    per_step = summary["tokens_trained"] / summary["steps"]
+    return statistics.median(per_step / rate for rate in rates)
 
 
-def grid_job(i: int, shape: str, method: str, seq: int, mb: int, ckpt: bool, context: int) -> dict:
-    overrides = grid_overrides(shape, method, seq, mb, ckpt)
-    plan = grid_plan(overrides)
-    rc, text, summary = run_train(GRID_CFG, overrides, f"/tmp/grid/g{i}")
-    row = {"kind": "grid", "model": shape, "method": method, "seq": seq, "micro_batch": mb, "checkpointing": ckpt,
-           "predicted_peak": plan.peak_bytes, "predicted_allocated": peak_allocated(plan.breakdown),
-           "breakdown": plan.breakdown, "rc": rc}
-    if summary:
-        row.update(measured_allocated=summary["peak_allocated_bytes"],
-                   measured_peak=summary["peak_memory_bytes"] + context, oom_resplits=summary["oom_resplits"])
-        row["error_peak"] = row["predicted_peak"] / row["measured_peak"] - 1
-        row["error_allocated"] = row["predicted_allocated"] / row["measured_allocated"] - 1
-    else:
-        row["output_tail"] = text[-800:]
+def run_one(cfg: str, overrides: list[str], out: Path, timeout: int, context: int) -> dict:
+    started = time.time()
+    if started > END[0] - GRACE_S:
+        return {"rc": "skipped", "overrides": overrides}
+    timeout = min(timeout, END[0] - started)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "snugtune", "train", cfg, *overrides, f"output_dir={out}", "-q",
+                               "--fresh"], capture_output=True, text=True, timeout=timeout)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as expired:
+        rc, text = "timeout", str(expired.stdout or "")[-400:] + str(expired.stderr or "")[-800:]
+    row = {"rc": rc, "seconds": round(time.time() - started, 1), "overrides": overrides}
+    if rc != 0:
+        row["output_tail"] = text[-1200:]
+        return row
+    summary = json.loads((out / "summary.json").read_text())
+    plan = summary["plan"]
+    row.update(predicted_peak=plan["predicted_peak_bytes"], settings=plan["settings"], breakdown=plan["breakdown"],
+               measured_peak=summary["peak_memory_bytes"] + context, measured_reserved=summary["peak_memory_bytes"],
+               measured_allocated=summary["peak_allocated_bytes"], oom_resplits=summary["oom_resplits"],
+               predicted_step_s=plan["predicted_step_seconds"], measured_step_s=measured_step_seconds(out, summary),
+               speedups=summary["speedups"], cuda_graphs=summary["cuda_graphs"], budget_bytes=plan["budget_bytes"],
+               micro_batch=summary["micro_batch"], grad_accum=summary["grad_accum"])
+    row["error_peak"] = row["predicted_peak"] / row["measured_peak"] - 1
+    if row["measured_step_s"]:
+        row["error_step"] = row["predicted_step_s"] / row["measured_step_s"] - 1
     return row
 
 
-def budget_job(i: int, shape: str, gib: int, context: int) -> dict:
+def grid_job(i: int, config: tuple, context: int) -> dict:
+    shape, method, seq, mb, ckpt, extra = config
+    timeout = LONG_TIMEOUT_S if seq >= 32768 else TIMEOUT_S
+    overrides = grid_overrides(*config) + (LONG_DATA if seq >= LONG_FROM else [])
+    row = run_one(BASE_CFG, overrides, Path(f"/tmp/grid/g{i}"), timeout, context)
+    return {"kind": "grid", "model": shape, "method": method, "seq": seq, "micro_batch_asked": mb,
+            "checkpointing": ckpt, "extra": extra, **row}
+
+
+def recipe_job(shape: str, context: int) -> dict:
+    """The recipe as shipped (micro_batch: auto, its card's budget) on its model's shape."""
     cfg = RECIPES[shape]
-    base = load_config(cfg, [f"model=shape:{shape}"])
-    rows_per_step = base.train.micro_batch * base.train.grad_accum
-    overrides = [f"model=shape:{shape}", f"budget={gib}GiB", f"train.micro_batch={rows_per_step}",
-                 "train.grad_accum=1", "train.grad_checkpointing=auto", *COMMON]
-    rc, text, summary = run_train(cfg, overrides, f"/tmp/grid/b{i}")
-    row = {"kind": "budget", "recipe": cfg, "model": shape, "budget_gib": gib, "rows_per_step": rows_per_step,
-           "rc": rc, "oom_in_output": "ran out of memory" in text}
-    if summary:
-        used = summary["peak_memory_bytes"] + context
-        row.update(plan=summary["plan"], oom_resplits=summary["oom_resplits"], measured_peak=used,
-                   measured_allocated=summary["peak_allocated_bytes"], used_fraction=used / (gib * GIB),
-                   error_peak=summary["plan"]["predicted_peak_bytes"] / used - 1)
-    else:
-        row["output_tail"] = text[-800:]
-    return row
+    overrides = [f"model=shape:{shape}", f"train.max_steps={STEPS}", *COMMON]
+    row = run_one(cfg, overrides, Path(f"/tmp/grid/r-{shape}"), TIMEOUT_S, context)
+    if "measured_peak" in row:
+        row["used_fraction"] = row["measured_peak"] / row["budget_bytes"]
+    return {"kind": "recipe", "recipe": cfg, "model": shape, **row}
 
 
-def recompute(grid_file: str) -> None:
-    """Predictions of the current planner for the fixed-setting rows of an earlier run (what they
-    measured does not depend on the planner), with the errors."""
-    for line in open(grid_file):
-        row = json.loads(line)
-        if row["kind"] != "grid" or "measured_peak" not in row:
-            continue
-        plan = grid_plan(grid_overrides(row["model"], row["method"], row["seq"], row["micro_batch"],
-                                        row["checkpointing"]))
-        print(f"{row['model']:30s} {row['method']:9s} {row['seq']:5d}x{row['micro_batch']} ckpt={row['checkpointing']!s:5s} "
-              f"predicted {plan.peak_bytes / GIB:6.2f} measured {row['measured_peak'] / GIB:6.2f} GiB "
-              f"error {plan.peak_bytes / row['measured_peak'] - 1:+.1%}")
+def brief(row: dict) -> str:
+    keep = {k: (round(v / GIB, 2) if isinstance(v, int) and v > 2**24 else round(v, 3) if isinstance(v, float) else v)
+            for k, v in row.items() if k not in ("breakdown", "output_tail", "settings", "overrides", "speedups")}
+    return json.dumps(keep)
+
+
+def build(shape: str) -> tuple[Path, float]:
+    """The shape's random-weight checkpoint (built on the GPU, then freed) and the seconds it took."""
+    started = time.time()
+    path = resolve_model(f"shape:{shape}").path
+    torch.cuda.empty_cache()
+    return path, time.time() - started
 
 
 def main() -> None:
-    if sys.argv[1] == "--recompute":
-        return recompute(sys.argv[2])
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else 5
-    deadline = time.time() + (float(sys.argv[sys.argv.index("--deadline") + 1]) if "--deadline" in sys.argv else 1e9)
+    jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else 8
+    deadline = float(sys.argv[sys.argv.index("--deadline") + 1]) if "--deadline" in sys.argv else 480
+    END[0] = time.time() + deadline + GRACE_S
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     context = cuda_context_bytes()
+    documents = long_documents(out_dir.resolve() / "long-documents", max(g[2] for g in GRID))
+    LONG_DATA.extend([f"data.path={documents}", "data.format=text", "data.eval_fraction=0.1"])
     log = (out_dir / "grid.jsonl").open("a")
-    log.write(json.dumps({"kind": "context", "cuda_context_bytes": context, "gpu": torch.cuda.get_device_name()})
-              + "\n")
-    order = list(dict.fromkeys(shape for shape, *_ in GRID))
-    order.insert(0, order.pop(order.index("llama3-8b")))  # the largest first: it must not miss the deadline
-    for shape in order:
-        if time.time() > deadline:
-            break
-        started = time.time()
-        path = resolve_model(f"shape:{shape}").path  # built once on the GPU, then freed
-        torch.cuda.empty_cache()
-        built = time.time() - started
-        tasks = [(grid_job, (i, *g, context)) for i, g in enumerate(GRID) if g[0] == shape]
-        if shape in RECIPES:
-            tasks += [(budget_job, (100 * order.index(shape) + gib, shape, gib, context)) for gib in BUDGETS_GIB]
-        with ThreadPoolExecutor(jobs) as pool:
-            for row in pool.map(lambda task: task[0](*task[1]), tasks):
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                brief = {k: (round(v / GIB, 2) if isinstance(v, int) and v > 2**24 else
-                             round(v, 3) if isinstance(v, float) else v)
-                         for k, v in row.items() if k not in ("breakdown", "output_tail", "plan")}
-                print(json.dumps(brief), flush=True)
-                if "output_tail" in row:
-                    print(row["output_tail"][-400:], flush=True)
-        print(f"# {shape}: built in {built:.0f}s, group done in {time.time() - started:.0f}s", flush=True)
-        if path.is_relative_to(default_cache_dir()):
-            shutil.rmtree(path, ignore_errors=True)
+    log.write(json.dumps({"kind": "context", "cuda_context_bytes": context, "gpu": torch.cuda.get_device_name(),
+                          "torch": torch.__version__}) + "\n")
+    groups = {}
+    for shape in dict.fromkeys(g[0] for g in GRID):  # small to large
+        tasks = [(grid_job, (i, g, context)) for i, g in enumerate(GRID) if g[0] == shape and only in str(g)]
+        if shape in RECIPES and only in RECIPES[shape]:
+            tasks.append((recipe_job, (shape, context)))
+        if tasks:
+            groups[shape] = tasks
+    shapes = list(groups)
+    with ThreadPoolExecutor(1) as builder:
+        next_build = builder.submit(build, shapes[0]) if shapes else None
+        for k, shape in enumerate(shapes):
+            path, built = next_build.result()
+            if k + 1 < len(shapes):
+                next_build = builder.submit(build, shapes[k + 1])
+            started = time.time()
+            with ThreadPoolExecutor(BIG_JOBS if shape in BIG else jobs) as pool:
+                for row in pool.map(lambda task: task[0](*task[1]), groups[shape]):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    print(brief(row), flush=True)
+                    if "output_tail" in row:
+                        print(row["output_tail"][-600:], flush=True)
+            print(f"# {shape}: built in {built:.0f}s, group done in {time.time() - started:.0f}s", flush=True)
+            if path.is_relative_to(default_cache_dir()):
+                shutil.rmtree(path, ignore_errors=True)
+    log.close()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from conftest import tiny_config
 from snugtune.config import apply_overrides, config_from_dict, load_config
 from snugtune.errors import ConfigError
 
@@ -63,3 +64,13 @@ def test_cli_bad_config_is_one_line_exit_2_without_traceback(tmp_path):
 def test_invalid_yaml_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
         load_config(_write(tmp_path, "data: {path: x}\ntrain: [1, 2\n"))
+
+
+def test_micro_batch_auto_splits_rows_per_step_and_the_numbers_must_agree(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, train={"micro_batch": "auto", "rows_per_step": 8})
+    assert cfg.train.step_rows == 8
+    assert tiny_config(tmp_path, alpaca_file, train={"micro_batch": 2, "grad_accum": 3}).train.step_rows == 6
+    with pytest.raises(ConfigError, match="set rows_per_step"):
+        tiny_config(tmp_path, alpaca_file, train={"micro_batch": "auto"})
+    with pytest.raises(ConfigError, match="rows_per_step=8 is not micro_batch x grad_accum"):
+        tiny_config(tmp_path, alpaca_file, train={"micro_batch": 2, "grad_accum": 3, "rows_per_step": 8})

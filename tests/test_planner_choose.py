@@ -3,12 +3,18 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import tiny_config
+from snugtune.config import load_config
 from snugtune.planner import plan_for_budget
-from snugtune.planner.cards import GIB
+from snugtune.planner.cards import GIB, budget_bytes
 from snugtune.planner.inventory import inventory_for
 from snugtune.planner.memory import Part, Settings, estimate, peak
+
+RECIPES = [p for p in sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")) if "cpu" not in p.stem]
 
 
 def test_search_tiles_mlps_only_for_rows_longer_than_a_tile_that_do_not_fit_otherwise(tmp_path, alpaca_file):
@@ -68,3 +74,29 @@ def _write(tmp_path, cfg):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path
+
+
+def test_auto_micro_batch_takes_the_fastest_split_of_the_rows_that_fits(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=1024,
+                      lora={"dropout": 0.0}, train={"micro_batch": "auto", "rows_per_step": 8,
+                                                    "grad_checkpointing": "auto"})
+    roomy = plan_for_budget(cfg.model_copy(update={"max_seq_len": 256}), 79 * GIB, "h100", host_available=64 * GIB)
+    assert roomy.fits and (roomy.settings.micro_batch, roomy.grad_accum) == (8, 1)  # one micro-batch a step
+    assert roomy.changes["train.micro_batch"] == ["auto", 8]
+    small = plan_for_budget(cfg, 10 * GIB, "10 GiB", host_available=64 * GIB)
+    assert small.fits and small.settings.micro_batch * small.grad_accum == 8 and small.peak_bytes <= 0.92 * 10 * GIB
+    fixed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch": 1, "grad_accum": 8,
+                                                                        "rows_per_step": None})})
+    one_at_a_time = plan_for_budget(fixed, 10 * GIB, "10 GiB", host_available=64 * GIB)
+    assert one_at_a_time.settings.micro_batch == 1 and small.step_seconds <= one_at_a_time.step_seconds
+    assert small.to_json()["predicted_step_seconds"] == small.step_seconds > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_each_shipped_recipe_fills_its_card_or_runs_one_micro_batch_a_step(path):
+    cfg = load_config(path)
+    size, _, card = budget_bytes(cfg.budget)
+    plan = plan_for_budget(cfg, size, card, host_available=64 * GIB)
+    assert plan.fits and cfg.train.micro_batch == "auto"
+    assert plan.peak_bytes >= 0.8 * plan.budget_bytes or plan.settings.micro_batch == cfg.train.step_rows

@@ -1,6 +1,5 @@
 """planner.memory: each component's arithmetic on a hand-checkable two-block model, and the peak."""
 
-import pytest
 from transformers import LlamaConfig
 
 from conftest import planner_settings, tiny_config

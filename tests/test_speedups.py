@@ -184,3 +184,34 @@ def test_graph_path_adds_the_same_gradients_as_the_eager_step(tmp_path, alpaca_f
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     for name, g in grads[0].items():
         assert (grads[1][name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name
+
+
+def test_an_oom_while_capturing_a_graph_falls_back_to_eager_without_losing_the_micro_batch(tmp_path, alpaca_file,
+                                                                                            monkeypatch):
+    from snugtune.data import collate, prepare_data
+    from snugtune.engine.graphs import StepGraphs
+    from snugtune.precision import Precision
+    from snugtune.models import load_tokenizer
+    config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0})
+    path = resolve_model(config.model).path
+    tokenizer = load_tokenizer(path)
+    batch = collate(prepare_data(config.data, tokenizer, config.max_seq_len, 0).train[:3], tokenizer.pad_token_id)
+    fp32 = Precision("fp32", "cpu")
+    grads = []
+    for capturing in (False, True):
+        torch.manual_seed(0)
+        model = prepare_for_training(load_base_model(path, config, torch.device("cpu"), torch.float32), config)
+        graphs = StepGraphs(model, torch.device("cpu"), fp32, fp32.grad_scaler(), warmup_runs=0)
+        if capturing:  # as on a GPU, the first run of a shape past its warm-ups is captured: and runs out
+            graphs.captures = True
+
+            def out_of_memory(static):
+                raise torch.OutOfMemoryError("CUDA out of memory while capturing (injected)")
+            monkeypatch.setattr(graphs, "_capture", out_of_memory)
+        loss = graphs.forward_backward(batch, 1.0)
+        grads.append((float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+        if capturing:
+            assert graphs.failure.startswith("OutOfMemoryError") and not graphs.graphs
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
+    for name, g in grads[0][1].items():
+        assert torch.allclose(grads[1][1][name], g, atol=1e-7), name

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,7 +85,7 @@ class FreezeConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    micro_batch: int | Literal["auto"] = Field(
         4, description="Sequences per forward pass. auto: the planner splits train.rows_per_step into the "
                              "fastest micro-batch x accumulation that fits the card (results do not depend on "
                              "the split: losses are token-normalised).")
@@ -130,6 +130,13 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
                                      "non-finite loss or gradient (each is skipped, not applied).")
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _at_least_one_row(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError("Input should be greater than or equal to 1, or auto")
+        return value
 
     @model_validator(mode="after")
     def _rows_per_step_is_one_number(self) -> "TrainConfig":

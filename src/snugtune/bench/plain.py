@@ -27,9 +27,9 @@ def cap_memory(cfg) -> None:
     """The same cap snugtune's engine applies for a budget like 15GiB: the budget minus the CUDA context."""
     if cfg.budget.lower().endswith(("gib", "gb")):
         from snugtune.planner.cards import budget_bytes
-        from snugtune.planner.memory import CUDA_CONTEXT
+        from snugtune.memory_rules import CUDA_CONTEXT_BYTES
         torch.cuda.set_per_process_memory_fraction(
-            (budget_bytes(cfg.budget)[0] - CUDA_CONTEXT) / torch.cuda.get_device_properties(0).total_memory)
+            (budget_bytes(cfg.budget)[0] - CUDA_CONTEXT_BYTES) / torch.cuda.get_device_properties(0).total_memory)
 
 
 def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dtype, recipe: str) -> dict:

@@ -43,6 +43,7 @@ class StepGraphs:
         self.warmup_runs, self.max_graphs = warmup_runs, max_graphs
         cuda = device.type == "cuda"  # elsewhere (the CPU tests) every micro-batch runs the eager warm-up path
         self.stream = torch.cuda.Stream(device) if cuda else None
+        self.captures = cuda  # whether shapes past their warm-ups are captured
         self.pool = torch.cuda.graph_pool_handle() if cuda else None
         self.loss_weight = torch.zeros((), dtype=torch.float32, device=device)
         self.runs: dict[tuple, int] = {}
@@ -75,14 +76,18 @@ class StepGraphs:
         on_device = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         if "inputs_embeds" in on_device:  # checkpointed blocks need an input with grad for LoRA's gradients
             on_device["inputs_embeds"].requires_grad_(True)
-        capture = (self.stream is not None and self.failure is None and self.runs[key] > self.warmup_runs
+        capture = (self.captures and self.failure is None and self.runs[key] > self.warmup_runs
                    and len(self.graphs) < self.max_graphs)
         if capture:
             try:
                 self.graphs[key] = self._capture(on_device)
             except Exception as error:  # noqa: BLE001 (any capture failure: run eagerly from now on)
-                self.failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                torch.cuda.synchronize(self.device)
+                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                if isinstance(error, torch.OutOfMemoryError):  # free the pool the capture filled, then this
+                    self.release(failure)                       # micro-batch runs eagerly: the step goes on
+                self.failure = failure
+                if self.stream is not None:
+                    torch.cuda.synchronize(self.device)
             else:
                 graph, _, loss = self.graphs[key]
                 graph.replay()  # capture only records: this replay computes this micro-batch

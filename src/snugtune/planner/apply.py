@@ -4,6 +4,8 @@ planner predicts well below the one that failed)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from snugtune.config import Config
 from snugtune.errors import DoesNotFit
 from snugtune.memory_rules import CUDA_CONTEXT_BYTES
@@ -79,7 +81,9 @@ def planned_figures(plan: Plan | None, world_size: int = 1) -> dict | None:
             "offload_activations": s.offload_activations, "offload_weights": s.stream_weights,
             "offload_embeddings": s.embeddings_on_host, "tiled_mlp": s.tiled_mlp, "cuda_graphs": s.cuda_graphs,
             "host_bytes": plan.host_bytes,
-            "data_parallel": ("fsdp" if s.shards > 1 else "ddp") if world_size > 1 else None}
+            "data_parallel": ("fsdp" if s.shards > 1 else "ddp") if world_size > 1 else None,
+            "settings": {**asdict(s), "lora_targets": list(s.lora_targets)},  # the estimate's inputs, to recompute it
+            "breakdown": {k.name.lower(): v for k, v in plan.breakdown.items()}}
 
 
 def step_down(asked: Config, run: Config, failed: Plan | None, where: str, trained_per_row: list[int] | None = None,

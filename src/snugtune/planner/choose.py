@@ -12,9 +12,9 @@ from typing import NamedTuple
 from snugtune.config import Config
 from snugtune.memory_rules import MLP_TILE_TOKENS, compiles_blocks, keeps_dense_weights, replays_cuda_graphs
 from snugtune.methods import METHODS
-from snugtune.planner.cards import CARDS, budget_bytes
+from snugtune.planner.cards import budget_bytes
 from snugtune.planner.inventory import Inventory, inventory_for
-from snugtune.planner.memory import Breakdown, Part, Settings, alive_at_peak, estimate, host_bytes, peak
+from snugtune.planner.memory import Breakdown, Settings, alive_at_peak, estimate, host_bytes, peak
 from snugtune.planner.step_time import seconds_per_step
 
 SAFETY = 0.92               # plan to at most this share of the budget
@@ -182,7 +182,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
                trained: list[int] | None, gpus: int, masked: bool, card: str) -> list[Candidate]:
     """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not."""
     found: dict[Settings, Candidate] = {}
-    for graphs in (True, False):
+    for graphs in (True, False) if cfg.train.cuda_graphs == "auto" else (True,):  # else as asked
         for mb in micro:
             make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
                            masked=masked, graphs=graphs)

@@ -1,0 +1,45 @@
+"""Today's planner on a recorded grid: each row's prediction recomputed from the Settings and model shape it
+recorded, beside the prediction the run logged and what it measured (which the planner does not change).
+
+  python benchmarks/planner_recompute.py OUT_DIR/grid.jsonl [--changed-only]
+
+A restructure that leaves predictions unchanged prints "same" on every row; a changed term shows where.
+"""
+
+import json
+import sys
+
+from snugtune.config import config_from_dict
+from snugtune.planner.cards import GIB
+from snugtune.planner.inventory import inventory_for
+from snugtune.planner.memory import Settings, estimate, peak
+
+
+def recomputed_peak(row: dict, inventories: dict) -> int:
+    if row["model"] not in inventories:
+        cfg = config_from_dict({"model": f"shape:{row['model']}", "data": {"path": "unused"}})
+        inventories[row["model"]] = inventory_for(cfg)
+    settings = Settings(**{**row["settings"], "lora_targets": tuple(row["settings"]["lora_targets"])})
+    return peak(estimate(inventories[row["model"]], settings))
+
+
+def main() -> None:
+    inventories: dict = {}
+    changed_only = "--changed-only" in sys.argv
+    for line in open(sys.argv[1]):
+        row = json.loads(line)
+        if "settings" not in row:
+            continue
+        now = recomputed_peak(row, inventories)
+        same = now == row["predicted_peak"]
+        if changed_only and same:
+            continue
+        s = row["settings"]
+        print(f"{row['kind']:6s} {row['model']:30s} {s['method']:9s} {s['max_seq_len']:6d}x{s['micro_batch']} "
+              f"logged {row['predicted_peak'] / GIB:6.2f} now {now / GIB:6.2f} "
+              f"measured {row['measured_peak'] / GIB:6.2f} GiB error now {now / row['measured_peak'] - 1:+.1%} "
+              + ("same" if same else "CHANGED"))
+
+
+if __name__ == "__main__":
+    main()
