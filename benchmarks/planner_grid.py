@@ -185,6 +185,17 @@ def brief(row: dict) -> str:
     return json.dumps(keep)
 
 
+def run_group(tasks: list, jobs: int, log) -> None:
+    """One model's configurations, `jobs` at a time; each row logged and shown as it finishes."""
+    with ThreadPoolExecutor(jobs) as pool:
+        for row in pool.map(lambda task: task[0](*task[1]), tasks):
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(brief(row), flush=True)
+            if "output_tail" in row:
+                print(row["output_tail"][-600:], flush=True)
+
+
 def build(shape: str) -> tuple[Path, float]:
     """The shape's random-weight checkpoint (built on the GPU, then freed) and the seconds it took."""
     started = time.time()
@@ -221,13 +232,7 @@ def main() -> None:
             if k + 1 < len(shapes):
                 next_build = builder.submit(build, shapes[k + 1])
             started = time.time()
-            with ThreadPoolExecutor(BIG_JOBS if shape in BIG else jobs) as pool:
-                for row in pool.map(lambda task: task[0](*task[1]), groups[shape]):
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    print(brief(row), flush=True)
-                    if "output_tail" in row:
-                        print(row["output_tail"][-600:], flush=True)
+            run_group(groups[shape], BIG_JOBS if shape in BIG else jobs, log)
             print(f"# {shape}: built in {built:.0f}s, group done in {time.time() - started:.0f}s", flush=True)
             if path.is_relative_to(default_cache_dir()):
                 shutil.rmtree(path, ignore_errors=True)

@@ -60,6 +60,9 @@ def test_an_oom_at_one_micro_batch_steps_down_the_planners_levels_and_carries_on
     reference = json.loads((tmp_path / "ref" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["oom_resplits"] == 2 and len(summary["step_downs"]) == 2
     assert summary["plan"]["predicted_peak_bytes"] < reference["plan"]["predicted_peak_bytes"]
+    # the split and its predicted step time are recorded (one row a step: 1 x 1)
+    assert (summary["plan"]["micro_batch"], summary["plan"]["grad_accum"]) == (1, 1)
+    assert 0 < reference["plan"]["predicted_step_seconds"] and summary["plan"]["settings"]["micro_batch"] == 1
     peaks = [reference["plan"]["predicted_peak_bytes"] / 2**30]
     for notice in summary["step_downs"]:  # each names what it changed, each predicted lower than the last
         assert "ran out of memory: stepped down to " in notice and "=" in notice.split("stepped down to ")[1]

@@ -3,11 +3,13 @@
 from transformers import LlamaConfig
 
 from conftest import planner_settings, tiny_config
-from snugtune.planner import settings_for, Offload
-from snugtune.planner.inventory import inventory_from_config
-from snugtune.planner.memory import (GRAPH_POOL_FRACTION, Part, activation_bytes_per_token_layer, alive_at_peak, estimate, optimizer_bytes,
-                                     peak, peak_allocated, step_flops, trainable_params, weight_bytes)
 from snugtune.memory_rules import MLP_TILE_TOKENS
+from snugtune.planner import Offload, settings_for
+from snugtune.planner.inventory import inventory_from_config
+from snugtune.planner.memory import (GRAPH_POOL_FRACTION, Part, activation_bytes_per_token_layer, alive_at_peak,
+                                     estimate, optimizer_bytes, peak, peak_allocated, step_flops, trainable_params,
+                                     weight_bytes)
+
 
 def test_weight_bytes_per_method(tiny_llama_inventory):
     inv = tiny_llama_inventory
@@ -66,13 +68,15 @@ def test_tiled_mlp_bounds_the_recomputed_block_and_costs_one_more_mlp_forward():
     plain, tiled = estimate(big, planner_settings(**long)), estimate(big, planner_settings(**long, tiled_mlp=True))
     key = Part.RECOMPUTED_BLOCK
     assert tiled[key] < plain[key] * 0.75 and peak(tiled) < peak(plain)
-    assert estimate(big, planner_settings(tiled_mlp=True))[key] > estimate(big, planner_settings())[key]  # short rows: no gain
+    # short rows: no gain
+    assert estimate(big, planner_settings(tiled_mlp=True))[key] > estimate(big, planner_settings())[key]
     mlp_params = 2 * 3 * 256 * 1024  # two blocks x gate, up, down
     assert step_flops(big, planner_settings(**long, tiled_mlp=True)) - step_flops(big, planner_settings(**long)) == \
         2 * mlp_params * 4 * MLP_TILE_TOKENS
 
 
-def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_offload(tmp_path, alpaca_file, tiny_llama_inventory):
+def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_offload(tmp_path, alpaca_file,
+                                                                                      tiny_llama_inventory):
     inv = tiny_llama_inventory
     # engine.speedups.dense_weights_kept_in: one block's dequantized LoRA-layer weights, in the compute dtype
     block = 4096 + 2048 + 2048 + 4096 + 3 * 8192
@@ -96,7 +100,8 @@ def test_peak_holds_only_the_largest_transient_and_its_rows_add_up_to_it(tiny_ll
     assert peak(parts) == persistent + transient + parts[Part.ALLOCATOR] + parts[Part.CUDA_CONTEXT]
     at_peak = alive_at_peak(parts)
     assert sum(at_peak.values()) == peak(parts)  # the table `plan` prints adds up to the peak it reports
-    assert len(parts) - len(at_peak) == 1 and min(parts[Part.RECOMPUTED_BLOCK], parts[Part.LOSS]) not in at_peak.values()
+    smaller = min(parts[Part.RECOMPUTED_BLOCK], parts[Part.LOSS])
+    assert len(parts) - len(at_peak) == 1 and smaller not in at_peak.values()
 
 
 def test_cuda_graphs_pool_is_counted_on_the_steps_working_memory(tiny_llama_inventory):

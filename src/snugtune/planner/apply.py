@@ -99,7 +99,8 @@ def step_down(asked: Config, run: Config, failed: Plan | None, where: str, train
     budget = int((fixed + STEP_DOWN * (failed.peak_bytes - fixed)) / SAFETY)
     card = f"{failed.card.split(HELD_BELOW)[0]}{HELD_BELOW}{failed.peak_bytes / GIB:.2f} GiB plan that ran out"
     plan = plan_for_budget(asked, budget, card, trained_per_row=trained_per_row, gpus=failed.gpus, masked=masked,
-                           host_available=failed.host_available_bytes, most_micro=failed.settings.micro_batch)
+                           host_available=failed.host_available_bytes, most_micro=failed.settings.micro_batch,
+                           suggest_cards=False)
     if not plan.fits:
         raise DoesNotFit(f"{where} ran out of memory with {settings_text(failed)}; {refusal(plan)}")
     new = run_config(asked, plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import product
 from typing import NamedTuple
 
 from snugtune.config import Config
@@ -182,14 +183,14 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
                trained: list[int] | None, gpus: int, masked: bool, card: str) -> list[Candidate]:
     """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not."""
     found: dict[Settings, Candidate] = {}
-    for graphs in (True, False) if cfg.train.cuda_graphs == "auto" else (True,):  # else as asked
-        for mb in micro:
-            make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
-                           masked=masked, graphs=graphs)
-            for s in checkpointing_options(cfg, inv, mb, limit, make):
-                if s not in found:
-                    parts = estimate(inv, s)
-                    found[s] = Candidate(seconds_per_step(inv, s, cfg.train.step_rows // mb, parts, card), s, parts)
+    graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
+    for graphs, mb in product(graph_options, micro):
+        make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
+                       masked=masked, graphs=graphs)
+        for s in checkpointing_options(cfg, inv, mb, limit, make):
+            if s not in found:
+                parts = estimate(inv, s)
+                found[s] = Candidate(seconds_per_step(inv, s, cfg.train.step_rows // mb, parts, card), s, parts)
     return list(found.values())
 
 
@@ -220,7 +221,8 @@ def _plan(cfg: Config, inv: Inventory, c: Candidate, budget: int, card: str, fit
 
 def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,
                     trained_per_row: list[int] | None = None, host_available: int | None = None,
-                    gpus: int = 1, masked: bool = True, most_micro: int | None = None) -> Plan:
+                    gpus: int = 1, masked: bool = True, most_micro: int | None = None,
+                    suggest_cards: bool = True) -> Plan:
     """The fastest settings that fit `budget` bytes of GPU memory (see the module's docstring). Offload is
     used only when nothing fits without it, and only within the host's available memory. fits=False
     with a suggestion (explain.suggest) when nothing fits.
@@ -230,7 +232,9 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
     gpus: processes under torchrun, each with `budget`; FSDP sharding is considered when replicas do not fit.
     masked: whether batches carry an attention mask (False when the data is known to be one sample a row,
     as long documents are: attention is then plain causal and holds no seq x seq mask).
-    most_micro: the largest micro-batch to consider (after an out-of-memory error: no larger than what failed)."""
+    most_micro: the largest micro-batch to consider (after an out-of-memory error: no larger than what failed).
+    suggest_cards: whether a refusal may name a bigger card (not after a step down: the budget is then a
+    limit below the card the run has)."""
     from snugtune.planner.explain import refusal_suggestion
     inv = inv or inventory_for(cfg)
     host_available = host_memory_available() if host_available is None else host_available
@@ -241,7 +245,7 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
         return plan
     smallest = min(weighed, key=lambda c: peak(c.parts))
     plan = _plan(cfg, inv, smallest, budget, card, False, host_available, gpus)
-    plan.suggestion = refusal_suggestion(cfg, inv, plan, trained, gpus, masked)
+    plan.suggestion = refusal_suggestion(cfg, inv, plan, trained, gpus, masked, suggest_cards)
     return plan
 
 

@@ -97,7 +97,8 @@ def longest_seq(cfg: Config, inv: Inventory, budget: int, host: int, gpus: int, 
     return low * SEQ_STEP or None
 
 
-def smallest_budget(cfg: Config, inv: Inventory, budget: int, trained, host: int, gpus: int, masked: bool) -> int | None:
+def smallest_budget(cfg: Config, inv: Inventory, budget: int, trained, host: int, gpus: int,
+                    masked: bool) -> int | None:
     """The smallest budget (to BUDGET_STEP) the config fits by the planner's own search, up to the largest card."""
     most = int(max(c["usable_gib"] for c in CARDS.values()) * GIB) // BUDGET_STEP
     low = budget // BUDGET_STEP  # does not fit
@@ -113,7 +114,8 @@ def smallest_budget(cfg: Config, inv: Inventory, budget: int, trained, host: int
     return high * BUDGET_STEP
 
 
-def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, trained, gpus: int, masked: bool) -> str:
+def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, trained, gpus: int, masked: bool,
+                       suggest_cards: bool = True) -> str:
     """Each idea one that changes something and that fits by the planner's own search."""
     budget, host = plan.budget_bytes, plan.host_available_bytes
     ideas = []
@@ -130,7 +132,7 @@ def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, trained, gpus: i
         qlora = cfg.model_copy(update={"method": "qlora", "quant": cfg.quant.model_copy(update={"bits": None})})
         if _fits(qlora, inv, budget, trained, host, gpus, masked):
             ideas.append("method=qlora (4-bit base weights)")
-    need = smallest_budget(cfg, inv, budget, trained, host, gpus, masked)
+    need = smallest_budget(cfg, inv, budget, trained, host, gpus, masked) if suggest_cards else None
     if need:
         cards = sorted((c["usable_gib"], name) for name, c in CARDS.items() if c["usable_gib"] * GIB >= need)
         ideas.append(f"a card with at least {need / GIB:.2f} GiB usable, such as {cards[0][1]}")
