@@ -92,7 +92,6 @@ def test_auto_micro_batch_takes_the_fastest_split_of_the_rows_that_fits(tmp_path
     assert small.to_json()["predicted_step_seconds"] == small.step_seconds > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_each_shipped_recipe_fills_its_card_or_runs_one_micro_batch_a_step(path):
     cfg = load_config(path)

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import tiny_config
 from snugtune.planner import plan_for_budget, refusal
 from snugtune.planner.cards import GIB
@@ -47,7 +45,6 @@ def test_the_plan_table_adds_up_to_the_peak_it_reports(tmp_path):
     assert "predicted step time:" in shown.stdout and "micro_batch=" in shown.stdout
 
 
-@pytest.mark.slow
 def test_a_refusal_names_the_longest_length_and_the_card_that_do_fit(tmp_path, alpaca_file):
     # Llama-3.1-8B at 65,536 tokens under 15 GiB: the refusal's numbers must agree with the planner's own search
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=65536,
