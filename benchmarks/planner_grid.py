@@ -96,7 +96,8 @@ RECIPES = {  # shape -> the recipe trained on its own card's budget, micro_batch
 COMMON = ["save.every_steps=1000", "eval.max_batches=1", f"data.path={DATA}", "data.format=alpaca",
           "data.max_samples=null", "log.tensorboard=false", "train.log_every=1"]
 OFF_OFFLOAD = ["offload.embeddings=false", "offload.activations=false", "offload.weights=false"]
-LONG_FROM = 8192      # rows this long hold one standard-library document each (bench.long_documents)
+LONG_FROM = 8192      # rows this long are chunks of one long standard-library document (bench.long_documents):
+                      # one document, so every packed row holds one chunk and attention is unmasked
 LONG_DATA: list[str] = []  # the overrides that point at those documents, set in main()
 
 
@@ -212,8 +213,8 @@ def main() -> None:
     END[0] = time.time() + deadline + GRACE_S
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     context = cuda_context_bytes()
-    documents = long_documents(out_dir.resolve() / "long-documents", max(g[2] for g in GRID))
-    LONG_DATA.extend([f"data.path={documents}", "data.format=text", "data.eval_fraction=0.1"])
+    documents = long_documents(out_dir.resolve() / "long-documents", 2 * max(g[2] for g in GRID), count=1)
+    LONG_DATA.extend([f"data.path={documents}", "data.format=text", "data.eval_fraction=0.0"])
     log = (out_dir / "grid.jsonl").open("a")
     log.write(json.dumps({"kind": "context", "cuda_context_bytes": context, "gpu": torch.cuda.get_device_name(),
                           "torch": torch.__version__}) + "\n")
