@@ -188,7 +188,8 @@ def test_graph_path_adds_the_same_gradients_as_the_eager_step(tmp_path, alpaca_f
 
 def test_an_oom_while_capturing_a_graph_falls_back_to_eager_without_losing_the_micro_batch(tmp_path, alpaca_file,
                                                                                             monkeypatch):
-    from snugtune.data import collate, prepare_data
+    from snugtune.data.batches import collate
+    from snugtune.data.prepare import prepare_data
     from snugtune.engine.graphs import StepGraphs
     from snugtune.precision import Precision
     from snugtune.models import load_tokenizer
