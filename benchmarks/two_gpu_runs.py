@@ -42,7 +42,8 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 # fixed settings on both sides (the planner only checks they fit): checkpointing every block, micro-batch 2,
 # no dropout, so the 1- and 2-GPU curves compare and memory differs only by what FSDP shards
 COMMON = [f"data.path={DATA}", f"train.max_steps={STEPS}", f"save.every_steps={SAVE_AT}", "lora.dropout=0",
-          "train.micro_batch=2", "train.grad_checkpointing=true", "budget=auto", "eval.max_batches=2"]
+          "train.micro_batch=2", "train.rows_per_step=null",  # rows per step set here, not the recipe's
+          "train.grad_checkpointing=true", "budget=auto", "eval.max_batches=2"]
 MODELS = {"8b": ["model=shape:llama3-8b", "train.data_parallel=fsdp"],
           "tinyllama": ["model=shape:tinyllama-1.1b", "method=lora", "train.data_parallel=ddp"]}
 # --cpu-check: the same plumbing with tiny shapes on the CPU (gloo), to try the script without GPUs

@@ -74,3 +74,8 @@ def test_micro_batch_auto_splits_rows_per_step_and_the_numbers_must_agree(tmp_pa
         tiny_config(tmp_path, alpaca_file, train={"micro_batch": "auto"})
     with pytest.raises(ConfigError, match="rows_per_step=8 is not micro_batch x grad_accum"):
         tiny_config(tmp_path, alpaca_file, train={"micro_batch": 2, "grad_accum": 3, "rows_per_step": 8})
+    # a micro-batch given on a recipe's rows per step: accumulation makes up the rows
+    split = tiny_config(tmp_path, alpaca_file, train={"micro_batch": 2, "rows_per_step": 8}).train
+    assert (split.micro_batch, split.grad_accum, split.step_rows) == (2, 4, 8)
+    with pytest.raises(ConfigError, match="rows_per_step=8 is not micro_batch x grad_accum"):
+        tiny_config(tmp_path, alpaca_file, train={"micro_batch": 3, "rows_per_step": 8})

@@ -144,10 +144,16 @@ class TrainConfig(_Section):
             if self.rows_per_step is None:
                 raise ValueError("micro_batch: auto splits train.rows_per_step; set rows_per_step (sequences per "
                                  "optimizer step)")
-        elif self.rows_per_step is not None and self.rows_per_step != self.micro_batch * self.grad_accum:
+            return self
+        if self.rows_per_step is None:
+            return self
+        if "grad_accum" not in self.model_fields_set and self.rows_per_step % self.micro_batch == 0:
+            # a number for micro_batch on a recipe that gives rows_per_step: accumulate up to those rows
+            self.__dict__["grad_accum"] = self.rows_per_step // self.micro_batch
+        if self.rows_per_step != self.micro_batch * self.grad_accum:
             raise ValueError(f"rows_per_step={self.rows_per_step} is not micro_batch x grad_accum "
                              f"({self.micro_batch} x {self.grad_accum}); set micro_batch: auto to let the planner "
-                             f"split it, or leave rows_per_step out")
+                             f"split it, or rows_per_step: null")
         return self
 
     @property
