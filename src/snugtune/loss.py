@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from snugtune.data.tokenize import IGNORE
+from snugtune.lora_dropout import advance_lora_dropout
 from snugtune.memory_rules import LOGITS_CHUNK_BYTES, logits_chunk_tokens as _chunk_tokens
 from snugtune.models import causal_lm_parts
 
@@ -92,6 +93,16 @@ def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return total
 
 
+def document_bounds(batch: dict[str, torch.Tensor]) -> dict:
+    """Packed rows' document starts (data.batches.collate_packed) as transformers' variable-length
+    attention arguments, which reach snugtune.attention; none for rows of one document or padded rows."""
+    if "cu_seq_lens" not in batch:
+        return {}
+    length = batch["labels"].shape[1]
+    return {"cu_seq_lens_q": batch["cu_seq_lens"], "cu_seq_lens_k": batch["cu_seq_lens"],
+            "max_length_q": length, "max_length_k": length}
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over trained positions, number of those positions). The batch holds
     input_ids, or inputs_embeds already looked up (engine.graphs, with the table in host memory).
@@ -99,11 +110,11 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = Fa
     fixed_shape: every position goes through the head, untrained ones weighted zero, and the count is
     not taken (returned as -1): no host synchronisation or data-dependent shape (CUDA graph capture)."""
     backbone, head = causal_lm_parts(model)
-    # packed batches carry restarting position_ids and no attention_mask: transformers then builds a
-    # block-diagonal causal mask (use_cache=False is required for that detection)
+    if model.training:  # fresh LoRA dropout masks for each micro-batch (inside a CUDA graph too)
+        advance_lora_dropout(model)
     hidden = backbone(input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
                       attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
-                      use_cache=False).last_hidden_state
+                      use_cache=False, **document_bounds(batch)).last_hidden_state
     targets = batch["labels"][:, 1:]
     if fixed_shape:
         return head_loss_sum(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)), -1

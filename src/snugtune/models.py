@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from snugtune.attention import use_document_attention
 from snugtune.config import Config
 from snugtune.errors import ConfigError
+from snugtune.lora_dropout import count_lora_dropout
 from snugtune.methods import METHODS
 from snugtune.registry import BLOCK_LINEARS, HUB_IDS, shape_config
 
@@ -230,6 +232,7 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
     shardable: 4-bit weights stored in compute_dtype-typed tensors (bnb_4bit_quant_storage), which FSDP
     can shard with the rest.
     """
+    training_device = device
     if load_on_cpu:
         device = torch.device("cpu")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -253,6 +256,7 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
     if bits == 4 and device.type == "cpu":
         _keep_4bit_layout_trainable(model)
     model.config.use_cache = False
+    use_document_attention(model, training_device)  # packed rows attend per document, without a dense mask
     return model
 
 
@@ -309,6 +313,7 @@ def prepare_for_training(model, config: Config):
                                  target_modules=list(targets), task_type="CAUSAL_LM", bias="none",
                                  layers_to_transform=list(range(n_layers - last, n_layers)) if last else None)
         model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+        count_lora_dropout(model, config.train.seed)  # masks from a seeded hash: checkpoint- and graph-safe
     else:
         layers = decoder_layers(model)
         if METHODS[config.method].trains_base == "last_layers":
@@ -346,10 +351,9 @@ DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pd
 
 
 def blocks_draw_random_numbers(model, config: Config) -> bool:
-    """Whether a training forward through the blocks draws random numbers: LoRA dropout, or any dropout in
-    the model's own config (full and freeze methods train with it)."""
-    if config.uses_lora and config.lora.dropout > 0:
-        return True
+    """Whether a training forward through the blocks draws from the random generator: any dropout in the
+    model's own config (full and freeze methods train with it). LoRA dropout draws none: its masks come
+    from a seeded hash (snugtune.lora_dropout)."""
     model_config = getattr(model, "config", None)
     return any(float(getattr(model_config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS)
 

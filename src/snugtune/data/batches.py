@@ -1,8 +1,8 @@
 """Turning tokenized samples into micro-batches: padding-free packed rows (default) or pad-to-longest.
 
 Packed: samples are placed first-fit into rows of at most max_seq_len tokens; position ids restart at
-each sample, and the model's attention (transformers builds a block-diagonal causal mask from the
-restarting position ids when no attention_mask is given) cannot cross samples. The first token of
+each sample, and the model's attention (snugtune.attention, from the samples' start offsets) cannot
+cross samples. The first token of
 every sample is never a loss target, so a sample's loss is the same packed or alone.
 """
 
@@ -125,7 +125,24 @@ def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1,
             real[r, at:at + n] = 1
             at += n
         positions[r, at:] = torch.arange(n, n + longest - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "token_mask": real}
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "token_mask": real}
+    if any(len(row) > 1 for row in rows):
+        batch["cu_seq_lens"] = document_starts(rows, longest)
+    return batch
+
+
+def document_starts(rows: list[Row], length: int) -> torch.Tensor:
+    """int32 offsets of every sample's first token in the rows laid end to end (each row `length` long;
+    a row's padding belongs to its last sample), then the total, repeated up to a power of two (at least
+    8) so that batches with a few more or fewer samples share one shape."""
+    starts = []
+    for r, row in enumerate(rows):
+        at = r * length
+        for sample in row:
+            starts.append(at)
+            at += len(sample.input_ids)
+    size = max(8, 1 << len(starts).bit_length())
+    return torch.tensor(starts + [len(rows) * length] * (size - len(starts)), dtype=torch.int32)
 
 
 # On a GPU every new sequence length costs: cuDNN attention builds a plan per shape, compiled blocks

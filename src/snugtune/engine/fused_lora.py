@@ -10,7 +10,8 @@ and its backward by hand (dequantizing W again instead of keeping it, unless its
 
     dx = dy W + s (dy B) A        dA = s (dy B)^T drop(x)        dB = s dy^T (drop(x) A^T)
 
-It saves x, the rank-r product drop(x)A^T and (with dropout) the mask: nothing of size `out`. The
+It saves x and the rank-r product drop(x)A^T: nothing of size `out`. Dropout masks come from
+snugtune.lora_dropout's counter-based hash, drawn again in backward from the seed's saved value. The
 frozen weight is never up-cast and gets no gradient; LoRA masters stay fp32, their gradients too.
 Layers it cannot take (DoRA, several adapters, 8-bit bases, merged weights) keep peft's forward.
 """
@@ -18,6 +19,8 @@ Layers it cannot take (DoRA, several adapters, 8-bit bases, merged weights) keep
 from __future__ import annotations
 
 import torch
+
+from snugtune.lora_dropout import CountedDropout, keep_mask
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False) -> torch.Tensor:
@@ -36,45 +39,48 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False)
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling, dropout_p, training, keep_dense):
+    def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, training, keep_dense):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            mask = None
-            dropped = rows
-            if dropout_p > 0 and training:
-                mask = torch.empty_like(rows).bernoulli_(1 - dropout_p).to(torch.bool)
-                dropped = rows * mask / (1 - dropout_p)
+            seed = dropout.seed.clone() if dropout is not None and training else None
+            dropped = rows if seed is None else rows * _keep(rows, dropout, seed) * (1.0 / (1.0 - dropout.p))
             low = dropped @ a.t()                                   # [N, r]
             out = rows @ dense_weight(base, dtype).t()
             out.addmm_(low, b.t(), alpha=scaling)
             if base.bias is not None:
                 out += base.bias.to(dtype)
-        ctx.save_for_backward(rows, low, lora_a, lora_b, mask)
-        ctx.base, ctx.scaling, ctx.dropout_p, ctx.x_dtype = base, scaling, dropout_p, x.dtype
+        ctx.save_for_backward(rows, low, lora_a, lora_b, seed)
+        ctx.base, ctx.scaling, ctx.dropout, ctx.x_dtype = base, scaling, dropout, x.dtype
         ctx.keep_dense = keep_dense
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, low, lora_a, lora_b, mask = ctx.saved_tensors
+        rows, low, lora_a, lora_b, seed = ctx.saved_tensors
         dtype = rows.dtype
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         grad_low = grad @ b                                         # [N, r]
-        dropped = rows if mask is None else rows * mask / (1 - ctx.dropout_p)
+        kept = None if seed is None else _keep(rows, ctx.dropout, seed).to(dtype) * (1.0 / (1.0 - ctx.dropout.p))
+        dropped = rows if kept is None else rows * kept
         grad_a = (grad_low.t() @ dropped).mul_(ctx.scaling).to(lora_a.dtype)
         grad_b = (grad.t() @ low).mul_(ctx.scaling).to(lora_b.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ dense_weight(ctx.base, dtype, fresh=not ctx.keep_dense)
-            if mask is None:
+            if kept is None:
                 grad_x.addmm_(grad_low, a, alpha=ctx.scaling)
             else:
-                grad_x.add_((grad_low @ a) * mask, alpha=ctx.scaling / (1 - ctx.dropout_p))
+                # out of place: inductor (torch 2.13, CPU) computed the in-place add_ with alpha wrongly here
+                grad_x = grad_x + (grad_low @ a) * kept * ctx.scaling
             grad_x = grad_x.view(*grad_out.shape[:-1], rows.shape[-1]).to(ctx.x_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _keep(rows: torch.Tensor, dropout: CountedDropout, seed: torch.Tensor) -> torch.Tensor:
+    return keep_mask(rows.shape[0], rows.shape[1], seed, dropout.key, dropout.p, rows.device)
 
 
 def _fusable(module) -> bool:
@@ -87,6 +93,9 @@ def _fusable(module) -> bool:
     if not packed and not weight.is_floating_point():
         return False  # LLM.int8 bases keep bitsandbytes' own matmul
     adapters = list(module.active_adapters)
+    dropout = module.lora_dropout[adapters[0]] if len(adapters) == 1 and adapters[0] in module.lora_dropout else None
+    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+        return False  # a generator-drawn dropout (snugtune.lora_dropout did not replace it): peft's forward
     return (len(adapters) == 1 and adapters[0] in module.lora_A and not module.merged
             and not module.use_dora.get(adapters[0], False) and not module.lora_variant)
 
@@ -94,14 +103,14 @@ def _fusable(module) -> bool:
 def _fused_forward(module, keep_dense: bool):
     adapter = module.active_adapters[0]
     dropout = module.lora_dropout[adapter]
-    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    dropout = dropout if isinstance(dropout, CountedDropout) and dropout.p > 0 else None
     lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     base, scaling = module.base_layer, float(module.scaling[adapter])
 
     def forward(x, *args, **kwargs):
         if module.disable_adapters:  # e.g. peft's disable_adapter() context: base model only
             return base(x, *args, **kwargs)
-        return _LoraLinear.apply(x, lora_a, lora_b, base, scaling, dropout_p, module.training, keep_dense)
+        return _LoraLinear.apply(x, lora_a, lora_b, base, scaling, dropout, module.training, keep_dense)
     return forward
 
 

@@ -13,8 +13,9 @@ What captured work must not do, and how the engine keeps to it:
   replay, and the fp16 loss scale is the GradScaler's own tensor;
 - replace gradients instead of adding to them: the LoRA gradients exist before capture (one flat
   buffer, zeroed in place), so replays accumulate as eager backward does;
-- draw random numbers (checkpointing cannot restore the generator inside a graph): only used when no
-  block draws any (engine.speedups decides);
+- draw from the random generator (checkpointing cannot restore it inside a graph): only used when no
+  block draws any (engine.speedups decides); LoRA dropout draws none, its masks being a hash of a seed
+  tensor that the loss advances in place (snugtune.lora_dropout), so each replay draws fresh masks;
 - touch host memory: input embeddings kept in host memory (engine.offload.HostEmbedding) are looked up
   before the replay and copied into the graph's input.
 Each shape runs eagerly first (warm-up: compilation, cuBLAS and cuDNN plans), then is captured and
@@ -30,7 +31,7 @@ import torch
 from snugtune.engine.offload import HostEmbedding
 from snugtune.engine.step import forward_backward
 
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")  # what token_loss_sum reads
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask", "cu_seq_lens")  # what token_loss_sum reads
 
 
 class StepGraphs:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from snugtune.attention import varlen_usable
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, changed_fields, config_to_yaml
 from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate_micro_batch, epoch_rows, eval_batches, real_tokens,
                                    trained_tokens_per_row)
@@ -40,6 +41,7 @@ from snugtune.engine.speedups import Speedups, apply_speedups
 from snugtune.engine.step import StepResult, accumulate_gradients, optimizer_step
 from snugtune.engine.tiling import tile_mlps
 from snugtune.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
+from snugtune.lora_dropout import start_lora_dropout_step
 from snugtune.loss import LossModule, mean_loss, token_loss_sum
 from snugtune.memory_rules import CUDA_CONTEXT_BYTES
 from snugtune.methods import METHODS
@@ -165,7 +167,8 @@ def set_up(config: Config, notify, ctx: DistContext, stepped: Stepped | None = N
     packed_len = config.max_seq_len if config.data.packing else None
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
     # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked
-    masked = not config.data.packing or any(len(row) > 1 for row in first_epoch_rows)
+    # packed rows of several samples build a dense mask only where varlen flash attention cannot run
+    masked = not config.data.packing or (not varlen_usable(device) and any(len(row) > 1 for row in first_epoch_rows))
     asked, trained_per_row = config, trained_tokens_per_row(first_epoch_rows)
     _cap_memory(config, device, notify)
     if stepped is None:
@@ -478,6 +481,7 @@ def one_step(run: Run, position: TrainPosition, rows: list, log: MetricsLog, pro
     step_rows = rows[position.rows_in_epoch: position.rows_in_epoch + tc.micro_batch * tc.grad_accum * ctx.world_size]
     shares, padding = step_share(step_rows, ctx, tc.micro_batch)
     group = [run.batch_of(share) for share in shares]
+    start_lora_dropout_step(run.model, position.step)  # masks keyed by the step: resume redraws them
     try:
         step_loss = accumulate_gradients(run.stepper, group, run.precision, run.scaler, run.device, ctx, run.offload,
                                          run.graphs, padding)

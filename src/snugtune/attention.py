@@ -1,0 +1,106 @@
+"""Attention for training rows without dense masks: causal SDPA for rows of one document, variable-length
+flash attention for rows packing several.
+
+transformers' SDPA path turns packed rows (restarting position ids) into a dense [L, L] block-diagonal
+mask, which takes SDPA off its flash kernel (Llama-3.1-8B shape, 1 x 4096 on an H200: -17%) and costs
+O(L^2) memory; and while a CUDA graph is being captured it builds a dense causal mask even for rows of
+one document (it cannot look at the data then), so the captured step ran a different attention, and
+a different compiled block, than its eager warm-up (the capture then failed).
+
+Here the model's attention is this module's function, under the name ATTENTION:
+- the mask function returns no mask unless the batch carries a padding mask (then transformers' own);
+- with no mask and no document boundaries: SDPA with is_causal (flash / cuDNN kernels);
+- with boundaries (cu_seq_lens, from data.batches.collate_packed: each document's start in the rows
+  laid end to end, padded with the total to a fixed length): torch.nn.attention.varlen.varlen_attn on a
+  GPU that has it (compute capability 8.0 or newer, fp16/bf16), else SDPA with a block-diagonal mask
+  built from the boundaries on the device (T4s, the CPU). Either way no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+
+import torch
+
+ATTENTION = "snugtune_attention"
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+# read once here: inspect cannot run inside a compiled block
+_VARLEN_OPTIONS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+
+
+def varlen_usable(device: torch.device) -> bool:
+    """Whether varlen flash attention runs on `device`: a CUDA GPU of compute capability >= 8.0 and a
+    torch that has it (half precision is checked per call)."""
+    return (device.type == "cuda" and varlen_attn is not None
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def document_mask(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[batch, 1, length, length] bool: position q sees k when both are in one document and k <= q."""
+    positions = torch.arange(batch * length, device=cu_seq_lens.device)
+    document = (torch.searchsorted(cu_seq_lens, positions, right=True) - 1).view(batch, length)
+    same = document[:, :, None] == document[:, None, :]
+    return (same & torch.ones(length, length, dtype=torch.bool, device=same.device).tril())[:, None]
+
+
+def _varlen_attention(query, key, value, cu_seq_lens, scaling):
+    batch, heads, length, dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    options = {"scale": scaling}
+    if k.shape[1] != heads:  # grouped-query attention: each key/value head serves heads // kv_heads queries
+        if "enable_gqa" in _VARLEN_OPTIONS:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    if "is_causal" in _VARLEN_OPTIONS:
+        options["is_causal"] = True
+    else:
+        options["window_size"] = (-1, 0)  # causal: no keys after the query
+    cu = cu_seq_lens.to(torch.int32)
+    out = varlen_attn(q, k, v, cu, cu, length, length, **options)
+    return out.view(batch, length, heads, dim)
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+              flash: bool = False, **kwargs):
+    """transformers' attention interface: query [B, H, L, D], key/value [B, H_kv, L, D]; returns
+    ([B, L, H, D], None). flash: varlen_usable() held for the training device."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
+    if cu_seq_lens is None or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+        return _varlen_attention(query, key, value, cu_seq_lens, scaling), None
+    mask = document_mask(cu_seq_lens, query.shape[0], query.shape[2])
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _mask(*args, attention_mask=None, **kwargs):
+    """No mask where transformers' SDPA would build one from position ids alone; its own otherwise."""
+    from transformers.masking_utils import sdpa_mask
+    if attention_mask is None and kwargs.get("local_size") is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def use_document_attention(model, device: torch.device) -> bool:
+    """Switch a transformers causal LM that will train on `device` to this module's attention, where it
+    dispatches through transformers' attention interface and attends over the whole row (no sliding
+    window). In place; returns whether it did."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    config = model.config
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if not getattr(model, "_supports_attention_backend", False) or windowed \
+            or config._attn_implementation not in ("sdpa", ATTENTION):
+        return False
+    AttentionInterface.register(ATTENTION, partial(attention, flash=varlen_usable(device)))
+    AttentionMaskInterface.register(ATTENTION, _mask)
+    model.set_attn_implementation(ATTENTION)
+    return True

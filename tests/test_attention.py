@@ -1,0 +1,90 @@
+"""Packed rows attend per document without a dense mask from transformers: the same loss as each sample in a
+row of its own, and the model's own SDPA wherever a batch carries a padding mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from snugtune.data import collate, collate_micro_batch, prepare_data
+from snugtune.attention import ATTENTION, document_mask
+from snugtune.loss import token_loss_sum
+from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
+
+from conftest import tiny_config
+
+
+def test_document_mask_is_causal_within_each_document_only():
+    cu = torch.tensor([0, 3, 5, 8, 10, 10, 10, 10], dtype=torch.int32)  # rows of 5: [0-2 | 3-4], [5-7 | 8-9]
+    mask = document_mask(cu, 2, 5)[:, 0]
+    document = [[0, 0, 0, 1, 1], [2, 2, 2, 3, 3]]
+    for b in range(2):
+        for q in range(5):
+            for k in range(5):
+                assert bool(mask[b, q, k]) == (k <= q and document[b][q] == document[b][k]), (b, q, k)
+
+
+@pytest.fixture
+def tiny_lora(tmp_path, alpaca_file):
+    config = tiny_config(tmp_path, alpaca_file, method="lora", lora={"dropout": 0.0})
+    path = resolve_model(config.model).path
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(path, config, torch.device("cpu"), torch.float32), config)
+    tokenizer = load_tokenizer(path)
+    samples = prepare_data(config.data, tokenizer, config.max_seq_len, 0).train
+    return model, tokenizer, samples
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(tiny_lora):
+    model, tokenizer, samples = tiny_lora
+    assert model.config._attn_implementation == ATTENTION
+    rows = [samples[0:3], samples[3:5]]
+    packed = collate_micro_batch(rows, tokenizer.pad_token_id, packed=True, pad_multiple=16)
+    a, b, d = (len(samples[i].input_ids) for i in (0, 1, 3))
+    length = packed["input_ids"].shape[1]
+    assert packed["cu_seq_lens"].tolist() == [0, a, a + b, length, length + d] + [2 * length] * 3
+    packed_loss, packed_count = token_loss_sum(model, packed)
+    packed_loss.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    total, count = 0.0, 0
+    for sample in samples[0:5]:
+        one = collate_micro_batch([[sample]], tokenizer.pad_token_id, packed=True)
+        assert "cu_seq_lens" not in one  # one document a row: plain causal attention
+        loss, n = token_loss_sum(model, one)
+        loss.backward()
+        total, count = total + float(loss.detach()), count + n
+    # packing never trains a row's first token: separate rows score the same positions
+    assert packed_count == count
+    assert float(packed_loss.detach()) == pytest.approx(total, rel=1e-5)
+    for packed_grad, p in zip(packed_grads, (p for p in model.parameters() if p.requires_grad)):
+        assert (packed_grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8
+
+
+def test_padded_batches_keep_their_padding_mask(tiny_lora):
+    model, tokenizer, samples = tiny_lora
+    padded = collate(samples[0:4], tokenizer.pad_token_id, pad_multiple=32)
+    loss, n = token_loss_sum(model, padded)
+    model.set_attn_implementation("sdpa")
+    reference, m = token_loss_sum(model, padded)
+    assert n == m and float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+
+
+def test_rows_of_one_document_take_causal_sdpa_without_a_mask_while_a_graph_is_captured(tiny_lora, monkeypatch):
+    # transformers builds a dense causal mask whenever it cannot look at the data (CUDA graph capture); the
+    # captured step must run the same attention as its eager warm-up, or capture fails
+    import transformers.masking_utils
+    model, tokenizer, samples = tiny_lora
+    row = collate_micro_batch([[samples[0]]], tokenizer.pad_token_id, packed=True)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    eager, _ = token_loss_sum(model, row)
+    monkeypatch.setattr(transformers.masking_utils, "is_tracing", lambda *args: True)
+    captured, _ = token_loss_sum(model, row)
+    assert calls and all(mask is None and causal for mask, causal in calls)
+    assert float(captured.detach()) == float(eager.detach())
