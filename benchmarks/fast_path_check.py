@@ -13,6 +13,11 @@ two paths are compared directly. Exit 1 on failure.
   python benchmarks/fast_path_check.py --shape llama3-8b --seq 2048     (GPU: bf16 autocast)
   python benchmarks/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
   python benchmarks/fast_path_check.py --shape smollm2-135m --seq 512 --bf16   (CPU: bf16 vs fp32)
+  python benchmarks/fast_path_check.py --shape tinyllama-1.1b --seq 512 --set lora.dropout=0.05
+
+The plain passes attend through transformers' SDPA (a dense block-diagonal mask for packed rows), the fast
+path through snugtune.attention (varlen flash attention); with LoRA dropout every pass draws the same
+masks (snugtune.lora_dropout: the seed is set to one value before each).
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="CPU (fp32): largest relative gradient difference accepted")
     parser.add_argument("--bf16", action="store_true", help="on the CPU too: bf16 autocast and the fp32 reference")
+    parser.add_argument("--set", action="append", default=[], help="key=value override of the bench config")
     args = parser.parse_args()
 
     from snugtune.bench import bench_config
-    from snugtune.config import config_from_dict
+    from snugtune.attention import ATTENTION
+    from snugtune.config import apply_overrides, config_from_dict
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches
     from snugtune.data.prepare import prepare_data
+    from snugtune.lora_dropout import lora_dropout_seed
     from snugtune.engine.fused_lora import unfuse_lora_layers
     from snugtune.loss import token_loss_sum
     from snugtune.engine.speedups import apply_speedups
@@ -48,7 +56,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda or args.bf16 else torch.float32
     raw = bench_config(args.shape, args.seq, 1, 1, None, "auto")
     raw["train"]["compile"] = True
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(apply_overrides(raw, args.set))
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
@@ -62,12 +70,22 @@ def main() -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=1e-3)
+        model.set_attn_implementation("sdpa")  # plain: transformers' own attention
         return model
 
+    def same_masks(model) -> None:
+        """The dropout seed the fast path's loss reads (it advances the seed once before its forward)."""
+        seed = lora_dropout_seed(model)
+        if seed is not None:
+            seed.fill_(1234)
+
     model = loaded(dtype)
-    rows = micro_batches(data.train, 1, cfg.train.seed, 0, cfg.max_seq_len)[0]
+    # the row packing the most samples among the first 64: document boundaries are what attention must keep
+    rows = max(micro_batches(data.train, 1, cfg.train.seed, 0, cfg.max_seq_len)[:64], key=lambda b: len(b[0]))
     batch = collate_micro_batch(rows, tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE if cuda else 1, cfg.max_seq_len)
     batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
+    plain_batch = {k: v for k, v in batch.items() if k != "cu_seq_lens"}
+    print(f"{len(rows[0])} samples in the row; document starts: {batch.get('cu_seq_lens')}")
 
     def gradients(model, loss_of, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
         with torch.autocast(device.type, dtype=dtype if autocast else torch.float32, enabled=autocast):
@@ -77,12 +95,20 @@ def main() -> None:
                                       if p.requires_grad}
 
     def fast_loss(model):
+        seed = lora_dropout_seed(model)
+        if seed is not None:
+            seed.fill_(1233)  # token_loss_sum advances it to plain's 1234
         total, n = token_loss_sum(model, batch)
         return total / n
 
+    def plain_loss_of(model):
+        same_masks(model)
+        return model(**plain_batch).loss
+
     low = dtype != torch.float32
-    plain_loss, plain = gradients(model, lambda m: m(**batch).loss, low)
+    plain_loss, plain = gradients(model, plain_loss_of, low)
     model.zero_grad(set_to_none=True)
+    model.set_attn_implementation(ATTENTION)
     applied = apply_speedups(model, decoder_layers(model), cfg, device)
     fast_loss_value, fast = gradients(model, fast_loss, low)
     print(f"{args.shape} seq {args.seq} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}); "
@@ -95,6 +121,9 @@ def main() -> None:
         n = trained_positions(batch)
         for run in range(graphs.warmup_runs + 2):
             model.zero_grad(set_to_none=False)
+            seed = lora_dropout_seed(model)
+            if seed is not None:
+                seed.fill_(1233)
             replay_loss = float(graphs.forward_backward({k: v.cpu() for k, v in batch.items()}, 1 / n)) / n
         replayed = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
         error = max(float((replayed[k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in fast.items())
@@ -114,7 +143,7 @@ def main() -> None:
     del model
     if cuda:
         torch.cuda.empty_cache()
-    reference_loss, reference = gradients(loaded(torch.float32), lambda m: m(**batch).loss, False)
+    reference_loss, reference = gradients(loaded(torch.float32), plain_loss_of, False)
     plain_error, plain_name = worst(plain, reference)
     fast_error, fast_name = worst(fast, reference)
     print(f"loss: fp32 reference {reference_loss:.6f}  plain bf16 {plain_loss:.6f}  fast bf16 {fast_loss_value:.6f}")

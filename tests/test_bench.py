@@ -44,3 +44,29 @@ def test_bench_max_context_reports_each_stacks_longest_sequence(tmp_path):
     # on a CPU nothing runs out of memory: both stacks reach the limit, trained on standard-library modules
     assert results["snugtune"]["longest_context_tokens"] == 128 and results["plain"]["longest_context_tokens"] == 128
     assert "128 (" in proc.stdout
+
+
+def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp_path):
+    from pathlib import Path
+
+    from snugtune.bench import recipe_config
+    from snugtune.config import config_from_dict
+    recipe = Path(__file__).parent.parent / "examples" / "tinyllama-1.1b_qlora_t4.yaml"
+    raw = recipe_config(recipe, "tinyllama-1.1b", 30, "cuda", ("lora.dropout=0",))
+    config = config_from_dict(raw)
+    assert config.model == "shape:tinyllama-1.1b" and config.train.max_steps == 30
+    assert (config.train.micro_batch, config.train.optimizer, config.max_seq_len) == (4, "paged_adamw_8bit", 512)
+    assert config.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj"] and config.lora.dropout == 0
+    assert config.budget == "t4" and "stdlib_functions" in str(config.data.path)
+
+
+def test_unsloth_rows_are_the_runs_tokens_in_order_at_one_length(tmp_path):
+    from snugtune.bench.unsloth_stack import fixed_length_rows
+    from snugtune.data import epoch_rows
+    from snugtune.data.tokenize import TokenizedSample
+    samples = [TokenizedSample(input_ids=list(range(100 * i, 100 * i + 7 + i)), labels=[0] * (7 + i))
+               for i in range(6)]
+    ids = fixed_length_rows(samples, 16, 3, seed=0)
+    stream = [t for row in epoch_rows(samples, 0, 0, 16) for s in row for t in s.input_ids]
+    assert ids.shape == (3, 16)
+    assert ids.flatten().tolist() == (stream * 2)[:48]

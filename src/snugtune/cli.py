@@ -271,13 +271,19 @@ def bench(
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Also find each stack's longest single "
                                               "sequence that trains under --cap, up to this many tokens."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run a config file's settings (e.g. a shipped "
+                                          "example) on --shape and the bench's rows; --seq/--batch/--cap are then its."),
+    set_: list[str] = typer.Option([], "--set", help="key=value override of the benched config (repeatable)."),
+    one_document: bool = typer.Option(False, "--one-document", help="Rows of one long document each (standard-"
+                                      "library code, no packing) instead of packed samples."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Speed and memory of snugtune beside the plain transformers+peft+bitsandbytes recipe, same run."""
     from snugtune.bench import format_table, run_bench
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
-    results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context)
+    results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
+                   tuple(set_), one_document)
     print(format_table(results))
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from snugtune.config import apply_overrides
 from snugtune.rundir import read_jsonl
 
 
@@ -65,6 +66,19 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
                       "scheduler": "constant"},  # as the plain recipe's loop: losses compare step by step
             "save": {"every_steps": 100000}, "eval": {"max_batches": 1},
             "budget": f"{cap_gib}GiB" if cap_gib else "auto", "device": device}
+
+
+def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = ()) -> dict:
+    """A shipped recipe as the bench runs it: its method, LoRA, quantization, micro-batch, accumulation,
+    optimizer, schedule, length and budget as written (then `overrides`, key=value), on the random-weight
+    `shape` and the bench's rows, for `steps` optimizer steps."""
+    raw = yaml.safe_load(Path(recipe).read_text())
+    base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device)
+    raw.pop("output_dir", None)
+    raw["train"] = {**raw.get("train", {}), "max_steps": steps}
+    raw["train"].pop("epochs", None)
+    raw.update({k: base[k] for k in ("model", "data", "save", "eval", "device")})
+    return apply_overrides(raw, list(overrides))
 
 
 def _snugtune(config_path: Path, work: Path) -> dict:
@@ -148,21 +162,27 @@ def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> 
 
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
               against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
-              max_context: int | None = None) -> dict:
+              max_context: int | None = None, recipe: Path | None = None, overrides: tuple[str, ...] = (),
+              one_document: bool = False) -> dict:
     """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
     on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one long
     document of standard-library code per row, see long_documents) that trains under the cap, up to this
-    many tokens."""
+    many tokens. recipe: a config file's settings instead of the bench's own (recipe_config; seq, batch
+    and cap then come from it). one_document: rows of one long document each instead of packed samples."""
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
-                                 "max_context": max_context}}
+                                 "max_context": max_context, "recipe": str(recipe) if recipe else None,
+                                 "overrides": list(overrides), "one_document": one_document}}
     with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:
         work = Path(tmp)
         # build the random-weight checkpoint once, outside every measurement
         from snugtune.models import resolve_model
         resolve_model(f"shape:{shape}")
         stacks = ("snugtune", *against)
+        documents = long_documents(work / "documents", seq) if one_document else None
+        config = recipe_config(recipe, shape, steps, device, overrides) if recipe else \
+            apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, documents), list(overrides))
         for stack in stacks:
-            results[stack] = run_stack(stack, bench_config(shape, seq, batch, steps, cap_gib, device), work)
+            results[stack] = run_stack(stack, config, work)
         if max_context:
             documents = long_documents(work / "long", max_context)
             for stack in stacks:

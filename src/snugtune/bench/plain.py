@@ -59,17 +59,30 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
             batch = collate_micro_batch(rows, tokenizer.pad_token_id, cfg.data.packing, GPU_PAD_MULTIPLE if cuda else 1,
                                         cfg.max_seq_len)
             tokens += real_tokens(batch)
-            batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
+            batch = {k: v.to(device) for k, v in batch.items() if k not in ("token_mask", "cu_seq_lens")}
             with torch.autocast(device.type, dtype=dtype, enabled=cuda):
                 loss = model(**batch).loss / len(group)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
+        optimizer_step(params, optimizer, device)
         step_times.append(time.perf_counter() - start)
         step_tokens.append(tokens)
         losses.append(float(loss.detach()) * len(group))
+    return step_result(recipe, cfg, step_times, step_tokens, losses, device)
+
+
+def optimizer_step(params, optimizer, device: torch.device) -> None:
+    """Clip the gradients' norm at 1.0 (transformers' Trainer default), step, clear; wait for the GPU."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+
+
+def step_result(recipe: str, cfg, step_times: list[float], step_tokens: list[int], losses: list[float],
+                device: torch.device) -> dict:
+    """A stack's bench result: tokens/s (median over the warm steps, after the third), memory, losses."""
+    cuda = device.type == "cuda"
+    steps = len(step_times)
     warm = slice(min(3, steps - 1), None)
     return {"recipe": recipe, "model": cfg.model, "steps": steps,
             "tokens_per_s_median_step": statistics.median(t / s for t, s in zip(step_tokens[warm], step_times[warm])),
