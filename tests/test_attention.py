@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from snugtune.data import collate, collate_micro_batch, prepare_data
+from snugtune.data.batches import collate, collate_micro_batch
+from snugtune.data.prepare import prepare_data
 from snugtune.attention import ATTENTION, document_mask
 from snugtune.loss import token_loss_sum
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model

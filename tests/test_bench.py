@@ -62,7 +62,7 @@ def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp
 
 def test_unsloth_rows_are_the_runs_tokens_in_order_at_one_length(tmp_path):
     from snugtune.bench.unsloth_stack import fixed_length_rows
-    from snugtune.data import epoch_rows
+    from snugtune.data.batches import epoch_rows
     from snugtune.data.tokenize import TokenizedSample
     samples = [TokenizedSample(input_ids=list(range(100 * i, 100 * i + 7 + i)), labels=[0] * (7 + i))
                for i in range(6)]

@@ -21,7 +21,7 @@ def fixed_length_rows(samples, seq: int, rows: int, seed: int):
     (repeating the epoch if it holds fewer than rows x seq tokens)."""
     import torch
 
-    from snugtune.data import epoch_rows
+    from snugtune.data.batches import epoch_rows
     stream = [t for row in epoch_rows(samples, seed, 0, seq) for sample in row for t in sample.input_ids]
     if not stream:
         raise ValueError("no training tokens")
