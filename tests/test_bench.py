@@ -55,7 +55,8 @@ def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp
     raw = recipe_config(recipe, "tinyllama-1.1b", 30, "cuda", ("lora.dropout=0",))
     config = config_from_dict(raw)
     assert config.model == "shape:tinyllama-1.1b" and config.train.max_steps == 30
-    assert (config.train.micro_batch, config.train.optimizer, config.max_seq_len) == (4, "paged_adamw_8bit", 512)
+    assert (config.train.micro_batch, config.train.grad_accum) == (4, 1)  # micro_batch auto: the rows of a step
+    assert (config.train.optimizer, config.train.scheduler, config.max_seq_len) == ("paged_adamw_8bit", "cosine", 512)
     assert config.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj"] and config.lora.dropout == 0
     assert config.budget == "t4" and "stdlib_functions" in str(config.data.path)
 

@@ -71,12 +71,15 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
 def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = ()) -> dict:
     """A shipped recipe as the bench runs it: its method, LoRA, quantization, micro-batch, accumulation,
     optimizer, schedule, length and budget as written (then `overrides`, key=value), on the random-weight
-    `shape` and the bench's rows, for `steps` optimizer steps."""
+    `shape` and the bench's rows, for `steps` optimizer steps. `micro_batch: auto` becomes the recipe's
+    rows_per_step (the other stacks have no planner to split it; --set train.micro_batch=N splits it)."""
     raw = yaml.safe_load(Path(recipe).read_text())
     base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device)
     raw.pop("output_dir", None)
     raw["train"] = {**raw.get("train", {}), "max_steps": steps}
     raw["train"].pop("epochs", None)
+    if raw["train"].get("micro_batch") == "auto":  # every stack trains the same micro-batches: one a step
+        raw["train"]["micro_batch"] = raw["train"].get("rows_per_step") or 1
     raw.update({k: base[k] for k in ("model", "data", "save", "eval", "device")})
     return apply_overrides(raw, list(overrides))
 
