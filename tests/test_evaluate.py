@@ -1,4 +1,4 @@
-"""Evaluation: the sandbox, pass@k, base-vs-tuned scores, in-training eval, TensorBoard, the report."""
+"""Evaluation: pass@k, base-vs-tuned scores, in-training eval, TensorBoard, the report."""
 
 import json
 from pathlib import Path
@@ -11,43 +11,6 @@ from snugtune.evaluate.tasks import evaluate_run
 from snugtune.evaluate.humaneval import load_problems, pass_at_k, program_for
 from snugtune.evaluate.report import build_report
 from snugtune.evaluate.sandbox import run_sandboxed
-
-
-# --- the sandbox ---------------------------------------------------------------------------------------
-
-def test_sandbox_passes_correct_code_and_allows_its_own_folder():
-    assert run_sandboxed("import math, re, collections\nopen('x.txt', 'w').write('1')\nassert open('x.txt').read() == '1'").passed
-
-
-def test_sandbox_stops_a_completion_that_loops_forever():
-    result = run_sandboxed("while True:\n    pass\n", timeout_s=2)
-    assert result.status == "timeout" and result.seconds < 10
-
-
-def test_sandbox_stops_a_completion_that_allocates_too_much():
-    result = run_sandboxed("x = bytearray(8 << 30)\n", memory_bytes=512 << 20)
-    assert result.status == "failed" and "MemoryError" in result.detail
-
-
-@pytest.mark.parametrize("code", [
-    "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
-    "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9', timeout=1)\n",
-])
-def test_sandbox_refuses_network(code):
-    result = run_sandboxed(code)
-    assert result.status == "failed" and "sandbox" in result.detail
-
-
-def test_sandbox_refuses_files_outside_its_folder(tmp_path):
-    target = tmp_path / "escaped.txt"
-    assert not run_sandboxed(f"open({str(target)!r}, 'w').write('x')\n").passed
-    assert not target.exists()
-    assert not run_sandboxed("print(open('/etc/passwd').read())\n").passed
-    victim = tmp_path / "keep.txt"
-    victim.write_text("important")
-    assert not run_sandboxed(f"import os\nos.remove({str(victim)!r})\n").passed
-    assert victim.read_text() == "important"
-    assert not run_sandboxed("import subprocess\nsubprocess.run(['true'])\n").passed
 
 
 # --- HumanEval arithmetic and programs -----------------------------------------------------------------------
