@@ -24,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/snugtune train examples/smollm2-135m_lora_cpu.yaml
 	$(VENV)/bin/snugtune eval runs/quickstart --task perplexity,retention,generate --limit 2
-	$(VENV)/bin/snugtune report runs/quickstart --out runs/quickstart/report
+	$(VENV)/bin/snugtune report runs/quickstart --out runs/quickstart-report
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -104,3 +104,13 @@ def planner_settings(**changes):
                 lora_last_layers=None, double_quant=True, optimizer="adamw", compute_bytes=2, micro_batch=2,
                 max_seq_len=100, grad_checkpointing=True)
     return Settings(**{**base, **changes})
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished tiny LoRA run (2 steps, a checkpoint each step, keep 1); copy it before changing it."""
+    from snugtune.engine.train import train
+    tmp = tmp_path_factory.mktemp("finished")
+    data = write_jsonl(tmp / "a.jsonl", alpaca_rows(24))
+    cfg = tiny_config(tmp, data, train={"max_steps": 2}, save={"every_steps": 1, "keep": 1})
+    train(cfg, show_progress=False)
+    return Path(cfg.output_dir)

@@ -12,20 +12,24 @@ from snugtune.errors import UserError
 from snugtune.precision import resolve_device, resolve_precision
 
 
-def load_for_chat(path: str | Path, device: str = "auto"):
-    """(model, tokenizer, device, precision) from a run directory or a merged HF folder."""
+def load_for_chat(path: str | Path, device: str = "auto", trust=None):
+    """(model, tokenizer, device, precision) from a run directory or a merged HF folder. `trust`
+    (evaluate.run.Trust, the command line's) decides remote code and pickle weights, never the folder."""
+    from snugtune.evaluate.run import Trust, load_run
+    trust = trust or Trust()
     path = Path(path)
     if (path / "config.yaml").is_file():
-        from snugtune.evaluate.run import load_run
-        run = load_run(path, device)
+        run = load_run(path, device, trust)
         return run.model, run.tokenizer, run.device, run.precision
     if not (path / "config.json").is_file():
-        raise UserError(f"{path}: neither a snugtune run directory nor a Hugging Face model folder")
+        raise UserError(f"{path}: neither a snugtune run directory (no config.yaml) nor a Hugging Face model folder "
+                        f"(no config.json); pass a run's output_dir or a `snugtune merge` output")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dev = resolve_device(device)
     precision = resolve_precision("auto", dev)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.compute_dtype, use_safetensors=True).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust.remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.compute_dtype, trust_remote_code=trust.remote_code,
+                                                 use_safetensors=None if trust.pickle_weights else True).to(dev).eval()
     return model, tokenizer, dev, precision
 
 

@@ -15,6 +15,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune LLMs on the GPU you have.")
 err = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line (copyable)
 out = Console(soft_wrap=True)
+# Trust settings for commands that open a run folder: from the command line only, never from the folder.
+TRUST_REMOTE_CODE_HELP = "Let the base model's own Python code run (the run folder's config.yaml is not asked)."
+PICKLE_HELP = "Load the base model's .bin/.pt (pickle) weights (the run folder's config.yaml is not asked)."
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -44,10 +47,38 @@ def _run(debug: bool, fn, *args, **kwargs):
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
+    except RuntimeError as exc:
+        if debug or not _out_of_memory(exc):
+            raise
+        from rich.markup import escape
+        err.print(f"[bold red]out of memory:[/] {escape(str(exc).splitlines()[0])}; `snugtune plan` shows what "
+                  f"fits (lower eval.batch_size, max_seq_len or --max-new-tokens)", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
     except OSError as exc:
         if debug:
             raise
         _fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "), 2)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # loaded by whatever ran out of memory
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+def _train_or_plan(cfg, **kwargs) -> dict:
+    """Training; out of memory outside the step loop (which re-plans itself) is DoesNotFit with the plan."""
+    from snugtune.engine.train import train as run_training
+    from snugtune.errors import DoesNotFit
+    from snugtune.planner import plan_config
+    try:
+        return run_training(cfg, **kwargs)
+    except RuntimeError as exc:
+        if not _out_of_memory(exc):
+            raise
+        plan = plan_config(cfg)
+        raise DoesNotFit(f"ran out of GPU memory outside the training steps ({str(exc).splitlines()[0]}); the plan "
+                         f"for this config predicts {plan.peak_bytes / 2**30:.1f} GiB of {plan.budget_bytes / 2**30:.1f}"
+                         f" GiB ({plan.card}): lower max_seq_len, eval.batch_size or budget (see `snugtune plan`)") from None
 
 
 @app.command()
@@ -62,7 +93,6 @@ def train(
     from snugtune.config import load_config
     from snugtune.engine import distributed
     from snugtune.rundir import move_run_aside
-    from snugtune.engine.train import train as run_training
 
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
     cfg = _run(debug, load_config, config, overrides or [])
@@ -74,7 +104,7 @@ def train(
         out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}"
                   + (f" on {ctx.world_size} processes" if ctx.enabled else ""), highlight=False)
     try:
-        summary = _run(debug, run_training, cfg, show_progress=not quiet,
+        summary = _run(debug, _train_or_plan, cfg, show_progress=not quiet,
                        notify=lambda message: err.print(message, highlight=False), ctx=ctx)
     finally:
         distributed.stop(ctx)
@@ -86,7 +116,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
     out.print(f"held-out loss: {before:.4f} before -> {after:.4f} after "
               f"({summary['eval_tokens']} tokens)", highlight=False)
-    out.print(f"steps {summary['steps']}, {summary['tokens_trained']:,} tokens in {summary['wall_seconds']:.0f}s, "
+    run_seconds, this_seconds = summary.get("run_wall_seconds", summary["wall_seconds"]), summary["wall_seconds"]
+    timing = f"{run_seconds:.0f}s" + (f" over every invocation (this one {this_seconds:.0f}s)"
+                                      if summary.get("resumed_from") else "")
+    out.print(f"steps {summary['steps']}, {summary['tokens_trained']:,} tokens in {timing}, "
               f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})",
               highlight=False)
     out.print(f"run directory: [bold]{run_dir.resolve()}[/]", highlight=False)
@@ -131,7 +164,7 @@ def data(
 
     cfg = _run(debug, load_config, config, overrides or [])
     resolved = _run(debug, resolve_model, cfg.model, allow_pickle=cfg.allow_pickle_weights)
-    tokenizer = load_tokenizer(resolved.path, cfg.trust_remote_code)
+    tokenizer = _run(debug, load_tokenizer, resolved.path, cfg.trust_remote_code)
     prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed,
                     cache_dir=default_cache_dir() / "data")
     report = prepared.report
@@ -156,14 +189,22 @@ def eval_command(
     data_file: Optional[str] = typer.Option(None, "--data", help="Score this file instead of the held-out split."),
     limit: Optional[int] = typer.Option(None, "--limit", help="HumanEval: first N problems; generate: N prompts."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    pickle_weights: bool = typer.Option(False, "--allow-pickle-weights", help=PICKLE_HELP),
+    unisolated: bool = typer.Option(False, "--allow-unisolated-code",
+                                    help="HumanEval where this machine cannot isolate generated code (no user "
+                                         "namespaces): run it anyway with only resource limits and an audit hook, "
+                                         "which are not a security boundary."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Base model and fine-tuned model side by side: loss/perplexity, retention, generations, HumanEval."""
+    from snugtune.evaluate.run import Trust
     from snugtune.evaluate.tasks import evaluate_run
     tasks = [t.strip() for t in task.split(",") if t.strip()]
     results = _run(debug, evaluate_run, run_dir, tasks, data_file, limit, device,
-                   progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False))
+                   progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False),
+                   trust=Trust(remote_code, pickle_weights, unisolated))
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -225,6 +266,7 @@ def merge(
     from snugtune.export.merge import merge_run
     from snugtune.export.modelfile import write_modelfile
     from snugtune.export.quantize import tensor_types
+    from snugtune.output_folder import record_files
     if gguf:
         _run(debug, check_gguf_type, gguf_type)  # before the merge: a missing extra fails in a second
     merged = _run(debug, merge_run, run_dir, out_dir, dtype)
@@ -235,7 +277,9 @@ def merge(
         kinds = ", ".join(f"{count} {kind}" for kind, count in tensor_types(written).most_common())
         err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB; tensors: {kinds})",
                   highlight=False)
-        err.print(f"Ollama: [bold]{_run(debug, write_modelfile, written, merged)}[/]", highlight=False)
+        modelfile = _run(debug, write_modelfile, written, merged)
+        err.print(f"Ollama: [bold]{modelfile}[/]", highlight=False)
+        record_files(merged, "merge", [written, modelfile])  # so a later merge may replace them too
 
 
 @app.command()
@@ -244,20 +288,24 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One message, print the answer and exit."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer in tokens."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    pickle_weights: bool = typer.Option(False, "--allow-pickle-weights", help=PICKLE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Chat with the fine-tuned model (chat template, streamed, multi-turn; /reset, /exit)."""
     from snugtune.chat import chat_loop, load_for_chat, reply
-    model, tokenizer, dev, precision = _run(debug, load_for_chat, path, device)
+    from snugtune.evaluate.run import Trust
+    model, tokenizer, dev, precision = _run(debug, load_for_chat, path, device, Trust(remote_code, pickle_weights))
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     if prompt is not None:
-        reply(model, tokenizer, [{"role": "user", "content": prompt}], dev, precision, max_new_tokens, stream=write)
+        _run(debug, reply, model, tokenizer, [{"role": "user", "content": prompt}], dev, precision, max_new_tokens,
+             stream=write)
         write("\n")
         return
-    chat_loop(model, tokenizer, dev, precision, read=input, write=write, max_new_tokens=max_new_tokens)
+    _run(debug, chat_loop, model, tokenizer, dev, precision, read=input, write=write, max_new_tokens=max_new_tokens)
 
 
 @app.command()

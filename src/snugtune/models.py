@@ -19,7 +19,7 @@ import torch
 
 from snugtune.attention import use_document_attention
 from snugtune.config import Config
-from snugtune.errors import ConfigError
+from snugtune.errors import ConfigError, UserError
 from snugtune.lora_dropout import count_lora_dropout
 from snugtune.methods import METHODS
 from snugtune.registry import BLOCK_LINEARS, HUB_IDS, shape_config
@@ -213,7 +213,11 @@ def block_linear_names(model_type: str) -> list[str]:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The tokenizer of a resolved model, with a pad token (the EOS token where it has none)."""
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:  # transformers' ways of saying the files are missing or bad
+        raise UserError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:160]}); the folder needs the "
+                        f"model's tokenizer.json or tokenizer_config.json and vocabulary files") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -21,6 +21,11 @@ from snugtune.errors import UserError
 
 CONFIG, SUMMARY, METRICS, EVAL = "config.yaml", "summary.json", "metrics.jsonl", "eval.json"
 CHECKPOINTS, COMPLETE = "checkpoints", "COMPLETE"
+REPLACED = ".replaced"  # suffix of a checkpoint being replaced by a new save of the same step
+# what to do about a damaged file of the run folder
+REPAIR = {CONFIG: "restore it from the run's newest checkpoints/step-N/config.yaml, or train again with --fresh",
+          SUMMARY: "restore it or train again with --fresh",
+          EVAL: "move it aside and run `snugtune eval` again"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,16 @@ class RunFolder:
         if not base:
             raise UserError(f"{self.path / SUMMARY}: no base_model_path; the file is damaged: train again with "
                             f"--fresh, or restore it")
+        if not (Path(base) / "config.json").is_file():
+            raise UserError(f"{self.path / SUMMARY}: its base model folder {base} is gone; run `snugtune train` on "
+                            f"the run's config to fetch or build it again")
         return Path(base)
+
+    def evals(self) -> dict:
+        """eval.json ({} before the first `snugtune eval`)."""
+        if not (self.path / EVAL).exists():
+            return {}
+        return self._parsed(EVAL, json.loads, "")
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.path / METRICS)
@@ -62,21 +76,29 @@ class RunFolder:
         try:
             value = parse(path.read_text(encoding="utf-8"))
         except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: cannot be read ({str(exc).splitlines()[0]}); restore it or train again "
-                            f"with --fresh") from None
+            raise UserError(f"{path}: cannot be read ({str(exc).splitlines()[0]}); {REPAIR[name]}") from None
         if not isinstance(value, dict):
-            raise UserError(f"{path}: expected a mapping, found {type(value).__name__}; restore it or train "
-                            f"again with --fresh")
+            raise UserError(f"{path}: expected a mapping, found {type(value).__name__}; {REPAIR[name]}")
         return value
 
 
+def _step_of(path: Path) -> int | None:
+    digits = path.name.removeprefix("step-").removesuffix(REPLACED)
+    return int(digits) if path.name.startswith("step-") and digits.isdigit() else None
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; half-written ones (no marker, temp names) are ignored."""
+    """Complete checkpoints, oldest first; half-written ones (no marker, temp names) are ignored. A
+    step-N.replaced folder stands in for step-N when a crash came between replacing one by the other."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found: dict[int, Path] = {}
+    for path in sorted(root.glob("step-*"), key=lambda p: p.name.endswith(REPLACED)):  # plain names first
+        step = _step_of(path)
+        if step is not None and step not in found and (path / COMPLETE).is_file():
+            found[step] = path
+    return [found[step] for step in sorted(found)]
 
 
 def move_run_aside(run_dir: Path) -> Path | None:
@@ -131,10 +153,20 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file (metrics.jsonl); [] when it does not exist."""
+    """The rows of a JSON-lines file (metrics.jsonl); [] when it does not exist. A malformed line is a
+    UserError naming the file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise UserError(f"{path}:{number}: not a JSON line; the file is damaged (delete that line or restore "
+                            f"the file from the run's newest checkpoint)") from None
+    return rows
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -12,6 +12,9 @@ from snugtune.config import DataConfig
 from snugtune.data.tokenize import TokenizedSample
 
 CACHE_FORMAT = "2"
+# Every entry starts with this text, so an existing file is replaced only when the cache wrote it (even a
+# truncated one), never a file of someone else's that happens to have the name.
+ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 
 
 def _hash_path(path: Path, h) -> None:
@@ -43,15 +46,27 @@ def load_cached(cache_dir: Path, key: str):
         return None
     try:
         stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None  # a damaged cache file is rebuilt
+    if not isinstance(stored, dict) or stored.get("format") != f"snugtune-tokenized-cache/{CACHE_FORMAT}":
+        return None
     unpack = lambda items: [TokenizedSample(ids, labels) for ids, labels in items]  # noqa: E731
     return unpack(stored["train"]), unpack(stored["eval"]), stored["report"]
 
 
+def _written_by_cache(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(ENTRY_HEAD)) == ENTRY_HEAD.encode()
+
+
 def store(cache_dir: Path, key: str, train: list[TokenizedSample], eval_: list[TokenizedSample], report: dict) -> None:
+    """Write the entry (temp name, then rename); an existing file of that name the cache did not write stays."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{key}.json"
+    if target.exists() and not (target.is_file() and _written_by_cache(target)):
+        return  # not ours: keep it, and go without a cache entry
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     pack = lambda items: [[s.input_ids, s.labels] for s in items]  # noqa: E731
-    tmp.write_text(json.dumps({"train": pack(train), "eval": pack(eval_), "report": report}))
-    os.replace(tmp, cache_dir / f"{key}.json")
+    body = json.dumps({"train": pack(train), "eval": pack(eval_), "report": report})
+    tmp.write_text(ENTRY_HEAD + ", " + body[1:])
+    os.replace(tmp, target)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from snugtune.errors import CheckpointWriteError
 from snugtune.engine.distributed import full_tensor, shard_like
-from snugtune.rundir import COMPLETE, complete_checkpoints, read_jsonl
+from snugtune.rundir import COMPLETE, REPLACED, complete_checkpoints, read_jsonl
 
 
 
@@ -32,6 +32,7 @@ class TrainPosition:
     tokens_trained: int = 0
     skipped_steps: int = 0
     rows_per_step: int = 0   # micro_batch x grad_accum x processes when saved (may be split differently)
+    run_seconds: float = 0.0  # training time up to this checkpoint, summed over every invocation
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -130,9 +131,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         (tmp / COMPLETE).write_text("")  # last: a folder without it is never resumed from
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _put_in_place(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(run_dir)
@@ -141,9 +140,40 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in complete_checkpoints(run_dir)[:-keep] + _leftovers(root):
+        _remove(old)
     return final
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the complete tmp folder to final. A checkpoint of the same step already there is renamed
+    to step-N.replaced first and removed only after the new one is in place: at every instant one
+    complete copy of the step is on disk under a name complete_checkpoints finds."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(final.name + REPLACED)
+    if aside.exists():
+        _remove(aside)  # a leftover from a crash, while final (complete) is still there
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    _remove(aside)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder, its COMPLETE marker first: a crash half-way leaves a folder never resumed from."""
+    (checkpoint / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """What crashed saves left (one process writes a run's checkpoints): temp folders, folders whose removal
+    was cut short (no marker), and step-N.replaced folders whose step-N is complete again."""
+    temps = [p for p in root.glob(".tmp-step-*")]
+    unmarked = [p for p in root.glob("step-*") if not (p / COMPLETE).is_file()]
+    replaced = [p for p in root.glob(f"step-*{REPLACED}")
+                if (p.with_name(p.name.removesuffix(REPLACED)) / COMPLETE).is_file()]
+    return temps + unmarked + replaced
 
 
 def checkpoint_metrics(path: Path) -> list[dict]:

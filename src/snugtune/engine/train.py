@@ -89,6 +89,8 @@ class Run:
     graphs: StepGraphs | None = None
     total_steps: int = 0
     rows_per_step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    earlier_seconds: float = 0.0  # training time of the invocations before this one, to their last checkpoint
 
     @property
     def evaluates(self) -> bool:  # with FSDP every process takes part (the weights are sharded); rank 0 reports
@@ -136,6 +138,7 @@ def _train_attempt(config: Config, notify, ctx: DistContext, show_progress: bool
                    stepped: Stepped | None) -> dict:
     """set_up -> resume -> the loop -> finish, as planned or with the settings a step down chose."""
     run = set_up(config, notify, ctx, stepped)
+    run.started = started
     position, log, resumed_from = resume(run)
     eval_loss_before = held_out_loss_before(run, log)
     stopped = train_loop(run, position, log, show_progress and ctx.is_main)
@@ -319,6 +322,10 @@ def _probe(run: Run) -> None:
 def _prepare_run_dir(run_dir: Path) -> None:
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
+    run_signs = ("metrics.jsonl", "checkpoints", "summary.json")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / sign).exists() for sign in run_signs):
+        raise UserError(f"output_dir: {run_dir} holds files and is not a snugtune run (no metrics.jsonl, checkpoints "
+                        f"or summary.json); choose a new or empty folder (nothing was changed)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -384,6 +391,7 @@ def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
         _check_resume_config(resumed_from, run.config, run.rows_per_step, run.notify)
         position = load_checkpoint(resumed_from, run.model, run.optimizer, run.scheduler, run.scaler, run.notify)
         position.rows_per_step = run.rows_per_step
+        run.earlier_seconds = position.run_seconds
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
         run.notify(f"resuming from {resumed_from} (step {position.step} of {run.total_steps})")
     log = MetricsLog(run.run_dir, metrics, tensorboard=run.config.log.tensorboard, write=run.ctx.is_main,
@@ -549,6 +557,7 @@ def _raise_diverged(run: Run, position: TrainPosition, state: LoopState) -> None
 
 
 def save_checkpoint_now(run: Run, position: TrainPosition, log: MetricsLog) -> None:
+    position.run_seconds = run.earlier_seconds + time.perf_counter() - run.started
     if run.ctx.is_main or run.fsdp_root is not None:  # FSDP: every process gathers its shards, rank 0 writes
         save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, position,
                         run.config.save.keep, log.rows, config_to_yaml(run.config), write=run.ctx.is_main)
@@ -593,6 +602,7 @@ def _summary(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_befor
         "peak_memory_kind": "cuda max_memory_reserved" if device.type == "cuda" else "process peak RSS",
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "wall_seconds": time.perf_counter() - started, "steps": position.step,
+        "run_wall_seconds": run.earlier_seconds + time.perf_counter() - started,
         "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
         "trainable_params": run.counts["trainable_params"], "total_params": run.counts["total_params"],
         "precision": run.precision.name, "device": device_description(device), "versions": versions(),

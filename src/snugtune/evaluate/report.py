@@ -2,56 +2,77 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from pathlib import Path
 
-
-from snugtune.methods import METHODS
-from snugtune.rundir import EVAL, RunFolder, write_text_atomic
+from snugtune.config import Config, config_from_dict
+from snugtune.errors import UserError
+from snugtune.output_folder import check_target, discard, publish, staging_folder
+from snugtune.rundir import CONFIG, RunFolder
 
 COLUMNS = ["run", "model", "dataset", "samples", "method", "LoRA", "peak memory", "train time", "tokens/s",
            "train loss", "eval loss (base → tuned)", "retention", "HumanEval pass@1 (base → tuned)"]
 
 
+def _run_files(run_dir: Path) -> tuple[dict, Config, dict, list[dict]]:
+    """summary.json, config.yaml, eval.json ({} if none) and the step rows of metrics.jsonl, each checked."""
+    run = RunFolder(run_dir)
+    summary = run.summary()
+    config = config_from_dict(run.config_dict(), source=str(run_dir / CONFIG))
+    return summary, config, run.evals(), [m for m in run.metrics() if "tokens_per_s" in m]
+
+
 def report_row(run_dir: Path) -> dict:
     """One table row (column -> text) from a run's summary.json, config.yaml, metrics.jsonl and eval.json."""
-    run = RunFolder(run_dir)
-    summary, config = run.summary(), run.config_dict()
-    evals = json.loads((run_dir / EVAL).read_text()) if (run_dir / EVAL).is_file() else {}
-    steps = [m for m in run.metrics() if "tokens_per_s" in m]
-    lora = config["lora"]
-    uses_lora = METHODS[config["method"]].adapters
-    targets = lora["targets"] if isinstance(lora["targets"], str) else ",".join(lora["targets"])
+    summary, config, evals, steps = _run_files(run_dir)
+    lora = config.lora
+    targets = lora.targets if isinstance(lora.targets, str) else ",".join(lora.targets)
     ppl, ret, he = evals.get("perplexity"), evals.get("retention"), evals.get("humaneval")
-    return {
-        "run": run_dir.name, "model": summary["model"], "dataset": Path(config["data"]["path"]).name,
-        "samples": str(summary["data"]["train_samples"]), "method": summary["method"],
-        "LoRA": f"r={lora['r']} α={lora['alpha']:g} drop={lora['dropout']:g} {targets}" if uses_lora else "-",
-        "peak memory": f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"
-                       + (" (CPU RSS)" if "RSS" in summary.get("peak_memory_kind", "") else ""),
-        "train time": f"{summary['wall_seconds'] / 60:.1f} min",
-        "tokens/s": f"{statistics.median(m['tokens_per_s'] for m in steps):,.0f}" if steps else "-",
-        "train loss": f"{summary['train_loss_final']:.4f}" if summary.get("train_loss_final") is not None else "-",
-        "eval loss (base → tuned)": (f"{ppl['base_loss']:.4f} → {ppl['tuned_loss']:.4f}" if ppl else
-                                     f"{summary['eval_loss_before']:.4f} → {summary['eval_loss_after']:.4f}"),
-        "retention": f"{ret['kept_percent']:.1f}%" if ret else "-",
-        "HumanEval pass@1 (base → tuned)": (f"{he['base_pass@1']:.1%} → {he['tuned_pass@1']:.1%} "
-                                             f"({he['problems']} problems)" if he else "-"),
-    }
+    try:
+        return {
+            "run": run_dir.name, "model": summary["model"], "dataset": Path(config.data.path).name,
+            "samples": str(summary["data"]["train_samples"]), "method": summary["method"],
+            "LoRA": f"r={lora.r} α={lora.alpha:g} drop={lora.dropout:g} {targets}" if config.uses_lora else "-",
+            "peak memory": f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+                           + (" (CPU RSS)" if "RSS" in summary.get("peak_memory_kind", "") else ""),
+            "train time": train_time(summary),
+            "tokens/s": f"{statistics.median(m['tokens_per_s'] for m in steps):,.0f}" if steps else "-",
+            "train loss": f"{summary['train_loss_final']:.4f}" if summary.get("train_loss_final") is not None else "-",
+            "eval loss (base → tuned)": (f"{ppl['base_loss']:.4f} → {ppl['tuned_loss']:.4f}" if ppl else
+                                         f"{summary['eval_loss_before']:.4f} → {summary['eval_loss_after']:.4f}"),
+            "retention": f"{ret['kept_percent']:.1f}%" if ret else "-",
+            "HumanEval pass@1 (base → tuned)": (f"{he['base_pass@1']:.1%} → {he['tuned_pass@1']:.1%} "
+                                                 f"({he['problems']} problems)" if he else "-"),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{run_dir}: summary.json or eval.json lacks or garbles {exc}; rerun `snugtune train` "
+                        f"(summary) or move eval.json aside and rerun `snugtune eval`") from None
+
+
+def train_time(summary: dict) -> str:
+    """Minutes of training over every invocation of the run (older summaries: the last invocation's)."""
+    seconds = summary.get("run_wall_seconds", summary["wall_seconds"])
+    return f"{seconds / 60:.1f} min"
 
 
 def build_report(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
-    """Write out_dir/report.md and out_dir/loss_curves.png; returns their paths."""
-    rows = [report_row(Path(d)) for d in run_dirs]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write out_dir/report.md and out_dir/loss_curves.png; returns their paths. out_dir must be new, empty or
+    an earlier report's output, and outside every run folder (see output_folder)."""
+    run_dirs = [Path(d) for d in run_dirs]
+    rows = [report_row(d) for d in run_dirs]
+    check_target(out_dir, "report", run_dirs)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows]
     markdown = "# snugtune results\n\n" + "\n".join(lines) + "\n\n![loss curves](loss_curves.png)\n"
-    report = out_dir / "report.md"
-    write_text_atomic(report, markdown)
-    return report, _plot(run_dirs, out_dir / "loss_curves.png")
+    staging = staging_folder(out_dir)
+    try:
+        (staging / "report.md").write_text(markdown, encoding="utf-8")
+        _plot(run_dirs, staging / "loss_curves.png")
+        publish(staging, out_dir, "report")
+    except BaseException:
+        discard(staging)
+        raise
+    return out_dir / "report.md", out_dir / "loss_curves.png"
 
 
 def _plot(run_dirs: list[Path], target: Path) -> Path:
@@ -71,8 +92,6 @@ def _plot(run_dirs: list[Path], target: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    fig.savefig(target)
     plt.close(fig)
-    os.replace(tmp, target)
     return target

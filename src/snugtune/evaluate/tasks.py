@@ -3,7 +3,6 @@ HumanEval pass@1, each for the base model and the fine-tuned one side by side. R
 
 from __future__ import annotations
 
-import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -13,8 +12,8 @@ from snugtune.errors import UserError
 from snugtune.data.batches import eval_batches
 from snugtune.data.prepare import prepare_data
 from snugtune.loss import mean_loss
-from snugtune.rundir import write_json_atomic
-from snugtune.evaluate.run import LoadedRun, load_run
+from snugtune.rundir import RunFolder, write_json_atomic
+from snugtune.evaluate.run import LoadedRun, Trust, load_run
 
 TASKS = ("perplexity", "retention", "generate", "humaneval")
 
@@ -33,12 +32,23 @@ def _loss_pair(run: LoadedRun, samples) -> dict:
 
 
 def evaluate_run(run_dir: str | Path, tasks: list[str], data_file: str | None = None, limit: int | None = None,
-                 device: str = "auto", progress=lambda message: None) -> dict:
-    """Run the named tasks on RUN_DIR; returns {task: result} and merges it into RUN_DIR/eval.json."""
+                 device: str = "auto", progress=lambda message: None, trust: Trust = Trust()) -> dict:
+    """Run the named tasks on RUN_DIR; returns {task: result} and merges it into RUN_DIR/eval.json.
+
+    trust: the command line's settings (the run folder's own are ignored). With trust.unisolated_code,
+    where this machine cannot isolate generated code, HumanEval runs it with only limits and the audit hook;
+    where it can, the code is isolated regardless.
+    """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"--task: unknown {unknown}; choose from {', '.join(TASKS)}")
-    run = load_run(run_dir, device)
+    isolate = True
+    if "humaneval" in tasks:
+        from snugtune.evaluate.sandbox import isolation_problem, require_isolation
+        isolate = isolation_problem() is None
+        if not (isolate or trust.unisolated_code):
+            require_isolation()  # refuse before loading any model
+    run = load_run(run_dir, device, trust)
     cfg = run.config
     results: dict = {}
     if "perplexity" in tasks:
@@ -67,14 +77,14 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], data_file: str | None = 
         from snugtune.evaluate.humaneval import humaneval
         progress("humaneval: generating and executing completions in the sandbox (base, then tuned)")
         with run.base_model() as base:
-            before = humaneval(base, run.tokenizer, run.device, run.precision, limit)
-        after = humaneval(run.model, run.tokenizer, run.device, run.precision, limit)
+            before = humaneval(base, run.tokenizer, run.device, run.precision, limit, isolate=isolate)
+        after = humaneval(run.model, run.tokenizer, run.device, run.precision, limit, isolate=isolate)
         results["humaneval"] = {"problems": after["problems"], "mode": after["mode"], "base_pass@1": before["pass@1"],
                                 "tuned_pass@1": after["pass@1"], "base_passed": before["passed"],
                                 "tuned_passed": after["passed"], "base_results": before["results"],
                                 "tuned_results": after["results"]}
     path = Path(run_dir) / "eval.json"
-    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged = RunFolder(Path(run_dir)).evals()
     merged.update(results)
     write_json_atomic(path, merged)
     return results

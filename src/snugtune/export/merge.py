@@ -13,10 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
+import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
 from snugtune.errors import UserError
+from snugtune.output_folder import check_target, discard, publish, staging_folder
 from snugtune.rundir import RunFolder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,10 +61,15 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _lora_deltas(run_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict]:
     """{base weight name: (A, B)}, the scale, and the adapter config."""
-    config = json.loads((run_dir / "adapter_config.json").read_text())
+    config_path = run_dir / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+        weights = load_file(str(run_dir / "adapter_model.safetensors"))
+    except (OSError, ValueError, safetensors.SafetensorError) as exc:
+        raise UserError(f"{run_dir}: its adapter (adapter_config.json, adapter_model.safetensors) cannot be read "
+                        f"({exc}); run `snugtune train` on the run's config to write it again") from None
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise UserError(f"{run_dir}: adapters with per-module rank or alpha patterns are not supported by merge")
-    weights = load_file(str(run_dir / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         if ".lora_A." not in key and ".lora_B." not in key:
@@ -76,22 +83,30 @@ def _lora_deltas(run_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
-    """Write a merged HF model folder for RUN_DIR at out_dir (atomically); returns out_dir."""
+    """Write a merged HF model folder for RUN_DIR at out_dir; returns out_dir. out_dir must be new, empty or
+    an earlier merge's output (see output_folder)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = RunFolder(run_dir)
     run.summary()  # a finished run: names the missing or broken file otherwise
     if dtype not in DTYPES:
         raise UserError(f"--dtype: choose one of {', '.join(DTYPES)}")
-    out_dtype = DTYPES[dtype]
-    adapter = (run_dir / "adapter_model.safetensors").is_file()
-    if adapter:
+    check_target(out_dir, "merge", [run_dir])
+    if (run_dir / "adapter_model.safetensors").is_file():
         deltas, scale, _ = _lora_deltas(run_dir)
         base = run.base_model_path()
     else:  # freeze / full runs saved the whole trained model
         deltas, scale, base = {}, 0.0, run_dir
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    staging = staging_folder(out_dir)
+    try:
+        _write_merged(staging, run_dir, base, deltas, scale, dtype)
+        return publish(staging, out_dir, "merge")
+    except BaseException:
+        discard(staging)
+        raise
+
+
+def _write_merged(tmp: Path, run_dir: Path, base: Path, deltas: dict, scale: float, dtype: str) -> None:
+    out_dtype = DTYPES[dtype]
     used: set[str] = set()
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, shards = 0, []
@@ -119,8 +134,22 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> 
     flush()
     missing = set(deltas) - used
     if missing:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{run_dir}: adapter weights for {sorted(missing)[:3]} have no matching base tensor")
+    _name_shards(tmp, shards)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if (base / "generation_config.json").is_file():
+        shutil.copy(base / "generation_config.json", tmp / "generation_config.json")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+              "tokenizer.model"):
+        if (run_dir / f).is_file():
+            shutil.copy(run_dir / f, tmp / f)
+
+
+def _name_shards(tmp: Path, shards: list[tuple[str, list[str]]]) -> None:
+    """Give the shards Hugging Face's names (one: model.safetensors) and write the index for several."""
     total = len(shards)
     names = {}
     for i, (name, keys) in enumerate(shards, start=1):
@@ -129,18 +158,3 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> 
         names.update({k: final for k in keys})
     if total > 1:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}, indent=2))
-    config = json.loads((base / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for extra in ("generation_config.json",):
-        if (base / extra).is_file():
-            shutil.copy(base / extra, tmp / extra)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-              "tokenizer.model"):
-        if (run_dir / f).is_file():
-            shutil.copy(run_dir / f, tmp / f)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir

@@ -1,0 +1,84 @@
+"""A crash at any point of a checkpoint save (keep: 1) leaves the last complete checkpoint loadable,
+including when the same step is saved again."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import snugtune.engine.checkpoint as checkpoint_module
+from snugtune.engine.checkpoint import TrainPosition, complete_checkpoints, load_checkpoint, save_checkpoint
+from snugtune.precision import resolve_precision
+
+
+class Killed(BaseException):
+    """The process died here: this operation and every later one never happen."""
+
+
+def _training_state(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler, resolve_precision("fp32", torch.device("cpu")).grad_scaler()
+
+
+def _save(run_dir, step: int, seed: int):
+    model, optimizer, scheduler, scaler = _training_state(seed)
+    return save_checkpoint(run_dir, model, optimizer, scheduler, scaler, TrainPosition(step=step, tokens_trained=seed),
+                           keep=1, metrics=[{"step": step}], config_yaml=f"seed: {seed}\n")
+
+
+class KillSwitch:
+    """Wraps every file-system call a save makes; the k-th call and all after it raise Killed."""
+
+    OPERATIONS = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"), (os, "fsync"),
+                  (shutil, "rmtree"), (checkpoint_module, "save_file"), (torch, "save")]
+
+    def __init__(self, monkeypatch, at: int):
+        self.calls, self.at, self.dead = 0, at, False
+        for module, name in self.OPERATIONS:
+            monkeypatch.setattr(module, name, self.wrap(getattr(module, name)))
+        real_write = type(checkpoint_module.Path()).write_text
+        monkeypatch.setattr(type(checkpoint_module.Path()), "write_text",
+                            lambda path, *a, **k: self.wrap(real_write)(path, *a, **k))
+
+    def wrap(self, real):
+        def operation(*args, **kwargs):
+            self.calls += 1
+            if self.dead or self.calls == self.at:
+                self.dead = True
+                raise Killed()
+            return real(*args, **kwargs)
+        return operation
+
+
+def _newest_loads(run_dir) -> int:
+    newest = complete_checkpoints(run_dir)[-1]
+    model, optimizer, scheduler, scaler = _training_state(99)
+    return load_checkpoint(newest, model, optimizer, scheduler, scaler).tokens_trained
+
+
+@pytest.mark.parametrize("next_save", ["the next step", "the same step again"])
+def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint(next_save, tmp_path):
+    step, seed = (2, 2) if next_save == "the next step" else (1, 3)
+    for at in range(1, 200):
+        run_dir = tmp_path / f"run-{at}"
+        _save(run_dir, step=1, seed=1)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            switch = KillSwitch(monkeypatch, at)
+            try:
+                _save(run_dir, step=step, seed=seed)
+            except Killed:
+                pass
+        assert _newest_loads(run_dir) in (1, seed), f"killed at operation {at}"
+        if not switch.dead:
+            break  # the save ran to its end: every point before it was tried
+        # the next save after the crash works, cleans up and leaves exactly one checkpoint
+        _save(run_dir, step=step, seed=seed)
+        assert _newest_loads(run_dir) == seed
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{step}"]
+    assert at > 5 and _newest_loads(run_dir) == seed
