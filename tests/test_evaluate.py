@@ -10,7 +10,9 @@ from snugtune.engine.train import train
 from snugtune.evaluate.tasks import evaluate_run
 from snugtune.evaluate.humaneval import load_problems, pass_at_k, program_for
 from snugtune.evaluate.report import build_report
-from snugtune.evaluate.sandbox import run_sandboxed
+from snugtune.evaluate.sandbox import isolation_problem, run_sandboxed
+
+ISOLATE = isolation_problem() is None  # where it cannot, the programs still run with the limits and the hook
 
 
 # --- HumanEval arithmetic and programs -----------------------------------------------------------------------
@@ -26,10 +28,11 @@ def test_canonical_solutions_pass_and_wrong_ones_fail_in_both_modes():
     problems = load_problems(3)
     assert len(load_problems()) == 164
     for problem in problems:
-        assert run_sandboxed(program_for(problem, problem["canonical_solution"])).passed
-        assert not run_sandboxed(program_for(problem, "    return None\n")).passed
+        assert run_sandboxed(program_for(problem, problem["canonical_solution"]), isolate=ISOLATE).passed
+        assert not run_sandboxed(program_for(problem, "    return None\n"), isolate=ISOLATE).passed
         whole = problem["prompt"] + problem["canonical_solution"]
-        assert run_sandboxed(program_for(problem, f"Here it is:\n```python\n{whole}```\n", mode="chat")).passed
+        chat_answer = program_for(problem, f"Here it is:\n```python\n{whole}```\n", mode="chat")
+        assert run_sandboxed(chat_answer, isolate=ISOLATE).passed
 
 
 # --- base vs tuned, during and after training ----------------------------------------------------------------
