@@ -46,10 +46,15 @@ class RunFolder:
         if not base:
             raise UserError(f"{self.path / SUMMARY}: no base_model_path; the file is damaged: train again with "
                             f"--fresh, or restore it")
-        if not (Path(base) / "config.json").is_file():
+        return Path(base)
+
+    def base_model_folder(self) -> Path:
+        """base_model_path, checked to still be a model folder (evaluation, chat and merge read it)."""
+        base = self.base_model_path()
+        if not (base / "config.json").is_file():
             raise UserError(f"{self.path / SUMMARY}: its base model folder {base} is gone; run `snugtune train` on "
                             f"the run's config to fetch or build it again")
-        return Path(base)
+        return base
 
     def evals(self) -> dict:
         """eval.json ({} before the first `snugtune eval`)."""

@@ -54,7 +54,7 @@ def load_run(run_dir: str | Path, device: str = "auto", trust: Trust = Trust()) 
     config = config_from_dict(run.config_dict(), source=str(run_dir / CONFIG))
     config = config.model_copy(update={"trust_remote_code": trust.remote_code,
                                        "allow_pickle_weights": trust.pickle_weights})
-    base_path = run.base_model_path()
+    base_path = run.base_model_folder()
     if not trust.pickle_weights and not list(base_path.glob("*.safetensors")) and list(base_path.glob("*.bin")):
         raise UserError(f"{base_path}: the run's base model holds only pickle (.bin) weights, which can run code when "
                         f"loaded; pass --allow-pickle-weights if you trust them")

@@ -93,7 +93,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> 
     check_target(out_dir, "merge", [run_dir])
     if (run_dir / "adapter_model.safetensors").is_file():
         deltas, scale, _ = _lora_deltas(run_dir)
-        base = run.base_model_path()
+        base = run.base_model_folder()
     else:  # freeze / full runs saved the whole trained model
         deltas, scale, base = {}, 0.0, run_dir
     staging = staging_folder(out_dir)
