@@ -138,7 +138,8 @@ def _train_attempt(config: Config, notify, ctx: DistContext, show_progress: bool
                    stepped: Stepped | None) -> dict:
     """set_up -> resume -> the loop -> finish, as planned or with the settings a step down chose."""
     run = set_up(config, notify, ctx, stepped)
-    run.started = started
+    # after a step down the checkpoint the failed attempt wrote already counts the time before it
+    run.started = started if stepped is None else time.perf_counter()
     position, log, resumed_from = resume(run)
     eval_loss_before = held_out_loss_before(run, log)
     stopped = train_loop(run, position, log, show_progress and ctx.is_main)
@@ -602,7 +603,7 @@ def _summary(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_befor
         "peak_memory_kind": "cuda max_memory_reserved" if device.type == "cuda" else "process peak RSS",
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "wall_seconds": time.perf_counter() - started, "steps": position.step,
-        "run_wall_seconds": run.earlier_seconds + time.perf_counter() - started,
+        "run_wall_seconds": run.earlier_seconds + time.perf_counter() - run.started,
         "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
         "trainable_params": run.counts["trainable_params"], "total_params": run.counts["total_params"],
         "precision": run.precision.name, "device": device_description(device), "versions": versions(),
