@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_runs_snugtune_and_the_plain_recipe_on_the_same_data(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "snugtune", "bench", "--shape", "tiny", "--seq", "128", "--batch",
@@ -34,6 +37,7 @@ def test_longest_context_doubles_then_bisects_to_the_granularity():
     assert capped == 2048  # never beyond the limit
 
 
+@pytest.mark.slow
 def test_bench_max_context_reports_each_stacks_longest_sequence(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "snugtune", "bench", "--shape", "tiny", "--seq", "64", "--batch", "1",

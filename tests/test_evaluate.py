@@ -50,6 +50,7 @@ def two_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_eval_scores_base_and_tuned_side_by_side(two_runs):
     run = two_runs[0]
     summary = json.loads((run / "summary.json").read_text())
@@ -64,6 +65,7 @@ def test_eval_scores_base_and_tuned_side_by_side(two_runs):
     assert set(json.loads((run / "eval.json").read_text())) == {"perplexity", "retention", "generate"}
 
 
+@pytest.mark.slow
 def test_eval_during_training_and_tensorboard(two_runs):
     rows = [json.loads(line) for line in (two_runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4, 6]
@@ -71,6 +73,7 @@ def test_eval_during_training_and_tensorboard(two_runs):
     assert events and events[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_report_table_matches_the_runs_and_draws_the_curves(two_runs, tmp_path):
     markdown, plot = build_report(two_runs, tmp_path / "report")
     assert plot.is_file() and plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"

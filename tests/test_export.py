@@ -52,6 +52,7 @@ def test_merge_matches_base_plus_adapter_and_never_merges_into_4bit(qlora_run, t
     assert (out16 - out).abs().max() < 0.05  # bf16 rounding only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gguf_type, tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
 def test_gguf_round_trip_through_transformers(qlora_run, tmp_path, gguf_type, tolerance):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,6 +151,7 @@ def test_gguf_refuses_unsupported_architectures(tmp_path):
         write_gguf(tmp_path, tmp_path / "x.gguf")
 
 
+@pytest.mark.slow
 def test_chat_one_shot_prints_the_models_answer(qlora_run):
     from snugtune.chat import reply
     run = load_run(qlora_run, "cpu")

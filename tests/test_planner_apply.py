@@ -13,6 +13,7 @@ from snugtune.engine import train as train_module
 from snugtune.engine.train import train
 
 
+@pytest.mark.slow
 def test_an_oom_re_plans_the_micro_batch_and_continues_on_the_same_rows(tmp_path, alpaca_file, monkeypatch):
     reference = tiny_config(tmp_path / "a", alpaca_file, output_dir=str(tmp_path / "ref"),
                             train={"max_steps": 4, "micro_batch": 2, "grad_accum": 2})

@@ -69,6 +69,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["after-second", "mid-third"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, mode):
     straight = _config_file(tmp_path, "straight", steps=12, every=3)
@@ -195,6 +196,7 @@ def test_resume_refuses_a_changed_config_but_allows_harmless_changes(tmp_path, a
     assert train(harmless, show_progress=False)["steps"] == 2
 
 
+@pytest.mark.slow
 def test_fresh_moves_the_old_run_aside(tmp_path):
     config = _config_file(tmp_path, "run", steps=2, every=10)
     assert _cli(config).returncode == 0

@@ -71,6 +71,7 @@ def test_fused_layers_follow_peft_disable_adapter_and_leave_8bit_bases_alone(tmp
     assert fuse_lora_layers(model) == 0  # LLM.int8 keeps bitsandbytes' own matmul
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_the_same_steps_as_eager_blocks(tmp_path, alpaca_file):
     losses = {}
     for compiled in (False, True):
