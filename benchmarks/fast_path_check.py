@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="key=value override of the bench config")
     args = parser.parse_args()
 
-    from snugtune.bench import bench_config
+    from snugtune.bench.compare import bench_config
     from snugtune.attention import ATTENTION
     from snugtune.config import apply_overrides, config_from_dict
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches

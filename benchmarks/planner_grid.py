@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from snugtune.bench import long_documents
+from snugtune.bench.compare import long_documents
 from snugtune.models import default_cache_dir, resolve_model
 from snugtune.planner.cards import GIB
 

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="file for the profiler tables")
     args = parser.parse_args()
 
-    from snugtune.bench import bench_config
+    from snugtune.bench.compare import bench_config
     from snugtune.config import config_from_dict
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
     from snugtune.data.prepare import prepare_data

@@ -114,3 +114,19 @@ def finished_run(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp, data, train={"max_steps": 2}, save={"every_steps": 1, "keep": 1})
     train(cfg, show_progress=False)
     return Path(cfg.output_dir)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    """A finished 4-step QLoRA run on shape:tiny (once per test module)."""
+    from snugtune.engine.train import train
+    tmp = tmp_path_factory.mktemp("qlora-run")
+    data = write_jsonl(tmp / "a.jsonl", alpaca_rows(32))
+    cfg = tiny_config(tmp, data, method="qlora", train={"max_steps": 4, "lr": 2e-2})
+    train(cfg, show_progress=False)
+    return Path(cfg.output_dir)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()

@@ -23,7 +23,7 @@ def test_bench_runs_snugtune_and_the_plain_recipe_on_the_same_data(tmp_path):
 
 
 def test_longest_context_doubles_then_bisects_to_the_granularity():
-    from snugtune.bench import longest_context
+    from snugtune.bench.compare import longest_context
     tried = []
 
     def trains(seq):
@@ -53,7 +53,7 @@ def test_bench_max_context_reports_each_stacks_longest_sequence(tmp_path):
 def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp_path):
     from pathlib import Path
 
-    from snugtune.bench import recipe_config
+    from snugtune.bench.compare import recipe_config
     from snugtune.config import config_from_dict
     recipe = Path(__file__).parent.parent / "examples" / "tinyllama-1.1b_qlora_t4.yaml"
     raw = recipe_config(recipe, "tinyllama-1.1b", 30, "cuda", ("lora.dropout=0",))

@@ -328,7 +328,7 @@ def bench(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Speed and memory of snugtune beside the plain transformers+peft+bitsandbytes recipe, same run."""
-    from snugtune.bench import format_table, run_bench
+    from snugtune.bench.compare import format_table, run_bench
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
     results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
                    tuple(set_), one_document)

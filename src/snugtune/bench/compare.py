@@ -1,0 +1,217 @@
+"""`snugtune bench`: snugtune's engine and the plain transformers+peft+bitsandbytes recipe (bench/plain.py),
+each in its own process, on the same random-weight checkpoint and the same micro-batches; one table.
+
+The setting is DESIGN §10's: QLoRA nf4 + double quant, LoRA r=16 α=32 on every linear layer, gradient
+checkpointing, AdamW 8-bit, packed rows of the bundled stdlib data; tokens/s is the median of the warm
+steps (the first three are warm-up) and counts real tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from snugtune.config import apply_overrides
+from snugtune.rundir import read_jsonl
+
+
+
+CHARS_PER_TOKEN_BOUND = 8  # Python source tokenizes at 3-4 characters a token: 8 leaves a wide margin
+
+
+def long_documents(folder: Path, tokens: int, count: int = 24) -> Path:
+    """`count` documents of real code, each at least `tokens` tokens long, written into folder: the
+    largest modules of this Python's standard library, concatenated, each document starting at a
+    different module. Every row then holds one document truncated to the row's length (no packing: plain
+    causal attention, as one long file is trained)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: -p.stat().st_size)[:count]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    chars = CHARS_PER_TOKEN_BOUND * tokens
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(texts)):
+        text = ""
+        k = i
+        while len(text) < chars:
+            text += texts[k % len(texts)] + "\n"
+            k += 1
+        (folder / f"document-{i:02d}.py").write_text(text[:chars], encoding="utf-8")
+    return folder
+
+
+def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
+                 long_text: Path | None = None) -> dict:
+    """The bench's run: packed rows of the bundled stdlib functions, or (long_text, from long_documents) one
+    document of standard-library code per row, truncated to `seq` tokens, for long-context runs."""
+    data = {"path": str(Path(str(resources.files("snugtune") / "bundled" / "stdlib_functions.jsonl"))),
+            "format": "alpaca", "eval_fraction": 0.02}
+    if long_text is not None:
+        data = {"path": str(long_text), "format": "text", "eval_fraction": 0.1}
+    return {"model": f"shape:{shape}", "data": data,
+            "max_seq_len": seq, "method": "qlora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
+            "quant": {"type": "nf4", "double_quant": True},
+            "train": {"max_steps": steps, "micro_batch": batch, "grad_accum": 1, "lr": 2e-4,
+                      "optimizer": "adamw_8bit", "grad_checkpointing": True, "warmup": 0,
+                      "scheduler": "constant"},  # as the plain recipe's loop: losses compare step by step
+            "save": {"every_steps": 100000}, "eval": {"max_batches": 1},
+            "budget": f"{cap_gib}GiB" if cap_gib else "auto", "device": device}
+
+
+def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = ()) -> dict:
+    """A shipped recipe as the bench runs it: its method, LoRA, quantization, micro-batch, accumulation,
+    optimizer, schedule, length and budget as written (then `overrides`, key=value), on the random-weight
+    `shape` and the bench's rows, for `steps` optimizer steps. `micro_batch: auto` becomes the recipe's
+    rows_per_step (the other stacks have no planner to split it; --set train.micro_batch=N splits it)."""
+    raw = yaml.safe_load(Path(recipe).read_text())
+    base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device)
+    raw.pop("output_dir", None)
+    raw["train"] = {**raw.get("train", {}), "max_steps": steps}
+    raw["train"].pop("epochs", None)
+    if raw["train"].get("micro_batch") == "auto":  # every stack trains the same micro-batches: one a step
+        raw["train"]["micro_batch"] = raw["train"].get("rows_per_step") or 1
+    raw.update({k: base[k] for k in ("model", "data", "save", "eval", "device")})
+    return apply_overrides(raw, list(overrides))
+
+
+def _snugtune(config_path: Path, work: Path) -> dict:
+    run = work / "snugtune-run"
+    proc = subprocess.run([sys.executable, "-m", "snugtune", "train", str(config_path), f"output_dir={run}",
+                           "--quiet", "--fresh"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "exit_code": proc.returncode}
+    summary = json.loads((run / "summary.json").read_text())
+    steps = read_jsonl(run / "metrics.jsonl")
+    speeds = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r][3:] or \
+        [r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
+    return {"tokens_per_s_median_step": statistics.median(speeds),
+            "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
+            "peak_reserved_bytes": summary["peak_memory_bytes"] if summary.get("peak_allocated_bytes") else None,
+            "loss_last": summary["train_loss_final"], "device": summary["device"], "plan": summary.get("plan"),
+            "speedups": summary.get("speedups"), "cuda_graphs": summary.get("cuda_graphs")}
+
+
+def _other_stack(module: str, config_path: Path, work: Path) -> dict:
+    """Run bench.plain or bench.unsloth_stack in its own process on the same config; its JSON result."""
+    out = work / f"{module}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local checkpoints only
+    proc = subprocess.run([sys.executable, "-m", f"snugtune.bench.{module}", str(config_path), "--out", str(out)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": "out of memory" if "OutOfMemory" in proc.stderr else last, "exit_code": proc.returncode}
+    return json.loads(out.read_text())
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def run_stack(stack: str, config: dict, work: Path) -> dict:
+    """One stack on one config, in its own process: snugtune, plain or unsloth."""
+    config_path = work / f"{stack}-{config['max_seq_len']}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    if stack == "snugtune":
+        return _snugtune(config_path, work)
+    if stack == "plain":
+        return _other_stack("plain", config_path, work)
+    if stack != "unsloth":
+        return {"error": f"unknown stack {stack} (plain, unsloth)", "unavailable": True}
+    if importlib.util.find_spec("unsloth") is None:
+        return {"error": "unsloth is not installed here (../shared/tools/device-site.sh --unsloth carries it to "
+                         "the GPU machine)", "unavailable": True}
+    if config["device"] == "cpu" or not _cuda_available():
+        return {"error": "unsloth needs a GPU", "unavailable": True}
+    return _other_stack("unsloth_stack", config_path, work)
+
+
+def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> tuple[int | None, dict | None]:
+    """The longest sequence (a multiple of `granularity` from `start` up to `limit`) at which trains(seq)
+    returns a result without "error": doubling until a failure, then bisection. (length, its result)."""
+    best, best_result, failed = None, None, None
+    seq = start
+    while seq <= limit:
+        result = trains(seq)
+        if "error" in result:
+            failed = seq
+            break
+        best, best_result = seq, result
+        seq *= 2
+    if best is None:
+        return None, None
+    high = failed if failed is not None else min(seq, limit + granularity)
+    while high - best > granularity:
+        mid = (best + high) // 2 // granularity * granularity
+        if mid <= best:
+            break
+        result = trains(mid)
+        if "error" in result:
+            high = mid
+        else:
+            best, best_result = mid, result
+    return best, best_result
+
+
+def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
+              against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
+              max_context: int | None = None, recipe: Path | None = None, overrides: tuple[str, ...] = (),
+              one_document: bool = False) -> dict:
+    """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
+    on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one long
+    document of standard-library code per row, see long_documents) that trains under the cap, up to this
+    many tokens. recipe: a config file's settings instead of the bench's own (recipe_config; seq, batch
+    and cap then come from it). one_document: rows of one long document each instead of packed samples."""
+    results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
+                                 "max_context": max_context, "recipe": str(recipe) if recipe else None,
+                                 "overrides": list(overrides), "one_document": one_document}}
+    with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:
+        work = Path(tmp)
+        # build the random-weight checkpoint once, outside every measurement
+        from snugtune.models import resolve_model
+        resolve_model(f"shape:{shape}")
+        stacks = ("snugtune", *against)
+        documents = long_documents(work / "documents", seq) if one_document else None
+        config = recipe_config(recipe, shape, steps, device, overrides) if recipe else \
+            apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, documents), list(overrides))
+        for stack in stacks:
+            results[stack] = run_stack(stack, config, work)
+        if max_context:
+            documents = long_documents(work / "long", max_context)
+            for stack in stacks:
+                if results[stack].get("unavailable"):  # a stack that cannot run here has no longest sequence
+                    continue
+                trial = lambda n: run_stack(stack, bench_config(shape, n, 1, 3, cap_gib, device, documents), work)  # noqa: E731
+                length, at_length = longest_context(trial, min(seq, max_context), max_context,
+                                                    granularity=min(1024, seq))
+                results[stack]["longest_context_tokens"] = length
+                results[stack]["tokens_per_s_at_longest"] = at_length["tokens_per_s_median_step"] if at_length else None
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = ["| stack | tokens/s (median step) | peak allocated | peak reserved | last loss | longest sequence "
+            "under the cap (tokens/s there) |", "|---|---|---|---|---|---|"]
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
+    for stack, r in results.items():
+        if stack == "setting":
+            continue
+        longest = "-"
+        if r.get("longest_context_tokens"):
+            longest = f"{r['longest_context_tokens']:,} ({r['tokens_per_s_at_longest']:,.0f})"
+        if "error" in r:
+            rows.append(f"| {stack} | {r['error']} | | | | {longest} |")
+            continue
+        rows.append(f"| {stack} | {r['tokens_per_s_median_step']:,.0f} | {gib(r.get('peak_allocated_bytes'))} | "
+                    f"{gib(r.get('peak_reserved_bytes'))} | {r['loss_last']:.4f} | {longest} |")
+    return "\n".join(rows)
