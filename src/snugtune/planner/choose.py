@@ -89,7 +89,7 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
     one_process = gpus == 1
     compiling = compiles_blocks(cfg.train.compile, True, one_process, offload.weights, offload.activations, tiled_mlp)
     adapters = METHODS[method].adapters
-    draws = inv.draws_random_numbers or (adapters and cfg.lora.dropout > 0)
+    draws = inv.draws_random_numbers  # LoRA dropout draws none: its masks come from a seeded hash
     return Settings(method=method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
                     lora_last_layers=cfg.lora.last_layers, double_quant=cfg.quant.double_quant,
                     optimizer=cfg.train.optimizer if shards == 1 else "adamw",  # FSDP trains with torch AdamW
