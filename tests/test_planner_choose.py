@@ -58,12 +58,12 @@ def test_plan_for_several_gpus_shards_with_fsdp_only_when_replicas_do_not_fit(tm
                       train={"micro_batch": 1, "grad_checkpointing": "auto"}, offload={"weights": False})
     replicas = plan_for_budget(cfg, 40 * GIB, "a100-40", gpus=2, host_available=64 * GIB)
     assert replicas.fits and replicas.settings.shards == 1 and replicas.changes["train.data_parallel"][1] == "ddp"
-    sharded = plan_for_budget(cfg, 16 * GIB, "16 GiB", gpus=2, host_available=64 * GIB)
+    sharded = plan_for_budget(cfg, 17 * GIB, "17 GiB", gpus=2, host_available=64 * GIB)
     assert sharded.fits and sharded.settings.shards == 2 and sharded.changes["train.data_parallel"][1] == "fsdp"
     assert sharded.breakdown[Part.FROZEN_WEIGHTS] < 7 * GIB  # half of the 8B's 13 GiB of blocks
-    alone = plan_for_budget(cfg, 16 * GIB, "16 GiB", gpus=1, host_available=64 * GIB)
-    assert not alone.fits  # one 16 GiB card cannot hold the bf16 8B without streaming
-    result = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(_write(tmp_path, cfg)), "--gpu", "16GiB",
+    alone = plan_for_budget(cfg, 17 * GIB, "17 GiB", gpus=1, host_available=64 * GIB)
+    assert not alone.fits  # one 17 GiB card cannot hold the bf16 8B without streaming
+    result = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(_write(tmp_path, cfg)), "--gpu", "17GiB",
                              "--gpus", "2", "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["settings"]["shards"] == 2
