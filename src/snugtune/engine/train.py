@@ -320,16 +320,21 @@ def _probe(run: Run) -> None:
         torch.cuda.set_rng_state_all(rng[1])
 
 
+WRITE_TEST = ".write-test-"  # the probe file each process writes to check output_dir is writable
+
+
 def _prepare_run_dir(run_dir: Path) -> None:
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
     run_signs = ("metrics.jsonl", "checkpoints", "summary.json")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / sign).exists() for sign in run_signs):
+    # another process of the same torchrun job may be writing its .write-test probe right now
+    held = [p for p in run_dir.iterdir() if not p.name.startswith(WRITE_TEST)] if run_dir.is_dir() else []
+    if held and not any((run_dir / sign).exists() for sign in run_signs):
         raise UserError(f"output_dir: {run_dir} holds files and is not a snugtune run (no metrics.jsonl, checkpoints "
                         f"or summary.json); choose a new or empty folder (nothing was changed)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        probe = run_dir / f"{WRITE_TEST}{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
