@@ -18,8 +18,8 @@ What captured work must not do, and how the engine keeps to it:
   tensor that the loss advances in place (snugtune.lora_dropout), so each replay draws fresh masks;
 - touch host memory: input embeddings kept in host memory (engine.offload.HostEmbedding) are looked up
   before the replay and copied into the graph's input.
-Each shape runs eagerly first (warm-up: compilation, cuBLAS and cuDNN plans), then is captured and
-replayed. All graphs share one memory pool, held between steps (eager steps hand theirs back): if
+Each shape runs eagerly first (warm-up: compilation, cuBLAS and cuDNN plans); its last eager run is
+followed at once by the capture, which only records, and later micro-batches of that shape replay it. All graphs share one memory pool, held between steps (eager steps hand theirs back): if
 evaluation then runs out of memory, the training loop releases the graphs and carries on eagerly.
 Shapes past `max_graphs` run eagerly.
 """
@@ -79,23 +79,29 @@ class StepGraphs:
             on_device["inputs_embeds"].requires_grad_(True)
         capture = (self.captures and self.failure is None and self.runs[key] > self.warmup_runs
                    and len(self.graphs) < self.max_graphs)
+        loss = self._eager(on_device, key)
         if capture:
+            if "inputs_embeds" in on_device:  # the eager run's gradient: the capture would record adding to it
+                on_device["inputs_embeds"].grad = None
             try:
                 self.graphs[key] = self._capture(on_device)
             except Exception as error:  # noqa: BLE001 (any capture failure: run eagerly from now on)
                 failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                if isinstance(error, torch.OutOfMemoryError):  # free the pool the capture filled, then this
-                    self.release(failure)                       # micro-batch runs eagerly: the step goes on
+                if isinstance(error, torch.OutOfMemoryError):  # free the pool the capture filled
+                    self.release(failure)
                 self.failure = failure
                 if self.stream is not None:
                     torch.cuda.synchronize(self.device)
-            else:
-                graph, _, loss = self.graphs[key]
-                graph.replay()  # capture only records: this replay computes this micro-batch
-                return loss.clone()
+        return loss
+
+    def _eager(self, on_device: dict[str, torch.Tensor], key: tuple) -> torch.Tensor:
+        """This micro-batch's forward and backward run now, eagerly. Right before a capture it is that shape's
+        last warm-up: whatever the micro-batch still compiles or autotunes (a block recompiled after dynamo
+        fell back on it, a new kernel's benchmark, which synchronises) happens here, where it may, and the
+        capture that follows only records (the Llama-2-7B recipe's capture failed on such an autotune)."""
         if self.stream is None:
             return self._forward_backward(on_device)
-        # eager, on the graphs' stream: work that warms up a shape must run where it will be captured
+        # on the graphs' stream: work that warms up a shape must run where it will be captured
         if len(self.runs) == 1 and self.runs[key] == 1:
             # blocks cached by the default stream (the probe step) cannot serve this stream: hand them back
             # first, or the step's activations are reserved twice (Llama-3.1-8B without checkpointing: 27 GiB)
