@@ -20,7 +20,7 @@ CASES = [({}, Offload()), ({"lora": {"dropout": 0.05}}, Offload()), ({"train": {
          ({"offload": {"activations": True}}, Offload(activations=True)),
          ({"offload": {"embeddings": True}}, Offload(embeddings=True)),
          ({"train": {"tiled_mlp": True}}, Offload()), ({"train": {"grad_checkpointing": False}}, Offload()),
-         ({"method": "full"}, Offload())]
+         ({"method": "full"}, Offload()), ({"method": "lora-8bit"}, Offload())]
 
 
 @pytest.mark.parametrize("change,offload", CASES, ids=[str(c[0]) for c in CASES])

@@ -35,13 +35,14 @@ def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded:
 
 
 def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_process: bool,
-                        streams_weights: bool, adapters: bool, offloads_activations: bool, tiles_mlp: bool,
+                        streams_weights: bool, method_replays: bool, offloads_activations: bool, tiles_mlp: bool,
                         draws_random_numbers: bool) -> bool:
-    """train.cuda_graphs resolved: possible on a CUDA device in one process for LoRA methods (a frozen head:
-    the loss needs no data-dependent shapes), without weight streaming, activation offload (its copies to
+    """train.cuda_graphs resolved: possible on a CUDA device in one process for methods whose step a graph can
+    hold (methods.Method.replays_graphs: LoRA on a base that never waits on the GPU; a frozen head: the loss
+    needs no data-dependent shapes), without weight streaming, activation offload (its copies to
     host memory are made per step) or MLP tiling, and when no block draws random numbers (checkpointing
     cannot restore the generator in a graph). auto: where possible and blocks are compiled."""
-    possible = (cuda and one_process and not streams_weights and adapters and not offloads_activations
+    possible = (cuda and one_process and not streams_weights and method_replays and not offloads_activations
                 and not tiles_mlp and not draws_random_numbers)
     if setting != "auto":
         return bool(setting) and possible

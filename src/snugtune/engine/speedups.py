@@ -16,6 +16,7 @@ import torch
 from snugtune.config import Config
 from snugtune.engine.fused_lora import fuse_lora_layers
 from snugtune.memory_rules import compiles_blocks, keeps_dense_weights, replays_cuda_graphs
+from snugtune.methods import METHODS
 from snugtune.models import blocks_draw_random_numbers
 
 # reentrant checkpointing runs each block with and without grad, evaluation with its own shapes
@@ -39,7 +40,7 @@ def compile_wanted(config: Config, device: torch.device, distributed: bool, stre
 def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
     """train.cuda_graphs resolved (memory_rules.replays_cuda_graphs)."""
     return replays_cuda_graphs(config.train.cuda_graphs, compile_wanted(config, device, distributed, streaming),
-                               device.type == "cuda", not distributed, streaming, config.uses_lora,
+                               device.type == "cuda", not distributed, streaming, METHODS[config.method].replays_graphs,
                                config.offload.activations is True, config.train.tiled_mlp is True,
                                blocks_draw_random_numbers(model, config))
 

@@ -88,7 +88,7 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1
     compiling = compiles_blocks(cfg.train.compile, True, one_process, offload.weights, offload.activations, tiled_mlp)
-    adapters = METHODS[method].adapters
+    replays = METHODS[method].replays_graphs
     draws = inv.draws_random_numbers  # LoRA dropout draws none: its masks come from a seeded hash
     return Settings(method=method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
                     lora_last_layers=cfg.lora.last_layers, double_quant=cfg.quant.double_quant,
@@ -101,7 +101,7 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
                     embeddings_on_host=offload.embeddings, shards=shards, attention_mask=masked, tiled_mlp=tiled_mlp,
                     dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload)),
                     cuda_graphs=graphs and replays_cuda_graphs(
-                        cfg.train.cuda_graphs, compiling, True, one_process, offload.weights, adapters,
+                        cfg.train.cuda_graphs, compiling, True, one_process, offload.weights, replays,
                         offload.activations, tiled_mlp, draws))
 
 
