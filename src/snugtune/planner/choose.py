@@ -141,10 +141,16 @@ def offload_levels(cfg: Config, inv: Inventory) -> list[Offload]:
     return allowed
 
 
-def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, make) -> list[Settings]:
+def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, make,
+                          compiling: bool = False) -> list[Settings]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
-    recomputes every block. `make(checkpointing, **more)` builds the Settings."""
+    recomputes every block. `make(checkpointing, **more)` builds the Settings.
+
+    compiling: blocks are compiled (memory_rules.compiles_blocks); then 'auto' weighs none or all only.
+    Partial checkpointing of compiled blocks ran slower than recomputing all of them on an H200
+    (Llama-3.1-8B shape, 1 x 2048 under 15 GiB: 26 of 32 blocks 6,889 tok/s, every block 8,685-9,919;
+    docs/benchmarks.md), so the planner does not choose it there until a run shows otherwise."""
     tiled = cfg.train.tiled_mlp
     if tiled == "auto":  # last of the recomputation options: every block, and each MLP in tiles
         tiled = (bool(cfg.train.grad_checkpointing) and mb * cfg.max_seq_len > MLP_TILE_TOKENS
@@ -156,6 +162,8 @@ def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, ma
                      tiled_mlp=tiled)]
     if tiled:
         return [make(True, tiled_mlp=True)]
+    if compiling:
+        return [make(False), make(True)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
         s = make(True, checkpointed_layers=blocks)
         if peak(estimate(inv, s)) <= limit:
@@ -187,7 +195,8 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     for graphs, mb in product(graph_options, micro):
         make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
                        masked=masked, graphs=graphs)
-        for s in checkpointing_options(cfg, inv, mb, limit, make):
+        compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights, offload.activations, False)
+        for s in checkpointing_options(cfg, inv, mb, limit, make, compiling):
             if s not in found:
                 parts = estimate(inv, s)
                 found[s] = Candidate(seconds_per_step(inv, s, cfg.train.step_rows // mb, parts, card), s, parts)
