@@ -108,7 +108,8 @@ class TrainConfig(_Section):
     checkpoint_layers: int | None = Field(
         None, ge=0, description="With checkpointing on: how many blocks, counted from the first, recompute their "
                                 "activations in backward; the blocks above keep theirs (faster, more memory). "
-                                "null = all. Under grad_checkpointing: auto the planner sets it to fill the card.")
+                                "null = all. Under grad_checkpointing: auto the planner sets it to fill the card "
+                                "where blocks run eagerly (compiled blocks recompute none or all).")
     data_parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="Under torchrun with several processes: ddp replicates the model on each GPU; fsdp "
                             "shards the base weights (and LoRA) over them with PyTorch FSDP. auto: ddp when the "
