@@ -19,8 +19,9 @@ What captured work must not do, and how the engine keeps to it:
 - touch host memory: input embeddings kept in host memory (engine.offload.HostEmbedding) are looked up
   before the replay and copied into the graph's input.
 Each shape runs eagerly first (warm-up: compilation, cuBLAS and cuDNN plans); its last eager run is
-followed at once by the capture, which only records, and later micro-batches of that shape replay it. All graphs share one memory pool, held between steps (eager steps hand theirs back): if
-evaluation then runs out of memory, the training loop releases the graphs and carries on eagerly.
+followed at once by the capture, which only records, and later micro-batches of that shape replay it.
+All graphs share one memory pool, held between steps (eager steps hand theirs back): if evaluation then
+runs out of memory, the training loop releases the graphs and carries on eagerly.
 Shapes past `max_graphs` run eagerly.
 """
 
