@@ -192,10 +192,10 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not."""
     found: dict[Settings, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
+    compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights, offload.activations, False)
     for graphs, mb in product(graph_options, micro):
         make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
                        masked=masked, graphs=graphs)
-        compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights, offload.activations, False)
         for s in checkpointing_options(cfg, inv, mb, limit, make, compiling):
             if s not in found:
                 parts = estimate(inv, s)
