@@ -62,12 +62,13 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(tiny_lora):
         assert (packed_grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8
 
 
-def test_padded_batches_keep_their_padding_mask(tiny_lora):
+def test_right_padded_batches_without_a_mask_score_as_masked_attention_does(tiny_lora):
     model, tokenizer, samples = tiny_lora
     padded = collate(samples[0:4], tokenizer.pad_token_id, pad_multiple=32)
     loss, n = token_loss_sum(model, padded)
     model.set_attn_implementation("sdpa")
-    reference, m = token_loss_sum(model, padded)
+    masked = {**padded, "attention_mask": padded["token_mask"]}  # what a padding-masked collator gives
+    reference, m = token_loss_sum(model, masked)
     assert n == m and float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
 
 

@@ -1,19 +1,34 @@
 import pytest
 
 from conftest import alpaca_rows, prepare, write_jsonl
-from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate, collate_micro_batch, collate_packed, micro_batches,
-                                   real_tokens)
+from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate, collate_micro_batch, collate_packed, eval_batches,
+                                   micro_batches, real_tokens)
 from snugtune.data.tokenize import IGNORE
 from snugtune.models import resolve_model
 
 
-def test_collate_masks_padding_out_of_loss_and_attention(tokenizer, tmp_path):
+def test_collate_keeps_padding_out_of_the_loss_and_counts_only_real_tokens(tokenizer, tmp_path):
     data = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(4)), 128)
     batch = collate(data.train, tokenizer.pad_token_id)
+    assert "attention_mask" not in batch  # right padding: causal attention never looks ahead at it
     for i, sample in enumerate(data.train):
         n = len(sample.input_ids)
-        assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
         assert (batch["labels"][i, n:] == IGNORE).all()
+    assert real_tokens(batch) == sum(len(s.input_ids) for s in data.train)
+
+
+def test_eval_batches_hold_no_more_tokens_than_a_training_micro_batch(tokenizer, tmp_path):
+    data = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(12)), 128)
+    samples = data.train
+    longest = max(len(s.input_ids) for s in samples)
+    batches = eval_batches(samples, 4, tokenizer.pad_token_id, max_tokens=2 * longest)
+    assert all(b["input_ids"].numel() <= 2 * longest for b in batches)
+    rows = [row for b in batches for row in b["input_ids"]]
+    assert [row[:len(s.input_ids)].tolist() for row, s in zip(rows, samples)] == [s.input_ids for s in samples]
+    assert len(rows) == len(samples)  # every sample once, in the stored order
+    assert len(eval_batches(samples, 4, tokenizer.pad_token_id)) == -(-len(samples) // 4)  # no budget: by count
+    one_each = eval_batches(samples, 4, tokenizer.pad_token_id, max_tokens=1)  # a sample longer than the budget
+    assert [b["input_ids"].shape[0] for b in one_each] == [1] * len(samples)
 
 
 def test_eos_is_trained_even_though_pad_equals_eos(tmp_path, tokenizer):

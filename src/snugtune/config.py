@@ -121,7 +121,7 @@ class TrainConfig(_Section):
     compile: bool | Literal["auto"] = Field(
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
                             "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU in "
-                            "a single process without offload or MLP tiling.")
+                            "a single process without weight streaming (offload.weights).")
     cuda_graphs: bool | Literal["auto"] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph (one per batch shape, "
                             "captured after two eager runs), removing the per-kernel launch cost that bounds small "
@@ -187,7 +187,8 @@ class SaveConfig(_Section):
 class EvalConfig(_Section):
     every_steps: int | None = Field(None, ge=1, description="Also measure held-out loss every N steps (null: only before and after).")
     max_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out batches.")
-    batch_size: int = Field(4, ge=1, description="Sequences per evaluation forward pass.")
+    batch_size: int = Field(4, ge=1, description="Most sequences per evaluation forward pass (fewer where they would "
+                                                "hold more tokens than a training micro-batch).")
 
 
 class WandbConfig(_Section):

@@ -81,24 +81,38 @@ def _padded_length(longest: int, multiple: int, limit: int | None) -> int:
 def collate(samples: list[TokenizedSample], pad_id: int, pad_multiple: int = 1,
             max_len: int | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest sample, rounded up to a multiple of pad_multiple but not past max_len (right
-    padding); padded positions are masked out of attention and loss."""
+    padding); padded positions are out of the loss. No attention mask: padding comes after every real
+    token, so causal attention already keeps it out of their view, and the attention runs on its flash
+    kernel with no [L, L] mask (a 28k-token row's dense mask alone is 0.8 GB). token_mask marks the real
+    tokens, for counting."""
     longest = _padded_length(max(len(s.input_ids) for s in samples), pad_multiple, max_len)
     ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    real = torch.zeros((len(samples), longest), dtype=torch.long)
     for i, s in enumerate(samples):
         n = len(s.input_ids)
         ids[i, :n] = torch.tensor(s.input_ids)
         labels[i, :n] = torch.tensor(s.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        real[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "token_mask": real}
 
 
 def eval_batches(samples: list[TokenizedSample], batch_size: int, pad_id: int, pad_multiple: int = 1,
-                 max_len: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of `batch_size` samples in their stored order (evaluation: same batches every time)."""
-    return [collate(samples[i:i + batch_size], pad_id, pad_multiple, max_len)
-            for i in range(0, len(samples), batch_size)]
+                 max_len: int | None = None, max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of consecutive samples in their stored order (evaluation: same batches every time):
+    at most `batch_size` samples, and at most `max_tokens` padded tokens (a training micro-batch's, so a
+    forward without gradients needs less memory than the planned step) unless one sample alone has more."""
+    batches, current = [], []
+    for sample in samples:
+        longest = max([len(s.input_ids) for s in current] + [len(sample.input_ids)])
+        tokens = (len(current) + 1) * _padded_length(longest, pad_multiple, max_len)
+        if current and (len(current) == batch_size or (max_tokens is not None and tokens > max_tokens)):
+            batches.append(collate(current, pad_id, pad_multiple, max_len))
+            current = []
+        current.append(sample)
+    if current:
+        batches.append(collate(current, pad_id, pad_multiple, max_len))
+    return batches
 
 
 def collate_packed(rows: list[Row], pad_id: int, pad_multiple: int = 1,
@@ -163,7 +177,7 @@ def collate_micro_batch(rows: list[Row], pad_id: int, packed: bool, pad_multiple
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-pad tokens in a batch (what tokens/s counts)."""
-    return int(batch["attention_mask" if "attention_mask" in batch else "token_mask"].sum())
+    return int(batch["token_mask"].sum())
 
 
 def trained_tokens_per_row(rows: list[Row]) -> list[int]:

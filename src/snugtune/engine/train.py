@@ -70,7 +70,7 @@ class Run:
     packed_len: int | None
     first_epoch_rows: list
     trained_per_row: list        # trained positions of each first-epoch row, as the planner sized the loss
-    masked: bool                 # batches carry an attention mask (not rows of one long document each)
+    masked: bool                 # batches carry a dense attention mask (packed rows, no varlen kernel)
     plan: Plan | None            # None without a card to plan for (the CPU under budget: auto)
     step_downs: list             # the notice of each step down after an OOM, in order
     model: torch.nn.Module
@@ -80,6 +80,7 @@ class Run:
     offload: ActivationOffload | None
     counts: dict                 # parameters trained / in all, frozen bytes per process
     batch_of: object             # rows -> a collated micro-batch
+    pad_multiple: int            # lengths rounded up to a multiple of this (GPU: fewer, aligned shapes)
     held_out: list
     # set by _build_optimizer
     params: list = field(default_factory=list)
@@ -170,9 +171,9 @@ def set_up(config: Config, notify, ctx: DistContext, stepped: Stepped | None = N
         notify(line)
     packed_len = config.max_seq_len if config.data.packing else None
     first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
-    # packed rows of one sample each (long documents) run unmasked causal attention; padded batches are masked
-    # packed rows of several samples build a dense mask only where varlen flash attention cannot run
-    masked = not config.data.packing or (not varlen_usable(device) and any(len(row) > 1 for row in first_epoch_rows))
+    # padded batches and packed rows of one sample each run unmasked causal attention; packed rows of several
+    # samples build a dense mask only where varlen flash attention cannot run
+    masked = config.data.packing and not varlen_usable(device) and any(len(row) > 1 for row in first_epoch_rows)
     asked, trained_per_row = config, trained_tokens_per_row(first_epoch_rows)
     _cap_memory(config, device, notify)
     if stepped is None:
@@ -190,12 +191,17 @@ def set_up(config: Config, notify, ctx: DistContext, stepped: Stepped | None = N
               stepper=built.stepper, speedups=built.speedups, offload=built.offload, counts=built.counts,
               batch_of=partial(collate_micro_batch, pad_id=tokenizer.pad_token_id, packed=config.data.packing,
                                pad_multiple=pad_multiple, max_len=config.max_seq_len),
-              held_out=eval_batches(data.eval, config.eval.batch_size, tokenizer.pad_token_id, pad_multiple,
-                                    config.max_seq_len)[: config.eval.max_batches])
+              pad_multiple=pad_multiple, held_out=held_out_batches(config, data.eval, tokenizer.pad_token_id, pad_multiple))
     _build_optimizer(run)
     if device.type == "cuda" and not ctx.enabled:
         _probe_until_it_fits(run)
     return run
+
+
+def held_out_batches(config: Config, samples: list, pad_id: int, pad_multiple: int) -> list:
+    """The held-out batches, none larger in tokens than a training micro-batch (what the plan fits)."""
+    return eval_batches(samples, config.eval.batch_size, pad_id, pad_multiple, config.max_seq_len,
+                        max_tokens=config.train.micro_batch * config.max_seq_len)[: config.eval.max_batches]
 
 
 def _device_for(config: Config, ctx: DistContext) -> torch.device:
@@ -308,7 +314,7 @@ def _probe(run: Run) -> None:
             group["lr"] = 0.0
         scaler.step(optimizer)
         if run.held_out:
-            mean_loss(run.model, run.held_out[:1], run.precision, run.device)
+            mean_loss(run.model, [max(run.held_out, key=lambda b: b["input_ids"].numel())], run.precision, run.device)
     finally:
         optimizer.zero_grad(set_to_none=False)
         optimizer.state.clear()  # the first real step starts from fresh moments, as it would without a probe
@@ -377,6 +383,7 @@ def _step_down(run: Run, where: str) -> bool:
     run.step_downs.append(notice)
     rebuild = needs_new_model(run.config, new)
     run.config = new
+    run.held_out = held_out_batches(new, run.data.eval, run.tokenizer.pad_token_id, run.pad_multiple)
     if not rebuild and run.graphs is not None:  # drop the old shapes' graphs and their memory pool
         run.graphs.release("stepped down after running out of memory")
         run.graphs = _new_graphs(run) if new.train.cuda_graphs is not False else None
