@@ -12,18 +12,25 @@ def test_tiled_mlps_give_the_same_gradients(tmp_path, alpaca_file):
     from snugtune.engine.tiling import tile_mlps
     batch_of = lambda data, tok: collate(data.train[:4], tok.pad_token_id)  # noqa: E731
     grads, losses = [], []
-    for tile in (None, 16):  # 16 tokens: every MLP call of the batch runs in several tiles, the last ragged
+    # 16 tokens: every MLP call of the batch runs in several tiles, the last ragged; compiled: the long-context
+    # plan compiles its blocks, the tiles' checkpoints inside the compiled recomputation
+    for tile, compiled in ((None, False), (16, False), (16, True)):
         # no dropout: tiles draw their masks tile by tile, a different (equally valid) draw
         _, model, tokenizer, data = tiny_model(tmp_path, alpaca_file, lora={"dropout": 0.0},
                                            train={"grad_checkpointing": True})
         for name, p in model.named_parameters():
             if "lora_B" in name:  # B starts at zero: give the MLP's LoRA a part in the loss
                 torch.nn.init.normal_(p, std=0.1)
+        layers = model.get_base_model().model.layers
         if tile:
-            assert tile_mlps(model.get_base_model().model.layers, tile) == 2
+            assert tile_mlps(layers, tile) == 2
+        if compiled:
+            for layer in layers:
+                layer.compile()
         torch.manual_seed(3)
         losses.append(accumulate_gradients(model, [batch_of(data, tokenizer)], FP32, FP32.grad_scaler(), CPU))
         grads.append(trainable_grads(model))
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    for name, grad in grads[0].items():
-        assert torch.allclose(grads[1][name], grad, atol=1e-6, rtol=1e-5), name
+    for tiled_loss, tiled_grads in zip(losses[1:], grads[1:]):
+        assert tiled_loss == pytest.approx(losses[0], rel=1e-6)
+        for name, grad in grads[0].items():
+            assert torch.allclose(tiled_grads[name], grad, atol=1e-6, rtol=1e-5), name

@@ -17,14 +17,14 @@ def logits_chunk_tokens(vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> in
     return max(64, chunk_bytes // (4 * vocab))
 
 
-def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_weights: bool,
-                    offloads_activations: bool, tiles_mlp: bool) -> bool:
-    """train.compile resolved: auto compiles on a CUDA GPU, in one process, without offload (weight
-    streaming's hooks swap the weights a compiled block would be specialised on; activation offload's
-    saved-tensor hooks and MLP tiling's inner checkpoints are untested under compile)."""
+def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_weights: bool) -> bool:
+    """train.compile resolved: auto compiles on a CUDA GPU, in one process, without weight streaming (its
+    hooks swap the weights a compiled block would be specialised on). Activation offload and MLP tiling
+    compile: their hooks and inner checkpoints run outside the compiled forward (H200, llama3-8b at 28,672
+    tokens under 15 GiB: 6,614 tokens/s compiled against 5,306 eager, the same peak memory)."""
     if setting != "auto":
         return bool(setting)
-    return cuda and one_process and not streams_weights and not offloads_activations and not tiles_mlp
+    return cuda and one_process and not streams_weights
 
 
 def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded: bool) -> bool:

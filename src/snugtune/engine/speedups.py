@@ -33,8 +33,7 @@ class Speedups:
 
 def compile_wanted(config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
     """train.compile resolved (memory_rules.compiles_blocks)."""
-    return compiles_blocks(config.train.compile, device.type == "cuda", not distributed, streaming,
-                           config.offload.activations is True, config.train.tiled_mlp is True)
+    return compiles_blocks(config.train.compile, device.type == "cuda", not distributed, streaming)
 
 
 def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
