@@ -111,3 +111,13 @@ def test_each_shipped_recipe_fills_its_card_or_runs_one_micro_batch_a_step(path)
     plan = plan_for_budget(cfg, size, card, host_available=64 * GIB, gpus=gpus)
     assert plan.fits and cfg.train.micro_batch == "auto"
     assert plan.peak_bytes >= 0.8 * plan.budget_bytes or plan.settings.micro_batch == cfg.train.step_rows
+
+
+def test_plan_without_the_data_counts_a_dense_mask_only_for_packed_rows_on_cards_without_varlen(tmp_path, alpaca_file):
+    from snugtune.planner import plan_config
+    packed = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096)
+    padded = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
+                         data={"packing": False})
+    assert Part.ATTENTION_MASK in plan_config(packed, "t4").breakdown  # compute 7.5: no varlen flash kernel
+    assert Part.ATTENTION_MASK not in plan_config(packed, "l4").breakdown
+    assert Part.ATTENTION_MASK not in plan_config(padded, "t4").breakdown  # right padding needs no mask

@@ -1,5 +1,6 @@
-"""Known GPU profiles: memory usable for a training process (GiB), whether the card has bf16, and its
-datasheet dense 16-bit tensor rate (TFLOP/s, fp32 accumulate), which the step-time model scales."""
+"""Known GPU profiles: memory usable for a training process (GiB), whether the card has bf16 (compute
+capability 8.0 and up, which also runs varlen flash attention: packed rows need no dense mask there), and
+its datasheet dense 16-bit tensor rate (TFLOP/s, fp32 accumulate), which the step-time model scales."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def budget_bytes(budget: str) -> tuple[int, bool, str]:
     if match:
         return int(float(match.group(1)) * GIB), True, f"{match.group(1)} GiB"
     raise ConfigError(f"budget: '{budget}' is neither a card ({', '.join(CARDS)}) nor a size like 10GiB")
+
+
+def packed_rows_masked(card: str) -> bool:
+    """Whether packed rows of several samples attend through a dense mask on `card` (key or description):
+    where it has no varlen flash attention (before compute capability 8.0, as bf16), or is not known."""
+    key = card.strip().lower()
+    return not any(key in (name, profile["name"].lower()) and profile["bf16"] for name, profile in CARDS.items())
 
 
 def card_tflops(card: str) -> float:

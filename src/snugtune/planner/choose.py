@@ -13,7 +13,7 @@ from typing import NamedTuple
 from snugtune.config import Config
 from snugtune.memory_rules import MLP_TILE_TOKENS, compiles_blocks, keeps_dense_weights, replays_cuda_graphs
 from snugtune.methods import METHODS
-from snugtune.planner.cards import budget_bytes
+from snugtune.planner.cards import budget_bytes, packed_rows_masked
 from snugtune.planner.inventory import Inventory, inventory_for
 from snugtune.planner.memory import Breakdown, Settings, alive_at_peak, estimate, host_bytes, peak
 from snugtune.planner.step_time import seconds_per_step
@@ -87,7 +87,7 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1
-    compiling = compiles_blocks(cfg.train.compile, True, one_process, offload.weights, offload.activations, tiled_mlp)
+    compiling = compiles_blocks(cfg.train.compile, True, one_process, offload.weights)
     replays = METHODS[method].replays_graphs
     draws = inv.draws_random_numbers  # LoRA dropout draws none: its masks come from a seeded hash
     return Settings(method=method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
@@ -192,7 +192,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not."""
     found: dict[Settings, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
-    compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights, offload.activations, False)
+    compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights)
     for graphs, mb in product(graph_options, micro):
         make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
                        masked=masked, graphs=graphs)
@@ -288,16 +288,21 @@ def graphs_possible(cfg: Config, inv: Inventory, s: Settings, gpus: int = 1) -> 
 
 
 def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None,
-                gpus: int = 1, masked: bool = True) -> Plan:
+                gpus: int = 1, masked: bool | None = None) -> Plan:
     """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile).
-    gpus: processes (one GPU each) under torchrun. masked: see plan_for_budget."""
+    gpus: processes (one GPU each) under torchrun. masked: see plan_for_budget; None (the data not read):
+    packed rows on a card without varlen flash attention (padded batches never carry a mask)."""
     name = gpu or cfg.budget
     if name == "auto":
         import torch
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
+            if masked is None:
+                masked = cfg.data.packing and torch.cuda.get_device_capability() < (8, 0)
             return plan_for_budget(cfg, total, torch.cuda.get_device_name(), trained_per_row=trained_per_row,
                                    gpus=gpus, masked=masked)
         name = "h100"
     size, _, card = budget_bytes(name)
+    if masked is None:
+        masked = cfg.data.packing and packed_rows_masked(card)
     return plan_for_budget(cfg, size, card, trained_per_row=trained_per_row, gpus=gpus, masked=masked)
