@@ -262,6 +262,12 @@ class Config(_Section):
     def uses_lora(self) -> bool:
         return METHODS[self.method].adapters
 
+    @property
+    def micro_batch_tokens(self) -> int | None:
+        """Tokens a training micro-batch holds at most (None while micro_batch is still auto): what a held-out
+        batch may hold, so that evaluation needs no more memory than the planned step."""
+        return self.train.micro_batch * self.max_seq_len if isinstance(self.train.micro_batch, int) else None
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading

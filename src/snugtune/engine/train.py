@@ -201,7 +201,7 @@ def set_up(config: Config, notify, ctx: DistContext, stepped: Stepped | None = N
 def held_out_batches(config: Config, samples: list, pad_id: int, pad_multiple: int) -> list:
     """The held-out batches, none larger in tokens than a training micro-batch (what the plan fits)."""
     return eval_batches(samples, config.eval.batch_size, pad_id, pad_multiple, config.max_seq_len,
-                        max_tokens=config.train.micro_batch * config.max_seq_len)[: config.eval.max_batches]
+                        max_tokens=config.micro_batch_tokens)[: config.eval.max_batches]
 
 
 def _device_for(config: Config, ctx: DistContext) -> torch.device:
@@ -383,11 +383,13 @@ def _step_down(run: Run, where: str) -> bool:
     run.step_downs.append(notice)
     rebuild = needs_new_model(run.config, new)
     run.config = new
+    if rebuild:  # the new model's set_up makes its own held-out batches and graphs
+        return True
     run.held_out = held_out_batches(new, run.data.eval, run.tokenizer.pad_token_id, run.pad_multiple)
-    if not rebuild and run.graphs is not None:  # drop the old shapes' graphs and their memory pool
+    if run.graphs is not None:  # drop the old shapes' graphs and their memory pool
         run.graphs.release("stepped down after running out of memory")
         run.graphs = _new_graphs(run) if new.train.cuda_graphs is not False else None
-    return rebuild
+    return False
 
 
 # --- resume --------------------------------------------------------------------------------------

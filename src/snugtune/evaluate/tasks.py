@@ -23,10 +23,8 @@ def retention_text_path() -> Path:
 
 
 def _loss_pair(run: LoadedRun, samples) -> dict:
-    train = run.config.train  # batches no larger in tokens than the run's planned micro-batch, which fitted
-    most = train.micro_batch * run.config.max_seq_len if isinstance(train.micro_batch, int) else None
     batches = eval_batches(samples, run.config.eval.batch_size, run.tokenizer.pad_token_id,
-                           max_len=run.config.max_seq_len, max_tokens=most)
+                           max_len=run.config.max_seq_len, max_tokens=run.config.micro_batch_tokens)
     with run.base_model() as base:
         before, tokens = mean_loss(base, batches, run.precision, run.device)
     after, _ = mean_loss(run.model, batches, run.precision, run.device)

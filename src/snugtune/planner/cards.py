@@ -36,17 +36,20 @@ def budget_bytes(budget: str) -> tuple[int, bool, str]:
     raise ConfigError(f"budget: '{budget}' is neither a card ({', '.join(CARDS)}) nor a size like 10GiB")
 
 
+def _profile(card: str) -> dict | None:
+    """The CARDS entry of a card given by key or description; None for a size or an unlisted card."""
+    key = card.strip().lower()
+    return next((profile for name, profile in CARDS.items() if key in (name, profile["name"].lower())), None)
+
+
 def packed_rows_masked(card: str) -> bool:
     """Whether packed rows of several samples attend through a dense mask on `card` (key or description):
     where it has no varlen flash attention (before compute capability 8.0, as bf16), or is not known."""
-    key = card.strip().lower()
-    return not any(key in (name, profile["name"].lower()) and profile["bf16"] for name, profile in CARDS.items())
+    profile = _profile(card)
+    return profile is None or not profile["bf16"]
 
 
 def card_tflops(card: str) -> float:
     """Datasheet dense 16-bit TFLOP/s of a card given by key or description (DEFAULT_TFLOPS if unknown)."""
-    key = card.strip().lower()
-    for name, profile in CARDS.items():
-        if key in (name, profile["name"].lower()):
-            return profile["tflops"]
-    return DEFAULT_TFLOPS
+    profile = _profile(card)
+    return profile["tflops"] if profile else DEFAULT_TFLOPS

@@ -298,7 +298,8 @@ def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] 
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             if masked is None:
-                masked = cfg.data.packing and torch.cuda.get_device_capability() < (8, 0)
+                from snugtune.attention import varlen_usable
+                masked = cfg.data.packing and not varlen_usable(torch.device("cuda"))
             return plan_for_budget(cfg, total, torch.cuda.get_device_name(), trained_per_row=trained_per_row,
                                    gpus=gpus, masked=masked)
         name = "h100"
