@@ -69,11 +69,17 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The 12-step run that every killed and resumed run is compared with (trained once for all of them)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert _cli(_config_file(root, "straight", steps=12, every=3)).returncode == 0
+    return root / "straight"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["after-second", "mid-third"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, mode):
-    straight = _config_file(tmp_path, "straight", steps=12, every=3)
-    assert _cli(straight).returncode == 0
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, mode, uninterrupted):
     killed = _config_file(tmp_path, "killed", steps=12, every=3)
     proc = subprocess.run([sys.executable, "-c", KILLER, str(killed), mode], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -84,11 +90,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, mode):
     resumed = _cli(killed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "step-6" in resumed.stderr
-    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    a = load_file(str(uninterrupted / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    rows_a = [{k: r.get(k) for k in COMPARED} for r in _metric_rows(tmp_path / "straight")]
+    rows_a = [{k: r.get(k) for k in COMPARED} for r in _metric_rows(uninterrupted)]
     rows_b = [{k: r.get(k) for k in COMPARED} for r in _metric_rows(run)]
     assert rows_a == rows_b
 
