@@ -46,7 +46,6 @@ def main() -> None:
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches
     from snugtune.data.prepare import prepare_data
     from snugtune.lora_dropout import lora_dropout_seed
-    from snugtune.engine.fused_lora import unfuse_lora_layers
     from snugtune.loss import token_loss_sum
     from snugtune.engine.speedups import apply_speedups
     from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
@@ -109,7 +108,7 @@ def main() -> None:
     plain_loss, plain = gradients(model, plain_loss_of, low)
     model.zero_grad(set_to_none=True)
     model.set_attn_implementation(ATTENTION)
-    applied = apply_speedups(model, decoder_layers(model), cfg, device)
+    applied = apply_speedups(model, decoder_layers(model), cfg, device, dtype)
     fast_loss_value, fast = gradients(model, fast_loss, low)
     print(f"{args.shape} seq {args.seq} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}); "
           f"fast path: {applied}")
@@ -129,7 +128,6 @@ def main() -> None:
         error = max(float((replayed[k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in fast.items())
         print(f"CUDA graph replay ({len(graphs.graphs)} graph, failure: {graphs.failure}): loss {replay_loss:.6f} "
               f"vs eager fast {fast_loss_value:.6f}; largest relative LoRA-gradient difference {error:.2e}")
-    unfuse_lora_layers(model)
 
     def worst(grads, reference) -> tuple[float, str]:
         return max((float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)), n) for n, g in reference.items())

@@ -91,3 +91,19 @@ def test_running_out_at_every_level_ends_in_exit_3_with_the_numbers(tmp_path, al
     assert "ran out of memory with method=lora micro_batch=1" in message
     assert "predicted peak" in message and "keeping 8% in reserve" in message and "Try: " in message
     assert "method=qlora" not in message.split("Try: ")[1] or cfg.method != "qlora"
+
+
+def test_the_plans_dense_copy_is_the_run_configs_and_dropping_it_builds_a_new_model(tmp_path, alpaca_file):
+    from snugtune.planner import plan_for_budget
+    from snugtune.planner.apply import needs_new_model, run_config, step_down
+    from snugtune.planner.cards import GIB
+    asked = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
+                        train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
+    plan = plan_for_budget(asked, 80 * GIB, "h100", host_available=64 * GIB)
+    run = run_config(asked, plan)
+    assert plan.settings.dense_copy and run.quant.dense_copy is True and asked.quant.dense_copy == "auto"
+    lean = run.model_copy(update={"quant": run.quant.model_copy(update={"dense_copy": False})})
+    assert needs_new_model(run, lean)  # the copies are made when the model is built
+    stepped, smaller, notice = step_down(asked, run, plan, "step 1")  # the cheapest step: no copy, same settings
+    assert smaller.peak_bytes < plan.peak_bytes and stepped.quant.dense_copy is False
+    assert "stepped down to quant.dense_copy=False (" in notice and not smaller.settings.grad_checkpointing

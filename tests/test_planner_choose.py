@@ -53,6 +53,25 @@ def test_compiled_blocks_recompute_every_block_where_none_does_not_fit(tmp_path,
     assert roomy.fits and not roomy.settings.grad_checkpointing
 
 
+def test_dense_copy_of_4bit_weights_is_held_only_where_it_fits_beside_the_fastest_settings(tmp_path, alpaca_file):
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
+                      train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
+    roomy = plan_for_budget(cfg, 80 * GIB, "h100", host_available=64 * GIB)
+    n_lin = inventory_for(cfg).linear_params
+    assert roomy.settings.dense_copy and roomy.breakdown[Part.DENSE_COPY] == 2 * n_lin  # 13 GiB of bf16
+    assert roomy.changes["quant.dense_copy"] == ["auto", True] and not roomy.settings.grad_checkpointing
+    without = plan_for_budget(cfg.model_copy(update={"quant": cfg.quant.model_copy(update={"dense_copy": False})}),
+                              80 * GIB, "h100", host_available=64 * GIB)
+    assert not without.settings.dense_copy and Part.DENSE_COPY not in without.breakdown
+    assert roomy.step_seconds < without.step_seconds  # no dequantization in the step
+    small = plan_for_budget(cfg, 15 * GIB, "t4", host_available=64 * GIB)  # 13 GiB of copies cannot fit
+    assert small.fits and not small.settings.dense_copy
+    long = plan_for_budget(cfg.model_copy(update={"max_seq_len": 32768}), 15 * GIB, "15 GiB",
+                           host_available=64 * GIB, masked=False)
+    assert long.fits and any(long.offload)
+    assert not long.settings.dense_copy  # offloading: memory is short
+
+
 def test_search_fills_the_card_with_partial_checkpointing_when_blocks_run_eagerly(tmp_path, alpaca_file):
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
                       train={"micro_batch": 1, "grad_accum": 4, "grad_checkpointing": "auto", "compile": False})

@@ -22,3 +22,16 @@ def test_recomputation_host_copies_and_a_slower_card_cost_time(tiny_llama_invent
     assert _seconds(inv, 1, grad_checkpointing=False, **long) < _seconds(inv, 1, **long)
     assert _seconds(inv, 1, **long) < _seconds(inv, 1, offload_activations=True, **long)
     assert _seconds(inv, 1, **long) < _seconds(inv, 1, "t4", **long)
+
+
+def test_dequantizing_costs_a_pass_per_forward_and_backward_and_nothing_with_a_dense_copy(tiny_llama_inventory):
+    from snugtune.planner.step_time import DEQUANTIZE_S_PER_WEIGHT, dequantize_seconds
+    inv = tiny_llama_inventory
+    one_pass = inv.linear_params * DEQUANTIZE_S_PER_WEIGHT  # on an H100-rate card
+    assert dequantize_seconds(inv, planner_settings(grad_checkpointing=False), "h100") == 2 * one_pass
+    assert dequantize_seconds(inv, planner_settings(grad_checkpointing=True), "h100") == 3 * one_pass
+    assert dequantize_seconds(inv, planner_settings(grad_checkpointing=True, dense_weights_kept=True), "h100") == \
+        2 * one_pass  # backward reuses the recomputed forward's
+    assert dequantize_seconds(inv, planner_settings(dense_copy=True), "h100") == 0
+    assert dequantize_seconds(inv, planner_settings(method="lora"), "h100") == 0  # 16-bit base: nothing to do
+    assert _seconds(inv, 1, dense_copy=True) < _seconds(inv, 1)

@@ -71,6 +71,47 @@ def test_fused_layers_follow_peft_disable_adapter_and_leave_8bit_bases_alone(tmp
     assert fuse_lora_layers(model) == 0  # LLM.int8 keeps bitsandbytes' own matmul
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dense_copies_give_the_dequantizing_loss_and_gradients_without_dequantizing(tmp_path, alpaca_file,
+                                                                                     monkeypatch, dropout):
+    # LoRA on the attention only: the MLP's 4-bit layers are not wrapped, and multiply by their copies too
+    import bitsandbytes.functional as bnbf
+    from snugtune.engine.speedups import apply_speedups
+    from snugtune.models import decoder_layers
+    results = []
+    for copy in (False, True):
+        config = tiny_config(tmp_path, alpaca_file, method="qlora", quant={"dense_copy": copy},
+                             lora={"dropout": dropout, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                             train={"grad_checkpointing": True, "compile": False})
+        torch.manual_seed(1)
+        model = prepare_for_training(load_base_model(resolve_model(config.model).path, config, torch.device("cpu"),
+                                                     torch.float32), config)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        applied = apply_speedups(model, decoder_layers(model), config, torch.device("cpu"), torch.float32)
+        assert applied.fused_lora_layers == 4 * 2
+        four_bit = [m for block in decoder_layers(model) for m in block.modules()
+                    if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "quant_state")]
+        assert len(four_bit) == 7 * 2
+        assert applied.dense_copy_bytes == (4 * sum(m.weight.quant_state.shape.numel() for m in four_bit) if copy else 0)
+        calls = []
+        monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, _real=bnbf.dequantize_4bit, **k:
+                            calls.append(1) or _real(*a, **k))
+        model.train()
+        ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        monkeypatch.undo()
+        results.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        len(calls)))
+    (loss, grads, dequantized), (copy_loss, copy_grads, copy_dequantized) = results
+    assert dequantized > 0 and copy_dequantized == 0
+    assert copy_loss == pytest.approx(loss, rel=1e-6)
+    for name, g in grads.items():
+        assert (copy_grads[name] - g).norm() <= 1e-5 * g.norm(), name
+
+
 @pytest.mark.slow
 def test_compiled_blocks_train_the_same_steps_as_eager_blocks(tmp_path, alpaca_file):
     losses = {}

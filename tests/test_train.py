@@ -47,7 +47,8 @@ def test_run_directory_is_complete(finished_run):
     assert summary["trainable_params"] < summary["total_params"]
     resolved = Config.model_validate(yaml.safe_load((Path(run) / "config.yaml").read_text()))
     assert cfg.train.grad_checkpointing == "auto" and resolved.train.grad_checkpointing is False  # resolved: CPU
-    assert resolved.model_copy(update={"train": cfg.train}) == cfg
+    assert cfg.quant.dense_copy == "auto" and resolved.quant.dense_copy is False
+    assert resolved.model_copy(update={"train": cfg.train, "quant": cfg.quant}) == cfg
     assert [p.name for p in (Path(run) / "checkpoints").iterdir()] == ["step-8"]  # keep=1 rotated step-4 out
 
 

@@ -39,7 +39,7 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False)
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, training, keep_dense):
+    def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, training, keep_dense, dense):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -47,18 +47,18 @@ class _LoraLinear(torch.autograd.Function):
             seed = dropout.seed.clone() if dropout is not None and training else None
             dropped = rows if seed is None else rows * _keep(rows, dropout, seed) * (1.0 / (1.0 - dropout.p))
             low = dropped @ a.t()                                   # [N, r]
-            out = rows @ dense_weight(base, dtype).t()
+            out = rows @ (dense_weight(base, dtype) if dense is None else dense.to(dtype)).t()
             out.addmm_(low, b.t(), alpha=scaling)
             if base.bias is not None:
                 out += base.bias.to(dtype)
-        ctx.save_for_backward(rows, low, lora_a, lora_b, seed)
+        ctx.save_for_backward(rows, low, lora_a, lora_b, seed, dense)
         ctx.base, ctx.scaling, ctx.dropout, ctx.x_dtype = base, scaling, dropout, x.dtype
         ctx.keep_dense = keep_dense
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, low, lora_a, lora_b, seed = ctx.saved_tensors
+        rows, low, lora_a, lora_b, seed, dense = ctx.saved_tensors
         dtype = rows.dtype
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -69,14 +69,15 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = (grad.t() @ low).mul_(ctx.scaling).to(lora_b.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ dense_weight(ctx.base, dtype, fresh=not ctx.keep_dense)
+            weight = dense_weight(ctx.base, dtype, fresh=not ctx.keep_dense) if dense is None else dense.to(dtype)
+            grad_x = grad @ weight
             if kept is None:
                 grad_x.addmm_(grad_low, a, alpha=ctx.scaling)
             else:
                 # out of place: inductor (torch 2.13, CPU) computed the in-place add_ with alpha wrongly here
                 grad_x = grad_x + (grad_low @ a) * kept * ctx.scaling
             grad_x = grad_x.view(*grad_out.shape[:-1], rows.shape[-1]).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 
 def _keep(rows: torch.Tensor, dropout: CountedDropout, seed: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _fusable(module) -> bool:
             and not module.use_dora.get(adapters[0], False) and not module.lora_variant)
 
 
-def _fused_forward(module, keep_dense: bool):
+def _fused_forward(module, keep_dense: bool, dense: torch.Tensor | None):
     adapter = module.active_adapters[0]
     dropout = module.lora_dropout[adapter]
     dropout = dropout if isinstance(dropout, CountedDropout) and dropout.p > 0 else None
@@ -110,29 +111,25 @@ def _fused_forward(module, keep_dense: bool):
     def forward(x, *args, **kwargs):
         if module.disable_adapters:  # e.g. peft's disable_adapter() context: base model only
             return base(x, *args, **kwargs)
-        return _LoraLinear.apply(x, lora_a, lora_b, base, scaling, dropout, module.training, keep_dense)
+        return _LoraLinear.apply(x, lora_a, lora_b, base, scaling, dropout, module.training, keep_dense, dense)
     return forward
 
 
-def fuse_lora_layers(model, keep_dense_in: tuple[torch.nn.Module, ...] = ()) -> int:
+def fuse_lora_layers(model, keep_dense_in: tuple[torch.nn.Module, ...] = (),
+                     dense_copies: dict[int, torch.Tensor] | None = None) -> int:
     """Give every LoRA linear layer of a peft model that this module can take the fused forward (in
     place, on the instances). Returns how many layers were fused.
 
     keep_dense_in: blocks whose layers may keep their dequantized weights from forward to backward when
     compiled (one dequantization less a step; checkpointed blocks, whose backward follows their
-    recomputation one block at a time). Elsewhere backward dequantizes again."""
+    recomputation one block at a time). Elsewhere backward dequantizes again.
+    dense_copies: id(base layer) -> its weight dequantized once for the run (engine.dense_copy); those
+    layers multiply by it and never dequantize."""
     keep = {id(m) for block in keep_dense_in for m in block.modules()}
+    copies = dense_copies or {}
     fused = 0
     for module in model.modules():
         if _fusable(module):
-            module.forward = _fused_forward(module, id(module) in keep)
-            module.snugtune_fused = True
+            module.forward = _fused_forward(module, id(module) in keep, copies.get(id(module.base_layer)))
             fused += 1
     return fused
-
-
-def unfuse_lora_layers(model) -> None:
-    """Back to peft's own forward (before merging or saving through peft's other paths)."""
-    for module in model.modules():
-        if module.__dict__.pop("snugtune_fused", False):
-            del module.forward

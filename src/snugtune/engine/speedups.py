@@ -1,7 +1,8 @@
 """What the engine does to a prepared model to make its steps fast, decided once per run.
 
 Each speedup leaves the numbers the same (within the compute dtype's rounding): LoRA layers run as one
-autograd function each (engine.fused_lora); each transformer block is compiled with torch.compile,
+autograd function each (engine.fused_lora), multiplying by a dense copy of the 4-bit weights where the plan
+holds one (engine.dense_copy); each transformer block is compiled with torch.compile,
 which fuses the norms, rotary embedding, activation and residual adds between the matmuls; and each
 micro-batch's forward and backward is replayed as a CUDA graph (engine.graphs), which removes the
 per-kernel launch cost that bounds small-batch steps.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from snugtune.config import Config
+from snugtune.engine.dense_copy import hold_dense_copies
 from snugtune.engine.fused_lora import fuse_lora_layers
 from snugtune.memory_rules import compiles_blocks, keeps_dense_weights, replays_cuda_graphs
 from snugtune.methods import METHODS
@@ -29,6 +31,7 @@ class Speedups:
     fused_lora_layers: int
     compiled_blocks: int
     cuda_graphs: bool = False
+    dense_copy_bytes: int = 0   # the 16-bit copies of the 4-bit block weights (quant.dense_copy)
 
 
 def compile_wanted(config: Config, device: torch.device, distributed: bool, streaming: bool) -> bool:
@@ -52,14 +55,17 @@ def dense_weights_kept_in(layers, config: Config, compiling: bool) -> tuple:
                  if keeps_dense_weights(compiling, getattr(layer, "gradient_checkpointing", False), offloaded))
 
 
-def apply_speedups(model, layers, config: Config, device: torch.device, distributed: bool = False,
-                   streaming: bool = False, fsdp: bool = False) -> Speedups:
-    """Fuse the LoRA layers (not under FSDP, whose unsharded weights are not bitsandbytes parameters) and
+def apply_speedups(model, layers, config: Config, device: torch.device, dtype: torch.dtype,
+                   distributed: bool = False, streaming: bool = False, fsdp: bool = False) -> Speedups:
+    """Hold dense copies of the 4-bit block weights (in the compute `dtype`) when quant.dense_copy is true,
+    fuse the LoRA layers (not under FSDP, whose unsharded weights are not bitsandbytes parameters) and
     compile the blocks when compile_wanted(). In place; returns what was done, and whether the training
     loop should replay micro-batches as CUDA graphs (cuda_graphs_wanted(); engine.graphs does it)."""
     compiling = compile_wanted(config, device, distributed, streaming)
-    fused = fuse_lora_layers(model, dense_weights_kept_in(layers, config, compiling)) \
-        if config.uses_lora and not fsdp else 0
+    holds_copies = config.quant.dense_copy is True and METHODS[config.method].base_bits == 4 and not (streaming or fsdp)
+    copies = hold_dense_copies(layers, dtype) if holds_copies else {}
+    kept = () if copies else dense_weights_kept_in(layers, config, compiling)
+    fused = fuse_lora_layers(model, kept, copies) if config.uses_lora and not fsdp else 0
     compiled = 0
     if compiling:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _COMPILED_VARIANTS)
@@ -68,4 +74,5 @@ def apply_speedups(model, layers, config: Config, device: torch.device, distribu
         for layer in layers:
             layer.compile()
             compiled += 1
-    return Speedups(fused, compiled, cuda_graphs_wanted(model, config, device, distributed or fsdp, streaming))
+    return Speedups(fused, compiled, cuda_graphs_wanted(model, config, device, distributed or fsdp, streaming),
+                    sum(c.numel() * c.element_size() for c in copies.values()))

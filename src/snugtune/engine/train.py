@@ -241,7 +241,7 @@ def _build_model(config: Config, ctx: DistContext, device: torch.device, precisi
             notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
     if config.train.tiled_mlp is True:  # long contexts: one MLP tile's intermediates at a time
         tile_mlps(layers)
-    speedups = apply_speedups(model, layers, config, device, ctx.enabled, stream, fsdp)
+    speedups = apply_speedups(model, layers, config, device, precision.compute_dtype, ctx.enabled, stream, fsdp)
     model.train()
     trainable, total = count_parameters(model)
     # loaded on the CPU: FSDP moves each unit to this process's GPU as it shards it (4-bit scales included)

@@ -21,10 +21,12 @@ CPU_MICRO_BATCH = 4    # micro_batch: auto without a card to plan for: micro-bat
 LOOP_FIELDS = {"train.micro_batch", "train.grad_accum", "train.cuda_graphs"}  # changed without a new model
 
 
-def _with(config: Config, train: dict, offload: dict | None = None) -> Config:
+def _with(config: Config, train: dict, offload: dict | None = None, quant: dict | None = None) -> Config:
     update = {"train": config.train.model_copy(update=train)}
     if offload:
         update["offload"] = config.offload.model_copy(update=offload)
+    if quant:
+        update["quant"] = config.quant.model_copy(update=quant)
     return config.model_copy(update=update)
 
 
@@ -38,20 +40,21 @@ def run_config(asked: Config, plan: Plan) -> Config:
     if plan.gpus > 1:
         train["data_parallel"] = "fsdp" if s.shards > 1 else "ddp"
     offload = dict(zip(("embeddings", "activations", "weights"), plan.offload))
-    return _with(asked, train, offload)
+    return _with(asked, train, offload, {"dense_copy": s.dense_copy})
 
 
 def config_without_card(asked: Config) -> Config:
     """No card to plan for (the CPU under budget: auto): checkpointing only where weights stream (which needs
     it), micro_batch: auto as the largest split of the rows up to CPU_MICRO_BATCH."""
     train = {}
+    quant = {"dense_copy": False} if asked.quant.dense_copy == "auto" else None  # nothing to weigh it against
     if asked.train.grad_checkpointing == "auto":
         train["grad_checkpointing"] = asked.offload.weights is True
     if asked.train.micro_batch == "auto":
         rows = asked.train.step_rows
         mb = max(d for d in range(1, min(rows, CPU_MICRO_BATCH) + 1) if rows % d == 0)
         train.update(micro_batch=mb, grad_accum=rows // mb)
-    return _with(asked, train)
+    return _with(asked, train, quant=quant)
 
 
 def plan_run(asked: Config, trained_per_row: list[int], world_size: int = 1, masked: bool = True,
@@ -80,6 +83,7 @@ def planned_figures(plan: Plan | None, world_size: int = 1) -> dict | None:
             "grad_checkpointing": s.grad_checkpointing, "checkpoint_layers": s.checkpointed_layers,
             "offload_activations": s.offload_activations, "offload_weights": s.stream_weights,
             "offload_embeddings": s.embeddings_on_host, "tiled_mlp": s.tiled_mlp, "cuda_graphs": s.cuda_graphs,
+            "dense_copy": s.dense_copy,
             "host_bytes": plan.host_bytes,
             "data_parallel": ("fsdp" if s.shards > 1 else "ddp") if world_size > 1 else None,
             "settings": {**asdict(s), "lora_targets": list(s.lora_targets)},  # the estimate's inputs, to recompute it
@@ -125,15 +129,15 @@ def _split_smaller(run: Config, where: str) -> tuple[Config, None, str]:
 
 
 def _differences(old: Config, new: Config) -> dict[str, list]:
-    """Dotted field -> [old, new] for the train and offload fields that differ."""
+    """Dotted field -> [old, new] for the train, offload and quant fields that differ."""
     found = {}
-    for section in ("train", "offload"):
+    for section in ("train", "offload", "quant"):
         a, b = getattr(old, section).model_dump(), getattr(new, section).model_dump()
         found.update({f"{section}.{k}": [a[k], b[k]] for k in a if a[k] != b[k]})
     return found
 
 
 def needs_new_model(old: Config, new: Config) -> bool:
-    """Whether going from `old` to `new` changes the model (offload, checkpointing, tiling), not just how the
-    loop splits the rows or whether it replays graphs."""
+    """Whether going from `old` to `new` changes the model (offload, checkpointing, tiling, dense copy), not just
+    how the loop splits the rows or whether it replays graphs."""
     return any(k not in LOOP_FIELDS for k in _differences(old, new))

@@ -1,7 +1,7 @@
 """Choosing a run's settings: the fastest that fits a budget with a safety margin, searched over the
 micro-batch split of the rows per step, checkpointing (none, the first k blocks, all, all with MLP
-tiling), CUDA graphs or eager steps, and CPU offload (input embeddings, activations, then frozen block
-weights), each where the config leaves it to 'auto'. Works offline from a model's config alone."""
+tiling), CUDA graphs or eager steps, a dense copy of 4-bit weights, and CPU offload (input embeddings,
+activations, then frozen block weights), each where the config leaves it to 'auto'. Works offline from a model's config alone."""
 
 from __future__ import annotations
 
@@ -80,9 +80,11 @@ def host_memory_available() -> int:
 def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: bool, seq: int | None = None,
                  method: str | None = None, checkpointed_layers: int | None = None,
                  trained: list[int] | None = None, offload: Offload = NO_OFFLOAD, shards: int = 1, gpus: int = 1,
-                 masked: bool = True, tiled_mlp: bool = False, graphs: bool = True) -> Settings:
+                 masked: bool = True, tiled_mlp: bool = False, graphs: bool = True,
+                 dense_copy: bool = False) -> Settings:
     """The estimate's inputs for one candidate; compilation, kept dense weights and CUDA graphs follow the
-    engine's rules (memory_rules) for it. graphs=False: eager steps even where graphs would run."""
+    engine's rules (memory_rules) for it. graphs=False: eager steps even where graphs would run.
+    dense_copy: hold the 4-bit block weights dequantized (only where dense_copy_options offers it)."""
     from snugtune.models import block_linear_names
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
@@ -99,7 +101,8 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
                     offload_activations=offload.activations, stream_weights=offload.weights,
                     embeddings_on_host=offload.embeddings, shards=shards, attention_mask=masked, tiled_mlp=tiled_mlp,
-                    dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload)),
+                    dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload)) and not dense_copy,
+                    dense_copy=dense_copy,
                     cuda_graphs=graphs and replays_cuda_graphs(
                         cfg.train.cuda_graphs, compiling, True, one_process, offload.weights, replays,
                         offload.activations, tiled_mlp, draws))
@@ -171,6 +174,16 @@ def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, ma
     return [make(False), make(True)]
 
 
+def dense_copy_options(cfg: Config, shards: int, offload: Offload) -> tuple[bool, ...]:
+    """quant.dense_copy for one level: as asked, or under 'auto' without and with one; never when
+    sharded or offloading (memory is short there) or for a base that is not 4-bit."""
+    if METHODS[cfg.method].base_bits != 4 or shards > 1 or offload.activations or offload.weights:
+        return (False,)
+    if cfg.quant.dense_copy == "auto":
+        return (False, True) if offload == NO_OFFLOAD else (False,)
+    return (cfg.quant.dense_copy,)
+
+
 def micro_batches(cfg: Config, most: int | None = None) -> list[int]:
     """Micro-batch sizes that split the rows per step evenly, largest first: up to the config's micro_batch,
     or any under micro_batch: auto; at most `most`."""
@@ -189,13 +202,14 @@ class Candidate:
 
 def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: Offload, micro: list[int],
                trained: list[int] | None, gpus: int, masked: bool, card: str) -> list[Candidate]:
-    """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not."""
+    """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not,
+    dense copy or not."""
     found: dict[Settings, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
     compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights)
-    for graphs, mb in product(graph_options, micro):
+    for graphs, mb, dense in product(graph_options, micro, dense_copy_options(cfg, shards, offload)):
         make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
-                       masked=masked, graphs=graphs)
+                       masked=masked, graphs=graphs, dense_copy=dense)
         for s in checkpointing_options(cfg, inv, mb, limit, make, compiling):
             if s not in found:
                 parts = estimate(inv, s)
@@ -277,6 +291,8 @@ def changes(cfg: Config, s: Settings, accum: int, gpus: int = 1, eager_chosen: b
         found["train.tiled_mlp"] = ["auto", True]
     if eager_chosen and cfg.train.cuda_graphs == "auto":
         found["train.cuda_graphs"] = ["auto", False]
+    if cfg.quant.dense_copy == "auto" and METHODS[cfg.method].base_bits == 4:
+        found["quant.dense_copy"] = ["auto", s.dense_copy]
     return found
 
 
@@ -284,7 +300,7 @@ def graphs_possible(cfg: Config, inv: Inventory, s: Settings, gpus: int = 1) -> 
     """Whether the engine would replay this candidate's steps as CUDA graphs if the planner let it."""
     return settings_for(cfg, inv, s.micro_batch, s.grad_checkpointing, checkpointed_layers=s.checkpointed_layers,
                         offload=Offload(s.embeddings_on_host, s.offload_activations, s.stream_weights),
-                        shards=s.shards, gpus=gpus, tiled_mlp=s.tiled_mlp).cuda_graphs
+                        shards=s.shards, gpus=gpus, tiled_mlp=s.tiled_mlp, dense_copy=s.dense_copy).cuda_graphs
 
 
 def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None,

@@ -35,7 +35,8 @@ def settings_text(plan: Plan) -> str:
     return (f"method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
             f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
             f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={offload_text(plan.offload)} "
-            f"cuda_graphs={s.cuda_graphs}" + (" tiled_mlp=True" if s.tiled_mlp else ""))
+            f"cuda_graphs={s.cuda_graphs}" + (" tiled_mlp=True" if s.tiled_mlp else "")
+            + (" dense_copy=True" if s.dense_copy else ""))
 
 
 def format_plan(plan: Plan) -> str:

@@ -26,6 +26,7 @@ class Part(Enum):
     Transients are alive at different moments of a step: the peak holds only the largest."""
     QUANTIZED_4BIT = ("quantized weights (4-bit + block scales)", "gpu", "step")
     QUANTIZED_8BIT = ("quantized weights (8-bit + row scales)", "gpu", "step")
+    DENSE_COPY = ("16-bit copy of the 4-bit block weights", "gpu", "step")
     FROZEN_WEIGHTS = ("frozen 16-bit weights", "gpu", "step")
     TRAINED_WEIGHTS = ("trained weights (fp32 masters)", "gpu", "step")
     STREAMED_BLOCKS = ("streamed block weights (2 blocks at a time)", "gpu", "step")
@@ -107,6 +108,7 @@ class Settings:
     dense_weights_kept: bool = False   # memory_rules.keeps_dense_weights: a compiled, recomputed 4-bit block
                                        # keeps its LoRA layers' dequantized weights until its backward
     cuda_graphs: bool = False          # memory_rules.replays_cuda_graphs: the step replays from a private pool
+    dense_copy: bool = False           # engine.dense_copy: 4-bit block weights also held dequantized
 
 
 def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
@@ -132,6 +134,8 @@ def weight_bytes(inv: Inventory, s: Settings) -> Breakdown:
     stats = (n_lin / 64 * (1 + 4 / 256) if s.double_quant else n_lin / 64 * 4) if m.base_bits == 4 else 0
     if m.base_bits == 4:
         linear = {Part.QUANTIZED_4BIT: int(n_lin / 2 + stats)}
+        if s.dense_copy:
+            linear[Part.DENSE_COPY] = s.compute_bytes * n_lin
     elif m.base_bits == 8:
         rows = sum(l.out_features for l in inv.linears)
         linear = {Part.QUANTIZED_8BIT: int(n_lin + 4 * rows)}
