@@ -4,13 +4,15 @@ compiled blocks, CUDA graphs), with torch.profiler around step STEP only.
   python benchmarks/train_step_profile.py OUT.txt STEP CONFIG.yaml [key=value ...]
 
 Steps before STEP run as usual (warm-up, compilation, graph capture); OUT.txt gets the step's wall time,
-kernel time, tokens, whether graphs replayed, and the kernels by total GPU time (top 45).
+kernel time, tokens, whether graphs replayed, the kernels by total GPU time (top 45), the copies by
+input shape, and which operators and Python lines issued the device-to-device memcpys.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,7 +34,7 @@ def profiled(one_step, out: str, at: int):
             return one_step(run, position, *args, **kwargs)
         _sync()
         tokens = position.tokens_trained
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
             start = time.perf_counter()
             result = one_step(run, position, *args, **kwargs)
             _sync()
@@ -45,8 +47,36 @@ def profiled(one_step, out: str, at: int):
             f.write(f"{' '.join(sys.argv[1:])}\nwall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms, "
                     f"tokens {tokens}, {tokens / wall:.0f} tok/s; CUDA graphs (shapes, failure): {graphs}\n")
             f.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90))
+            # copies by input shape: which tensors the device-to-device copies move
+            by_shape = [e for e in prof.key_averages(group_by_input_shape=True)
+                        if e.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::to", "aten::_to_copy")]
+            by_shape.sort(key=lambda e: -e.device_time_total)
+            f.write("\ncopies by input shape (device ms, calls, shapes)\n")
+            for e in by_shape[:25]:
+                f.write(f"{e.device_time_total / 1e3:9.2f} {e.count:6d} {e.key} {e.input_shapes}\n")
+            f.write("\ndevice-to-device memcpys by the operators and Python lines that issued them\n")
+            for origin, (count, ms) in memcpy_origins(prof.events()).most_common(15):
+                f.write(f"{ms:9.2f} {count:6d} {origin}\n")
         return result
     return step
+
+
+def memcpy_origins(events) -> Counter:
+    """'op < parent op < ... | python frames' -> [memcpys, device ms], for the DtoD memcpys among `events`."""
+    found: dict[str, list] = {}
+    for e in events:
+        copies = [k for k in e.kernels if "DtoD" in k.name]
+        if not copies:
+            continue
+        chain, parent = [], e
+        while parent is not None and len(chain) < 6:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        frames = [line for line in (e.stack or []) if "snugtune" in line or "bitsandbytes" in line][:3]
+        entry = found.setdefault(" < ".join(chain) + " | " + " ; ".join(frames), [0, 0.0])
+        entry[0] += len(copies)
+        entry[1] += sum(k.duration for k in copies) / 1e3
+    return Counter({k: tuple(v) for k, v in found.items()})
 
 
 def main() -> None:
