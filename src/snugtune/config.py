@@ -79,8 +79,8 @@ class QuantConfig(_Section):
     dense_copy: bool | Literal["auto"] = Field(
         "auto", description="4-bit: also hold a 16-bit copy of the frozen block weights on the GPU, dequantized "
                             "once at the start: the same values bitsandbytes dequantizes in every forward and "
-                            "backward, so steps spend no time dequantizing (Llama-3.1-8B: 13 GiB more). One GPU, "
-                            "no offload. auto: when the planner finds the run fits with it and is faster.")
+                            "backward, so steps spend no time dequantizing (Llama-3.1-8B: 13 GiB more). Not under "
+                            "FSDP or offload. auto: when the planner finds the run fits with it and is faster.")
 
 
 class FreezeConfig(_Section):
