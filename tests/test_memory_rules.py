@@ -1,5 +1,5 @@
-"""memory_rules ties the planner to the engine: the planner's compiled-block, kept-dense-weight and CUDA-graph
-decisions are the engine's for the same config, and both size the loss chunk and the MLP tile alike."""
+"""memory_rules ties the planner to the engine: the planner's compiled-block, dense-copy, kept-dense-weight and
+CUDA-graph decisions are the engine's for the same config, and both size the loss chunk and the MLP tile alike."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 import snugtune.loss as loss_module
 from snugtune.engine import tiling
-from snugtune.engine.speedups import compile_wanted, cuda_graphs_wanted, dense_weights_kept_in
+from snugtune.engine.speedups import compile_wanted, cuda_graphs_wanted, dense_copy_wanted, dense_weights_kept_in
 from snugtune.memory_rules import LOGITS_CHUNK_BYTES, MLP_TILE_TOKENS, logits_chunk_tokens
 from snugtune.models import decoder_layers, load_base_model, prepare_for_training, resolve_model
 from snugtune.planner import Offload, settings_for
@@ -20,12 +20,17 @@ CASES = [({}, Offload()), ({"lora": {"dropout": 0.05}}, Offload()), ({"train": {
          ({"offload": {"activations": True}}, Offload(activations=True)),
          ({"offload": {"embeddings": True}}, Offload(embeddings=True)),
          ({"train": {"tiled_mlp": True}}, Offload()), ({"train": {"grad_checkpointing": False}}, Offload()),
-         ({"method": "full"}, Offload()), ({"method": "lora-8bit"}, Offload())]
+         ({"method": "full"}, Offload()), ({"method": "lora-8bit"}, Offload()),
+         ({"quant": {"dense_copy": True}}, Offload()),
+         ({"quant": {"dense_copy": True}, "offload": {"activations": True}}, Offload(activations=True)),
+         ({"quant": {"dense_copy": True}, "method": "lora"}, Offload())]
 
 
 @pytest.mark.parametrize("change,offload", CASES, ids=[str(c[0]) for c in CASES])
 def test_the_planner_decides_compilation_dense_weights_and_graphs_as_the_engine_does(tmp_path, alpaca_file,
                                                                                       change, offload):
+    # dense copy: the planner's Settings after it asked for the config's (auto is its own choice, tested in
+    # test_planner_choose); the engine's from the resolved config
     sections = {"method": "qlora", "lora": {"dropout": 0.0}, "train": {"grad_checkpointing": True}}
     for key, value in change.items():
         sections[key] = {**sections[key], **value} if isinstance(value, dict) and key in sections else value
@@ -33,10 +38,14 @@ def test_the_planner_decides_compilation_dense_weights_and_graphs_as_the_engine_
     model = prepare_for_training(load_base_model(resolve_model(config.model).path, config, torch.device("cpu"),
                                                  torch.float32), config)
     compiling = compile_wanted(config, CUDA, distributed=False, streaming=False)
+    copying = dense_copy_wanted(config, streaming=False, fsdp=False)
     planned = settings_for(config, inventory_for(config), 1, config.train.grad_checkpointing is True,
-                           offload=offload, tiled_mlp=config.train.tiled_mlp is True)
+                           offload=offload, tiled_mlp=config.train.tiled_mlp is True,
+                           dense_copy=config.quant.dense_copy is True)
     assert planned.cuda_graphs == cuda_graphs_wanted(model, config, CUDA, distributed=False, streaming=False)
-    assert planned.dense_weights_kept == bool(dense_weights_kept_in(decoder_layers(model), config, compiling))
+    assert planned.dense_copy == copying
+    assert planned.dense_weights_kept == bool(dense_weights_kept_in(decoder_layers(model), config, compiling,
+                                                                    copying))
 
 
 def test_engine_and_planner_size_the_loss_chunk_and_the_mlp_tile_alike(tiny_llama_inventory):

@@ -76,6 +76,7 @@ def test_dense_copies_give_the_dequantizing_loss_and_gradients_without_dequantiz
                                                                                      monkeypatch, dropout):
     # LoRA on the attention only: the MLP's 4-bit layers are not wrapped, and multiply by their copies too
     import bitsandbytes.functional as bnbf
+    from snugtune.engine.dense_copy import four_bit_linears
     from snugtune.engine.speedups import apply_speedups
     from snugtune.models import decoder_layers
     results = []
@@ -91,8 +92,7 @@ def test_dense_copies_give_the_dequantizing_loss_and_gradients_without_dequantiz
                 torch.nn.init.normal_(p, std=0.1)
         applied = apply_speedups(model, decoder_layers(model), config, torch.device("cpu"), torch.float32)
         assert applied.fused_lora_layers == 4 * 2
-        four_bit = [m for block in decoder_layers(model) for m in block.modules()
-                    if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "quant_state")]
+        four_bit = four_bit_linears(decoder_layers(model))
         assert len(four_bit) == 7 * 2
         assert applied.dense_copy_bytes == (4 * sum(m.weight.quant_state.shape.numel() for m in four_bit) if copy else 0)
         calls = []

@@ -80,7 +80,8 @@ class QuantConfig(_Section):
         "auto", description="4-bit: also hold a 16-bit copy of the frozen block weights on the GPU, dequantized "
                             "once at the start: the same values bitsandbytes dequantizes in every forward and "
                             "backward, so steps spend no time dequantizing (Llama-3.1-8B: 13 GiB more). Not under "
-                            "FSDP or offload. auto: when the planner finds the run fits with it and is faster.")
+                            "FSDP or weight streaming. auto: where nothing is offloaded, when the planner finds "
+                            "the run fits with it and is faster.")
 
 
 class FreezeConfig(_Section):

@@ -27,11 +27,19 @@ def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_
     return cuda and one_process and not streams_weights
 
 
-def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded: bool) -> bool:
+def holds_dense_copy(asked: bool, four_bit: bool, sharded: bool, streams_weights: bool) -> bool:
+    """quant.dense_copy resolved (asked: true, or the planner's choice under auto): a 16-bit copy of the 4-bit
+    block weights for the run, on a 4-bit base, not under FSDP (its unsharded weights are not bitsandbytes
+    parameters) and not with weight streaming (the block weights live in host memory)."""
+    return asked and four_bit and not sharded and not streams_weights
+
+
+def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded: bool, dense_copy: bool) -> bool:
     """Whether a block's fused LoRA layers keep their dequantized weight from forward to backward:
     compiled, checkpointed blocks (recomputed one at a time: one block's dense weights extra at the
-    peak), and only when nothing is offloaded (offload means memory is short)."""
-    return compiling and checkpointed and not anything_offloaded
+    peak), only when nothing is offloaded (offload means memory is short), and not beside a dense copy
+    (nothing is dequantized then)."""
+    return compiling and checkpointed and not anything_offloaded and not dense_copy
 
 
 def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_process: bool,

@@ -23,12 +23,16 @@ import torch
 from snugtune.lora_dropout import CountedDropout, keep_mask
 
 
-def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False) -> torch.Tensor:
-    """The frozen weight of a base linear layer as a dense [out, in] tensor in `dtype` (4-bit: dequantized).
+def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False,
+                 held: torch.Tensor | None = None) -> torch.Tensor:
+    """The frozen weight of a base linear layer as a dense [out, in] tensor in `dtype` (4-bit: dequantized,
+    or `held`, its copy dequantized once for the run by engine.dense_copy).
 
     fresh: dequantize from a flat view of the packed weight. A compiled block otherwise sees the same
     dequantization in forward and backward, merges them and keeps the forward's dense copy alive until
     backward (llama3-8b: 0.41 GiB a block; for every block when none is checkpointed)."""
+    if held is not None:
+        return held.to(dtype)
     weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is not None:
@@ -47,7 +51,7 @@ class _LoraLinear(torch.autograd.Function):
             seed = dropout.seed.clone() if dropout is not None and training else None
             dropped = rows if seed is None else rows * _keep(rows, dropout, seed) * (1.0 / (1.0 - dropout.p))
             low = dropped @ a.t()                                   # [N, r]
-            out = rows @ (dense_weight(base, dtype) if dense is None else dense.to(dtype)).t()
+            out = rows @ dense_weight(base, dtype, held=dense).t()
             out.addmm_(low, b.t(), alpha=scaling)
             if base.bias is not None:
                 out += base.bias.to(dtype)
@@ -69,8 +73,7 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = (grad.t() @ low).mul_(ctx.scaling).to(lora_b.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = dense_weight(ctx.base, dtype, fresh=not ctx.keep_dense) if dense is None else dense.to(dtype)
-            grad_x = grad @ weight
+            grad_x = grad @ dense_weight(ctx.base, dtype, fresh=not ctx.keep_dense, held=dense)
             if kept is None:
                 grad_x.addmm_(grad_low, a, alpha=ctx.scaling)
             else:

@@ -17,7 +17,7 @@ import torch
 from snugtune.config import Config
 from snugtune.engine.dense_copy import hold_dense_copies
 from snugtune.engine.fused_lora import fuse_lora_layers
-from snugtune.memory_rules import compiles_blocks, keeps_dense_weights, replays_cuda_graphs
+from snugtune.memory_rules import compiles_blocks, holds_dense_copy, keeps_dense_weights, replays_cuda_graphs
 from snugtune.methods import METHODS
 from snugtune.models import blocks_draw_random_numbers
 
@@ -47,24 +47,29 @@ def cuda_graphs_wanted(model, config: Config, device: torch.device, distributed:
                                blocks_draw_random_numbers(model, config))
 
 
-def dense_weights_kept_in(layers, config: Config, compiling: bool) -> tuple:
+def dense_copy_wanted(config: Config, streaming: bool, fsdp: bool) -> bool:
+    """quant.dense_copy resolved (memory_rules.holds_dense_copy)."""
+    return holds_dense_copy(config.quant.dense_copy is True, METHODS[config.method].base_bits == 4, fsdp, streaming)
+
+
+def dense_weights_kept_in(layers, config: Config, compiling: bool, dense_copy: bool) -> tuple:
     """Blocks whose fused LoRA layers keep the dequantized weight from forward to backward
     (memory_rules.keeps_dense_weights)."""
     offloaded = True in (config.offload.embeddings, config.offload.activations, config.offload.weights)
-    return tuple(layer for layer in layers
-                 if keeps_dense_weights(compiling, getattr(layer, "gradient_checkpointing", False), offloaded))
+    return tuple(layer for layer in layers if keeps_dense_weights(
+        compiling, getattr(layer, "gradient_checkpointing", False), offloaded, dense_copy))
 
 
 def apply_speedups(model, layers, config: Config, device: torch.device, dtype: torch.dtype,
                    distributed: bool = False, streaming: bool = False, fsdp: bool = False) -> Speedups:
-    """Hold dense copies of the 4-bit block weights (in the compute `dtype`) when quant.dense_copy is true,
+    """Hold dense copies of the 4-bit block weights (in the compute `dtype`) when dense_copy_wanted(),
     fuse the LoRA layers (not under FSDP, whose unsharded weights are not bitsandbytes parameters) and
     compile the blocks when compile_wanted(). In place; returns what was done, and whether the training
     loop should replay micro-batches as CUDA graphs (cuda_graphs_wanted(); engine.graphs does it)."""
     compiling = compile_wanted(config, device, distributed, streaming)
-    holds_copies = config.quant.dense_copy is True and METHODS[config.method].base_bits == 4 and not (streaming or fsdp)
-    copies = hold_dense_copies(layers, dtype) if holds_copies else {}
-    kept = () if copies else dense_weights_kept_in(layers, config, compiling)
+    copying = dense_copy_wanted(config, streaming, fsdp)
+    copies = hold_dense_copies(layers, dtype) if copying else {}
+    kept = dense_weights_kept_in(layers, config, compiling, copying)
     fused = fuse_lora_layers(model, kept, copies) if config.uses_lora and not fsdp else 0
     compiled = 0
     if compiling:

@@ -1,7 +1,8 @@
 """Choosing a run's settings: the fastest that fits a budget with a safety margin, searched over the
 micro-batch split of the rows per step, checkpointing (none, the first k blocks, all, all with MLP
 tiling), CUDA graphs or eager steps, a dense copy of 4-bit weights, and CPU offload (input embeddings,
-activations, then frozen block weights), each where the config leaves it to 'auto'. Works offline from a model's config alone."""
+activations, then frozen block weights), each where the config leaves it to 'auto'. Works offline from a
+model's config alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from itertools import product
 from typing import NamedTuple
 
 from snugtune.config import Config
-from snugtune.memory_rules import MLP_TILE_TOKENS, compiles_blocks, keeps_dense_weights, replays_cuda_graphs
+from snugtune.memory_rules import (MLP_TILE_TOKENS, compiles_blocks, holds_dense_copy, keeps_dense_weights,
+                                   replays_cuda_graphs)
 from snugtune.methods import METHODS
 from snugtune.planner.cards import budget_bytes, packed_rows_masked
 from snugtune.planner.inventory import Inventory, inventory_for
@@ -84,12 +86,14 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
                  dense_copy: bool = False) -> Settings:
     """The estimate's inputs for one candidate; compilation, kept dense weights and CUDA graphs follow the
     engine's rules (memory_rules) for it. graphs=False: eager steps even where graphs would run.
-    dense_copy: hold the 4-bit block weights dequantized (only where dense_copy_options offers it)."""
+    dense_copy: a dense copy of the 4-bit block weights asked for (held where memory_rules.holds_dense_copy
+    allows it, as the engine does)."""
     from snugtune.models import block_linear_names
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1
     compiling = compiles_blocks(cfg.train.compile, True, one_process, offload.weights)
+    copied = holds_dense_copy(dense_copy, METHODS[method].base_bits == 4, shards > 1, offload.weights)
     replays = METHODS[method].replays_graphs
     draws = inv.draws_random_numbers  # LoRA dropout draws none: its masks come from a seeded hash
     return Settings(method=method, lora_r=cfg.lora.r, lora_targets=tuple(targets),
@@ -101,8 +105,8 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
                     lora_dropout=cfg.lora.dropout, trained_tokens=sum(trained[:micro_batch]) if trained else None,
                     offload_activations=offload.activations, stream_weights=offload.weights,
                     embeddings_on_host=offload.embeddings, shards=shards, attention_mask=masked, tiled_mlp=tiled_mlp,
-                    dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload)) and not dense_copy,
-                    dense_copy=dense_copy,
+                    dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload), copied),
+                    dense_copy=copied,
                     cuda_graphs=graphs and replays_cuda_graphs(
                         cfg.train.cuda_graphs, compiling, True, one_process, offload.weights, replays,
                         offload.activations, tiled_mlp, draws))
@@ -174,14 +178,12 @@ def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, ma
     return [make(False), make(True)]
 
 
-def dense_copy_options(cfg: Config, shards: int, offload: Offload) -> tuple[bool, ...]:
-    """quant.dense_copy for one level: as asked, or under 'auto' without and with one; never when
-    sharded or offloading (memory is short there) or for a base that is not 4-bit."""
-    if METHODS[cfg.method].base_bits != 4 or shards > 1 or offload.activations or offload.weights:
-        return (False,)
-    if cfg.quant.dense_copy == "auto":
-        return (False, True) if offload == NO_OFFLOAD else (False,)
-    return (cfg.quant.dense_copy,)
+def dense_copy_options(cfg: Config, offload: Offload) -> tuple[bool, ...]:
+    """quant.dense_copy asked of one level's candidates: as the config says, or under 'auto' without and with
+    one where nothing is offloaded (offload means memory is short). settings_for holds it where possible."""
+    if cfg.quant.dense_copy != "auto":
+        return (cfg.quant.dense_copy,)
+    return (False, True) if offload == NO_OFFLOAD else (False,)
 
 
 def micro_batches(cfg: Config, most: int | None = None) -> list[int]:
@@ -207,7 +209,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     found: dict[Settings, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
     compiling = compiles_blocks(cfg.train.compile, True, gpus == 1, offload.weights)
-    for graphs, mb, dense in product(graph_options, micro, dense_copy_options(cfg, shards, offload)):
+    for graphs, mb, dense in product(graph_options, micro, dense_copy_options(cfg, offload)):
         make = partial(settings_for, cfg, inv, mb, trained=trained, offload=offload, shards=shards, gpus=gpus,
                        masked=masked, graphs=graphs, dense_copy=dense)
         for s in checkpointing_options(cfg, inv, mb, limit, make, compiling):

@@ -1,9 +1,9 @@
 """Predicted time of one optimizer step, to rank the settings that fit and to say what the chosen split
 costs: per micro-batch the GPU's arithmetic (FLOPs at a share of the card's datasheet rate) plus the
 CPU's kernel launches (per block: far fewer when the step replays as a CUDA graph) plus host copies
-(offload) plus dequantizing the 4-bit weights (none with a dense copy); per step the optimizer, by the parameters it trains. Constants measured on an H100
-(docs/benchmarks.md, TinyLlama 4 x 512: 0.193 s a compiled eager step, 0.053 s replayed, 46 ms of it
-GPU work)."""
+(offload) plus dequantizing the 4-bit weights (none with a dense copy); per step the optimizer, by the
+parameters it trains. Constants measured on an H100 (docs/benchmarks.md, TinyLlama 4 x 512: 0.193 s a
+compiled eager step, 0.053 s replayed, 46 ms of it GPU work)."""
 
 from __future__ import annotations
 
