@@ -45,7 +45,7 @@ def main() -> None:
     from snugtune.config import config_from_dict
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
     from snugtune.data.prepare import prepare_data
-    from snugtune.engine.fused_lora import fuse_lora_layers, unfuse_lora_layers
+    from snugtune.engine.fused_lora import fuse_lora_layers
     from snugtune.engine.graphs import StepGraphs
     from snugtune.engine.step import forward_backward, trained_positions
     from snugtune.precision import Precision
@@ -100,7 +100,8 @@ def main() -> None:
             model._host_embeddings = keep_embeddings_on_host(model, device)
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, fused=True) if "torchadam" in features \
             else build_optimizer(params, cfg.train, device)
-        unfuse_lora_layers(model)
+        for module in model.modules():
+            module.__dict__.pop("forward", None)  # fuse_lora_layers sets an instance forward: back to peft's
         if "fused" in features:
             fuse_lora_layers(model)
         for layer in layers:

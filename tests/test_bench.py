@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -76,3 +77,22 @@ def test_unsloth_rows_are_the_runs_tokens_in_order_at_one_length(tmp_path):
     stream = [t for row in epoch_rows(samples, 0, 0, 16) for s in row for t in s.input_ids]
     assert ids.shape == (3, 16)
     assert ids.flatten().tolist() == (stream * 2)[:48]
+
+
+@pytest.mark.parametrize("scheduler,warmup", [("cosine", 0.1), ("linear", 2), ("constant", 0.0)])
+def test_the_plain_and_unsloth_stacks_follow_the_recipes_learning_rate_schedule(scheduler, warmup):
+    # a recipe's cosine decay lowers snugtune's loss curve's slope; the peers must decay alike to compare losses
+    from snugtune.bench.plain import learning_rate_schedule
+    from snugtune.config import config_from_dict
+    from snugtune.engine.optim import lr_factor, warmup_steps
+    cfg = config_from_dict({"model": "shape:tiny", "data": {"path": "x.jsonl"}, "train": {
+        "max_steps": 20, "lr": 1e-3, "scheduler": scheduler, "warmup": warmup}})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    schedule = learning_rate_schedule(optimizer, cfg)
+    warm = warmup_steps(cfg.train, 20)
+    for step in range(20):
+        # in warmup, transformers' Trainer starts at 0 where snugtune's first step already takes lr/warmup
+        want = 1e-3 * (step / warm if step < warm else lr_factor(step, 20, warm, scheduler))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-6, abs=1e-12)
+        optimizer.step()
+        schedule.step()

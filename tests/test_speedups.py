@@ -261,3 +261,35 @@ def test_an_oom_while_capturing_a_graph_falls_back_to_eager_without_losing_the_m
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
     for name, g in grads[0][1].items():
         assert torch.allclose(grads[1][1][name], g, atol=1e-7), name
+
+
+def test_a_compiled_fused_layer_adds_the_low_rank_product_in_place(tmp_path, alpaca_file):
+    # inductor rewrites a traced addmm_ into addmm that first copies the base product into a new buffer
+    from torch._inductor.utils import run_and_get_code
+    config = tiny_config(tmp_path, alpaca_file, method="lora")
+    model = prepare_for_training(load_base_model(resolve_model(config.model).path, config, torch.device("cpu"),
+                                                 torch.float32), config)
+    layer = model.get_base_model().model.layers[0].mlp.up_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    fuse_lora_layers(model)
+    x = torch.randn(2, 12, layer.in_features)
+
+    def loss_and_grads(step):
+        lora = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        inputs = x.clone().requires_grad_()
+        step(inputs)
+        grads = [inputs.grad] + [p.grad.clone() for p in lora]
+        for p in lora:
+            p.grad = None
+        return grads
+
+    def step(inputs):
+        layer(inputs).square().sum().backward()
+
+    eager = loss_and_grads(step)
+    compiled, code = run_and_get_code(loss_and_grads, torch.compile(step))
+    source = "\n".join(code)
+    assert source.count("torch.ops.snugtune.add_product_") == 2  # forward's output, backward's input gradient
+    assert "extern_kernels.addmm" not in source
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -45,6 +45,7 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
                  "adamw": torch.optim.AdamW}[cfg.train.optimizer](params, lr=cfg.train.lr)
+    scheduler = learning_rate_schedule(optimizer, cfg)
     model.train()
     step_times, step_tokens, losses = [], [], []
     packed_len = cfg.max_seq_len if cfg.data.packing else None
@@ -64,10 +65,21 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
                 loss = model(**batch).loss / len(group)
             loss.backward()
         optimizer_step(params, optimizer, device)
+        scheduler.step()
         step_times.append(time.perf_counter() - start)
         step_tokens.append(tokens)
         losses.append(float(loss.detach()) * len(group))
     return step_result(recipe, cfg, step_times, step_tokens, losses, device)
+
+
+def learning_rate_schedule(optimizer, cfg):
+    """The config's schedule over max_steps as transformers' Trainer builds it (warmup a fraction when below 1)."""
+    import math
+
+    from transformers import get_scheduler
+    steps, warmup = cfg.train.max_steps, cfg.train.warmup
+    return get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=math.ceil(warmup * steps) if warmup < 1
+                         else int(warmup), num_training_steps=steps)
 
 
 def optimizer_step(params, optimizer, device: torch.device) -> None:

@@ -34,9 +34,10 @@ def train_steps(model, cfg, ids, device, recipe: str) -> dict:
     """cfg.train.max_steps optimizer steps of micro_batch x grad_accum rows of `ids`; the bench result."""
     import bitsandbytes as bnb
 
-    from snugtune.bench.plain import optimizer_step, step_result, sync
+    from snugtune.bench.plain import learning_rate_schedule, optimizer_step, step_result, sync
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(params, lr=cfg.train.lr)
+    scheduler = learning_rate_schedule(optimizer, cfg)
     batch, accumulation = cfg.train.micro_batch, cfg.train.grad_accum
     step_times, step_tokens, losses = [], [], []
     model.train()
@@ -49,6 +50,7 @@ def train_steps(model, cfg, ids, device, recipe: str) -> dict:
             loss = model(input_ids=rows, labels=rows).loss / accumulation
             loss.backward()
         optimizer_step(params, optimizer, device)
+        scheduler.step()
         step_times.append(time.perf_counter() - start)
         step_tokens.append(batch * accumulation * ids.shape[1])
         losses.append(float(loss.detach()) * accumulation)

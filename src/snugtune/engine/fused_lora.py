@@ -41,6 +41,28 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False,
     return weight.to(dtype)
 
 
+@torch.library.custom_op("snugtune::add_product_", mutates_args={"out"})
+def _add_product_op(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+    out.addmm_(left, right, alpha=alpha)
+
+
+@_add_product_op.register_fake
+def _(out, left, right, alpha) -> None:
+    return None
+
+
+def add_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+    """out += alpha * left @ right, in place also inside a compiled block.
+
+    Inductor turns a traced `out.addmm_` into an out-of-place addmm that first copies `out` into a new
+    buffer (llama3-8b 1 x 2048: 434 device copies, 4.8 ms a step); an opaque op that mutates `out` is
+    re-inplaced instead. Eager calls addmm_ directly (a custom op's dispatch costs more than it saves)."""
+    if torch.compiler.is_compiling():
+        _add_product_op(out, left, right, alpha)
+    else:
+        out.addmm_(left, right, alpha=alpha)
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, training, keep_dense, dense):
@@ -52,7 +74,7 @@ class _LoraLinear(torch.autograd.Function):
             dropped = rows if seed is None else rows * _keep(rows, dropout, seed) * (1.0 / (1.0 - dropout.p))
             low = dropped @ a.t()                                   # [N, r]
             out = rows @ dense_weight(base, dtype, held=dense).t()
-            out.addmm_(low, b.t(), alpha=scaling)
+            add_product_(out, low, b.t(), scaling)
             if base.bias is not None:
                 out += base.bias.to(dtype)
         ctx.save_for_backward(rows, low, lora_a, lora_b, seed, dense)
@@ -75,7 +97,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad @ dense_weight(ctx.base, dtype, fresh=not ctx.keep_dense, held=dense)
             if kept is None:
-                grad_x.addmm_(grad_low, a, alpha=ctx.scaling)
+                add_product_(grad_x, grad_low, a, ctx.scaling)
             else:
                 # out of place: inductor (torch 2.13, CPU) computed the in-place add_ with alpha wrongly here
                 grad_x = grad_x + (grad_low @ a) * kept * ctx.scaling
