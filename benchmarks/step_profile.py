@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="file for the profiler tables")
     args = parser.parse_args()
 
+    from peft.tuners.lora.layer import LoraLayer
+
     from snugtune.bench.compare import bench_config
     from snugtune.config import config_from_dict
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches, real_tokens
@@ -101,7 +103,8 @@ def main() -> None:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, fused=True) if "torchadam" in features \
             else build_optimizer(params, cfg.train, device)
         for module in model.modules():
-            module.__dict__.pop("forward", None)  # fuse_lora_layers sets an instance forward: back to peft's
+            if isinstance(module, LoraLayer):  # fuse_lora_layers sets an instance forward: back to peft's
+                module.__dict__.pop("forward", None)
         if "fused" in features:
             fuse_lora_layers(model)
         for layer in layers:

@@ -73,13 +73,13 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
 
 
 def learning_rate_schedule(optimizer, cfg):
-    """The config's schedule over max_steps as transformers' Trainer builds it (warmup a fraction when below 1)."""
-    import math
-
+    """The config's schedule over max_steps as transformers' Trainer builds it, with the engine's warmup steps."""
     from transformers import get_scheduler
-    steps, warmup = cfg.train.max_steps, cfg.train.warmup
-    return get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=math.ceil(warmup * steps) if warmup < 1
-                         else int(warmup), num_training_steps=steps)
+
+    from snugtune.engine.optim import warmup_steps
+    steps = cfg.train.max_steps
+    return get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup_steps(cfg.train, steps),
+                         num_training_steps=steps)
 
 
 def optimizer_step(params, optimizer, device: torch.device) -> None:

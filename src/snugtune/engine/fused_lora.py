@@ -4,7 +4,7 @@ peft computes a LoRA layer as the base layer (bitsandbytes dequantizes and multi
 copy of its output, then lora_B(lora_A(dropout(x))) * scaling through autocast, about a dozen kernels
 and as many saved tensors per layer. Here one function does
 
-    y = x W^T + s (drop(x) A^T) B^T          (W dequantized once per call, in the compute dtype)
+    y = x W^T + s (drop(x) A^T) B^T          (W dequantized once per call in the compute dtype, or its dense copy)
 
 and its backward by hand (dequantizing W again instead of keeping it, unless its block may keep it):
 
