@@ -8,7 +8,7 @@ import torch
 
 from snugtune.data.batches import collate, collate_micro_batch
 from snugtune.data.prepare import prepare_data
-from snugtune.attention import ATTENTION, document_mask
+from snugtune.attention import ATTENTION, _HeadGroupedAttention, document_mask, head_groups
 from snugtune.loss import token_loss_sum
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
@@ -90,3 +90,24 @@ def test_rows_of_one_document_take_causal_sdpa_without_a_mask_while_a_graph_is_c
     captured, _ = token_loss_sum(model, row)
     assert calls and all(mask is None and causal for mask, causal in calls)
     assert float(captured.detach()) == float(eager.detach())
+
+
+def test_head_groups_keep_the_query_heads_that_share_a_key_head_together():
+    assert head_groups(32, 8, 8) == [(slice(4 * g, 4 * g + 4), slice(g, g + 1)) for g in range(8)]
+    assert head_groups(32, 8, 3) == [(slice(0, 32), slice(0, 8))]  # gcd 1: one group, the plain path
+    assert head_groups(4, 2, 8) == [(slice(0, 2), slice(0, 1)), (slice(2, 4), slice(1, 2))]
+
+
+def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients():
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, heads, 24, 16, dtype=torch.float64, requires_grad=True)
+                         for heads in (4, 2, 2))
+    upstream = torch.randn(2, 24, 4, 16, dtype=torch.float64)
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3,
+                                                                 enable_gqa=True).transpose(1, 2)
+    expected = torch.autograd.grad(reference, (query, key, value), upstream)
+    grouped = _HeadGroupedAttention.apply(query, key, value, 0.3, head_groups(4, 2, 8))
+    got = torch.autograd.grad(grouped, (query, key, value), upstream)
+    assert torch.allclose(grouped, reference, atol=1e-12)
+    for mine, theirs in zip(got, expected):
+        assert torch.allclose(mine, theirs, atol=1e-12)

@@ -1,5 +1,5 @@
-"""memory_rules ties the planner to the engine: the planner's compiled-block, dense-copy, kept-dense-weight and
-CUDA-graph decisions are the engine's for the same config, and both size the loss chunk and the MLP tile alike."""
+"""memory_rules ties the planner to the engine: the planner's compiled-block, dense-copy, kept-dense-weight,
+lean-norm and CUDA-graph decisions are the engine's for the same config, and both size the loss chunk and the MLP tile alike."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from conftest import tiny_config
 import snugtune.loss as loss_module
 from snugtune.engine import tiling
 from snugtune.engine.speedups import compile_wanted, cuda_graphs_wanted, dense_copy_wanted, dense_weights_kept_in
-from snugtune.memory_rules import LOGITS_CHUNK_BYTES, MLP_TILE_TOKENS, logits_chunk_tokens
+from snugtune.memory_rules import LOGITS_CHUNK_BYTES, MLP_TILE_TOKENS, leans_norms, logits_chunk_tokens
 from snugtune.models import decoder_layers, load_base_model, prepare_for_training, resolve_model
 from snugtune.planner import Offload, settings_for
 from snugtune.planner.inventory import inventory_for
@@ -46,6 +46,7 @@ def test_the_planner_decides_compilation_dense_weights_and_graphs_as_the_engine_
     assert planned.dense_copy == copying
     assert planned.dense_weights_kept == bool(dense_weights_kept_in(decoder_layers(model), config, compiling,
                                                                     copying))
+    assert planned.lean_norms == leans_norms(compiling, model.config.model_type) == (not compiling)
 
 
 def test_engine_and_planner_size_the_loss_chunk_and_the_mlp_tile_alike(tiny_llama_inventory):

@@ -44,10 +44,17 @@ def test_activations_with_and_without_checkpointing(tiny_llama_inventory):
     assert activation_bytes_per_token_layer(inv, planner_settings(lora_dropout=0.05)) == per_token + 6 * 64 + 128
     assert activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit")) == \
         per_token + 2 * (64 + 64 + 128) + 2 * 64
+    # lean norms (eager blocks): each norm keeps its 16-bit input instead of an fp32 copy
+    assert activation_bytes_per_token_layer(inv, planner_settings(lean_norms=True)) == per_token - 2 * 2 * 64
     tokens = 2 * 100
     with_ckpt = estimate(inv, planner_settings())
     assert with_ckpt[Part.CHECKPOINTED_INPUTS] == 2 * 64 * 2 * tokens
-    assert with_ckpt[Part.RECOMPUTED_BLOCK] == per_token * tokens + 2 * 64 * 2 * tokens
+    # the recomputed block, the gradient beside it, and attention backward's 8 bytes per query value
+    attention_backward = 8 * 64 * tokens
+    assert with_ckpt[Part.RECOMPUTED_BLOCK] == per_token * tokens + 2 * 64 * 2 * tokens + attention_backward
+    # attention over groups of heads (2 key/value heads here): half of that at a time
+    grouped = estimate(inv, planner_settings(head_groups=8))[Part.RECOMPUTED_BLOCK]
+    assert with_ckpt[Part.RECOMPUTED_BLOCK] - grouped == attention_backward // 2
     assert with_ckpt[Part.ATTENTION_MASK] == 2 * 100 * 100
     without = estimate(inv, planner_settings(grad_checkpointing=False))
     assert without[Part.ALL_ACTIVATIONS] == 2 * per_token * tokens

@@ -1,4 +1,4 @@
-"""engine/tiling.py: MLPs over the sequence in checkpointed tiles."""
+"""engine/tiling.py: MLPs over the sequence in checkpointed tiles, attention over groups of heads."""
 
 import pytest
 import torch
@@ -34,3 +34,28 @@ def test_tiled_mlps_give_the_same_gradients(tmp_path, alpaca_file):
         assert tiled_loss == pytest.approx(losses[0], rel=1e-6)
         for name, grad in grads[0].items():
             assert torch.allclose(tiled_grads[name], grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_file, monkeypatch):
+    import snugtune.attention
+    from snugtune.engine.tiling import tile_attention
+    batch_of = lambda data, tok: collate(data.train[:4], tok.pad_token_id)  # noqa: E731
+    grads, losses, grouped_calls = [], [], []
+    forward = snugtune.attention._HeadGroupedAttention.forward
+    monkeypatch.setattr(snugtune.attention._HeadGroupedAttention, "forward",
+                        staticmethod(lambda *args: grouped_calls.append(1) or forward(*args)))
+    for tiled in (False, True):
+        _, model, tokenizer, data = tiny_model(tmp_path, alpaca_file, lora={"dropout": 0.0},
+                                               train={"grad_checkpointing": True})
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        if tiled:  # 4 query heads over 2 key/value heads: 2 groups
+            assert tile_attention(model.get_base_model().model.layers) == 2
+        torch.manual_seed(3)
+        losses.append(accumulate_gradients(model, [batch_of(data, tokenizer)], FP32, FP32.grad_scaler(), CPU))
+        grads.append(trainable_grads(model))
+        assert bool(grouped_calls) == tiled
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6, rtol=1e-5), name

@@ -14,12 +14,19 @@ Here the model's attention is this module's function, under the name ATTENTION:
   laid end to end, padded with the total to a fixed length): torch.nn.attention.varlen.varlen_attn on a
   GPU that has it (compute capability 8.0 or newer, fp16/bf16), else SDPA with a block-diagonal mask
   built from the boundaries on the device (T4s, the CPU). Either way no host synchronisation.
+
+For long rows of one document in blocks that run eagerly (engine.tiling.tile_attention), causal attention
+runs over groups of heads: its backward recomputes one group's forward at a time and differentiates it
+alone. The flash kernels' backward holds an fp32 query-gradient accumulator and the keys' and values'
+gradients expanded to every query head: 3 GiB at 98,304 tokens of Llama-3.1-8B (32 heads, 8 for keys and
+values), a twelfth of that per group of 4 query heads; for one more attention forward.
 """
 
 from __future__ import annotations
 
 import inspect
 from functools import partial
+from math import gcd
 
 import torch
 
@@ -66,12 +73,58 @@ def _varlen_attention(query, key, value, cu_seq_lens, scaling):
     return out.view(batch, length, heads, dim)
 
 
+def head_groups(heads: int, kv_heads: int, most: int) -> list[tuple[slice, slice]]:
+    """(query heads, key/value heads) of each of gcd(kv_heads, most) groups: whole key/value heads and the
+    query heads that share them."""
+    count = gcd(kv_heads, most)
+    q, kv = heads // count, kv_heads // count
+    return [(slice(g * q, (g + 1) * q), slice(g * kv, (g + 1) * kv)) for g in range(count)]
+
+
+class _HeadGroupedAttention(torch.autograd.Function):
+    """Causal attention (no mask), computed and differentiated one group of heads at a time (head_groups);
+    keeps only query, key and value for backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scaling, groups):
+        batch, heads, length, dim = query.shape
+        out = query.new_empty(batch, length, heads, dim)  # the layout the attention interface returns
+        for qh, kh in groups:
+            out[:, :, qh] = _causal(query[:, qh], key[:, kh], value[:, kh], scaling).transpose(1, 2)
+        ctx.save_for_backward(query, key, value)
+        ctx.scaling, ctx.groups = scaling, groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (query, key, value)]
+        for qh, kh in ctx.groups:
+            with torch.enable_grad():
+                parts = [t.detach().requires_grad_(True) for t in (query[:, qh], key[:, kh], value[:, kh])]
+                out = _causal(*parts, ctx.scaling)
+                got = torch.autograd.grad(out, parts, grad_out[:, :, qh].transpose(1, 2))
+            for grad, part, heads in zip(grads, got, (qh, kh, kh)):
+                grad[:, heads] = part
+        return *grads, None, None
+
+
+def _causal(query, key, value, scaling):
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               flash: bool = False, **kwargs):
     """transformers' attention interface: query [B, H, L, D], key/value [B, H_kv, L, D]; returns
-    ([B, L, H, D], None). flash: varlen_usable() held for the training device."""
+    ([B, L, H, D], None). flash: varlen_usable() held for the training device. A module with
+    `snugtune_head_groups` (engine.tiling.tile_attention) attends unmasked rows a group of heads at a time."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
+    groups = head_groups(query.shape[1], key.shape[1], getattr(module, "snugtune_head_groups", 1))
+    if (cu_seq_lens is None and attention_mask is None and len(groups) > 1 and dropout == 0.0
+            and query.shape[2] == key.shape[2] and torch.is_grad_enabled()):
+        return _HeadGroupedAttention.apply(query, key, value, scaling, groups), None
     if cu_seq_lens is None or attention_mask is not None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -10,6 +10,12 @@ MIB = 2**20
 CUDA_CONTEXT_BYTES = 685 * MIB    # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 LOGITS_CHUNK_BYTES = 128 * MIB    # fp32 logits the chunked loss holds at once
 MLP_TILE_TOKENS = 8192            # tokens one MLP tile holds intermediates for (train.tiled_mlp)
+ATTENTION_HEAD_GROUPS = 8         # most groups of heads tiled attention differentiates one at a time
+ATTENTION_GRAD_BYTES = 8          # flash backward's transient per query value: fp32 query-gradient accumulator,
+                                  # 16-bit key and value gradients expanded to every query head (H200, 98,304
+                                  # tokens of Llama-3.1-8B: 3 GiB; benchmarks/attention_memory.py)
+# model type -> its transformers RMSNorm class, whose forward engine.lean_norm computes keeping less
+LEAN_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
 
 
 def logits_chunk_tokens(vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
@@ -25,6 +31,19 @@ def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_
     if setting != "auto":
         return bool(setting)
     return cuda and one_process and not streams_weights
+
+
+def leans_norms(compiling: bool, model_type: str) -> bool:
+    """Whether the model's norms keep only their 16-bit input for backward (engine.lean_norm): in blocks that
+    run eagerly, for the families in LEAN_NORMS. Compiled blocks fuse the norm and save what inductor picks."""
+    return not compiling and model_type in LEAN_NORMS
+
+
+def tiles_attention(tiled_mlp: bool, compiling: bool) -> bool:
+    """Whether attention runs over groups of heads (attention.head_groups, engine.tiling.tile_attention):
+    with MLP tiling (a long context short of memory), in blocks that run eagerly (its backward
+    differentiates each group's recomputed forward, which a compiled block cannot trace)."""
+    return tiled_mlp and not compiling
 
 
 def holds_dense_copy(asked: bool, four_bit: bool, sharded: bool, streams_weights: bool) -> bool:

@@ -1,11 +1,12 @@
-"""Each block's MLP run over the sequence in tiles of MLP_TILE_TOKENS tokens, for long contexts.
+"""Each block's MLP run over the sequence in tiles of MLP_TILE_TOKENS tokens, and its attention over groups
+of heads, for long contexts.
 
 At tens of thousands of tokens a recomputed block's peak is its MLP: gate, up and act(gate)·up are
 tokens × intermediate each (Llama-3.1-8B at 48k tokens: 1.3 GiB apiece, ×2 again for their gradients).
 The MLP treats tokens independently, so running it tile by tile (each tile checkpointed: only its input
 is kept, its intermediates are recomputed in backward) holds one tile's intermediates at a time, for one
-more MLP forward per step. Attention is not tiled (it is not per token; SDPA's flash kernels already
-work in tiles).
+more MLP forward per step. Attention is not per token; its backward's transient is split by heads instead
+(attention.head_groups: one group of heads differentiated at a time, for one more attention forward).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from snugtune.memory_rules import MLP_TILE_TOKENS
+from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS
 
 
 def _tiled(forward, tile_tokens: int):
@@ -39,5 +40,17 @@ def tile_mlps(layers, tile_tokens: int | None = None) -> int:
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and "forward" not in mlp.__dict__:
             mlp.forward = _tiled(mlp.forward, tile_tokens)
+            tiled += 1
+    return tiled
+
+
+def tile_attention(layers, groups: int = ATTENTION_HEAD_GROUPS) -> int:
+    """Attend over up to `groups` groups of heads in every block of `layers` (attention.attention reads
+    `snugtune_head_groups`), in place. Returns how many attention modules were tiled."""
+    tiled = 0
+    for layer in layers:
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None:
+            attention.snugtune_head_groups = groups
             tiled += 1
     return tiled

@@ -12,8 +12,8 @@ from itertools import product
 from typing import NamedTuple
 
 from snugtune.config import Config
-from snugtune.memory_rules import (MLP_TILE_TOKENS, compiles_blocks, holds_dense_copy, keeps_dense_weights,
-                                   replays_cuda_graphs)
+from snugtune.memory_rules import (ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS, compiles_blocks, holds_dense_copy,
+                                   keeps_dense_weights, leans_norms, replays_cuda_graphs, tiles_attention)
 from snugtune.methods import METHODS
 from snugtune.planner.cards import budget_bytes, packed_rows_masked
 from snugtune.planner.inventory import Inventory, inventory_for
@@ -106,7 +106,8 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
                     offload_activations=offload.activations, stream_weights=offload.weights,
                     embeddings_on_host=offload.embeddings, shards=shards, attention_mask=masked, tiled_mlp=tiled_mlp,
                     dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload), copied),
-                    dense_copy=copied,
+                    dense_copy=copied, lean_norms=leans_norms(compiling, inv.model_type),
+                    head_groups=ATTENTION_HEAD_GROUPS if tiles_attention(tiled_mlp, compiling) else 1,
                     cuda_graphs=graphs and replays_cuda_graphs(
                         cfg.train.cuda_graphs, compiling, True, one_process, offload.weights, replays,
                         offload.activations, tiled_mlp, draws))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from math import gcd
 
-from snugtune.memory_rules import CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, logits_chunk_tokens
+from snugtune.memory_rules import ATTENTION_GRAD_BYTES, CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, logits_chunk_tokens
 from snugtune.methods import METHODS
 from snugtune.planner.inventory import Inventory, Linear
 
@@ -109,6 +110,8 @@ class Settings:
                                        # keeps its LoRA layers' dequantized weights until its backward
     cuda_graphs: bool = False          # memory_rules.replays_cuda_graphs: the step replays from a private pool
     dense_copy: bool = False           # engine.dense_copy: 4-bit block weights also held dequantized
+    lean_norms: bool = False           # memory_rules.leans_norms: norms keep their 16-bit input, not fp32
+    head_groups: int = 1               # memory_rules.tiles_attention: attention differentiated by groups of heads
 
 
 def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
@@ -180,7 +183,7 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     """Bytes one transformer block keeps for backward, per token, when it is not checkpointed.
 
     What autograd saves on the GPU (bitsandbytes 4-bit layers keep no input, 8-bit layers do; RoPE keeps
-    only cos/sin): each norm an fp32 copy of its input; attention q, k and v (k, v repeated to all heads)
+    only cos/sin): each norm an fp32 copy of its input (lean norms: the 16-bit input); attention q, k and v (k, v repeated to all heads)
     and its output, an fp32 log-sum-exp per head and the packed rows' block-diagonal mask as a bias
     (seq bytes x 2 per token); the MLP the activation's saved tensors and, gated, up and act(gate). Each
     adapted linear: the autocast copy of its input for the fp32 LoRA A, the dropout mask (1 byte), and the
@@ -189,7 +192,7 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     """
     c = s.compute_bytes
     a = _mlp_value_bytes(inv, s)
-    norms = inv.norms_per_block * 4 * inv.hidden
+    norms = inv.norms_per_block * (c if s.lean_norms else 4) * inv.hidden
     attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.max_seq_len if s.attention_mask else 0)
     mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
     inputs = 0
@@ -255,13 +258,14 @@ def _activation_parts(inv: Inventory, s: Settings) -> Breakdown:
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
     layers = blocks_with_gradients(inv, s)
     recomputed = checkpointed_blocks(inv, s)
+    attention = attention_backward_bytes(inv, s)
     if not recomputed:
-        return {Part.ALL_ACTIVATIONS: layers * per_layer, Part.BLOCK_GRADIENTS: per_layer}
+        return {Part.ALL_ACTIVATIONS: layers * per_layer, Part.BLOCK_GRADIENTS: per_layer + attention}
     # a checkpointed block keeps only its input and is recomputed in backward, one at a time, beside the
     # gradient flowing back; the engine makes the embeddings' output require grad for checkpointing, so
     # checkpointed blocks keep their input whether trained or not. Blocks above them keep everything.
     kept = min(inv.layers - recomputed, layers)
-    recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens
+    recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens + attention
     if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
         mlp = mlp_bytes_per_token(inv, s)
         recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
@@ -272,6 +276,13 @@ def _activation_parts(inv: Inventory, s: Settings) -> Breakdown:
         recompute += max(per_block.values(), default=0) * s.compute_bytes
     return {Part.CHECKPOINTED_INPUTS: recomputed * inv.hidden * s.compute_bytes * tokens,
             Part.KEPT_ACTIVATIONS: kept * per_layer, Part.RECOMPUTED_BLOCK: recompute}
+
+
+def attention_backward_bytes(inv: Inventory, s: Settings) -> int:
+    """The flash kernels' transient in attention's backward (memory_rules.ATTENTION_GRAD_BYTES per query
+    value), one group's share when attention is tiled by heads."""
+    groups = gcd(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
+    return ATTENTION_GRAD_BYTES * inv.q_dim * s.micro_batch * s.max_seq_len // groups
 
 
 def _loss_bytes(inv: Inventory, s: Settings) -> int:
