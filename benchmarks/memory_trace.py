@@ -20,9 +20,15 @@ MIB = 2**20
 
 def _where(frames: list[dict]) -> str:
     """The first two frames outside torch's own Python files: the line that asked for the memory."""
-    picked = [f for f in frames if "/torch/" not in f["filename"] and not f["filename"].startswith("<")]
+    picked = [f for f in frames if "site-packages/torch/" not in f["filename"] and not f["filename"].startswith("<")]
     return " <- ".join(f"{f['filename'].split('site-packages/')[-1].split('/src/')[-1]}:{f['line']} {f['name']}"
                        for f in picked[:2]) or "(torch internals)"
+
+
+def first_loss_allocation(trace: list[dict]) -> int:
+    """Where the peak after loading is looked for: the first allocation made by the loss's own file."""
+    return next((i for i, e in enumerate(trace) if e["action"] == "alloc"
+                 and any("snugtune/loss.py" in f["filename"] for f in e["frames"])), 0)
 
 
 def peak_report(trace: list[dict], start: int) -> list[str]:
@@ -66,12 +72,9 @@ def main() -> None:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snapshot["device_traces"][0]
-    # the peak after loading: from the first allocation made by the training loop's own files
-    start = next((i for i, e in enumerate(trace) if e["action"] == "alloc"
-                  and any("snugtune/loss.py" in f["filename"] for f in e["frames"])), 0)
     lines = [f"config: {cfg} {' '.join(overrides)}",
              f"torch max_memory_allocated: {torch.cuda.max_memory_allocated() / MIB:.1f} MiB"]
-    lines += peak_report(trace, start)
+    lines += peak_report(trace, first_loss_allocation(trace))
     text = "\n".join(lines)
     print(text)
     with open(out, "w") as handle:

@@ -5,24 +5,30 @@ evaluation batch.
 
   python benchmarks/probe_memory.py CONFIG.yaml [key=value ...]
   python benchmarks/probe_memory.py --long-documents 98304 --budget 21 --real-cap 15 [key=value ...]
+  python benchmarks/probe_memory.py ... --trace OUT.txt
 
 --long-documents N: the bench's long-context run (llama3-8b shape, one standard-library document of N
 tokens a row, 3 steps) instead of a config file. --real-cap GiB: plan for the config's budget but cap the
-process at this: whether a plan the planner refuses at the smaller budget really does not fit.
+process at this: whether a plan the planner refuses at the smaller budget really does not fit. --trace FILE:
+record the allocator's history and write what is alive at the probe's peak (at the out-of-memory error if
+there is one), grouped by the line that allocated it (benchmarks/memory_trace.py's report).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 
-import torch
-import yaml
+# as the CLI sets it, before --trace's recording starts the allocator
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from snugtune.engine import train as engine
-from snugtune.memory_rules import CUDA_CONTEXT_BYTES
+from snugtune.engine import train as engine  # noqa: E402
+from snugtune.memory_rules import CUDA_CONTEXT_BYTES  # noqa: E402
 
 GIB = 2**30
 
@@ -44,7 +50,16 @@ def watched(function, tag: str):
     return call
 
 
-def watched_probe(probe):
+def write_trace(path: str | None) -> None:
+    if not path:
+        return
+    from memory_trace import first_loss_allocation, peak_report
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    Path(path).write_text("\n".join(peak_report(trace, first_loss_allocation(trace))) + "\n")
+    print(f"trace of the probe's peak written to {path}", flush=True)
+
+
+def watched_probe(probe, trace_path: str | None):
     def call(run):
         plan = run.plan
         print("plan:", plan and {part.label: round(size / GIB, 2) for part, size in plan.breakdown.items()},
@@ -56,8 +71,10 @@ def watched_probe(probe):
         except torch.OutOfMemoryError:
             traceback.print_exc()
             print(torch.cuda.memory_summary(abbreviated=True))
+            write_trace(trace_path)
             sys.exit(9)
         memory("probe passed")
+        write_trace(trace_path)
     return call
 
 
@@ -76,6 +93,7 @@ def main() -> None:
     parser.add_argument("--long-documents", type=int)
     parser.add_argument("--budget", type=float, default=15.0, help="GiB, with --long-documents")
     parser.add_argument("--real-cap", type=float)
+    parser.add_argument("--trace", help="write what is alive at the probe's peak to this file")
     args = parser.parse_args()
     overrides = args.overrides
     if args.long_documents:
@@ -88,7 +106,9 @@ def main() -> None:
         overrides = ([args.config] if args.config else []) + overrides + [f"output_dir={work}/run"]
     else:
         config_path = Path(args.config)
-    engine._probe = watched_probe(engine._probe)
+    if args.trace:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+    engine._probe = watched_probe(engine._probe, args.trace)
     engine.accumulate_gradients = watched(engine.accumulate_gradients, "the training step")
     engine.mean_loss = watched(engine.mean_loss, "evaluation")
     if args.real_cap:
