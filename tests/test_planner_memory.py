@@ -80,6 +80,10 @@ def test_tiled_mlp_bounds_the_recomputed_block_and_costs_one_more_mlp_forward():
     mlp_params = 2 * 3 * 256 * 1024  # two blocks x gate, up, down
     assert step_flops(big, planner_settings(**long, tiled_mlp=True)) - step_flops(big, planner_settings(**long)) == \
         2 * mlp_params * 4 * MLP_TILE_TOKENS
+    # attention by groups of heads: one more causal attention forward (2 FLOPs x q_dim x length per token)
+    tokens = 4 * MLP_TILE_TOKENS
+    assert step_flops(big, planner_settings(**long, head_groups=8)) - step_flops(big, planner_settings(**long)) == \
+        2 * 2 * 256 * tokens * tokens
 
 
 def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_offload(tmp_path, alpaca_file,

@@ -281,8 +281,12 @@ def _activation_parts(inv: Inventory, s: Settings) -> Breakdown:
 def attention_backward_bytes(inv: Inventory, s: Settings) -> int:
     """The flash kernels' transient in attention's backward (memory_rules.ATTENTION_GRAD_BYTES per query
     value), one group's share when attention is tiled by heads."""
-    groups = gcd(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
-    return ATTENTION_GRAD_BYTES * inv.q_dim * s.micro_batch * s.max_seq_len // groups
+    return ATTENTION_GRAD_BYTES * inv.q_dim * s.micro_batch * s.max_seq_len // attention_groups(inv, s)
+
+
+def attention_groups(inv: Inventory, s: Settings) -> int:
+    """How many groups of heads attention's backward goes by (attention.head_groups' count)."""
+    return gcd(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
 
 
 def _loss_bytes(inv: Inventory, s: Settings) -> int:
@@ -365,12 +369,13 @@ def step_flops(inv: Inventory, s: Settings) -> float:
     """FLOPs of one micro-batch step: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights)
     per parameter that multiplies (the input embeddings only look rows up) and token, + one more forward
     when checkpointing (and of the MLPs when tiled). Attention scores counted too (causal kernels skip
-    the masked half)."""
+    the masked half; one more attention forward when its backward goes by groups of heads)."""
     tokens = s.micro_batch * s.max_seq_len
     n = inv.total_params - (0 if inv.tied_embeddings else inv.vocab * inv.hidden)
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
     per_token = (6 if METHODS[s.method].trains_base == "all" else 4) * n + 2 * n * share
     if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
         per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears if _in_mlp(inv, l))
-    attention = 2 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share)  # causal: half the score matrix
+    regrouped = 1 if attention_groups(inv, s) > 1 else 0
+    attention = 2 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share + regrouped)  # causal: half the scores
     return float(tokens * (per_token + attention))
