@@ -245,7 +245,7 @@ def _build_model(config: Config, ctx: DistContext, device: torch.device, precisi
         tile_mlps(layers)
     if tiles_attention(config.train.tiled_mlp is True, compiling):  # and one group of heads' gradients
         tile_attention(layers)
-    if leans_norms(compiling, model.config.model_type):
+    if leans_norms(config.train.tiled_mlp is True, compiling, model.config.model_type):
         lean_norms(model)  # eager blocks: norms keep their 16-bit input, not an fp32 copy
     speedups = apply_speedups(model, layers, config, device, precision.compute_dtype, ctx.enabled, stream, fsdp)
     model.train()

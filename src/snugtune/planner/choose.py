@@ -106,7 +106,7 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
                     offload_activations=offload.activations, stream_weights=offload.weights,
                     embeddings_on_host=offload.embeddings, shards=shards, attention_mask=masked, tiled_mlp=tiled_mlp,
                     dense_weights_kept=keeps_dense_weights(compiling, checkpointing, any(offload), copied),
-                    dense_copy=copied, lean_norms=leans_norms(compiling, inv.model_type),
+                    dense_copy=copied, lean_norms=leans_norms(tiled_mlp, compiling, inv.model_type),
                     head_groups=ATTENTION_HEAD_GROUPS if tiles_attention(tiled_mlp, compiling) else 1,
                     cuda_graphs=graphs and replays_cuda_graphs(
                         cfg.train.cuda_graphs, compiling, True, one_process, offload.weights, replays,
