@@ -51,7 +51,8 @@ def _oom_on_calls(monkeypatch, calls: set[int]):
 
 def test_an_oom_at_one_micro_batch_steps_down_the_planners_levels_and_carries_on(tmp_path, alpaca_file, monkeypatch):
     # a budget on the CPU is planned as for that card; one row per step: the split cannot shrink
-    sections = dict(budget="2GiB", lora={"dropout": 0.0},
+    # rows of 256 tokens: activations a large enough share of the tiny model's peak for each level to matter
+    sections = dict(budget="2GiB", lora={"dropout": 0.0}, max_seq_len=256,
                     train={"max_steps": 4, "micro_batch": "auto", "rows_per_step": 1, "grad_checkpointing": "auto"})
     train(tiny_config(tmp_path / "a", alpaca_file, output_dir=str(tmp_path / "ref"), **sections), show_progress=False)
     _oom_on_calls(monkeypatch, {2, 3})

@@ -38,12 +38,16 @@ def test_activations_with_and_without_checkpointing(tiny_llama_inventory):
     per_token = activation_bytes_per_token_layer(inv, planner_settings())
     # norms: 2 x fp32 copy of 64; attention: q, k, v (repeated to 4 heads), output 4*2*64, fp32 lse per head,
     # mask bias 2 bytes x 100 positions; SwiGLU: gate, up, act(gate) 3*2*128;
-    # LoRA: the 16-bit input copy + rank-4 output for each of the seven (six read 64, down_proj reads 128)
-    assert per_token == 2 * 4 * 64 + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (6 * (2 * 64 + 8) + (2 * 128 + 8))
+    # LoRA: each linear's rank-4 output, and the 16-bit inputs they multiply: q, k and v read one, gate and up
+    # one, o_proj its own (64 each), down_proj 128
+    assert per_token == 2 * 4 * 64 + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (7 * 8 + 3 * 2 * 64 + 2 * 128)
     # dropout keeps a 1-byte mask per adapted input; LLM.int8 layers keep their inputs (hidden x2, q, MLP)
     assert activation_bytes_per_token_layer(inv, planner_settings(lora_dropout=0.05)) == per_token + 6 * 64 + 128
     assert activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit")) == \
         per_token + 2 * (64 + 64 + 128) + 2 * 64
+    # peft's own layers (8-bit bases) with dropout: each linear multiplies its own dropped-out copy
+    assert activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit", lora_dropout=0.05)) == \
+        activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit")) + 6 * 64 + 128 + 3 * 2 * 64
     # lean norms (eager blocks): each norm keeps its 16-bit input instead of an fp32 copy
     assert activation_bytes_per_token_layer(inv, planner_settings(lean_norms=True)) == per_token - 2 * 2 * 64
     tokens = 2 * 100
@@ -52,9 +56,11 @@ def test_activations_with_and_without_checkpointing(tiny_llama_inventory):
     # the recomputed block, the gradient beside it, and attention backward's 8 bytes per query value
     attention_backward = 8 * 64 * tokens
     assert with_ckpt[Part.RECOMPUTED_BLOCK] == per_token * tokens + 2 * 64 * 2 * tokens + attention_backward
-    # attention over groups of heads (2 key/value heads here): half of that at a time
-    grouped = estimate(inv, planner_settings(head_groups=8))[Part.RECOMPUTED_BLOCK]
-    assert with_ckpt[Part.RECOMPUTED_BLOCK] - grouped == attention_backward // 2
+    # attention over groups of heads (2 key/value heads here, rows of one document): half of that at a time,
+    # and it keeps q, k and v (2 x 32 wide) unrepeated, no output or log-sum-exp
+    unmasked = estimate(inv, planner_settings(attention_mask=False))[Part.RECOMPUTED_BLOCK]
+    grouped = estimate(inv, planner_settings(attention_mask=False, head_groups=8))[Part.RECOMPUTED_BLOCK]
+    assert unmasked - grouped == attention_backward // 2 + tokens * ((4 * 2 * 64 + 4 * 4) - 2 * (64 + 2 * 32))
     assert with_ckpt[Part.ATTENTION_MASK] == 2 * 100 * 100
     without = estimate(inv, planner_settings(grad_checkpointing=False))
     assert without[Part.ALL_ACTIVATIONS] == 2 * per_token * tokens

@@ -183,8 +183,9 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     """Bytes one transformer block keeps for backward, per token, when it is not checkpointed.
 
     What autograd saves on the GPU (bitsandbytes 4-bit layers keep no input, 8-bit layers do; RoPE keeps
-    only cos/sin): each norm an fp32 copy of its input (lean norms: the 16-bit input); attention q, k and v (k, v repeated to all heads)
-    and its output, an fp32 log-sum-exp per head and the packed rows' block-diagonal mask as a bias
+    only cos/sin): each norm an fp32 copy of its input (lean norms: the 16-bit input); attention q, k and v
+    (k, v repeated to all heads) and its output, an fp32 log-sum-exp per head and the packed rows'
+    block-diagonal mask as a bias (by groups of heads: q, k and v unrepeated, nothing else)
     (seq bytes x 2 per token); the MLP the activation's saved tensors and, gated, up and act(gate). Each
     adapted linear: the autocast copy of its input for the fp32 LoRA A, the dropout mask (1 byte), and the
     rank-r output. Under autocast LayerNorm runs in fp32 and bitsandbytes returns its input's dtype, so in
@@ -194,6 +195,8 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
     a = _mlp_value_bytes(inv, s)
     norms = inv.norms_per_block * (c if s.lean_norms else 4) * inv.hidden
     attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.max_seq_len if s.attention_mask else 0)
+    if attention_groups(inv, s) > 1:  # attention._HeadGroupedAttention saves q, k and v, nothing else
+        attention = c * (inv.q_dim + 2 * inv.kv_dim)
     mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
     inputs = 0
     m = METHODS[s.method]
@@ -222,14 +225,27 @@ def _in_mlp(inv: Inventory, linear: Linear) -> bool:
     return inv.intermediate in (linear.in_features, linear.out_features)
 
 
+# linears that read one tensor: the block's normed input to attention, or to the MLP
+SHARED_INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp",
+                 "up_proj": "mlp"}
+
+
 def _lora_bytes_per_token(inv: Inventory, s: Settings, which) -> int:
-    """Per token, for the adapted linears of one block that `which` selects: the autocast copy of the input
-    for the fp32 LoRA A, the dropout mask (1 byte) and the rank-r output."""
-    if not METHODS[s.method].adapters:
+    """Per token, for the adapted linears of one block that `which` selects: the input LoRA A multiplies
+    (one tensor for the linears in SHARED_INPUTS that read the same one, where it is the same tensor: engine.
+    fused_lora's layers, which redraw dropout in backward, or no dropout), the dropout mask (1 byte) and
+    the rank-r output."""
+    m = METHODS[s.method]
+    if not m.adapters:
         return 0
     c, mask = s.compute_bytes, 1 if s.lora_dropout > 0 else 0
+    fused = s.shards == 1 and m.base_bits != 8
     top_block = [l for l in _adapted(inv, s) if l.layer == inv.layers - 1 and which(l)]  # every block alike
-    return sum((c + mask) * l.in_features + c * s.lora_r for l in top_block)
+    inputs = {}
+    for l in top_block:
+        shared = SHARED_INPUTS.get(l.short) if fused or s.lora_dropout == 0 else None
+        inputs[shared or l.short] = c * l.in_features
+    return sum(inputs.values()) + sum(mask * l.in_features + c * s.lora_r for l in top_block)
 
 
 def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
