@@ -38,7 +38,7 @@ def _grouped(q, k, v):
     from snugtune.attention import _HeadGroupedAttention, head_groups
     from snugtune.memory_rules import ATTENTION_HEAD_GROUPS
     groups = head_groups(q.shape[1], k.shape[1], ATTENTION_HEAD_GROUPS)
-    return _HeadGroupedAttention.apply(q, k, v, None, groups).transpose(1, 2)
+    return _HeadGroupedAttention.apply(q, k, v, None, groups, None, False).transpose(1, 2)
 
 
 def measure(name, attend, q, k, v, grad):

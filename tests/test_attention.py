@@ -98,15 +98,19 @@ def test_head_groups_keep_the_query_heads_that_share_a_key_head_together():
     assert head_groups(4, 2, 8) == [(slice(0, 2), slice(0, 1)), (slice(2, 4), slice(1, 2))]
 
 
-def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients():
+@pytest.mark.parametrize("packed", [False, True], ids=["one document a row", "packed rows"])
+def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients(packed):
     torch.manual_seed(0)
     query, key, value = (torch.randn(2, heads, 24, 16, dtype=torch.float64, requires_grad=True)
                          for heads in (4, 2, 2))
     upstream = torch.randn(2, 24, 4, 16, dtype=torch.float64)
-    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3,
-                                                                 enable_gqa=True).transpose(1, 2)
+    # rows of 24: [0-9 | 10-23] and [24-40 | 41-47]
+    cu = torch.tensor([0, 10, 24, 41, 48], dtype=torch.int32) if packed else None
+    mask = document_mask(cu, 2, 24) if packed else None
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=not packed, scale=0.3, enable_gqa=True).transpose(1, 2)
     expected = torch.autograd.grad(reference, (query, key, value), upstream)
-    grouped = _HeadGroupedAttention.apply(query, key, value, 0.3, head_groups(4, 2, 8))
+    grouped = _HeadGroupedAttention.apply(query, key, value, 0.3, head_groups(4, 2, 8), cu, False)
     got = torch.autograd.grad(grouped, (query, key, value), upstream)
     assert torch.allclose(grouped, reference, atol=1e-12)
     for mine, theirs in zip(got, expected):

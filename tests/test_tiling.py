@@ -36,10 +36,16 @@ def test_tiled_mlps_give_the_same_gradients(tmp_path, alpaca_file):
             assert torch.allclose(tiled_grads[name], grad, atol=1e-6, rtol=1e-5), name
 
 
-def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_file, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded rows", "packed rows"])
+def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_file, monkeypatch, packed):
     import snugtune.attention
+    from snugtune.data.batches import collate_micro_batch
     from snugtune.engine.tiling import tile_attention
-    batch_of = lambda data, tok: collate(data.train[:4], tok.pad_token_id)  # noqa: E731
+
+    def batch_of(data, tok):  # packed: rows of several samples, attending per document
+        if packed:
+            return collate_micro_batch([data.train[0:3], data.train[3:5]], tok.pad_token_id, packed=True)
+        return collate(data.train[:4], tok.pad_token_id)
     grads, losses, grouped_calls = [], [], []
     forward = snugtune.attention._HeadGroupedAttention.forward
     monkeypatch.setattr(snugtune.attention._HeadGroupedAttention, "forward",
@@ -52,8 +58,10 @@ def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_fi
                 torch.nn.init.normal_(p, std=0.1)
         if tiled:  # 4 query heads over 2 key/value heads: 2 groups
             assert tile_attention(model.get_base_model().model.layers) == 2
+        batch = batch_of(data, tokenizer)
+        assert ("cu_seq_lens" in batch) == packed
         torch.manual_seed(3)
-        losses.append(accumulate_gradients(model, [batch_of(data, tokenizer)], FP32, FP32.grad_scaler(), CPU))
+        losses.append(accumulate_gradients(model, [batch], FP32, FP32.grad_scaler(), CPU))
         grads.append(trainable_grads(model))
         assert bool(grouped_calls) == tiled
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)

@@ -15,11 +15,11 @@ Here the model's attention is this module's function, under the name ATTENTION:
   GPU that has it (compute capability 8.0 or newer, fp16/bf16), else SDPA with a block-diagonal mask
   built from the boundaries on the device (T4s, the CPU). Either way no host synchronisation.
 
-For long rows of one document in blocks that run eagerly (engine.tiling.tile_attention), causal attention
-runs over groups of heads: its backward recomputes one group's forward at a time and differentiates it
-alone. The flash kernels' backward holds an fp32 query-gradient accumulator and the keys' and values'
-gradients expanded to every query head: 3 GiB at 98,304 tokens of Llama-3.1-8B (32 heads, 8 for keys and
-values), a twelfth of that per group of 4 query heads; for one more attention forward.
+For long rows in blocks that run eagerly (engine.tiling.tile_attention), attention (causal, or per document
+for packed rows) runs over groups of heads: its backward recomputes one group's forward at a time and
+differentiates it alone. The flash kernels' backward holds an fp32 query-gradient accumulator and the keys'
+and values' gradients expanded to every query head: 3 GiB at 98,304 tokens of Llama-3.1-8B (32 heads, 8 for
+keys and values), an eighth of that per group of 4 query heads; for one more attention forward.
 """
 
 from __future__ import annotations
@@ -82,53 +82,60 @@ def head_groups(heads: int, kv_heads: int, most: int) -> list[tuple[slice, slice
 
 
 class _HeadGroupedAttention(torch.autograd.Function):
-    """Causal attention (no mask), computed and differentiated one group of heads at a time (head_groups);
-    keeps only query, key and value for backward."""
+    """Causal attention (per document where cu_seq_lens is given), computed and differentiated one group of
+    heads at a time (head_groups); keeps only query, key and value (and the document offsets) for backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scaling, groups):
+    def forward(ctx, query, key, value, scaling, groups, cu_seq_lens, flash):
         batch, heads, length, dim = query.shape
         out = query.new_empty(batch, length, heads, dim)  # the layout the attention interface returns
         for qh, kh in groups:
-            out[:, :, qh] = _causal(query[:, qh], key[:, kh], value[:, kh], scaling).transpose(1, 2)
-        ctx.save_for_backward(query, key, value)
-        ctx.scaling, ctx.groups = scaling, groups
+            out[:, :, qh] = _attend(query[:, qh], key[:, kh], value[:, kh], scaling, cu_seq_lens, flash)
+        ctx.save_for_backward(query, key, value, cu_seq_lens)
+        ctx.scaling, ctx.groups, ctx.flash = scaling, groups, flash
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value = ctx.saved_tensors
+        query, key, value, cu_seq_lens = ctx.saved_tensors
         grads = [torch.empty_like(t) for t in (query, key, value)]
         for qh, kh in ctx.groups:
             with torch.enable_grad():
                 parts = [t.detach().requires_grad_(True) for t in (query[:, qh], key[:, kh], value[:, kh])]
-                out = _causal(*parts, ctx.scaling)
-                got = torch.autograd.grad(out, parts, grad_out[:, :, qh].transpose(1, 2))
+                out = _attend(*parts, ctx.scaling, cu_seq_lens, ctx.flash)
+                got = torch.autograd.grad(out, parts, grad_out[:, :, qh])
             for grad, part, heads in zip(grads, got, (qh, kh, kh)):
                 grad[:, heads] = part
-        return *grads, None, None
+        return *grads, None, None, None, None
 
 
-def _causal(query, key, value, scaling):
+def _attend(query, key, value, scaling, cu_seq_lens, flash):
+    """Causal attention of query [B, h, L, D] over key/value [B, h_kv, L, D], within each document of
+    cu_seq_lens when given (varlen flash where `flash`, else a block-diagonal mask): [B, L, h, D]."""
+    if cu_seq_lens is not None and flash:
+        return _varlen_attention(query, key, value, cu_seq_lens, scaling)
+    mask = None if cu_seq_lens is None else document_mask(cu_seq_lens, query.shape[0], query.shape[2])
     return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               flash: bool = False, **kwargs):
     """transformers' attention interface: query [B, H, L, D], key/value [B, H_kv, L, D]; returns
     ([B, L, H, D], None). flash: varlen_usable() held for the training device. A module with
-    `snugtune_head_groups` (engine.tiling.tile_attention) attends unmasked rows a group of heads at a time."""
+    `snugtune_head_groups` (engine.tiling.tile_attention) attends a group of heads at a time."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
     groups = head_groups(query.shape[1], key.shape[1], getattr(module, "snugtune_head_groups", 1))
-    if (cu_seq_lens is None and attention_mask is None and len(groups) > 1 and dropout == 0.0
-            and query.shape[2] == key.shape[2] and torch.is_grad_enabled()):
-        return _HeadGroupedAttention.apply(query, key, value, scaling, groups), None
+    flash = flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+    if (attention_mask is None and len(groups) > 1 and dropout == 0.0 and query.shape[2] == key.shape[2]
+            and torch.is_grad_enabled()):
+        return _HeadGroupedAttention.apply(query, key, value, scaling, groups, cu_seq_lens, flash), None
     if cu_seq_lens is None or attention_mask is not None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+    if flash:
         return _varlen_attention(query, key, value, cu_seq_lens, scaling), None
     mask = document_mask(cu_seq_lens, query.shape[0], query.shape[2])
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
