@@ -35,10 +35,12 @@ def _varlen(q, k, v):  # packed rows' attention (snugtune.attention), here one d
 
 
 def _grouped(q, k, v):
-    from snugtune.attention import _HeadGroupedAttention, head_groups
+    from types import SimpleNamespace
+    from snugtune.attention import attention
     from snugtune.memory_rules import ATTENTION_HEAD_GROUPS
-    groups = head_groups(q.shape[1], k.shape[1], ATTENTION_HEAD_GROUPS)
-    return _HeadGroupedAttention.apply(q, k, v, None, groups, None, False).transpose(1, 2)
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True,
+                             snugtune_head_groups=ATTENTION_HEAD_GROUPS)  # as engine.tiling.tile_attention leaves it
+    return attention(module, q, k, v, None, flash=True)[0].transpose(1, 2)
 
 
 def measure(name, attend, q, k, v, grad):

@@ -3,12 +3,14 @@ row of its own, and the model's own SDPA wherever a batch carries a padding mask
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from snugtune.data.batches import collate, collate_micro_batch
 from snugtune.data.prepare import prepare_data
-from snugtune.attention import ATTENTION, _HeadGroupedAttention, document_mask, head_groups
+from snugtune.attention import ATTENTION, attention, document_mask, head_groups
 from snugtune.loss import token_loss_sum
 from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
@@ -99,7 +101,11 @@ def test_head_groups_keep_the_query_heads_that_share_a_key_head_together():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["one document a row", "packed rows"])
-def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients(packed):
+def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients(packed, monkeypatch):
+    import snugtune.attention
+    forward, grouped_calls = snugtune.attention._HeadGroupedAttention.forward, []
+    monkeypatch.setattr(snugtune.attention._HeadGroupedAttention, "forward",
+                        staticmethod(lambda *args: grouped_calls.append(1) or forward(*args)))
     torch.manual_seed(0)
     query, key, value = (torch.randn(2, heads, 24, 16, dtype=torch.float64, requires_grad=True)
                          for heads in (4, 2, 2))
@@ -110,7 +116,10 @@ def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients(packed):
     reference = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=not packed, scale=0.3, enable_gqa=True).transpose(1, 2)
     expected = torch.autograd.grad(reference, (query, key, value), upstream)
-    grouped = _HeadGroupedAttention.apply(query, key, value, 0.3, head_groups(4, 2, 8), cu, False)
+    # an attention module of 4 heads over 2 key/value heads, tiled by engine.tiling.tile_attention
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, snugtune_head_groups=8)
+    grouped, _ = attention(module, query, key, value, None, scaling=0.3, cu_seq_lens_q=cu)
+    assert grouped_calls
     got = torch.autograd.grad(grouped, (query, key, value), upstream)
     assert torch.allclose(grouped, reference, atol=1e-12)
     for mine, theirs in zip(got, expected):

@@ -82,63 +82,59 @@ def head_groups(heads: int, kv_heads: int, most: int) -> list[tuple[slice, slice
 
 
 class _HeadGroupedAttention(torch.autograd.Function):
-    """Causal attention (per document where cu_seq_lens is given), computed and differentiated one group of
-    heads at a time (head_groups); keeps only query, key and value (and the document offsets) for backward."""
+    """`attend` (query [B, h, L, D], key/value [B, h_kv, L, D] -> [B, L, h, D]) computed and differentiated
+    one group of heads at a time (head_groups); keeps only query, key and value for backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scaling, groups, cu_seq_lens, flash):
+    def forward(ctx, query, key, value, attend, groups):
         batch, heads, length, dim = query.shape
         out = query.new_empty(batch, length, heads, dim)  # the layout the attention interface returns
         for qh, kh in groups:
-            out[:, :, qh] = _attend(query[:, qh], key[:, kh], value[:, kh], scaling, cu_seq_lens, flash)
-        ctx.save_for_backward(query, key, value, cu_seq_lens)
-        ctx.scaling, ctx.groups, ctx.flash = scaling, groups, flash
+            out[:, :, qh] = attend(query[:, qh], key[:, kh], value[:, kh])
+        ctx.save_for_backward(query, key, value)
+        ctx.attend, ctx.groups = attend, groups
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, cu_seq_lens = ctx.saved_tensors
+        query, key, value = ctx.saved_tensors
         grads = [torch.empty_like(t) for t in (query, key, value)]
         for qh, kh in ctx.groups:
             with torch.enable_grad():
                 parts = [t.detach().requires_grad_(True) for t in (query[:, qh], key[:, kh], value[:, kh])]
-                out = _attend(*parts, ctx.scaling, cu_seq_lens, ctx.flash)
-                got = torch.autograd.grad(out, parts, grad_out[:, :, qh])
+                got = torch.autograd.grad(ctx.attend(*parts), parts, grad_out[:, :, qh])
             for grad, part, heads in zip(grads, got, (qh, kh, kh)):
                 grad[:, heads] = part
-        return *grads, None, None, None, None
+        return *grads, None, None
 
 
-def _attend(query, key, value, scaling, cu_seq_lens, flash):
-    """Causal attention of query [B, h, L, D] over key/value [B, h_kv, L, D], within each document of
-    cu_seq_lens when given (varlen flash where `flash`, else a block-diagonal mask): [B, L, h, D]."""
-    if cu_seq_lens is not None and flash:
+def _attend(module, query, key, value, attention_mask, cu_seq_lens, flash: bool, dropout: float,
+            scaling: float | None, **kwargs) -> torch.Tensor:
+    """One attention call over the heads given: [B, L, h, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if cu_seq_lens is None or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)[0]
+    if flash:
         return _varlen_attention(query, key, value, cu_seq_lens, scaling)
-    mask = None if cu_seq_lens is None else document_mask(cu_seq_lens, query.shape[0], query.shape[2])
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
+    mask = document_mask(cu_seq_lens, query.shape[0], query.shape[2])
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               flash: bool = False, **kwargs):
     """transformers' attention interface: query [B, H, L, D], key/value [B, H_kv, L, D]; returns
     ([B, L, H, D], None). flash: varlen_usable() held for the training device. A module with
-    `snugtune_head_groups` (engine.tiling.tile_attention) attends a group of heads at a time."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    `snugtune_head_groups` (engine.tiling.tile_attention) attends a group of heads at a time in training."""
     cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
-    groups = head_groups(query.shape[1], key.shape[1], getattr(module, "snugtune_head_groups", 1))
     flash = flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+    attend = partial(_attend, module, attention_mask=attention_mask, cu_seq_lens=cu_seq_lens, flash=flash,
+                     dropout=dropout, scaling=scaling, **kwargs)
+    groups = head_groups(query.shape[1], key.shape[1], getattr(module, "snugtune_head_groups", 1))
     if (attention_mask is None and len(groups) > 1 and dropout == 0.0 and query.shape[2] == key.shape[2]
             and torch.is_grad_enabled()):
-        return _HeadGroupedAttention.apply(query, key, value, scaling, groups, cu_seq_lens, flash), None
-    if cu_seq_lens is None or attention_mask is not None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    if flash:
-        return _varlen_attention(query, key, value, cu_seq_lens, scaling), None
-    mask = document_mask(cu_seq_lens, query.shape[0], query.shape[2])
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _HeadGroupedAttention.apply(query, key, value, attend, groups), None
+    return attend(query, key, value), None
 
 
 def _mask(*args, attention_mask=None, **kwargs):

@@ -33,18 +33,18 @@ def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_
     return cuda and one_process and not streams_weights
 
 
-def leans_norms(tiled_mlp: bool, compiling: bool, model_type: str) -> bool:
-    """Whether the model's norms keep only their 16-bit input for backward (engine.lean_norm): with MLP tiling
-    (a long context short of memory), in blocks that run eagerly, for the families in LEAN_NORMS. Compiled
-    blocks fuse the norm and save what inductor picks; short rows keep transformers' faster norm."""
-    return tiled_mlp and not compiling and model_type in LEAN_NORMS
-
-
 def tiles_attention(tiled_mlp: bool, compiling: bool) -> bool:
     """Whether attention runs over groups of heads (attention.head_groups, engine.tiling.tile_attention):
     with MLP tiling (a long context short of memory), in blocks that run eagerly (its backward
     differentiates each group's recomputed forward, which a compiled block cannot trace)."""
     return tiled_mlp and not compiling
+
+
+def leans_norms(tiled_mlp: bool, compiling: bool, model_type: str) -> bool:
+    """Whether the model's norms keep only their 16-bit input for backward (engine.lean_norm): where attention
+    goes by groups of heads, for the families in LEAN_NORMS. Compiled blocks fuse the norm and save what
+    inductor picks; short rows keep transformers' faster norm."""
+    return tiles_attention(tiled_mlp, compiling) and model_type in LEAN_NORMS
 
 
 def holds_dense_copy(asked: bool, four_bit: bool, sharded: bool, streams_weights: bool) -> bool:

@@ -240,12 +240,12 @@ def _build_model(config: Config, ctx: DistContext, device: torch.device, precisi
     if config.offload.embeddings is True and not fsdp and not stream:
         if not keep_embeddings_on_host(model, device):
             notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
-    compiling = compile_wanted(config, device, ctx.enabled, stream)
-    if config.train.tiled_mlp is True:  # long contexts: one MLP tile's intermediates at a time
+    compiling, tiled = compile_wanted(config, device, ctx.enabled, stream), config.train.tiled_mlp is True
+    if tiled:  # long contexts: one MLP tile's intermediates at a time
         tile_mlps(layers)
-    if tiles_attention(config.train.tiled_mlp is True, compiling):  # and one group of heads' gradients
+    if tiles_attention(tiled, compiling):  # and one group of heads' gradients
         tile_attention(layers)
-    if leans_norms(config.train.tiled_mlp is True, compiling, model.config.model_type):
+    if leans_norms(tiled, compiling, model.config.model_type):
         lean_norms(model)  # eager blocks: norms keep their 16-bit input, not an fp32 copy
     speedups = apply_speedups(model, layers, config, device, precision.compute_dtype, ctx.enabled, stream, fsdp)
     model.train()
