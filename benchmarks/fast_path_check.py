@@ -14,6 +14,9 @@ two paths are compared directly. Exit 1 on failure.
   python benchmarks/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
   python benchmarks/fast_path_check.py --shape smollm2-135m --seq 512 --bf16   (CPU: bf16 vs fp32)
   python benchmarks/fast_path_check.py --shape tinyllama-1.1b --seq 512 --set lora.dropout=0.05
+  python benchmarks/fast_path_check.py --shape llama3-8b --seq 16384 --set train.tiled_mlp=true --set train.compile=false
+      (the long-row policies of engine.tiling.tile_for_long_rows: MLP tiles, attention by groups of heads,
+      lean norms; add --one-document for a causal row without document starts)
 
 The plain passes attend through transformers' SDPA (a dense block-diagonal mask for packed rows), the fast
 path through snugtune.attention (varlen flash attention); with LoRA dropout every pass draws the same
@@ -38,6 +41,8 @@ def main() -> None:
                         help="CPU (fp32): largest relative gradient difference accepted")
     parser.add_argument("--bf16", action="store_true", help="on the CPU too: bf16 autocast and the fp32 reference")
     parser.add_argument("--set", action="append", default=[], help="key=value override of the bench config")
+    parser.add_argument("--one-document", action="store_true",
+                        help="attend the packed row as one causal document (positions 0..n-1, no document starts)")
     args = parser.parse_args()
 
     from snugtune.bench.compare import bench_config
@@ -47,7 +52,8 @@ def main() -> None:
     from snugtune.data.prepare import prepare_data
     from snugtune.lora_dropout import lora_dropout_seed
     from snugtune.loss import token_loss_sum
-    from snugtune.engine.speedups import apply_speedups
+    from snugtune.engine.speedups import apply_speedups, compile_wanted
+    from snugtune.engine.tiling import tile_for_long_rows
     from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
     cuda = torch.cuda.is_available()
@@ -83,6 +89,9 @@ def main() -> None:
     rows = max(micro_batches(data.train, 1, cfg.train.seed, 0, cfg.max_seq_len)[:64], key=lambda b: len(b[0]))
     batch = collate_micro_batch(rows, tokenizer.pad_token_id, True, GPU_PAD_MULTIPLE if cuda else 1, cfg.max_seq_len)
     batch = {k: v.to(device) for k, v in batch.items() if k != "token_mask"}
+    if args.one_document:
+        batch.pop("cu_seq_lens", None)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=device).expand_as(batch["input_ids"])
     plain_batch = {k: v for k, v in batch.items() if k != "cu_seq_lens"}
     print(f"{len(rows[0])} samples in the row; document starts: {batch.get('cu_seq_lens')}")
 
@@ -108,10 +117,12 @@ def main() -> None:
     plain_loss, plain = gradients(model, plain_loss_of, low)
     model.zero_grad(set_to_none=True)
     model.set_attn_implementation(ATTENTION)
+    compiling = compile_wanted(cfg, device, False, False)
+    long_rows = tile_for_long_rows(model, decoder_layers(model), cfg.train.tiled_mlp is True, compiling)
     applied = apply_speedups(model, decoder_layers(model), cfg, device, dtype)
     fast_loss_value, fast = gradients(model, fast_loss, low)
     print(f"{args.shape} seq {args.seq} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}); "
-          f"fast path: {applied}")
+          f"fast path: {applied}; long-row policies: {long_rows}")
     if applied.cuda_graphs:  # the same micro-batch through engine.graphs: two eager warm-ups, then a replay
         from snugtune.engine.graphs import StepGraphs
         from snugtune.engine.step import trained_positions

@@ -67,3 +67,16 @@ def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_fi
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager blocks", "compiled blocks"])
+def test_long_rows_group_attention_and_lean_norms_only_in_eager_blocks(tmp_path, alpaca_file, compiling):
+    from snugtune.engine.tiling import tile_for_long_rows
+    _, model, _, _ = tiny_model(tmp_path, alpaca_file)
+    layers = model.get_base_model().model.layers
+    changed = tile_for_long_rows(model, layers, tiled_mlp=True, compiling=compiling)
+    grouped = 0 if compiling else 2  # compiled blocks cannot trace the grouped backward's recomputation
+    assert changed == {"tiled_mlps": 2, "grouped_attention": grouped, "lean_norms": 0 if compiling else 5}
+    assert all(hasattr(layer.self_attn, "snugtune_head_groups") != compiling for layer in layers)
+    assert tile_for_long_rows(model, layers, tiled_mlp=False, compiling=False) == {
+        "tiled_mlps": 0, "grouped_attention": 0, "lean_norms": 0}

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS
+from snugtune.engine.lean_norm import lean_norms
+from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS, leans_norms, tiles_attention
 
 
 def _tiled(forward, tile_tokens: int):
@@ -54,3 +55,14 @@ def tile_attention(layers, groups: int = ATTENTION_HEAD_GROUPS) -> int:
             attention.snugtune_head_groups = groups
             tiled += 1
     return tiled
+
+
+def tile_for_long_rows(model: torch.nn.Module, layers, tiled_mlp: bool, compiling: bool) -> dict[str, int]:
+    """The long-row memory policies as memory_rules resolves them: MLP tiles, attention by groups of heads
+    and lean norms (the last two only in eager blocks), in place. Returns how many modules each changed."""
+    return {
+        "tiled_mlps": tile_mlps(layers) if tiled_mlp else 0,
+        "grouped_attention": tile_attention(layers) if tiles_attention(tiled_mlp, compiling) else 0,
+        # norms keep their 16-bit input, not an fp32 copy
+        "lean_norms": lean_norms(model) if leans_norms(tiled_mlp, compiling, model.config.model_type) else 0,
+    }

@@ -32,7 +32,6 @@ from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_
 from snugtune.engine.distributed import (SINGLE, DistContext, barrier, local_bytes, shard_with_fsdp, start, step_share,
                                          sum_across)
 from snugtune.engine.graphs import StepGraphs
-from snugtune.engine.lean_norm import lean_norms
 from snugtune.engine.machine import device_description, peak_memory_bytes, versions
 from snugtune.engine.offload import ActivationOffload, WeightStreamer, keep_embeddings_on_host
 from snugtune.engine.optim import build_optimizer, build_scheduler, flatten_trainable
@@ -40,11 +39,11 @@ from snugtune.engine.progress import TrainProgress
 from snugtune.engine.signals import StopRequests
 from snugtune.engine.speedups import Speedups, apply_speedups, compile_wanted
 from snugtune.engine.step import StepResult, accumulate_gradients, optimizer_step
-from snugtune.engine.tiling import tile_attention, tile_mlps
+from snugtune.engine.tiling import tile_for_long_rows
 from snugtune.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from snugtune.lora_dropout import start_lora_dropout_step
 from snugtune.loss import LossModule, mean_loss, token_loss_sum
-from snugtune.memory_rules import CUDA_CONTEXT_BYTES, leans_norms, tiles_attention
+from snugtune.memory_rules import CUDA_CONTEXT_BYTES
 from snugtune.methods import METHODS
 from snugtune.trackers import open_trackers
 from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
@@ -240,13 +239,9 @@ def _build_model(config: Config, ctx: DistContext, device: torch.device, precisi
     if config.offload.embeddings is True and not fsdp and not stream:
         if not keep_embeddings_on_host(model, device):
             notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
-    compiling, tiled = compile_wanted(config, device, ctx.enabled, stream), config.train.tiled_mlp is True
-    if tiled:  # long contexts: one MLP tile's intermediates at a time
-        tile_mlps(layers)
-    if tiles_attention(tiled, compiling):  # and one group of heads' gradients
-        tile_attention(layers)
-    if leans_norms(tiled, compiling, model.config.model_type):
-        lean_norms(model)  # eager blocks: norms keep their 16-bit input, not an fp32 copy
+    # long contexts: one MLP tile's intermediates at a time, one group of heads' gradients, lean norms
+    tile_for_long_rows(model, layers, config.train.tiled_mlp is True,
+                       compile_wanted(config, device, ctx.enabled, stream))
     speedups = apply_speedups(model, layers, config, device, precision.compute_dtype, ctx.enabled, stream, fsdp)
     model.train()
     trainable, total = count_parameters(model)
