@@ -14,7 +14,7 @@ two paths are compared directly. Exit 1 on failure.
   python benchmarks/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
   python benchmarks/fast_path_check.py --shape smollm2-135m --seq 512 --bf16   (CPU: bf16 vs fp32)
   python benchmarks/fast_path_check.py --shape tinyllama-1.1b --seq 512 --set lora.dropout=0.05
-  python benchmarks/fast_path_check.py --shape llama3-8b --seq 16384 --set train.tiled_mlp=true --set train.compile=false
+  python benchmarks/fast_path_check.py --shape llama3-8b --seq 12288 --set train.tiled_mlp=true --set train.compile=false
       (the long-row policies of engine.tiling.tile_for_long_rows: MLP tiles, attention by groups of heads,
       lean norms; add --one-document for a causal row without document starts)
 
