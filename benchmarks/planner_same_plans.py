@@ -25,6 +25,6 @@ for shape, method, seq, mb, ckpt, dropout, budget in itertools.product(
            "lora": {"dropout": dropout}, "train": {"micro_batch": mb, "grad_checkpointing": ckpt}}
     plan = plan_for_budget(config_from_dict(raw), budget * GIB)
     rows.append({"key": [shape, method, seq, mb, ckpt, dropout, budget], "fits": plan.fits, "peak": plan.peak_bytes,
-                 "settings": asdict(plan.settings), "breakdown": plan.breakdown, "suggestion": plan.suggestion,
+                 "settings": asdict(plan.settings), "breakdown": {part.label: size for part, size in plan.breakdown.items()}, "suggestion": plan.suggestion,
                  "accum": plan.grad_accum})
 json.dump(rows, sys.stdout, default=str)
