@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from math import gcd
 
 import torch
+
+from snugtune.memory_rules import head_group_count
 
 ATTENTION = "snugtune_attention"
 
@@ -74,9 +75,9 @@ def _varlen_attention(query, key, value, cu_seq_lens, scaling):
 
 
 def head_groups(heads: int, kv_heads: int, most: int) -> list[tuple[slice, slice]]:
-    """(query heads, key/value heads) of each of gcd(kv_heads, most) groups: whole key/value heads and the
-    query heads that share them."""
-    count = gcd(kv_heads, most)
+    """(query heads, key/value heads) of each of memory_rules.head_group_count(kv_heads, most) groups: whole
+    key/value heads and the query heads that share them."""
+    count = head_group_count(kv_heads, most)
     q, kv = heads // count, kv_heads // count
     return [(slice(g * q, (g + 1) * q), slice(g * kv, (g + 1) * kv)) for g in range(count)]
 

@@ -6,6 +6,8 @@ Sizes are bytes or tokens; rules are plain functions of the run's resolved setti
 
 from __future__ import annotations
 
+from math import gcd
+
 MIB = 2**20
 CUDA_CONTEXT_BYTES = 685 * MIB    # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 LOGITS_CHUNK_BYTES = 128 * MIB    # fp32 logits the chunked loss holds at once
@@ -31,6 +33,11 @@ def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_
     if setting != "auto":
         return bool(setting)
     return cuda and one_process and not streams_weights
+
+
+def head_group_count(kv_heads: int, most: int) -> int:
+    """Groups of heads attention goes by (attention.head_groups): whole key/value heads each, at most `most`."""
+    return gcd(kv_heads, most)
 
 
 def tiles_attention(tiled_mlp: bool, compiling: bool) -> bool:

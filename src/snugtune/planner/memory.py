@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from math import gcd
 
-from snugtune.memory_rules import ATTENTION_GRAD_BYTES, CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, logits_chunk_tokens
+from snugtune.memory_rules import (ATTENTION_GRAD_BYTES, CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, head_group_count,
+                                   logits_chunk_tokens)
 from snugtune.methods import METHODS
 from snugtune.planner.inventory import Inventory, Linear
 
@@ -302,7 +302,7 @@ def attention_backward_bytes(inv: Inventory, s: Settings) -> int:
 
 def attention_groups(inv: Inventory, s: Settings) -> int:
     """How many groups of heads attention's backward goes by (attention.head_groups' count)."""
-    return gcd(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
+    return head_group_count(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
 
 
 def _loss_bytes(inv: Inventory, s: Settings) -> int:
