@@ -19,6 +19,10 @@ from snugtune.memory_rules import LEAN_NORMS
 ROWS_AT_ONCE = 8192   # rows normalised per slice: fp32 temporaries of ROWS_AT_ONCE x hidden at a time
 
 
+def _slices(rows: int) -> list[slice]:
+    return [slice(start, start + ROWS_AT_ONCE) for start in range(0, rows, ROWS_AT_ONCE)]
+
+
 def _inverse_rms(rows: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(rows.float().pow(2).mean(-1, keepdim=True) + eps)
 
@@ -29,10 +33,9 @@ class _LeanRMSNorm(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(rows, dtype=torch.result_type(weight, rows))
         inverse = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
-        for start in range(0, rows.shape[0], ROWS_AT_ONCE):
-            part = rows[start:start + ROWS_AT_ONCE]
-            inverse[start:start + ROWS_AT_ONCE] = _inverse_rms(part, eps)
-            out[start:start + ROWS_AT_ONCE] = weight * (part.float() * inverse[start:start + ROWS_AT_ONCE]).to(x.dtype)
+        for at in _slices(rows.shape[0]):
+            inverse[at] = _inverse_rms(rows[at], eps)
+            out[at] = weight * (rows[at].float() * inverse[at]).to(x.dtype)
         ctx.save_for_backward(x, weight, inverse)
         return out.view(*x.shape[:-1], -1)
 
@@ -43,15 +46,14 @@ class _LeanRMSNorm(torch.autograd.Function):
         grad_x = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        for start in range(0, rows.shape[0], ROWS_AT_ONCE):
-            part, inv = rows[start:start + ROWS_AT_ONCE].float(), inverse[start:start + ROWS_AT_ONCE]
-            normed = part * inv
-            grad_normed = (grads[start:start + ROWS_AT_ONCE] * weight).float()
+        for at in _slices(rows.shape[0]):
+            normed = rows[at].float() * inverse[at]
+            grad_normed = (grads[at] * weight).float()
             if grad_x is not None:
                 mean = (grad_normed * normed).mean(-1, keepdim=True)
-                grad_x[start:start + ROWS_AT_ONCE] = inv * (grad_normed - normed * mean)
+                grad_x[at] = inverse[at] * (grad_normed - normed * mean)
             if grad_weight is not None:
-                grad_weight += (grads[start:start + ROWS_AT_ONCE].float() * normed.to(x.dtype)).sum(0)
+                grad_weight += (grads[at].float() * normed.to(x.dtype)).sum(0)
         grad_x = grad_x.view_as(x) if grad_x is not None else None
         return grad_x, grad_weight.to(weight.dtype) if grad_weight is not None else None, None
 
