@@ -50,6 +50,8 @@ def tiny_config(tmp_path: Path, data_path: Path, **sections) -> Config:
     return config_from_dict(raw)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: examples/, docs/
+EXAMPLES_DIR = REPO_ROOT / "examples"
 FP32 = Precision("fp32", "cpu")
 CPU = torch.device("cpu")
 

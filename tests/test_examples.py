@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alpaca_rows, write_jsonl
+from conftest import EXAMPLES_DIR, alpaca_rows, write_jsonl
 from snugtune import train
 from snugtune.config import load_config
 from snugtune.registry import HUB_IDS, shape_config
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 
 
 def _fixture_data(fmt: str, folder: Path) -> Path:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import tiny_config
+from conftest import EXAMPLES_DIR, tiny_config
 from snugtune.planner import plan_for_budget, refusal
 from snugtune.planner.cards import GIB
 
@@ -31,7 +31,7 @@ def test_plan_cli_json_and_exit_3_with_a_suggestion(tmp_path, alpaca_file):
 
 
 def test_the_plan_table_adds_up_to_the_peak_it_reports(tmp_path):
-    recipe = Path(__file__).parent.parent / "examples" / "deepseek-r1-distill-qwen-1.5b_lora-8bit_t4.yaml"
+    recipe = EXAMPLES_DIR / "deepseek-r1-distill-qwen-1.5b_lora-8bit_t4.yaml"
     shown = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(recipe), "--gpu", "t4"],
                            capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import EXAMPLES_DIR, tiny_config
 from snugtune.config import load_config
 from snugtune.planner import plan_for_budget
 from snugtune.planner.cards import GIB, budget_bytes
 from snugtune.planner.inventory import inventory_for
 from snugtune.planner.memory import Part, Settings, estimate, peak
 
-RECIPES = [p for p in sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")) if "cpu" not in p.stem]
+RECIPES = [p for p in sorted(EXAMPLES_DIR.glob("*.yaml")) if "cpu" not in p.stem]
 
 
 def test_search_tiles_mlps_only_for_rows_longer_than_a_tile_that_do_not_fit_otherwise(tmp_path, alpaca_file):

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from conftest import EXAMPLES_DIR
+
 
 @pytest.mark.slow
 def test_bench_runs_snugtune_and_the_plain_recipe_on_the_same_data(tmp_path):
@@ -57,7 +59,7 @@ def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp
 
     from snugtune.bench.compare import recipe_config
     from snugtune.config import config_from_dict
-    recipe = Path(__file__).parent.parent / "examples" / "tinyllama-1.1b_qlora_t4.yaml"
+    recipe = EXAMPLES_DIR / "tinyllama-1.1b_qlora_t4.yaml"
     raw = recipe_config(recipe, "tinyllama-1.1b", 30, "cuda", ("lora.dropout=0",))
     config = config_from_dict(raw)
     assert config.model == "shape:tinyllama-1.1b" and config.train.max_steps == 30
