@@ -98,14 +98,21 @@ def tiny_llama_inventory():
                                              tie_word_embeddings=False))
 
 
-def planner_settings(**changes):
-    """Planner Settings for tiny_llama_inventory: QLoRA r=4 on all seven linears, 2 x 100 tokens, checkpointed."""
-    from snugtune.planner.memory import Settings
+def cpu_decisions(config: Config):
+    """What the planner decides for `config` on the CPU without a card (the engine executes these)."""
+    from snugtune.planner.apply import plan_without_card
+    from snugtune.planner.inventory import inventory_for
+    return plan_without_card(config, inventory_for(config)).decisions
+
+
+def planner_decisions(**changes):
+    """Planner Decisions for tiny_llama_inventory: QLoRA r=4 on all seven linears, 2 x 100 tokens, checkpointed."""
+    from snugtune.planner.plan import Decisions
     base = dict(method="qlora", lora_r=4, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"),
                 lora_last_layers=None, double_quant=True, optimizer="adamw", compute_bytes=2, micro_batch=2,
                 max_seq_len=100, grad_checkpointing=True)
-    return Settings(**{**base, **changes})
+    return Decisions(**{**base, **changes})
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:

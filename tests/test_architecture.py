@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-READERS = ["snugtune.evaluate.tasks", "snugtune.evaluate.report", "snugtune.export.merge", "snugtune.chat"]
+READERS = ["snugtune.evaluate.tasks", "snugtune.evaluate.results_table", "snugtune.export.merge", "snugtune.chat"]
 
 
 def test_readers_of_a_run_folder_do_not_import_the_engine():

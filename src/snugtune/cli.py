@@ -69,7 +69,7 @@ def _train_or_plan(cfg, **kwargs) -> dict:
     """Training; out of memory outside the step loop (which re-plans itself) is DoesNotFit with the plan."""
     from snugtune.engine.train import train as run_training
     from snugtune.errors import DoesNotFit
-    from snugtune.planner import plan_config
+    from snugtune.planner.choose import plan_config
     try:
         return run_training(cfg, **kwargs)
     except RuntimeError as exc:
@@ -137,7 +137,8 @@ def plan(
 ) -> None:
     """Predicted peak GPU memory by component and the fastest settings that fit (exit 3 if none)."""
     from snugtune.config import load_config
-    from snugtune.planner import format_plan, plan_config
+    from snugtune.planner.choose import plan_config
+    from snugtune.planner.explain import format_plan
     cfg = _run(debug, load_config, config, overrides or [])
     result = _run(debug, plan_config, cfg, gpu, None, gpus)
     if as_json:
@@ -244,7 +245,7 @@ def report(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """The results table (Markdown) and the loss curves of the runs (PNG)."""
-    from snugtune.evaluate.report import build_report
+    from snugtune.evaluate.results_table import build_report
     markdown, plot = _run(debug, build_report, run_dirs, out_dir)
     print(markdown.read_text())
     out.print(f"wrote {markdown} and {plot}", highlight=False)

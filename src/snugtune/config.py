@@ -264,6 +264,19 @@ class Config(_Section):
                 raise ValueError("offload.weights needs train.grad_checkpointing on every block (true or auto)")
         return self
 
+    @model_validator(mode="after")
+    def _fsdp_shards_what_it_can(self) -> "Config":
+        if self.train.data_parallel != "fsdp":
+            return self
+        if not METHODS[self.method].shards_with_fsdp:
+            sharded = ", ".join(name for name, m in METHODS.items() if m.shards_with_fsdp)
+            raise ValueError(f"train.data_parallel: fsdp trains {sharded}, not method={self.method} (or use "
+                             f"data_parallel: ddp)")
+        if self.offload.weights is True:
+            raise ValueError("train.data_parallel: fsdp does not combine with offload.weights (or use "
+                             "data_parallel: ddp)")
+        return self
+
     @property
     def uses_lora(self) -> bool:
         return METHODS[self.method].adapters
@@ -401,12 +414,31 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-# Fields that may change between a run and its resumption without changing what is trained. How a step's
-# rows are split into micro-batches may change (the planner does, after an OOM) as long as the rows per
-# optimizer step, micro_batch x grad_accum x processes, stay the same (checked when resuming).
-RESUME_SAFE_FIELDS = {"train.data_parallel", "train.micro_batch", "train.grad_accum", "train.rows_per_step", "train.grad_checkpointing", "train.checkpoint_layers", "train.compile", "train.cuda_graphs", "train.tiled_mlp", "offload.embeddings", "offload.activations", "offload.weights", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
-                      "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir",
-                      "device"}
+# The fields the planner decides, listed once: config field -> (the planner's Decisions field it is set from,
+# whether a change to it needs a new model rather than another split of the rows or no CUDA graphs). The
+# planner writes them into the Config a run trains with (planner.plan.resolved_config).
+PLANNED_FIELDS: dict[str, tuple[str, bool]] = {
+    "train.micro_batch": ("micro_batch", False),
+    "train.grad_accum": ("grad_accum", False),
+    "train.cuda_graphs": ("cuda_graphs", False),
+    "train.grad_checkpointing": ("grad_checkpointing", True),
+    "train.checkpoint_layers": ("checkpointed_layers", True),
+    "train.tiled_mlp": ("tiled_mlp", True),
+    "train.compile": ("compiled_blocks", True),
+    "train.data_parallel": ("data_parallel", True),
+    "train.optimizer": ("optimizer", True),
+    "offload.embeddings": ("embeddings_on_host", True),
+    "offload.activations": ("offload_activations", True),
+    "offload.weights": ("stream_weights", True),
+    "quant.dense_copy": ("dense_copy", True),
+}
+# Fields that may change between a run and its resumption without changing what is trained: every planned
+# field but the optimizer (another optimizer's state does not load). How a step's rows are split into
+# micro-batches may change (the planner does, after an OOM) as long as the rows per optimizer step,
+# micro_batch x grad_accum x processes, stay the same (checked when resuming).
+RESUME_SAFE_FIELDS = (set(PLANNED_FIELDS) - {"train.optimizer"}) | {
+    "train.rows_per_step", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+    "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir", "device"}
 # Where metrics are sent does not change what is trained (a resumed run replays its kept rows to the trackers).
 RESUME_SAFE_FIELDS |= {f"log.{name}{key}" for name, section in (("wandb", WandbConfig), ("mlflow", MlflowConfig))
                        for key in ("", *(f".{field}" for field in section.model_fields))}

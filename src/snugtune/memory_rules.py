@@ -15,7 +15,7 @@ MLP_TILE_TOKENS = 8192            # tokens one MLP tile holds intermediates for 
 ATTENTION_HEAD_GROUPS = 8         # most groups of heads tiled attention differentiates one at a time
 ATTENTION_GRAD_BYTES = 8          # flash backward's transient per query value: fp32 query-gradient accumulator,
                                   # 16-bit key and value gradients expanded to every query head (H200, 98,304
-                                  # tokens of Llama-3.1-8B: 3 GiB; benchmarks/attention_memory.py)
+                                  # tokens of Llama-3.1-8B: 3 GiB; measure/attention_memory.py)
 # model type -> its transformers RMSNorm class, whose forward engine.lean_norm computes keeping less
 LEAN_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
 
@@ -61,6 +61,13 @@ def holds_dense_copy(asked: bool, four_bit: bool, sharded: bool, streams_weights
     return asked and four_bit and not sharded and not streams_weights
 
 
+def fuses_lora(adapters: bool, base_bits: int | None, sharded: bool) -> bool:
+    """Whether LoRA layers run as one fused autograd function each (engine.fused_lora): adapters on a 16-bit or
+    4-bit base (LLM.int8 keeps bitsandbytes' own matmul), not under FSDP (its unsharded weights are not
+    bitsandbytes parameters)."""
+    return adapters and base_bits != 8 and not sharded
+
+
 def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded: bool, dense_copy: bool) -> bool:
     """Whether a block's fused LoRA layers keep their dequantized weight from forward to backward:
     compiled, checkpointed blocks (recomputed one at a time: one block's dense weights extra at the
@@ -82,3 +89,23 @@ def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_pr
     if setting != "auto":
         return bool(setting) and possible
     return possible and compiling
+
+
+def rows_masked(packing: bool, varlen_attention: bool, several_samples_a_row: bool = True) -> bool:
+    """Whether batches carry a dense attention mask: rows packing several samples, where no varlen flash kernel
+    attends per document (cards before compute capability 8.0, the CPU). Padded batches and rows of one sample
+    each run plain causal attention."""
+    return packing and not varlen_attention and several_samples_a_row
+
+
+def optimizer_for(asked: str, sharded: bool) -> str:
+    """train.optimizer resolved: under FSDP torch AdamW (bitsandbytes' optimizers do not take sharded
+    tensors; LoRA's state is small), else as asked."""
+    return "adamw" if sharded else asked
+
+
+def memory_cap_fraction(budget_bytes: int, total_bytes: int) -> float | None:
+    """The share of a GPU of total_bytes a process may allocate to behave as a card of budget_bytes (a budget
+    simulated on a bigger GPU): the card's CUDA context lies outside torch's allocator but inside its memory.
+    None when the GPU is no bigger than the budget."""
+    return (budget_bytes - CUDA_CONTEXT_BYTES) / total_bytes if budget_bytes < total_bytes else None

@@ -20,7 +20,11 @@ import yaml
 from snugtune.errors import UserError
 
 CONFIG, SUMMARY, METRICS, EVAL = "config.yaml", "summary.json", "metrics.jsonl", "eval.json"
+ADAPTER_WEIGHTS, ADAPTER_CONFIG, LOSS_PLOT = "adapter_model.safetensors", "adapter_config.json", "loss.png"
 CHECKPOINTS, COMPLETE = "checkpoints", "COMPLETE"
+# inside checkpoints/step-N, beside a copy of CONFIG and METRICS as they were at that step
+POSITION, TRAINABLE, STATE = "position.json", "trainable.safetensors", "state.pt"
+RUN_SIGNS = (METRICS, CHECKPOINTS, SUMMARY)  # a folder holding any of these is a snugtune run
 REPLACED = ".replaced"  # suffix of a checkpoint being replaced by a new save of the same step
 # what to do about a damaged file of the run folder
 REPAIR = {CONFIG: "restore it from the run's newest checkpoints/step-N/config.yaml, or train again with --fresh",
@@ -195,7 +199,7 @@ def save_model_artifacts(run_dir: Path, model, tokenizer, base_path: Path, uses_
     if uses_lora:
         model.save_pretrained(staging, safe_serialization=True,
                               **({"state_dict": trainable} if trainable is not None else {}))
-        config_path = staging / "adapter_config.json"
+        config_path = staging / ADAPTER_CONFIG
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = str(base_path)
         config_path.write_text(json.dumps(adapter_config, indent=2))
@@ -233,4 +237,4 @@ def plot_losses(run_dir: Path, metrics: list[dict]) -> None:
     tmp = run_dir / f".loss.png.tmp-{os.getpid()}.png"
     fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
+    os.replace(tmp, run_dir / LOSS_PLOT)

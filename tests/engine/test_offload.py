@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import tiny_config
 from snugtune.engine.offload import ActivationOffload, WeightStreamer
 from snugtune.engine.train import train
-from snugtune.planner import plan_for_budget
+from snugtune.planner.choose import plan_for_budget
 from snugtune.planner.cards import GIB
 from snugtune.planner.memory import Part
 
@@ -97,9 +97,9 @@ def test_planner_streams_weights_only_when_nothing_else_fits_and_checks_host_mem
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
                       train={"micro_batch": 1, "grad_accum": 4, "grad_checkpointing": "auto"})
     roomy = plan_for_budget(cfg, 16 * GIB, "t4", host_available=64 * GIB)
-    assert roomy.fits and not roomy.settings.stream_weights and roomy.host_bytes == 0
+    assert roomy.fits and not roomy.decisions.stream_weights and roomy.host_bytes == 0
     small = plan_for_budget(cfg, 6 * GIB, "6 GiB", host_available=64 * GIB)
-    assert small.fits and small.settings.stream_weights and small.settings.grad_checkpointing
+    assert small.fits and small.decisions.stream_weights and small.decisions.grad_checkpointing
     assert small.changes["offload.weights"] == ["auto", True]
     assert 3 * GIB < small.host_bytes < 4 * GIB  # the 4-bit block weights of an 8B model, pinned on the host
     starved = plan_for_budget(cfg, 6 * GIB, "6 GiB", host_available=2 * GIB)
@@ -138,7 +138,7 @@ def test_planner_keeps_embeddings_on_host_before_offloading_activations(tmp_path
         cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
                           offload={"embeddings": embeddings},
                           train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
-        return plan_for_budget(cfg, gib * GIB, f"{gib} GiB", host_available=64 * GIB).settings
+        return plan_for_budget(cfg, gib * GIB, f"{gib} GiB", host_available=64 * GIB).decisions
 
     assert not plan(16).embeddings_on_host  # it fits: nothing leaves the GPU
     # 9 GiB: the table alone is enough; forbidden, activations must go to the host instead

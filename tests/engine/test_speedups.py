@@ -12,7 +12,7 @@ from snugtune.engine.fused_lora import fuse_lora_layers
 from snugtune.engine.train import train
 from snugtune.models import load_base_model, prepare_for_training, resolve_model
 
-from conftest import tiny_config
+from conftest import cpu_decisions, tiny_config
 
 
 def _loss_and_lora_grads(config, fuse: bool, dtype: torch.dtype = torch.float32):
@@ -90,7 +90,7 @@ def test_dense_copies_give_the_dequantizing_loss_and_gradients_without_dequantiz
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
-        applied = apply_speedups(model, decoder_layers(model), config, torch.device("cpu"), torch.float32)
+        applied = apply_speedups(model, decoder_layers(model), cpu_decisions(config), torch.float32)
         assert applied.fused_lora_layers == 4 * 2
         four_bit = four_bit_linears(decoder_layers(model))
         assert len(four_bit) == 7 * 2
@@ -180,16 +180,19 @@ def test_fixed_shape_loss_gives_the_same_loss_and_gradients(tmp_path, alpaca_fil
                                            ({"train": {"compile": False}}, False),
                                            ({"train": {"compile": False, "cuda_graphs": True}}, True)])
 def test_cuda_graphs_only_where_a_step_has_fixed_work_and_no_random_numbers(tmp_path, alpaca_file, change, wanted):
-    from snugtune.engine.speedups import cuda_graphs_wanted
+    from snugtune.planner.choose import decisions_for
+    from snugtune.planner.inventory import inventory_for
+    from snugtune.planner.plan import Offload
     sections = {"method": "qlora", "lora": {"dropout": 0.0}, "train": {"grad_checkpointing": True}}
     for key, value in change.items():
         sections[key] = {**sections[key], **value} if isinstance(value, dict) and key in sections else value
     config = tiny_config(tmp_path, alpaca_file, **sections)
-    model = load_base_model(resolve_model(config.model).path, config, torch.device("cpu"), torch.float32)
-    cuda = torch.device("cuda", 0)  # the policy only; nothing runs on it
-    assert cuda_graphs_wanted(model, config, cuda, distributed=False, streaming=False) is wanted
-    assert not cuda_graphs_wanted(model, config, torch.device("cpu"), distributed=False, streaming=False)
-    assert not cuda_graphs_wanted(model, config, cuda, distributed=True, streaming=False)
+    offload = Offload(*(getattr(config.offload, name) is True for name in Offload._fields))
+
+    def graphs(**where) -> bool:
+        return decisions_for(config, inventory_for(config), 4, True, offload=offload, **where).cuda_graphs
+    assert graphs() is wanted  # on a CUDA GPU, one process
+    assert not graphs(cuda=False) and not graphs(gpus=2)
 
 
 @pytest.mark.parametrize("host_embeddings,dropout", [(False, 0.0), (True, 0.0), (False, 0.1)])

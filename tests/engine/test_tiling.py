@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import CPU, FP32, tiny_model, trainable_grads
+from conftest import CPU, FP32, cpu_decisions, tiny_model, trainable_grads
 from snugtune.data.batches import collate
 from snugtune.engine.step import accumulate_gradients
 
@@ -72,11 +72,15 @@ def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_fi
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager blocks", "compiled blocks"])
 def test_long_rows_group_attention_and_lean_norms_only_in_eager_blocks(tmp_path, alpaca_file, compiling):
     from snugtune.engine.tiling import tile_for_long_rows
-    _, model, _, _ = tiny_model(tmp_path, alpaca_file)
+    config, model, _, _ = tiny_model(tmp_path, alpaca_file)
     layers = model.get_base_model().model.layers
-    changed = tile_for_long_rows(model, layers, tiled_mlp=True, compiling=compiling)
+
+    def decisions(tiled: bool):
+        train = config.train.model_copy(update={"tiled_mlp": tiled, "compile": compiling})
+        return cpu_decisions(config.model_copy(update={"train": train}))
+    changed = tile_for_long_rows(model, layers, decisions(tiled=True))
     grouped = 0 if compiling else 2  # compiled blocks cannot trace the grouped backward's recomputation
     assert changed == {"tiled_mlps": 2, "grouped_attention": grouped, "lean_norms": 0 if compiling else 5}
     assert all(hasattr(layer.self_attn, "snugtune_head_groups") != compiling for layer in layers)
-    assert tile_for_long_rows(model, layers, tiled_mlp=False, compiling=False) == {
+    assert tile_for_long_rows(model, layers, decisions(tiled=False)) == {
         "tiled_mlps": 0, "grouped_attention": 0, "lean_norms": 0}

@@ -48,7 +48,8 @@ def test_run_directory_is_complete(finished_run):
     resolved = Config.model_validate(yaml.safe_load((Path(run) / "config.yaml").read_text()))
     assert cfg.train.grad_checkpointing == "auto" and resolved.train.grad_checkpointing is False  # resolved: CPU
     assert cfg.quant.dense_copy == "auto" and resolved.quant.dense_copy is False
-    assert resolved.model_copy(update={"train": cfg.train, "quant": cfg.quant}) == cfg
+    assert cfg.offload.activations == "auto" and resolved.offload.activations is False  # no 'auto' left
+    assert resolved.model_copy(update={"train": cfg.train, "quant": cfg.quant, "offload": cfg.offload}) == cfg
     assert [p.name for p in (Path(run) / "checkpoints").iterdir()] == ["step-8"]  # keep=1 rotated step-4 out
 
 

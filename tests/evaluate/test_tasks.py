@@ -9,7 +9,7 @@ from conftest import alpaca_rows, tiny_config, write_jsonl
 from snugtune.engine.train import train
 from snugtune.evaluate.tasks import evaluate_run
 from snugtune.evaluate.humaneval import load_problems, pass_at_k, program_for
-from snugtune.evaluate.report import build_report
+from snugtune.evaluate.results_table import build_report
 from snugtune.evaluate.sandbox import isolation_problem, run_sandboxed
 
 ISOLATE = isolation_problem() is None  # where it cannot, the programs still run with the limits and the hook

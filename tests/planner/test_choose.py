@@ -9,10 +9,11 @@ import pytest
 
 from conftest import EXAMPLES_DIR, tiny_config
 from snugtune.config import load_config
-from snugtune.planner import plan_for_budget
+from snugtune.planner.choose import plan_for_budget
 from snugtune.planner.cards import GIB, budget_bytes
 from snugtune.planner.inventory import inventory_for
-from snugtune.planner.memory import Part, Settings, estimate, peak
+from snugtune.planner.memory import Part, estimate, peak
+from snugtune.planner.plan import Decisions
 
 RECIPES = [p for p in sorted(EXAMPLES_DIR.glob("*.yaml")) if "cpu" not in p.stem]
 
@@ -23,22 +24,22 @@ def test_search_tiles_mlps_only_for_rows_longer_than_a_tile_that_do_not_fit_othe
                           train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
         return plan_for_budget(cfg, gib * GIB, f"{gib} GiB", host_available=64 * GIB, masked=False)
     long = plan(32768, 15)
-    assert long.fits and long.settings.tiled_mlp and long.changes["train.tiled_mlp"] == ["auto", True]
-    assert not plan(32768, 80).settings.tiled_mlp  # fits without: no extra MLP forward
-    assert not plan(4096, 8).settings.tiled_mlp    # rows within one tile: tiling would change nothing
+    assert long.fits and long.decisions.tiled_mlp and long.changes["train.tiled_mlp"] == ["auto", True]
+    assert not plan(32768, 80).decisions.tiled_mlp  # fits without: no extra MLP forward
+    assert not plan(4096, 8).decisions.tiled_mlp    # rows within one tile: tiling would change nothing
 
 
 def test_search_prefers_no_checkpointing_when_it_fits_and_keeps_the_effective_batch(tmp_path, alpaca_file):
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
                       train={"micro_batch": 4, "grad_accum": 2, "grad_checkpointing": "auto"})
     roomy = plan_for_budget(cfg.model_copy(update={"max_seq_len": 1024}), 80 * GIB, "h100")
-    assert roomy.fits and roomy.settings.grad_checkpointing is False and roomy.settings.micro_batch == 4
+    assert roomy.fits and roomy.decisions.grad_checkpointing is False and roomy.decisions.micro_batch == 4
     long = plan_for_budget(cfg, 80 * GIB, "h100")  # 4 x 4096 without recomputation would not fit: split
-    assert long.fits and long.settings.micro_batch * long.grad_accum == 8
+    assert long.fits and long.decisions.micro_batch * long.grad_accum == 8
     small = plan_for_budget(cfg, 15 * GIB, "t4")
     assert small.fits and small.peak_bytes <= 0.92 * 15 * GIB
-    assert small.settings.micro_batch * small.grad_accum == 8  # effective batch kept
-    assert small.settings.grad_checkpointing is True or small.settings.micro_batch < 4
+    assert small.decisions.micro_batch * small.grad_accum == 8  # effective batch kept
+    assert small.decisions.grad_checkpointing is True or small.decisions.micro_batch < 4
     assert small.changes
 
 
@@ -47,10 +48,10 @@ def test_compiled_blocks_recompute_every_block_where_none_does_not_fit(tmp_path,
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
                       train={"micro_batch": 1, "grad_accum": 4, "grad_checkpointing": "auto"})
     plan = plan_for_budget(cfg, 15 * GIB, "t4")
-    assert plan.fits and plan.settings.grad_checkpointing and plan.settings.checkpointed_layers is None
+    assert plan.fits and plan.decisions.grad_checkpointing and plan.decisions.checkpointed_layers is None
     assert plan.changes["train.grad_checkpointing"] == ["auto", True]
     roomy = plan_for_budget(cfg, 80 * GIB, "h100")
-    assert roomy.fits and not roomy.settings.grad_checkpointing
+    assert roomy.fits and not roomy.decisions.grad_checkpointing
 
 
 def test_dense_copy_of_4bit_weights_is_held_only_where_it_fits_beside_the_fastest_settings(tmp_path, alpaca_file):
@@ -58,28 +59,28 @@ def test_dense_copy_of_4bit_weights_is_held_only_where_it_fits_beside_the_fastes
                       train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
     roomy = plan_for_budget(cfg, 80 * GIB, "h100", host_available=64 * GIB)
     n_lin = inventory_for(cfg).linear_params
-    assert roomy.settings.dense_copy and roomy.breakdown[Part.DENSE_COPY] == 2 * n_lin  # 13 GiB of bf16
-    assert roomy.changes["quant.dense_copy"] == ["auto", True] and not roomy.settings.grad_checkpointing
+    assert roomy.decisions.dense_copy and roomy.breakdown[Part.DENSE_COPY] == 2 * n_lin  # 13 GiB of bf16
+    assert roomy.changes["quant.dense_copy"] == ["auto", True] and not roomy.decisions.grad_checkpointing
     without = plan_for_budget(cfg.model_copy(update={"quant": cfg.quant.model_copy(update={"dense_copy": False})}),
                               80 * GIB, "h100", host_available=64 * GIB)
-    assert not without.settings.dense_copy and Part.DENSE_COPY not in without.breakdown
+    assert not without.decisions.dense_copy and Part.DENSE_COPY not in without.breakdown
     assert roomy.step_seconds < without.step_seconds  # no dequantization in the step
     small = plan_for_budget(cfg, 15 * GIB, "t4", host_available=64 * GIB)  # 13 GiB of copies cannot fit
-    assert small.fits and not small.settings.dense_copy
+    assert small.fits and not small.decisions.dense_copy
     long = plan_for_budget(cfg.model_copy(update={"max_seq_len": 32768}), 15 * GIB, "15 GiB",
                            host_available=64 * GIB, masked=False)
     assert long.fits and any(long.offload)
-    assert not long.settings.dense_copy  # offloading: memory is short
+    assert not long.decisions.dense_copy  # offloading: memory is short
 
 
 def test_search_fills_the_card_with_partial_checkpointing_when_blocks_run_eagerly(tmp_path, alpaca_file):
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
                       train={"micro_batch": 1, "grad_accum": 4, "grad_checkpointing": "auto", "compile": False})
     plan = plan_for_budget(cfg, 15 * GIB, "t4")
-    assert plan.fits and plan.settings.grad_checkpointing
-    assert 0 < plan.settings.checkpointed_layers < 32 and plan.changes["train.checkpoint_layers"][1] > 0
+    assert plan.fits and plan.decisions.grad_checkpointing
+    assert 0 < plan.decisions.checkpointed_layers < 32 and plan.changes["train.checkpoint_layers"][1] > 0
     # the fewest recomputed blocks that fit: one fewer would not
-    fewer = Settings(**{**plan.settings.__dict__, "checkpointed_layers": plan.settings.checkpointed_layers - 1})
+    fewer = Decisions(**{**plan.decisions.__dict__, "checkpointed_layers": plan.decisions.checkpointed_layers - 1})
     assert peak(estimate(inventory_for(cfg), fewer)) > 0.92 * 15 * GIB >= plan.peak_bytes
 
 
@@ -87,9 +88,9 @@ def test_plan_for_several_gpus_shards_with_fsdp_only_when_replicas_do_not_fit(tm
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="lora", max_seq_len=2048,
                       train={"micro_batch": 1, "grad_checkpointing": "auto"}, offload={"weights": False})
     replicas = plan_for_budget(cfg, 40 * GIB, "a100-40", gpus=2, host_available=64 * GIB)
-    assert replicas.fits and replicas.settings.shards == 1 and replicas.changes["train.data_parallel"][1] == "ddp"
+    assert replicas.fits and replicas.decisions.shards == 1 and replicas.changes["train.data_parallel"][1] == "ddp"
     sharded = plan_for_budget(cfg, 17 * GIB, "17 GiB", gpus=2, host_available=64 * GIB)
-    assert sharded.fits and sharded.settings.shards == 2 and sharded.changes["train.data_parallel"][1] == "fsdp"
+    assert sharded.fits and sharded.decisions.shards == 2 and sharded.changes["train.data_parallel"][1] == "fsdp"
     assert sharded.breakdown[Part.FROZEN_WEIGHTS] < 7 * GIB  # half of the 8B's 13 GiB of blocks
     alone = plan_for_budget(cfg, 17 * GIB, "17 GiB", gpus=1, host_available=64 * GIB)
     assert not alone.fits  # one 17 GiB card cannot hold the bf16 8B without streaming
@@ -111,14 +112,14 @@ def test_auto_micro_batch_takes_the_fastest_split_of_the_rows_that_fits(tmp_path
                       lora={"dropout": 0.0}, train={"micro_batch": "auto", "rows_per_step": 8,
                                                     "grad_checkpointing": "auto"})
     roomy = plan_for_budget(cfg.model_copy(update={"max_seq_len": 256}), 79 * GIB, "h100", host_available=64 * GIB)
-    assert roomy.fits and (roomy.settings.micro_batch, roomy.grad_accum) == (8, 1)  # one micro-batch a step
+    assert roomy.fits and (roomy.decisions.micro_batch, roomy.grad_accum) == (8, 1)  # one micro-batch a step
     assert roomy.changes["train.micro_batch"] == ["auto", 8]
     small = plan_for_budget(cfg, 10 * GIB, "10 GiB", host_available=64 * GIB)
-    assert small.fits and small.settings.micro_batch * small.grad_accum == 8 and small.peak_bytes <= 0.92 * 10 * GIB
+    assert small.fits and small.decisions.micro_batch * small.grad_accum == 8 and small.peak_bytes <= 0.92 * 10 * GIB
     fixed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch": 1, "grad_accum": 8,
                                                                         "rows_per_step": None})})
     one_at_a_time = plan_for_budget(fixed, 10 * GIB, "10 GiB", host_available=64 * GIB)
-    assert one_at_a_time.settings.micro_batch == 1 and small.step_seconds <= one_at_a_time.step_seconds
+    assert one_at_a_time.decisions.micro_batch == 1 and small.step_seconds <= one_at_a_time.step_seconds
     assert small.to_json()["predicted_step_seconds"] == small.step_seconds > 0
 
 
@@ -129,11 +130,11 @@ def test_each_shipped_recipe_fills_its_card_or_runs_one_micro_batch_a_step(path)
     gpus = 1 if cfg.train.data_parallel == "auto" else 2  # a recipe that names DDP or FSDP runs under torchrun
     plan = plan_for_budget(cfg, size, card, host_available=64 * GIB, gpus=gpus)
     assert plan.fits and cfg.train.micro_batch == "auto"
-    assert plan.peak_bytes >= 0.8 * plan.budget_bytes or plan.settings.micro_batch == cfg.train.step_rows
+    assert plan.peak_bytes >= 0.8 * plan.budget_bytes or plan.decisions.micro_batch == cfg.train.step_rows
 
 
 def test_plan_without_the_data_counts_a_dense_mask_only_for_packed_rows_on_cards_without_varlen(tmp_path, alpaca_file):
-    from snugtune.planner import plan_config
+    from snugtune.planner.choose import plan_config
     packed = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096)
     padded = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
                          data={"packing": False})

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from conftest import EXAMPLES_DIR, tiny_config
-from snugtune.planner import plan_for_budget, refusal
+from snugtune.planner.choose import plan_for_budget
+from snugtune.planner.explain import refusal
 from snugtune.planner.cards import GIB
 
 

@@ -2,94 +2,88 @@
 
 from transformers import LlamaConfig
 
-from conftest import planner_settings, tiny_config
+from conftest import planner_decisions, tiny_config
 from snugtune.memory_rules import MLP_TILE_TOKENS
-from snugtune.planner import Offload, settings_for
+from snugtune.planner.choose import decisions_for
+from snugtune.planner.plan import Offload
 from snugtune.planner.inventory import inventory_from_config
 from snugtune.planner.memory import (GRAPH_POOL_FRACTION, Part, activation_bytes_per_token_layer, alive_at_peak,
-                                     estimate, optimizer_bytes, peak, peak_allocated, step_flops, trainable_params,
+                                     estimate, optimizer_bytes, peak, peak_allocated, trainable_params,
                                      weight_bytes)
 
 
 def test_weight_bytes_per_method(tiny_llama_inventory):
     inv = tiny_llama_inventory
     n = inv.linear_params  # 73,728
-    q4 = weight_bytes(inv, planner_settings())
+    q4 = weight_bytes(inv, planner_decisions())
     assert q4[Part.QUANTIZED_4BIT] == int(n / 2 + n / 64 * (1 + 4 / 256))
     assert q4[Part.KEPT_WEIGHTS] == 2 * inv.other_params
-    assert weight_bytes(inv, planner_settings(double_quant=False))[Part.QUANTIZED_4BIT] == n // 2 + n // 16
+    assert weight_bytes(inv, planner_decisions(double_quant=False))[Part.QUANTIZED_4BIT] == n // 2 + n // 16
     rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
-    assert weight_bytes(inv, planner_settings(method="lora-8bit"))[Part.QUANTIZED_8BIT] == n + 4 * rows
-    assert weight_bytes(inv, planner_settings(method="lora"))[Part.FROZEN_WEIGHTS] == 2 * n
+    assert weight_bytes(inv, planner_decisions(method="lora-8bit"))[Part.QUANTIZED_8BIT] == n + 4 * rows
+    assert weight_bytes(inv, planner_decisions(method="lora"))[Part.FROZEN_WEIGHTS] == 2 * n
 
 
 def test_lora_and_optimizer_bytes(tiny_llama_inventory):
     inv = tiny_llama_inventory
     per_block = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r x (in + out) for the seven
-    assert trainable_params(inv, planner_settings()) == 2 * per_block == 8192
-    assert optimizer_bytes(inv, planner_settings()) == {Part.ADAPTER_PARAMS: 4 * 8192, Part.ADAPTER_GRADS: 4 * 8192,
+    assert trainable_params(inv, planner_decisions()) == 2 * per_block == 8192
+    assert optimizer_bytes(inv, planner_decisions()) == {Part.ADAPTER_PARAMS: 4 * 8192, Part.ADAPTER_GRADS: 4 * 8192,
                                                 Part.OPTIMIZER_STATE: 8 * 8192}
-    assert optimizer_bytes(inv, planner_settings(optimizer="adamw_8bit"))[Part.OPTIMIZER_STATE] == 2 * 8192
-    assert trainable_params(inv, planner_settings(lora_last_layers=1)) == per_block
+    assert optimizer_bytes(inv, planner_decisions(optimizer="adamw_8bit"))[Part.OPTIMIZER_STATE] == 2 * 8192
+    assert trainable_params(inv, planner_decisions(lora_last_layers=1)) == per_block
 
 
 def test_activations_with_and_without_checkpointing(tiny_llama_inventory):
     inv = tiny_llama_inventory
-    per_token = activation_bytes_per_token_layer(inv, planner_settings())
+    per_token = activation_bytes_per_token_layer(inv, planner_decisions())
     # norms: 2 x fp32 copy of 64; attention: q, k, v (repeated to 4 heads), output 4*2*64, fp32 lse per head,
     # mask bias 2 bytes x 100 positions; SwiGLU: gate, up, act(gate) 3*2*128;
     # LoRA: each linear's rank-4 output, and the 16-bit inputs they multiply: q, k and v read one, gate and up
     # one, o_proj its own (64 each), down_proj 128
     assert per_token == 2 * 4 * 64 + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (7 * 8 + 3 * 2 * 64 + 2 * 128)
     # dropout keeps a 1-byte mask per adapted input; LLM.int8 layers keep their inputs (hidden x2, q, MLP)
-    assert activation_bytes_per_token_layer(inv, planner_settings(lora_dropout=0.05)) == per_token + 6 * 64 + 128
-    assert activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit")) == \
+    assert activation_bytes_per_token_layer(inv, planner_decisions(lora_dropout=0.05)) == per_token + 6 * 64 + 128
+    assert activation_bytes_per_token_layer(inv, planner_decisions(method="lora-8bit")) == \
         per_token + 2 * (64 + 64 + 128) + 2 * 64
     # peft's own layers (8-bit bases) with dropout: each linear multiplies its own dropped-out copy
-    assert activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit", lora_dropout=0.05)) == \
-        activation_bytes_per_token_layer(inv, planner_settings(method="lora-8bit")) + 6 * 64 + 128 + 3 * 2 * 64
+    assert activation_bytes_per_token_layer(inv, planner_decisions(method="lora-8bit", lora_dropout=0.05)) == \
+        activation_bytes_per_token_layer(inv, planner_decisions(method="lora-8bit")) + 6 * 64 + 128 + 3 * 2 * 64
     # lean norms (eager blocks): each norm keeps its 16-bit input instead of an fp32 copy
-    assert activation_bytes_per_token_layer(inv, planner_settings(lean_norms=True)) == per_token - 2 * 2 * 64
+    assert activation_bytes_per_token_layer(inv, planner_decisions(lean_norms=True)) == per_token - 2 * 2 * 64
     tokens = 2 * 100
-    with_ckpt = estimate(inv, planner_settings())
+    with_ckpt = estimate(inv, planner_decisions())
     assert with_ckpt[Part.CHECKPOINTED_INPUTS] == 2 * 64 * 2 * tokens
     # the recomputed block, the gradient beside it, and attention backward's 8 bytes per query value
     attention_backward = 8 * 64 * tokens
     assert with_ckpt[Part.RECOMPUTED_BLOCK] == per_token * tokens + 2 * 64 * 2 * tokens + attention_backward
     # attention over groups of heads (2 key/value heads here, rows of one document): half of that at a time,
     # and it keeps q, k and v (2 x 32 wide) unrepeated, no output or log-sum-exp
-    unmasked = estimate(inv, planner_settings(attention_mask=False))[Part.RECOMPUTED_BLOCK]
-    grouped = estimate(inv, planner_settings(attention_mask=False, head_groups=8))[Part.RECOMPUTED_BLOCK]
+    unmasked = estimate(inv, planner_decisions(attention_mask=False))[Part.RECOMPUTED_BLOCK]
+    grouped = estimate(inv, planner_decisions(attention_mask=False, head_groups=8))[Part.RECOMPUTED_BLOCK]
     assert unmasked - grouped == attention_backward // 2 + tokens * ((4 * 2 * 64 + 4 * 4) - 2 * (64 + 2 * 32))
     assert with_ckpt[Part.ATTENTION_MASK] == 2 * 100 * 100
-    without = estimate(inv, planner_settings(grad_checkpointing=False))
+    without = estimate(inv, planner_decisions(grad_checkpointing=False))
     assert without[Part.ALL_ACTIVATIONS] == 2 * per_token * tokens
     assert peak(without) > peak(with_ckpt)
     # LoRA on the last block only: nothing below it keeps activations
-    last = estimate(inv, planner_settings(grad_checkpointing=False, lora_last_layers=1))
+    last = estimate(inv, planner_decisions(grad_checkpointing=False, lora_last_layers=1))
     assert last[Part.ALL_ACTIVATIONS] == per_token * tokens
     # rows of one sample each (long documents): plain causal attention, no seq x seq mask or bias
-    unmasked = estimate(inv, planner_settings(attention_mask=False))
+    unmasked = estimate(inv, planner_decisions(attention_mask=False))
     assert Part.ATTENTION_MASK not in unmasked
-    assert activation_bytes_per_token_layer(inv, planner_settings(attention_mask=False)) == per_token - 2 * 100
+    assert activation_bytes_per_token_layer(inv, planner_decisions(attention_mask=False)) == per_token - 2 * 100
 
 
 def test_tiled_mlp_bounds_the_recomputed_block_and_costs_one_more_mlp_forward():
     big = inventory_from_config(LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
     long = dict(micro_batch=1, max_seq_len=4 * MLP_TILE_TOKENS, attention_mask=False)
-    plain, tiled = estimate(big, planner_settings(**long)), estimate(big, planner_settings(**long, tiled_mlp=True))
+    plain, tiled = estimate(big, planner_decisions(**long)), estimate(big, planner_decisions(**long, tiled_mlp=True))
     key = Part.RECOMPUTED_BLOCK
     assert tiled[key] < plain[key] * 0.75 and peak(tiled) < peak(plain)
     # short rows: no gain
-    assert estimate(big, planner_settings(tiled_mlp=True))[key] > estimate(big, planner_settings())[key]
-    mlp_params = 2 * 3 * 256 * 1024  # two blocks x gate, up, down
-    assert step_flops(big, planner_settings(**long, tiled_mlp=True)) - step_flops(big, planner_settings(**long)) == \
-        2 * mlp_params * 4 * MLP_TILE_TOKENS
-    # attention by groups of heads: one more causal attention forward (2 FLOPs x q_dim x length per token)
-    tokens = 4 * MLP_TILE_TOKENS
-    assert step_flops(big, planner_settings(**long, head_groups=8)) - step_flops(big, planner_settings(**long)) == \
-        2 * 2 * 256 * tokens * tokens
+    assert estimate(big, planner_decisions(tiled_mlp=True))[key] > estimate(big, planner_decisions())[key]
 
 
 def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_offload(tmp_path, alpaca_file,
@@ -98,18 +92,18 @@ def test_compiled_recomputed_4bit_block_keeps_its_dense_weights_only_without_off
     # engine.speedups.dense_weights_kept_in: one block's dequantized LoRA-layer weights, in the compute dtype
     block = 4096 + 2048 + 2048 + 4096 + 3 * 8192
     recomputed = Part.RECOMPUTED_BLOCK
-    kept = estimate(inv, planner_settings(dense_weights_kept=True))[recomputed]
-    assert kept - estimate(inv, planner_settings())[recomputed] == 2 * block
-    assert estimate(inv, planner_settings(method="lora", dense_weights_kept=True))[recomputed] == \
-        estimate(inv, planner_settings(method="lora"))[recomputed]  # 16-bit bases: the weight itself, nothing extra
+    kept = estimate(inv, planner_decisions(dense_weights_kept=True))[recomputed]
+    assert kept - estimate(inv, planner_decisions())[recomputed] == 2 * block
+    assert estimate(inv, planner_decisions(method="lora", dense_weights_kept=True))[recomputed] == \
+        estimate(inv, planner_decisions(method="lora"))[recomputed]  # 16-bit bases: the weight itself, nothing extra
     cfg = tiny_config(tmp_path, alpaca_file, method="qlora")
-    assert settings_for(cfg, inv, 1, True).dense_weights_kept
-    assert not settings_for(cfg, inv, 1, False).dense_weights_kept  # blocks not recomputed dequantize again
-    assert not settings_for(cfg, inv, 1, True, offload=Offload(embeddings=True)).dense_weights_kept
+    assert decisions_for(cfg, inv, 1, True).dense_weights_kept
+    assert not decisions_for(cfg, inv, 1, False).dense_weights_kept  # blocks not recomputed dequantize again
+    assert not decisions_for(cfg, inv, 1, True, offload=Offload(embeddings=True)).dense_weights_kept
 
 
 def test_peak_holds_only_the_largest_transient_and_its_rows_add_up_to_it(tiny_llama_inventory):
-    parts = estimate(tiny_llama_inventory, planner_settings())
+    parts = estimate(tiny_llama_inventory, planner_decisions())
     transient = max(parts[Part.RECOMPUTED_BLOCK], parts[Part.LOSS])
     overheads = (Part.RECOMPUTED_BLOCK, Part.LOSS, Part.ALLOCATOR, Part.CUDA_CONTEXT)
     persistent = sum(v for k, v in parts.items() if k not in overheads)
@@ -122,8 +116,8 @@ def test_peak_holds_only_the_largest_transient_and_its_rows_add_up_to_it(tiny_ll
 
 
 def test_cuda_graphs_pool_is_counted_on_the_steps_working_memory(tiny_llama_inventory):
-    eager = estimate(tiny_llama_inventory, planner_settings())
-    graphs = estimate(tiny_llama_inventory, planner_settings(cuda_graphs=True))
+    eager = estimate(tiny_llama_inventory, planner_decisions())
+    graphs = estimate(tiny_llama_inventory, planner_decisions(cuda_graphs=True))
     held = sum(eager[k] for k in (Part.QUANTIZED_4BIT, Part.KEPT_WEIGHTS, Part.ADAPTER_PARAMS, Part.ADAPTER_GRADS,
                                   Part.OPTIMIZER_STATE))
     assert graphs[Part.GRAPH_POOL] == int(GRAPH_POOL_FRACTION * (peak_allocated(eager) - held))
@@ -136,20 +130,20 @@ def test_layernorm_models_under_quantization_keep_fp32_mlp_tensors():
                                           num_attention_heads=4, vocab_size=1000))
     assert (phi.norms_per_block, phi.layer_norm, phi.gated_mlp, phi.hidden_act) == (1, True, False, "gelu_new")
     targets = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
-    q4 = activation_bytes_per_token_layer(phi, planner_settings(lora_targets=targets))
-    lora16 = activation_bytes_per_token_layer(phi, planner_settings(lora_targets=targets, method="lora"))
+    q4 = activation_bytes_per_token_layer(phi, planner_decisions(lora_targets=targets))
+    lora16 = activation_bytes_per_token_layer(phi, planner_decisions(lora_targets=targets, method="lora"))
     # gelu_new keeps 4 tensors of the 256-wide MLP: fp32 (4 bytes) behind 4-bit layers, 2 bytes otherwise
     assert q4 - lora16 == 4 * 256 * (4 - 2)
 
 
 def test_partial_checkpointing_sits_between_none_and_all(tiny_llama_inventory):
     inv = tiny_llama_inventory
-    per_layer = activation_bytes_per_token_layer(inv, planner_settings()) * 200
+    per_layer = activation_bytes_per_token_layer(inv, planner_decisions()) * 200
     inputs = 64 * 2 * 200  # one block's input: hidden x 2 bytes x tokens
-    one = estimate(inv, planner_settings(checkpointed_layers=1))
+    one = estimate(inv, planner_decisions(checkpointed_layers=1))
     assert one[Part.CHECKPOINTED_INPUTS] == inputs
     assert one[Part.KEPT_ACTIVATIONS] == per_layer  # the top block keeps everything
-    full = estimate(inv, planner_settings())
+    full = estimate(inv, planner_decisions())
     assert full[Part.CHECKPOINTED_INPUTS] == 2 * inputs and Part.KEPT_ACTIVATIONS not in full
-    none = estimate(inv, planner_settings(grad_checkpointing=False))
+    none = estimate(inv, planner_decisions(grad_checkpointing=False))
     assert peak(full) < peak(one) < peak(none)

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from snugtune.config import apply_overrides
-from snugtune.rundir import read_jsonl
+from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
 
@@ -90,8 +90,8 @@ def _snugtune(config_path: Path, work: Path) -> dict:
                            "--quiet", "--fresh"], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "exit_code": proc.returncode}
-    summary = json.loads((run / "summary.json").read_text())
-    steps = read_jsonl(run / "metrics.jsonl")
+    summary = json.loads((run / SUMMARY).read_text())
+    steps = read_jsonl(run / METRICS)
     speeds = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r][3:] or \
         [r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
     return {"tokens_per_s_median_step": statistics.median(speeds),

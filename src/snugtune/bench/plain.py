@@ -23,15 +23,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def cap_memory(cfg) -> None:
-    """The same cap snugtune's engine applies for a budget like 15GiB: the budget minus the CUDA context."""
-    if cfg.budget.lower().endswith(("gib", "gb")):
-        from snugtune.planner.cards import budget_bytes
-        from snugtune.memory_rules import CUDA_CONTEXT_BYTES
-        torch.cuda.set_per_process_memory_fraction(
-            (budget_bytes(cfg.budget)[0] - CUDA_CONTEXT_BYTES) / torch.cuda.get_device_properties(0).total_memory)
-
-
 def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dtype, recipe: str) -> dict:
     """Train cfg.train.max_steps steps on the micro-batches snugtune would train on; timings and memory.
 
@@ -134,6 +125,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from snugtune.engine.machine import cap_memory
     from snugtune.models import block_linear_names
 
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
@@ -141,7 +133,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32  # the CPU run exists to test this script
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        cap_memory(cfg)
+        cap_memory(device, cfg.budget)  # the cap the engine applies for the same budget
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.type,
                                bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,

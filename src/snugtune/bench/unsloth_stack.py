@@ -63,12 +63,13 @@ def main() -> None:
 
     import torch
 
-    from snugtune.bench.plain import bench_inputs, cap_memory, write_result
+    from snugtune.bench.plain import bench_inputs, write_result
+    from snugtune.engine.machine import cap_memory
     from snugtune.models import block_linear_names
 
     out, cfg, path, tokenizer, data = bench_inputs("Unsloth's QLoRA on a snugtune bench config")
     torch.cuda.reset_peak_memory_stats()
-    cap_memory(cfg)
+    cap_memory(torch.device("cuda", 0), cfg.budget)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=cfg.max_seq_len,
                                                  dtype=torch.bfloat16, load_in_4bit=True)
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from snugtune.errors import CheckpointWriteError
 from snugtune.engine.distributed import full_tensor, shard_like
-from snugtune.rundir import COMPLETE, REPLACED, complete_checkpoints, read_jsonl
+from snugtune.rundir import (CHECKPOINTS, COMPLETE, CONFIG, METRICS, POSITION, REPLACED, STATE, TRAINABLE,
+                             complete_checkpoints, read_jsonl)
 
 
 
@@ -111,7 +112,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
     Raises CheckpointWriteError (the older checkpoints untouched) when the disk is full or unwritable.
     """
     weights, optimizer_state = trainable_state(model), _whole_optimizer_state(optimizer)
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS
     final = root / f"step-{position.step}"
     if not write:
         return final
@@ -120,13 +121,13 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(weights, str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / TRAINABLE))
         torch.save({"optimizer": optimizer_state, "optimizer_class": type(optimizer).__name__,
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
-                   tmp / "state.pt")
-        (tmp / "position.json").write_text(json.dumps(asdict(position)))
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        (tmp / "config.yaml").write_text(config_yaml)
+                   tmp / STATE)
+        (tmp / POSITION).write_text(json.dumps(asdict(position)))
+        (tmp / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        (tmp / CONFIG).write_text(config_yaml)
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -176,19 +177,29 @@ def _leftovers(root: Path) -> list[Path]:
     return temps + unmarked + replaced
 
 
+def saved_position(path: Path) -> TrainPosition:
+    """Where the run stood at this checkpoint."""
+    return TrainPosition(**json.loads((path / POSITION).read_text()))
+
+
+def saved_config(path: Path) -> str:
+    """The config (YAML) that trained up to this checkpoint."""
+    return (path / CONFIG).read_text()
+
+
 def checkpoint_metrics(path: Path) -> list[dict]:
     """The metrics.jsonl rows logged up to this checkpoint."""
-    return read_jsonl(path / "metrics.jsonl")
+    return read_jsonl(path / METRICS)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, notify=lambda message: None) -> TrainPosition:
     """Restore everything save_checkpoint wrote, whatever the process count then and now (sharded
     tensors are laid out as this run's are); returns the position to continue from."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_file(str(path / TRAINABLE))
     params = dict(model.named_parameters())
     for name, tensor in weights.items():
         params[name].data.copy_(shard_like(tensor.to(params[name].dtype), params[name]))
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    state = torch.load(path / STATE, weights_only=True, map_location="cpu")
     saved_class = state.get("optimizer_class", type(optimizer).__name__)
     saved = state["optimizer"]
     saved_tensors = sum(len(group["params"]) for group in saved["param_groups"])
@@ -208,4 +219,4 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, notify=lamb
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])
-    return TrainPosition(**json.loads((path / "position.json").read_text()))
+    return saved_position(path)

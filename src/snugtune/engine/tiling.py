@@ -15,7 +15,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from snugtune.engine.lean_norm import lean_norms
-from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS, leans_norms, tiles_attention
+from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS
+from snugtune.planner.plan import Decisions
 
 
 def _tiled(forward, tile_tokens: int):
@@ -57,12 +58,11 @@ def tile_attention(layers, groups: int = ATTENTION_HEAD_GROUPS) -> int:
     return tiled
 
 
-def tile_for_long_rows(model: torch.nn.Module, layers, tiled_mlp: bool, compiling: bool) -> dict[str, int]:
-    """The long-row memory policies as memory_rules resolves them: MLP tiles, attention by groups of heads
-    and lean norms (the last two only in eager blocks), in place. Returns how many modules each changed."""
+def tile_for_long_rows(model: torch.nn.Module, layers, decisions: Decisions) -> dict[str, int]:
+    """The long-row memory policies the plan decided (memory_rules resolves them): MLP tiles, attention by groups
+    of heads and lean norms, in place. Returns how many modules each changed."""
     return {
-        "tiled_mlps": tile_mlps(layers) if tiled_mlp else 0,
-        "grouped_attention": tile_attention(layers) if tiles_attention(tiled_mlp, compiling) else 0,
-        # norms keep their 16-bit input, not an fp32 copy
-        "lean_norms": lean_norms(model) if leans_norms(tiled_mlp, compiling, model.config.model_type) else 0,
+        "tiled_mlps": tile_mlps(layers) if decisions.tiled_mlp else 0,
+        "grouped_attention": tile_attention(layers, decisions.head_groups) if decisions.head_groups > 1 else 0,
+        "lean_norms": lean_norms(model) if decisions.lean_norms else 0,  # norms keep their 16-bit input
     }

@@ -14,7 +14,7 @@ from snugtune.config import Config, config_from_dict
 from snugtune.errors import UserError
 from snugtune.precision import Precision, resolve_device, resolve_precision
 from snugtune.models import load_base_model, load_tokenizer
-from snugtune.rundir import CONFIG, RunFolder
+from snugtune.rundir import ADAPTER_WEIGHTS, CONFIG, RunFolder
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def load_run(run_dir: str | Path, device: str = "auto", trust: Trust = Trust()) 
 def _adapted_base(run_dir: Path, base_path: Path, config: Config, device, precision):
     """The base with the run's adapter, read from safetensors only (an adapter_model.bin would be unpickled)."""
     from peft import PeftModel
-    if not (run_dir / "adapter_model.safetensors").is_file():
+    if not (run_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{run_dir}: no adapter_model.safetensors; finish the run with `snugtune train` "
                         f"(snugtune reads adapters from safetensors only)")
     base = load_base_model(base_path, config, device, precision.compute_dtype)

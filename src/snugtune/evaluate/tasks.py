@@ -12,7 +12,7 @@ from snugtune.errors import UserError
 from snugtune.data.batches import eval_batches
 from snugtune.data.prepare import prepare_data
 from snugtune.loss import mean_loss
-from snugtune.rundir import RunFolder, write_json_atomic
+from snugtune.rundir import EVAL, RunFolder, write_json_atomic
 from snugtune.evaluate.run import LoadedRun, Trust, load_run
 
 TASKS = ("perplexity", "retention", "generate", "humaneval")
@@ -84,7 +84,7 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], data_file: str | None = 
                                 "tuned_pass@1": after["pass@1"], "base_passed": before["passed"],
                                 "tuned_passed": after["passed"], "base_results": before["results"],
                                 "tuned_results": after["results"]}
-    path = Path(run_dir) / "eval.json"
+    path = Path(run_dir) / EVAL
     merged = RunFolder(Path(run_dir)).evals()
     merged.update(results)
     write_json_atomic(path, merged)

@@ -42,11 +42,11 @@ def _profile(card: str) -> dict | None:
     return next((profile for name, profile in CARDS.items() if key in (name, profile["name"].lower())), None)
 
 
-def packed_rows_masked(card: str) -> bool:
-    """Whether packed rows of several samples attend through a dense mask on `card` (key or description):
-    where it has no varlen flash attention (before compute capability 8.0, as bf16), or is not known."""
+def has_varlen_attention(card: str) -> bool:
+    """Whether `card` (key or description) runs varlen flash attention: compute capability 8.0 and up, as bf16;
+    not for a card that is not known."""
     profile = _profile(card)
-    return profile is None or not profile["bf16"]
+    return profile is not None and profile["bf16"]
 
 
 def card_tflops(card: str) -> float:

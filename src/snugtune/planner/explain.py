@@ -4,18 +4,21 @@ and the longest max_seq_len, the method and the card that do fit by the planner'
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from snugtune.config import Config
 from snugtune.methods import METHODS
 from snugtune.planner.cards import CARDS, GIB
-from snugtune.planner.choose import SAFETY, Plan, offload_text, search
+from snugtune.planner.choose import RunFacts, search
 from snugtune.planner.inventory import Inventory
-from snugtune.planner.memory import SHARDED_PARTS, Part, Settings, alive_at_peak
+from snugtune.planner.memory import SHARDED_PARTS, Part, alive_at_peak
+from snugtune.planner.plan import SAFETY, Decisions, Plan, offload_text
 
 SEQ_STEP = 64          # sequence lengths are searched in steps of the GPU's padding multiple
 BUDGET_STEP = GIB // 8  # card sizes are searched to an eighth of a GiB
 
 
-def label(part: Part, s: Settings) -> str:
+def label(part: Part, s: Decisions) -> str:
     text = part.label
     if part is Part.OPTIMIZER_STATE:
         text = f"{text} ({s.optimizer})"
@@ -24,14 +27,14 @@ def label(part: Part, s: Settings) -> str:
     return f"host: {text}" if part.on_host else text
 
 
-def _checkpointing_text(s: Settings) -> str:
+def _checkpointing_text(s: Decisions) -> str:
     if s.grad_checkpointing and s.checkpointed_layers is not None:
         return f"first {s.checkpointed_layers} blocks"
     return str(s.grad_checkpointing)
 
 
 def settings_text(plan: Plan) -> str:
-    s = plan.settings
+    s = plan.decisions
     return (f"method={s.method} micro_batch={s.micro_batch} grad_accum={plan.grad_accum} "
             f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
             f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={offload_text(plan.offload)} "
@@ -42,7 +45,7 @@ def settings_text(plan: Plan) -> str:
 def format_plan(plan: Plan) -> str:
     """The breakdown as a table a person reads, like a VRAM budget: the rows alive at the peak add up to it;
     transients alive at other moments of the step and host memory are listed apart."""
-    s = plan.settings
+    s = plan.decisions
     rows = {label(k, s): v for k, v in plan.breakdown.items()}
     width = max(len(k) for k in rows) + 2
     line = "-" * (width + 9)
@@ -80,42 +83,42 @@ def refusal(plan: Plan) -> str:
             f"Try: {plan.suggestion}")
 
 
-def _fits(cfg: Config, inv: Inventory, budget: int, trained, host: int, gpus: int, masked: bool,
+def _fits(cfg: Config, inv: Inventory, budget: int, facts: RunFacts, host: int,
           most_micro: int | None = None) -> Plan | None:
-    return search(cfg, inv, budget, "", trained, host, gpus, masked, SAFETY * budget, most_micro)[0]
+    return search(cfg, inv, budget, "", facts, host, SAFETY * budget, most_micro)[0]
 
 
-def longest_seq(cfg: Config, inv: Inventory, budget: int, host: int, gpus: int, masked: bool) -> int | None:
+def longest_seq(cfg: Config, inv: Inventory, budget: int, host: int, facts: RunFacts) -> int | None:
     """The longest max_seq_len (a multiple of SEQ_STEP, below the config's) that fits by the planner's own
     search, found by bisection (the peak grows with the sequence at every setting); None if none does."""
     low, high = 0, (cfg.max_seq_len - 1) // SEQ_STEP  # low fits (or is 0), high + 1 does not
+    unknown_rows = replace(facts, trained=None)  # the data's rows are not those of another length
     while low < high:
         mid = (low + high + 1) // 2
-        if _fits(cfg.model_copy(update={"max_seq_len": mid * SEQ_STEP}), inv, budget, None, host, gpus, masked):
+        if _fits(cfg.model_copy(update={"max_seq_len": mid * SEQ_STEP}), inv, budget, unknown_rows, host):
             low = mid
         else:
             high = mid - 1
     return low * SEQ_STEP or None
 
 
-def smallest_budget(cfg: Config, inv: Inventory, budget: int, trained, host: int, gpus: int,
-                    masked: bool) -> int | None:
+def smallest_budget(cfg: Config, inv: Inventory, budget: int, facts: RunFacts, host: int) -> int | None:
     """The smallest budget (to BUDGET_STEP) the config fits by the planner's own search, up to the largest card."""
     most = int(max(c["usable_gib"] for c in CARDS.values()) * GIB) // BUDGET_STEP
     low = budget // BUDGET_STEP  # does not fit
-    if not _fits(cfg, inv, most * BUDGET_STEP, trained, host, gpus, masked):
+    if not _fits(cfg, inv, most * BUDGET_STEP, facts, host):
         return None
     high = most
     while high - low > 1:
         mid = (low + high) // 2
-        if _fits(cfg, inv, mid * BUDGET_STEP, trained, host, gpus, masked):
+        if _fits(cfg, inv, mid * BUDGET_STEP, facts, host):
             high = mid
         else:
             low = mid
     return high * BUDGET_STEP
 
 
-def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, trained, gpus: int, masked: bool,
+def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, facts: RunFacts,
                        suggest_cards: bool = True) -> str:
     """Each idea one that changes something and that fits by the planner's own search."""
     budget, host = plan.budget_bytes, plan.host_available_bytes
@@ -123,17 +126,17 @@ def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, trained, gpus: i
     if plan.peak_bytes <= SAFETY * budget:  # the GPU would do; the host lacks the memory the offload needs
         ideas.append(f"free host memory: this plan needs {plan.host_bytes / GIB:.1f} GiB of it for offload and "
                      f"{host / GIB:.1f} GiB is available")
-    seq = longest_seq(cfg, inv, budget, host, gpus, masked)
+    seq = longest_seq(cfg, inv, budget, host, facts)
     if seq:
-        fitting = _fits(cfg.model_copy(update={"max_seq_len": seq}), inv, budget, None, host, gpus, masked)
-        ideas.append(f"max_seq_len={seq}, the longest that fits (then micro_batch={fitting.settings.micro_batch}, "
+        fitting = _fits(cfg.model_copy(update={"max_seq_len": seq}), inv, budget, replace(facts, trained=None), host)
+        ideas.append(f"max_seq_len={seq}, the longest that fits (then micro_batch={fitting.decisions.micro_batch}, "
                      f"predicted peak {fitting.peak_bytes / GIB:.2f} GiB)")
     method = METHODS[cfg.method]
     if method.base_bits != 4 and method.trains_base != "all":
         qlora = cfg.model_copy(update={"method": "qlora", "quant": cfg.quant.model_copy(update={"bits": None})})
-        if _fits(qlora, inv, budget, trained, host, gpus, masked):
+        if _fits(qlora, inv, budget, facts, host):
             ideas.append("method=qlora (4-bit base weights)")
-    need = smallest_budget(cfg, inv, budget, trained, host, gpus, masked) if suggest_cards else None
+    need = smallest_budget(cfg, inv, budget, facts, host) if suggest_cards else None
     if need:
         cards = sorted((c["usable_gib"], name) for name, c in CARDS.items() if c["usable_gib"] * GIB >= need)
         ideas.append(f"a card with at least {need / GIB:.2f} GiB usable, such as {cards[0][1]}")

@@ -108,3 +108,9 @@ def model_config_for(cfg: Config):
 def inventory_for(cfg: Config) -> Inventory:
     """The inventory of cfg.model, offline."""
     return inventory_from_config(model_config_for(cfg))
+
+
+def inventory_of_folder(folder: Path, trust_remote_code: bool = False) -> Inventory:
+    """The inventory of a model folder's config.json (a resolved base model: local, converted or downloaded)."""
+    from transformers import AutoConfig
+    return inventory_from_config(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))

@@ -7,13 +7,13 @@ it lives (GPU or host memory) and when it is alive (the whole step, or one momen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
 from snugtune.memory_rules import (ATTENTION_GRAD_BYTES, CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, head_group_count,
                                    logits_chunk_tokens)
 from snugtune.methods import METHODS
 from snugtune.planner.inventory import Inventory, Linear
+from snugtune.planner.plan import Decisions
 
 ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
@@ -82,44 +82,12 @@ ON_HOST_WHEN_OFFLOADED = {Part.CHECKPOINTED_INPUTS: Part.HOST_CHECKPOINTED_INPUT
                           Part.ALL_ACTIVATIONS: Part.HOST_ALL_ACTIVATIONS}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the estimate depends on besides the model."""
-    method: str                  # lora | qlora | lora-8bit | freeze | full
-    lora_r: int
-    lora_targets: tuple[str, ...]
-    lora_last_layers: int | None
-    double_quant: bool
-    optimizer: str               # adamw | adamw_8bit | paged_adamw_8bit
-    compute_bytes: int           # 2 for bf16/fp16, 4 for fp32
-    micro_batch: int
-    max_seq_len: int
-    grad_checkpointing: bool
-    trainable_layers: int = 2    # method=freeze
-    checkpointed_layers: int | None = None  # with checkpointing: blocks (from the first) that recompute; None = all
-    lora_dropout: float = 0.0
-    trained_tokens: int | None = None  # most trained positions in one micro-batch, from the data; None: all
-    offload_activations: bool = False  # engine.offload.ActivationOffload
-    stream_weights: bool = False       # engine.offload.WeightStreamer (frozen block weights in host memory)
-    shards: int = 1                    # FSDP processes the weights are sharded over (1: not sharded)
-    attention_mask: bool = True        # batches carry a mask (several packed samples a row, or padding);
-                                       # rows of one sample each run plain causal attention, no mask
-    tiled_mlp: bool = False            # engine.tiling: each MLP over the sequence in checkpointed tiles
-    embeddings_on_host: bool = False   # engine.offload.HostEmbedding: the frozen input table in host memory
-    dense_weights_kept: bool = False   # memory_rules.keeps_dense_weights: a compiled, recomputed 4-bit block
-                                       # keeps its LoRA layers' dequantized weights until its backward
-    cuda_graphs: bool = False          # memory_rules.replays_cuda_graphs: the step replays from a private pool
-    dense_copy: bool = False           # engine.dense_copy: 4-bit block weights also held dequantized
-    lean_norms: bool = False           # memory_rules.leans_norms: norms keep their 16-bit input, not fp32
-    head_groups: int = 1               # memory_rules.tiles_attention: attention differentiated by groups of heads
-
-
-def _adapted(inv: Inventory, s: Settings) -> list[Linear]:
+def _adapted(inv: Inventory, s: Decisions) -> list[Linear]:
     first = inv.layers - s.lora_last_layers if s.lora_last_layers else 0
     return [l for l in inv.linears if l.short in s.lora_targets and l.layer >= first]
 
 
-def trainable_params(inv: Inventory, s: Settings) -> int:
+def trainable_params(inv: Inventory, s: Decisions) -> int:
     m = METHODS[s.method]
     if m.adapters:
         return sum(s.lora_r * (l.in_features + l.out_features) for l in _adapted(inv, s))
@@ -129,7 +97,7 @@ def trainable_params(inv: Inventory, s: Settings) -> int:
     return inv.total_params
 
 
-def weight_bytes(inv: Inventory, s: Settings) -> Breakdown:
+def weight_bytes(inv: Inventory, s: Decisions) -> Breakdown:
     """Base weights as stored on the GPU: quantized block linears, and the 16-bit rest."""
     n_lin = inv.linear_params
     m = METHODS[s.method]
@@ -165,7 +133,7 @@ def weight_bytes(inv: Inventory, s: Settings) -> Breakdown:
     return kept
 
 
-def optimizer_bytes(inv: Inventory, s: Settings) -> Breakdown:
+def optimizer_bytes(inv: Inventory, s: Decisions) -> Breakdown:
     n = trainable_params(inv, s)
     state = 8 if s.optimizer == "adamw" else 2  # two fp32 moments, or two 8-bit moments
     if METHODS[s.method].adapters:  # LoRA masters (full/freeze counted as weights)
@@ -179,7 +147,7 @@ ACTIVATION_SAVES = {"silu": 1, "swish": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "r
                     "gelu_fast": 4}
 
 
-def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
+def activation_bytes_per_token_layer(inv: Inventory, s: Decisions) -> int:
     """Bytes one transformer block keeps for backward, per token, when it is not checkpointed.
 
     What autograd saves on the GPU (bitsandbytes 4-bit layers keep no input, 8-bit layers do; RoPE keeps
@@ -204,24 +172,24 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Settings) -> int:
         inputs = a * (inv.hidden + mlp_input + inv.intermediate) + c * inv.q_dim
     elif m.trains_base != "none":  # trained weights need their inputs, trained norms their output
         inputs = c * (inv.hidden + mlp_input + inv.intermediate + inv.q_dim) + c * inv.norms_per_block * inv.hidden
-    lora = _lora_bytes_per_token(inv, s, lambda l: not _in_mlp(inv, l))
+    lora = _lora_bytes_per_token(inv, s, lambda l: not in_mlp(inv, l))
     return norms + attention + inputs + lora + mlp_bytes_per_token(inv, s)
 
 
-def mlp_bytes_per_token(inv: Inventory, s: Settings) -> int:
+def mlp_bytes_per_token(inv: Inventory, s: Decisions) -> int:
     """The part of activation_bytes_per_token_layer that the MLP keeps: its activation's and gate's tensors
     and, for its adapted linears, the LoRA inputs and rank-r outputs (what MLP tiling bounds)."""
     mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * _mlp_value_bytes(inv, s)
-    return mlp * inv.intermediate + _lora_bytes_per_token(inv, s, lambda l: _in_mlp(inv, l))
+    return mlp * inv.intermediate + _lora_bytes_per_token(inv, s, lambda l: in_mlp(inv, l))
 
 
-def _mlp_value_bytes(inv: Inventory, s: Settings) -> int:
+def _mlp_value_bytes(inv: Inventory, s: Decisions) -> int:
     """Bytes of one MLP value: under autocast LayerNorm runs in fp32 and bitsandbytes returns its input's
     dtype, so quantized LayerNorm models keep fp32 MLP tensors."""
     return 4 if inv.layer_norm and METHODS[s.method].base_bits else s.compute_bytes
 
 
-def _in_mlp(inv: Inventory, linear: Linear) -> bool:
+def in_mlp(inv: Inventory, linear: Linear) -> bool:
     return inv.intermediate in (linear.in_features, linear.out_features)
 
 
@@ -230,7 +198,7 @@ SHARED_INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attent
                  "up_proj": "mlp"}
 
 
-def _lora_bytes_per_token(inv: Inventory, s: Settings, which) -> int:
+def _lora_bytes_per_token(inv: Inventory, s: Decisions, which) -> int:
     """Per token, for the adapted linears of one block that `which` selects: the input LoRA A multiplies
     (one tensor for the linears in SHARED_INPUTS that read the same one, where it is the same tensor: engine.
     fused_lora's layers, which redraw dropout in backward, or no dropout), the dropout mask (1 byte) and
@@ -248,7 +216,7 @@ def _lora_bytes_per_token(inv: Inventory, s: Settings, which) -> int:
     return sum(inputs.values()) + sum(mask * l.in_features + c * s.lora_r for l in top_block)
 
 
-def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
+def blocks_with_gradients(inv: Inventory, s: Decisions) -> int:
     """Blocks that backward passes through without checkpointing: from the first trained block to the
     top. Below it nothing requires grad, so autograd keeps no activations there (freeze, or LoRA on the
     last layers only)."""
@@ -261,14 +229,14 @@ def blocks_with_gradients(inv: Inventory, s: Settings) -> int:
     return inv.layers
 
 
-def checkpointed_blocks(inv: Inventory, s: Settings) -> int:
+def checkpointed_blocks(inv: Inventory, s: Decisions) -> int:
     """Blocks that recompute their activations in backward (0 without checkpointing)."""
     if not s.grad_checkpointing:
         return 0
     return inv.layers if s.checkpointed_layers is None else min(inv.layers, s.checkpointed_layers)
 
 
-def _activation_parts(inv: Inventory, s: Settings) -> Breakdown:
+def _activation_parts(inv: Inventory, s: Decisions) -> Breakdown:
     """What the forward keeps for backward, and the transient of backward's one block at a time."""
     tokens = s.micro_batch * s.max_seq_len
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
@@ -294,18 +262,18 @@ def _activation_parts(inv: Inventory, s: Settings) -> Breakdown:
             Part.KEPT_ACTIVATIONS: kept * per_layer, Part.RECOMPUTED_BLOCK: recompute}
 
 
-def attention_backward_bytes(inv: Inventory, s: Settings) -> int:
+def attention_backward_bytes(inv: Inventory, s: Decisions) -> int:
     """The flash kernels' transient in attention's backward (memory_rules.ATTENTION_GRAD_BYTES per query
     value), one group's share when attention is tiled by heads."""
     return ATTENTION_GRAD_BYTES * inv.q_dim * s.micro_batch * s.max_seq_len // attention_groups(inv, s)
 
 
-def attention_groups(inv: Inventory, s: Settings) -> int:
+def attention_groups(inv: Inventory, s: Decisions) -> int:
     """How many groups of heads attention's backward goes by (attention.head_groups' count)."""
     return head_group_count(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
 
 
-def _loss_bytes(inv: Inventory, s: Settings) -> int:
+def _loss_bytes(inv: Inventory, s: Decisions) -> int:
     tokens = s.micro_batch * s.max_seq_len
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
     chunk = min(logits_chunk_tokens(inv.vocab), trained_tokens)
@@ -316,7 +284,7 @@ def _loss_bytes(inv: Inventory, s: Settings) -> int:
     return chunk * inv.vocab * (4 + s.compute_bytes) + 2 * trained_tokens * inv.hidden * s.compute_bytes
 
 
-def _held_parts(inv: Inventory, s: Settings) -> Breakdown:
+def _held_parts(inv: Inventory, s: Decisions) -> Breakdown:
     """Weights, trained parameters, their gradients and optimizer state; under FSDP each process keeps
     1/N of each and gathers the root unit (embeddings, head, norms) and two blocks at a time whole."""
     weights = weight_bytes(inv, s)
@@ -328,7 +296,7 @@ def _held_parts(inv: Inventory, s: Settings) -> Breakdown:
     return held
 
 
-def estimate(inv: Inventory, s: Settings) -> Breakdown:
+def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     """Peak memory breakdown (Part -> bytes) for one training step; see peak()."""
     tokens = s.micro_batch * s.max_seq_len
     acts = _activation_parts(inv, s)
@@ -379,19 +347,3 @@ def peak(parts: Breakdown) -> int:
 def host_bytes(parts: Breakdown) -> int:
     """Host (CPU) memory the offload policies hold, pinned."""
     return sum(v for k, v in parts.items() if k.on_host)
-
-
-def step_flops(inv: Inventory, s: Settings) -> float:
-    """FLOPs of one micro-batch step: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights)
-    per parameter that multiplies (the input embeddings only look rows up) and token, + one more forward
-    when checkpointing (and of the MLPs when tiled). Attention scores counted too (causal kernels skip
-    the masked half; one more attention forward when its backward goes by groups of heads)."""
-    tokens = s.micro_batch * s.max_seq_len
-    n = inv.total_params - (0 if inv.tied_embeddings else inv.vocab * inv.hidden)
-    share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
-    per_token = (6 if METHODS[s.method].trains_base == "all" else 4) * n + 2 * n * share
-    if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
-        per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears if _in_mlp(inv, l))
-    regrouped = 1 if attention_groups(inv, s) > 1 else 0
-    attention = 2 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share + regrouped)  # causal: half the scores
-    return float(tokens * (per_token + attention))

@@ -1,7 +1,7 @@
-"""Today's planner on a recorded grid: each row's prediction recomputed from the Settings and model shape it
+"""Today's planner on a recorded grid: each row's prediction recomputed from the Decisions and model shape it
 recorded, beside the prediction the run logged and what it measured (which the planner does not change).
 
-  python benchmarks/planner_recompute.py OUT_DIR/grid.jsonl [--changed-only]
+  python measure/planner_recompute.py OUT_DIR/grid.jsonl [--changed-only]
 
 A restructure that leaves predictions unchanged prints "same" on every row; a changed term shows where.
 Rows that replayed CUDA graphs also show the pool share (memory.GRAPH_POOL_FRACTION) that would have
@@ -14,7 +14,7 @@ import sys
 from snugtune.config import config_from_dict
 from snugtune.planner.cards import GIB
 from snugtune.planner.inventory import inventory_for
-from snugtune.planner.memory import GRAPH_POOL_FRACTION, Part, Settings, estimate, peak
+from snugtune.planner.memory import GRAPH_POOL_FRACTION, Part, Decisions, estimate, peak
 
 
 def recomputed(row: dict, inventories: dict) -> dict:
@@ -22,7 +22,7 @@ def recomputed(row: dict, inventories: dict) -> dict:
     if row["model"] not in inventories:
         cfg = config_from_dict({"model": f"shape:{row['model']}", "data": {"path": "unused"}})
         inventories[row["model"]] = inventory_for(cfg)
-    settings = Settings(**{**row["settings"], "lora_targets": tuple(row["settings"]["lora_targets"])})
+    settings = Decisions(**{**row["settings"], "lora_targets": tuple(row["settings"]["lora_targets"])})
     return estimate(inventories[row["model"]], settings)
 
 

@@ -2,7 +2,7 @@
 
     export PYTHONPATH=$PWD/.devsite:$PWD/src NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
            NVSHMEM_DISABLE_NVLS=1
-    python3 benchmarks/two_gpu_runs.py $OUT [--budget-s 540]
+    python3 measure/two_gpu_runs.py $OUT [--budget-s 540]
 
 Runs, most important first, in stages (runs of one stage share the machine, one GPU each):
 1. Llama-3.1-8B shape QLoRA on 1 GPU (4 rows a step)  ||  TinyLlama shape LoRA on 1 GPU (4 rows a step)

@@ -1,6 +1,6 @@
 """Packed vs padded batches on the same samples: the same mean loss (within bf16 noise).
 
-  python benchmarks/packing_equivalence.py CONFIG.yaml [key=value ...]
+  python measure/packing_equivalence.py CONFIG.yaml [key=value ...]
 
 Loads the config's model for its method (QLoRA etc.), scores every training sample once in
 pad-to-longest micro-batches and once in packed rows, and prints both token-weighted mean losses.

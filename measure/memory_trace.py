@@ -1,6 +1,6 @@
 """What is alive at a training run's peak GPU memory, grouped by the Python line that allocated it.
 
-  python benchmarks/memory_trace.py OUT.txt CONFIG [key=value ...]
+  python measure/memory_trace.py OUT.txt CONFIG [key=value ...]
 
 Runs `snugtune train CONFIG overrides` in this process with torch's allocator history recorded, replays
 the allocation trace to the moment of the largest allocated total after the model is loaded, and

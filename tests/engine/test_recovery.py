@@ -1,4 +1,4 @@
-"""planner.apply: the plan applied to the run's Config, and stepped down after an out-of-memory error."""
+"""engine.recovery: an out-of-memory error steps down to the planner's next plan (planner.apply.step_down) and the run carries on."""
 
 import json
 
@@ -50,9 +50,10 @@ def _oom_on_calls(monkeypatch, calls: set[int]):
 
 
 def test_an_oom_at_one_micro_batch_steps_down_the_planners_levels_and_carries_on(tmp_path, alpaca_file, monkeypatch):
-    # a budget on the CPU is planned as for that card; one row per step: the split cannot shrink
-    # rows of 256 tokens: activations a large enough share of the tiny model's peak for each level to matter
-    sections = dict(budget="2GiB", lora={"dropout": 0.0}, max_seq_len=256,
+    # a budget on the CPU is planned as for that card, for a run on the CPU (no compiled blocks or CUDA graphs);
+    # one row per step: the split cannot shrink; rows of 2,048 tokens: activations a large enough share of the
+    # tiny model's peak for each level of recomputation to matter
+    sections = dict(budget="2GiB", lora={"dropout": 0.0}, max_seq_len=2048,
                     train={"max_steps": 4, "micro_batch": "auto", "rows_per_step": 1, "grad_checkpointing": "auto"})
     train(tiny_config(tmp_path / "a", alpaca_file, output_dir=str(tmp_path / "ref"), **sections), show_progress=False)
     _oom_on_calls(monkeypatch, {2, 3})
@@ -95,16 +96,46 @@ def test_running_out_at_every_level_ends_in_exit_3_with_the_numbers(tmp_path, al
 
 
 def test_the_plans_dense_copy_is_the_run_configs_and_dropping_it_builds_a_new_model(tmp_path, alpaca_file):
-    from snugtune.planner import plan_for_budget
-    from snugtune.planner.apply import needs_new_model, run_config, step_down
+    from snugtune.planner.choose import plan_for_budget
+    from snugtune.planner.apply import step_down
     from snugtune.planner.cards import GIB
+    from snugtune.planner.inventory import inventory_for
+    from snugtune.planner.plan import needs_new_model
     asked = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
                         train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
     plan = plan_for_budget(asked, 80 * GIB, "h100", host_available=64 * GIB)
-    run = run_config(asked, plan)
-    assert plan.settings.dense_copy and run.quant.dense_copy is True and asked.quant.dense_copy == "auto"
+    run = plan.config
+    assert plan.decisions.dense_copy and run.quant.dense_copy is True and asked.quant.dense_copy == "auto"
     lean = run.model_copy(update={"quant": run.quant.model_copy(update={"dense_copy": False})})
     assert needs_new_model(run, lean)  # the copies are made when the model is built
-    stepped, smaller, notice = step_down(asked, run, plan, "step 1")  # the cheapest step: no copy, same settings
-    assert smaller.peak_bytes < plan.peak_bytes and stepped.quant.dense_copy is False
-    assert "stepped down to quant.dense_copy=False (" in notice and not smaller.settings.grad_checkpointing
+    smaller, notice = step_down(asked, plan, "step 1", inventory_for(asked))  # the cheapest step: no copy, same settings
+    assert smaller.peak_bytes < plan.peak_bytes and smaller.config.quant.dense_copy is False
+    assert "stepped down to quant.dense_copy=False (" in notice and not smaller.decisions.grad_checkpointing
+
+
+def test_a_step_down_changes_the_split_in_place_and_asks_for_another_model_to_recompute(tmp_path, alpaca_file):
+    import time
+    from snugtune.engine.distributed import SINGLE
+    from snugtune.engine.recovery import build_that_fits, step_down
+    from snugtune.engine.train import set_up
+    from snugtune.planner.apply import plan_run
+
+    def built(seq: int, rows: int, out: str):
+        cfg = tiny_config(tmp_path, alpaca_file, budget="2GiB", lora={"dropout": 0.0}, max_seq_len=seq,
+                          output_dir=str(tmp_path / out), train={"max_steps": 2, "micro_batch": "auto",
+                                                                  "rows_per_step": rows, "grad_checkpointing": "auto"})
+        job = set_up(cfg, lambda message: None, SINGLE, time.perf_counter())
+        return build_that_fits(job, plan_run(cfg, job.inventory, job.trained_per_row, 1, job.masked, cuda=False))
+
+    # two rows of 4,096 tokens a step: recomputing the first block, then every block, needs a model built for
+    # it; then the split shrinks in place, same model
+    run = built(4096, 2, "steps")
+    model = run.model
+    assert (run.plan.decisions.micro_batch, run.plan.grad_accum) == (2, 1) and not run.plan.decisions.grad_checkpointing
+    assert step_down(run, "step 1") is True
+    assert run.plan.decisions.grad_checkpointing and run.config.train.grad_checkpointing is True
+    assert "step 1 ran out of memory: stepped down to train.grad_checkpointing=True" in run.job.step_downs[0]
+    assert step_down(run, "step 1") is True and run.plan.decisions.checkpointed_layers is None
+    assert step_down(run, "step 1") is False
+    assert run.model is model and (run.plan.decisions.micro_batch, run.plan.grad_accum) == (1, 2)
+    assert run.config.train.micro_batch == 1 and len(run.job.step_downs) == 3

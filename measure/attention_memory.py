@@ -1,6 +1,6 @@
 """Peak GPU memory and time of one causal attention forward + backward at a long length, per SDPA backend.
 
-  python benchmarks/attention_memory.py [--tokens 98304] [--heads 32] [--kv-heads 8] [--head-dim 128]
+  python measure/attention_memory.py [--tokens 98304] [--heads 32] [--kv-heads 8] [--head-dim 128]
 
 At long contexts the recomputed block's backward peaks inside attention's backward: what each kernel
 allocates there (fp32 accumulators, grouped-query keys and values expanded to every head) decides the

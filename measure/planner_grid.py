@@ -2,7 +2,7 @@
 loss, offload, MLP tiling, weight streaming): predicted vs measured peak memory and step time over a grid,
 and each shipped recipe on its own card's budget with micro_batch: auto.
 
-  python benchmarks/planner_grid.py OUT_DIR [--jobs 8] [--deadline 480] [--only SUBSTRING]
+  python measure/planner_grid.py OUT_DIR [--jobs 8] [--deadline 480] [--only SUBSTRING]
 
 Every configuration trains a few steps with `snugtune train` in its own process (an OOM or a leak does
 not carry to the next), under a per-configuration timeout, models ordered small to large; the
@@ -11,9 +11,9 @@ are per process, so memory is unaffected; step times are then measured beside ot
 figures). Each model's random-weight checkpoint is built while the model before it trains, and deleted
 after its group. No configuration starts after --deadline seconds, and each is stopped by then + GRACE_S,
 so the whole run ends within deadline + GRACE_S (a row then says "skipped" or "timeout"). One JSON line a
-configuration goes to OUT_DIR/grid.jsonl as it finishes (recompute it with benchmarks/planner_recompute.py):
+configuration goes to OUT_DIR/grid.jsonl as it finishes (recompute it with measure/planner_recompute.py):
 - predicted: the plan `train` made for exactly the settings it ran (summary.json's plan, with its
-  Settings, so the prediction can be recomputed later from the row alone);
+  Decisions, so the prediction can be recomputed later from the row alone);
 - measured: torch.cuda.max_memory_reserved + the CUDA context measured once here, and the allocated peak;
 - step time: predicted by the planner's step-time model, measured as the median of the last steps'
   time from metrics.jsonl (after compilation and graph capture).

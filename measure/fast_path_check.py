@@ -10,11 +10,11 @@ error is within `--margin` times the plain bf16 path's own (bf16 rounding alone 
 differ by percents; what matters is that the fast path adds no error of its own). On the CPU in fp32 the
 two paths are compared directly. Exit 1 on failure.
 
-  python benchmarks/fast_path_check.py --shape llama3-8b --seq 2048     (GPU: bf16 autocast)
-  python benchmarks/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
-  python benchmarks/fast_path_check.py --shape smollm2-135m --seq 512 --bf16   (CPU: bf16 vs fp32)
-  python benchmarks/fast_path_check.py --shape tinyllama-1.1b --seq 512 --set lora.dropout=0.05
-  python benchmarks/fast_path_check.py --shape llama3-8b --seq 12288 --set train.tiled_mlp=true --set train.compile=false
+  python measure/fast_path_check.py --shape llama3-8b --seq 2048     (GPU: bf16 autocast)
+  python measure/fast_path_check.py --shape tiny --seq 256           (CPU: fp32)
+  python measure/fast_path_check.py --shape smollm2-135m --seq 512 --bf16   (CPU: bf16 vs fp32)
+  python measure/fast_path_check.py --shape tinyllama-1.1b --seq 512 --set lora.dropout=0.05
+  python measure/fast_path_check.py --shape llama3-8b --seq 12288 --set train.tiled_mlp=true --set train.compile=false
       (the long-row policies of engine.tiling.tile_for_long_rows: MLP tiles, attention by groups of heads,
       lean norms; add --one-document for a causal row without document starts)
 
@@ -52,7 +52,9 @@ def main() -> None:
     from snugtune.data.prepare import prepare_data
     from snugtune.lora_dropout import lora_dropout_seed
     from snugtune.loss import token_loss_sum
-    from snugtune.engine.speedups import apply_speedups, compile_wanted
+    from snugtune.engine.speedups import apply_speedups
+    from snugtune.planner.choose import decisions_for
+    from snugtune.planner.inventory import inventory_for
     from snugtune.engine.tiling import tile_for_long_rows
     from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
 
@@ -117,9 +119,11 @@ def main() -> None:
     plain_loss, plain = gradients(model, plain_loss_of, low)
     model.zero_grad(set_to_none=True)
     model.set_attn_implementation(ATTENTION)
-    compiling = compile_wanted(cfg, device, False, False)
-    long_rows = tile_for_long_rows(model, decoder_layers(model), cfg.train.tiled_mlp is True, compiling)
-    applied = apply_speedups(model, decoder_layers(model), cfg, device, dtype)
+    # what the planner decides for this config as asked, one process on this device
+    decisions = decisions_for(cfg, inventory_for(cfg), 1, cfg.train.grad_checkpointing is True,
+                              tiled_mlp=cfg.train.tiled_mlp is True, dense_copy=cfg.quant.dense_copy is True, cuda=cuda)
+    long_rows = tile_for_long_rows(model, decoder_layers(model), decisions)
+    applied = apply_speedups(model, decoder_layers(model), decisions, dtype)
     fast_loss_value, fast = gradients(model, fast_loss, low)
     print(f"{args.shape} seq {args.seq} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}); "
           f"fast path: {applied}; long-row policies: {long_rows}")

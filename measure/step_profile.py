@@ -17,7 +17,7 @@ warm steps) and peak allocated memory per variant. Variants are '+'-joined featu
 The LoRA matrices are one flat optimizer tensor, as `train` makes them. A profiled variant also prints how
 much of the wall time the GPU was busy (sum of kernel times) and the operators with the most CPU time.
 
-  python benchmarks/step_profile.py --shape llama3-8b --seq 2048 --variants base,fused,fused+compile \
+  python measure/step_profile.py --shape llama3-8b --seq 2048 --variants base,fused,fused+compile \
       --profile base,fused --out $OUT/profile.txt
 """
 

@@ -1,6 +1,6 @@
 """Spot-check a merged folder against W + (alpha/r) B @ A for one adapted weight, read straight from files.
 
-  python benchmarks/merge_check.py RUN_DIR MERGED_DIR [TENSOR_NAME]
+  python measure/merge_check.py RUN_DIR MERGED_DIR [TENSOR_NAME]
 """
 
 import json

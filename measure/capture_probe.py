@@ -5,7 +5,7 @@ error that reaches engine.graphs, "operation failed due to a previous error duri
 Synchronising calls raise inside a capture (sync debug mode 'error'). With TORCH_LOGS=recompiles, dynamo
 logs every block recompiled and why, which shows whether compilation happened during a capture.
 
-  TORCH_LOGS=recompiles python3 benchmarks/capture_probe.py examples/llama2-7b_qlora_t4.yaml llama2-7b 5 \\
+  TORCH_LOGS=recompiles python3 measure/capture_probe.py examples/llama2-7b_qlora_t4.yaml llama2-7b 5 \\
       /tmp/probe train.micro_batch=1
   (recipe, shape, optimizer steps, output folder, then key=value overrides)
 

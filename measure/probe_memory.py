@@ -3,15 +3,15 @@ after an out-of-memory error, print its traceback and the allocator's state and 
 probe's peak and train on. Memory in use is printed before and after the probe's training step and its
 evaluation batch.
 
-  python benchmarks/probe_memory.py CONFIG.yaml [key=value ...]
-  python benchmarks/probe_memory.py --long-documents 98304 --budget 21 --real-cap 15 [key=value ...]
-  python benchmarks/probe_memory.py ... --trace OUT.txt
+  python measure/probe_memory.py CONFIG.yaml [key=value ...]
+  python measure/probe_memory.py --long-documents 98304 --budget 21 --real-cap 15 [key=value ...]
+  python measure/probe_memory.py ... --trace OUT.txt
 
 --long-documents N: the bench's long-context run (llama3-8b shape, one standard-library document of N
 tokens a row, 3 steps) instead of a config file. --real-cap GiB: plan for the config's budget but cap the
 process at this: whether a plan the planner refuses at the smaller budget really does not fit. --trace FILE:
 record the allocator's history and write what is alive at the probe's peak (at the out-of-memory error if
-there is one), grouped by the line that allocated it (benchmarks/memory_trace.py's report).
+there is one), grouped by the line that allocated it (measure/memory_trace.py's report).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from snugtune.engine import train as engine  # noqa: E402
+from snugtune.engine import recovery, train as engine  # noqa: E402
 from snugtune.memory_rules import CUDA_CONTEXT_BYTES  # noqa: E402
 
 GIB = 2**30
@@ -79,10 +79,10 @@ def watched_probe(probe, trace_path: str | None):
 
 
 def capped_at(gib: float):
-    def cap(config, device, notify):
+    def cap(device, budget):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction((gib * GIB - CUDA_CONTEXT_BYTES) / total, device)
-        notify(f"memory capped at {gib} GiB (planned for {config.budget})")
+        return f"memory capped at {gib} GiB (planned for {budget})"
     return cap
 
 
@@ -108,11 +108,11 @@ def main() -> None:
         config_path = Path(args.config)
     if args.trace:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
-    engine._probe = watched_probe(engine._probe, args.trace)
-    engine.accumulate_gradients = watched(engine.accumulate_gradients, "the training step")
-    engine.mean_loss = watched(engine.mean_loss, "evaluation")
+    recovery.probe = watched_probe(recovery.probe, args.trace)
+    recovery.accumulate_gradients = watched(recovery.accumulate_gradients, "the training step")
+    recovery.mean_loss = watched(recovery.mean_loss, "evaluation")
     if args.real_cap:
-        engine._cap_memory = capped_at(args.real_cap)
+        engine.cap_memory = capped_at(args.real_cap)
     sys.argv = ["snugtune", "train", str(config_path), *overrides, "--fresh"]
     from snugtune.cli import main as cli
     cli()

@@ -1,6 +1,6 @@
 """tokens/s (median step after warm-up) and peak memory of a snugtune run directory, as JSON.
 
-  python benchmarks/summarize_run.py RUN_DIR [--skip 3]
+  python measure/summarize_run.py RUN_DIR [--skip 3]
 """
 
 import json
