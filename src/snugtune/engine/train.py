@@ -26,7 +26,7 @@ from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, ch
 from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate_micro_batch, epoch_rows, eval_batches, real_tokens,
                                    trained_tokens_per_row)
 from snugtune.data.prepare import PreparedData, prepare_data
-from snugtune.data.report import report_lines
+from snugtune.data.prep_report import report_lines
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint,
                                         trainable_state)
 from snugtune.engine.distributed import (SINGLE, DistContext, barrier, local_bytes, shard_with_fsdp, start, step_share,

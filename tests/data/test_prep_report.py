@@ -2,7 +2,7 @@ from typer.testing import CliRunner
 
 from conftest import alpaca_rows, write_jsonl
 from snugtune.cli import app
-from snugtune.data.report import DataReport, report_lines
+from snugtune.data.prep_report import DataReport, report_lines
 
 
 def test_report_lines_name_the_format_its_reason_and_every_count():
