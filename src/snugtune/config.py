@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from snugtune.errors import ConfigError
+from snugtune.data.format_registry import FORMATS, column_fields
 from snugtune.methods import METHODS
 
 
@@ -21,15 +22,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DATA_FIELDS = ("instruction", "input", "output", "system", "history", "prompt", "completion", "messages",
-               "conversations", "text", "tools", "role", "content")
+DATA_FIELDS = column_fields()
 
 
 class DataConfig(_Section):
     path: str = Field(description="Data file (.jsonl/.json/.csv/.parquet/.txt) or folder, relative to the config "
                       "file, or a dataset id on the Hugging Face hub (owner/name).")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion"] = Field(
-        "auto", description="Row format; auto detects it from the first rows and says what it chose.")
+    format: Literal[("auto", *FORMATS)] = Field(
+        "auto", description="Row format (" + ", ".join(FORMATS) + "); auto detects it from the first rows and "
+                            "says what it chose.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map format fields to the file's column names, {FIELD: COLUMN}: e.g. "
         "{instruction: question, output: answer}, {text: code}, {messages: dialog, role: speaker, content: text}. "

@@ -6,7 +6,8 @@ import pytest
 from conftest import alpaca_rows, prepare, write_jsonl
 from snugtune.config import DataConfig
 from snugtune.errors import ConfigError
-from snugtune.data.files import Skipped, read_rows
+from snugtune.data.files import read_rows
+from snugtune.data.rows import Skipped
 from snugtune.data.tokenize import IGNORE
 
 

@@ -4,10 +4,8 @@ at a row (as LLaMA-Factory's dataset_info `columns` and Axolotl's field mappings
 from __future__ import annotations
 
 from snugtune.errors import ConfigError
-from snugtune.data.files import Row
-
-TURN_FIELDS = ("role", "content")  # renamed inside each turn of a conversation, not in the row
-CONVERSATION_FIELDS = ("messages", "conversations")
+from snugtune.data.format_registry import TURN_FIELDS, turn_list_fields
+from snugtune.data.rows import Row
 
 
 def map_columns(row: Row, columns: dict[str, str]) -> Row:
@@ -23,7 +21,7 @@ def map_columns(row: Row, columns: dict[str, str]) -> Row:
     renamed = {k: v for k, v in value.items() if k not in row_fields.values()}
     renamed.update({field: value[column] for field, column in row_fields.items()})
     turn_keys = {c: f for f, c in columns.items() if f in TURN_FIELDS}
-    for key in CONVERSATION_FIELDS:
+    for key in turn_list_fields():
         if turn_keys and isinstance(renamed.get(key), list):
             renamed[key] = [_rename_turn(turn, turn_keys) for turn in renamed[key]]
     return Row(row.where, renamed)

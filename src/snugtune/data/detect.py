@@ -8,23 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
-from snugtune.data.files import Row
+from snugtune.data.format_registry import FORMATS, fields_read
+from snugtune.data.rows import Row
 
-FORMATS = ("alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion")
-PROMPT_COMPLETION_KEYS = [("prompt", "completion"), ("problem", "solution"), ("question", "answer")]
 MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 ROWS_LOOKED_AT = 20
-
-
-_CONVERSATION_EXTRAS = {"system", "tools"}
-FIELDS_READ = {  # the row fields each format reads; any other column is reported as not used
-    "alpaca": {"instruction", "input", "output", "history"} | _CONVERSATION_EXTRAS,
-    "prompt-completion": {k for pair in PROMPT_COMPLETION_KEYS for k in pair} | _CONVERSATION_EXTRAS,
-    "messages": {"messages"} | _CONVERSATION_EXTRAS,
-    "sharegpt": {"conversations"} | _CONVERSATION_EXTRAS,
-    "guanaco": {"text", "tools"},
-    "text": {"text", "content", "code"},
-}
 
 
 @dataclass
@@ -70,19 +58,11 @@ def refuse_kind(row: Row) -> None:
 
 
 def _vote(keys: dict[str, object]) -> tuple[str, str] | None:
-    if "messages" in keys:
-        return "messages", "rows have a 'messages' list"
-    if "conversations" in keys:
-        return "sharegpt", "rows have a 'conversations' list"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca", "rows have 'instruction' and 'output'"
-    for p, c in PROMPT_COMPLETION_KEYS:
-        if p in keys and c in keys:
-            return "prompt-completion", f"rows have '{p}' and '{c}'"
-    if "text" in keys and "### human:" in str(keys["text"]).lower():
-        return "guanaco", "rows have 'text' with '### Human:' turns"
-    if "text" in keys:
-        return "text", "rows have a 'text' field"
+    """The first format (in the registry's order) that recognises the row, and why."""
+    for name, entry in FORMATS.items():
+        reason = entry.detect(keys)
+        if reason:
+            return name, reason
     return None
 
 
@@ -90,7 +70,8 @@ def unused_columns(rows: list[Row], fmt: str) -> list[str]:
     """Columns of the first rows that the format does not read (said out loud: a column may hold what a
     field should, under another name)."""
     seen = dict.fromkeys(str(k) for row in rows[:ROWS_LOOKED_AT] if isinstance(row.value, dict) for k in row.value)
-    return [k for k in seen if plain_key(k) not in FIELDS_READ.get(fmt, set())]
+    read = fields_read(fmt)
+    return [k for k in seen if plain_key(k) not in read]
 
 
 def detect_format(rows: list[Row]) -> FormatChoice:
@@ -105,8 +86,9 @@ def detect_format(rows: list[Row]) -> FormatChoice:
         vote = _vote(plain_keys(row.value))
         if vote:
             votes.setdefault(*vote)
-    if "guanaco" in votes:  # a guanaco file may hold rows with a single turn
-        votes.pop("text", None)
+    for name in list(votes):
+        if any(other in votes for other in FORMATS[name].gives_way_to):
+            votes.pop(name)
     if len(votes) == 1:
         return FormatChoice(*next(iter(votes.items())))
     where = rows[0].where.rsplit(":", 1)[0] if rows else "data"

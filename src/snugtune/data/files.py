@@ -8,32 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from snugtune.config import DataConfig, looks_like_dataset_id
 from snugtune.errors import ConfigError
 from snugtune.data import hub
+from snugtune.data.rows import Row, Skipped
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 SOURCE_SUFFIXES = {".py", ".c", ".h", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".rb", ".sh", ".md"}
 
-
-@dataclass
-class Row:
-    """One raw row and where it came from (file and 1-based line or row number)."""
-    where: str
-    value: object
-
-
-@dataclass
-class Skipped:
-    """Rows skipped under data.skip_bad_rows, by reason."""
-    reasons: dict[str, int] = field(default_factory=dict)
-
-    def add(self, reason: str) -> None:
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
 def read_rows(data: DataConfig, skipped: Skipped) -> Iterator[Row]:

@@ -11,9 +11,10 @@ from snugtune.errors import ConfigError
 from snugtune.data import cache
 from snugtune.data.columns import map_columns
 from snugtune.data.detect import FormatChoice, detect_format, unused_columns
-from snugtune.data.files import Row, Skipped, read_rows
-from snugtune.data.formats import blank_turn, to_sample
+from snugtune.data.files import read_rows
+from snugtune.data.normalize import blank_turn, to_sample
 from snugtune.data.prep_report import DataReport
+from snugtune.data.rows import Row, Skipped
 from snugtune.data.templates import TemplateAbilities, check_renderable, set_chat_template, template_abilities
 from snugtune.data.tokenize import TokenizedSample, fit_length, split_document, tokenize_sample
 
