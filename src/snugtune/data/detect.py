@@ -31,28 +31,38 @@ def plain_keys(value: dict) -> dict[str, object]:
     return {plain_key(k): v for k, v in value.items()}
 
 
-def refusal(value: dict) -> str | None:
-    """Why rows like this one cannot be trained as supervised fine-tuning (None: they can)."""
+def _media(keys: dict) -> str | None:
+    return next((k for k in MEDIA_KEYS if keys.get(k)), None)
+
+
+# Kinds of data no registered format produces, and why they are refused; a format that produces one of
+# these kinds (its registry entry's `produces`) takes its rows instead.
+REFUSALS = (
+    ("preference", lambda keys: "chosen" in keys and "rejected" in keys,
+     lambda keys: "preference data (chosen/rejected pairs, for DPO/ORPO): snugtune trains supervised fine-tuning "
+                  "and would train the rejected answers as good ones; to train on the chosen answers alone, map "
+                  "them with data.columns: {completion: chosen} (or {messages: chosen})"),
+    ("unpaired preference", lambda keys: isinstance(keys.get("label"), bool),
+     lambda keys: "unpaired preference data (KTO: rows with a boolean 'label'): snugtune trains supervised "
+                  "fine-tuning and would train the 'bad' answers as good ones; keep the rows whose label is true"),
+    ("stepwise supervision", lambda keys: "completions" in keys and "labels" in keys,
+     lambda keys: "stepwise supervision data ('completions' with 'labels', for process reward models)"),
+    ("multimodal", _media,
+     lambda keys: f"multimodal data (a '{_media(keys)}' column): snugtune trains text models, and the media would "
+                  f"be lost while its <image> markers are trained as text"),
+)
+
+
+def refusal(value: dict, fmt: str | None = None) -> str | None:
+    """Why rows like this one cannot be trained as format `fmt` (None: they can)."""
     keys = plain_keys(value)
-    if "chosen" in keys and "rejected" in keys:
-        return ("preference data (chosen/rejected pairs, for DPO/ORPO): snugtune trains supervised fine-tuning "
-                "and would train the rejected answers as good ones; to train on the chosen answers alone, map "
-                "them with data.columns: {completion: chosen} (or {messages: chosen})")
-    if isinstance(keys.get("label"), bool):
-        return ("unpaired preference data (KTO: rows with a boolean 'label'): snugtune trains supervised "
-                "fine-tuning and would train the 'bad' answers as good ones; keep the rows whose label is true")
-    if "completions" in keys and "labels" in keys:
-        return "stepwise supervision data ('completions' with 'labels', for process reward models)"
-    media = [k for k in MEDIA_KEYS if keys.get(k)]
-    if media:
-        return (f"multimodal data (a '{media[0]}' column): snugtune trains text models, and the media would be "
-                f"lost while its <image> markers are trained as text")
-    return None
+    produces = FORMATS[fmt].produces if fmt in FORMATS else None
+    return next((reason(keys) for kind, matches, reason in REFUSALS if kind != produces and matches(keys)), None)
 
 
-def refuse_kind(row: Row) -> None:
+def refuse_kind(row: Row, fmt: str | None = None) -> None:
     if isinstance(row.value, dict):
-        reason = refusal(row.value)
+        reason = refusal(row.value, fmt)
         if reason:
             raise ConfigError(f"{row.where}: {reason}")
 
@@ -81,9 +91,9 @@ def detect_format(rows: list[Row]) -> FormatChoice:
     for row in rows[:ROWS_LOOKED_AT]:
         if not isinstance(row.value, dict):
             raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
-        refuse_kind(row)
         seen += [str(k) for k in row.value if str(k) not in seen]
         vote = _vote(plain_keys(row.value))
+        refuse_kind(row, vote[0] if vote else None)
         if vote:
             votes.setdefault(*vote)
     for name in list(votes):

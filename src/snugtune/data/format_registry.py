@@ -26,7 +26,7 @@ class DataFormat:
     doc: str  # one line for the docs
     aliases: tuple[str, ...] = ()  # other spellings of its fields that it also reads
     turn_lists: tuple[str, ...] = ()  # fields that may hold a list of turns
-    produces: str = CONVERSATION  # the kind of sample: CONVERSATION or DOCUMENT
+    produces: str = CONVERSATION  # the kind of sample: CONVERSATION, DOCUMENT, or a kind detect.REFUSALS names
     gives_way_to: tuple[str, ...] = ()  # formats that win when other rows of the file vote for them
 
 
@@ -44,7 +44,7 @@ FORMATS: dict[str, DataFormat] = {
         "ShareGPT conversations: a `conversations` list of {from, value} turns", turn_lists=("conversations",)),
     "prompt-completion": DataFormat(
         prompt_completion.detect, prompt_completion.read, ("prompt", "completion") + _EXTRAS,
-        "TRL prompt and completion, as text or lists of turns",
+        "TRL prompt and completion, as text or lists of turns; only the completion is trained",
         aliases=("problem", "solution", "question", "answer"), turn_lists=("prompt", "completion")),
     "guanaco": DataFormat(
         guanaco.detect, guanaco.read, ("text", "tools"),

@@ -1,5 +1,6 @@
 """Prompt-completion rows (TRL): a prompt and its completion, each text or (TRL's conversational form) a
-list of turns; also spelled problem/solution (MATH) or question/answer."""
+list of turns; also spelled problem/solution (MATH) or question/answer. As in TRL, only the completion is
+trained: assistant turns inside the prompt are context."""
 
 from __future__ import annotations
 
@@ -25,5 +26,6 @@ def _side(row: Row, keys: dict, name: str, role: str) -> list[dict]:
 def read(row: Row, keys: dict) -> list[dict]:
     for p, c in PAIRS:
         if p in keys:
-            return system_turns(row, keys) + _side(row, keys, p, "user") + _side(row, keys, c, "assistant")
+            prompt = turns.untrained(_side(row, keys, p, "user"))
+            return system_turns(row, keys) + prompt + _side(row, keys, c, "assistant")
     raise ConfigError(f"{row.where}: missing field 'prompt' (or problem/question)")
