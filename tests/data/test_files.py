@@ -206,3 +206,13 @@ def test_files_over_the_limits_or_damaged_are_exit_2_naming_them(tmp_path, small
         (tmp_path / name).write_bytes(content)
     with pytest.raises(ConfigError, match=message):
         _rows(tmp_path / name)
+
+
+def test_a_one_column_file_with_semicolons_keeps_its_commas_and_extra_fields_are_named(tmp_path, tokenizer):
+    path = tmp_path / "d.csv"
+    path.write_text("text;\nHello, world;\nA, B and C;\n".replace(";\n", "\n"))  # one column, commas inside
+    assert [r.value for r in _rows(path)] == [{"text": "Hello, world"}, {"text": "A, B and C"}]
+    path.write_text("instruction,output\nAdd 1 and 1.,2\nAdd 2, then 2.,4\n")  # an unquoted comma
+    with pytest.raises(ConfigError, match=r"d.csv:3: 3 fields, the header has 2 \(separator ','; quote fields"):
+        _rows(path)
+    assert prepare(tokenizer, path, skip_bad_rows=True).report.dropped == {"more fields than the header": 1}

@@ -20,8 +20,8 @@ ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 # The version of the code that turns rows into tokens and labels, part of every key so that an entry
 # written by other code is never served. Any change to these modules makes tests/data/test_cache.py fail
 # until the new code's hash is recorded here (the test prints it) and the version bumped.
-DATA_CODE_VERSION = 3
-DATA_CODE_HASH = "97aa35c84b762a6dae66fa1b35c8b142103bdd6ba9deacc61f3f96e5342455f6"
+DATA_CODE_VERSION = 4
+DATA_CODE_HASH = "df51b2e8c4be4d41e5e56a286cc08e540ee500d2a8f4437c19e5245d0b8d0532"
 TOKENIZING_MODULES = (
     "snugtune.data.sources", "snugtune.data.folders", "snugtune.data.files", "snugtune.data.hub",
     "snugtune.data.llamafactory", "snugtune.data.columns", "snugtune.data.detect", "snugtune.data.format_registry",

@@ -113,7 +113,7 @@ def read_file(path: Path, skipped: Skipped, skip_bad_rows: bool, split: str, not
         elif kind == ".json":
             yield from _read_json(path, split, notes)
         elif kind in (".csv", ".tsv"):
-            yield from _read_csv(path, kind, notes)
+            yield from _read_csv(path, kind, notes, skipped, skip_bad_rows)
         elif kind == ".parquet":
             yield from _read_parquet(path)
         else:
@@ -197,7 +197,7 @@ def _rows_in_json(items, path: Path, split: str) -> tuple[list, str | None]:
                       f"{', '.join(map(repr, list(items)[:10])) or 'none'})")
 
 
-def _read_csv(path: Path, kind: str, notes: list[str]) -> Iterator[Row]:
+def _read_csv(path: Path, kind: str, notes: list[str], skipped: Skipped, skip_bad_rows: bool) -> Iterator[Row]:
     previous = csv.field_size_limit(MAX_ROW_BYTES)  # the csv module's limit is process-wide: set back after
     try:
         separator = "\t" if kind == ".tsv" else sniff_separator(_text_start(path))
@@ -208,7 +208,12 @@ def _read_csv(path: Path, kind: str, notes: list[str]) -> Iterator[Row]:
             line = 2  # line 1 is the header; a quoted field may span lines
             try:
                 for item in reader:
-                    yield Row(f"{path}:{line}", item)
+                    if None in item:  # more fields than the header names
+                        _bad(f"{path}:{line}: {len(reader.fieldnames) + len(item[None])} fields, the header has "
+                             f"{len(reader.fieldnames)} (separator {separator!r}; quote fields that hold it)",
+                             skipped, skip_bad_rows, "more fields than the header")
+                    else:
+                        yield Row(f"{path}:{line}", item)
                     line = reader.line_num + 1
             except csv.Error as exc:
                 raise ConfigError(f"{path}:{line}: not a readable CSV row ({exc})") from None
@@ -224,9 +229,10 @@ def _text_start(path: Path) -> str:
 
 
 def sniff_separator(sample: str) -> str:
-    """The separator that splits the first lines into the same number (>1) of fields, the most of them;
-    a comma when none does (a one-column file)."""
-    best, most = ",", 1
+    """The separator that splits every one of the first lines into the same number of fields, the most of
+    them; else the one splitting the header into the most fields (the reading then names the line that does
+    not fit); else, for one column, one that splits no line; a comma when nothing tells."""
+    consistent, header = {}, {}
     for separator in CSV_SEPARATORS:
         try:
             records = [r for r in csv.reader(io.StringIO(sample), delimiter=separator) if r][:50]
@@ -234,9 +240,14 @@ def sniff_separator(sample: str) -> str:
             continue
         whole = records[:-1] if len(records) > 1 and not sample.endswith("\n") else records  # the last may be cut
         counts = {len(r) for r in whole}
-        if len(counts) == 1 and (fields := counts.pop()) > most:
-            best, most = separator, fields
-    return best
+        header[separator] = len(whole[0]) if whole else 0
+        if len(counts) == 1:
+            consistent[separator] = counts.pop()
+    for choices in ({s: n for s, n in consistent.items() if n > 1}, {s: n for s, n in header.items() if n > 1},
+                    consistent):
+        if choices:
+            return max(choices, key=lambda s: (choices[s], -CSV_SEPARATORS.index(s)))
+    return ","
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
