@@ -160,7 +160,7 @@ def data(
     """Detected format, row counts, drops and token lengths; optionally rendered samples."""
     from snugtune.config import load_config
     from snugtune.data.prepare import prepare_data
-    from snugtune.data.report import report_lines
+    from snugtune.data.prep_report import report_lines
     from snugtune.models import default_cache_dir, load_tokenizer, resolve_model
 
     cfg = _run(debug, load_config, config, overrides or [])

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from snugtune.errors import ConfigError
+from snugtune.data.format_registry import FORMATS, column_fields
 from snugtune.methods import METHODS
 
 
@@ -21,15 +22,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DATA_FIELDS = ("instruction", "input", "output", "system", "history", "prompt", "completion", "messages",
-               "conversations", "text", "tools", "role", "content")
+DATA_FIELDS = column_fields()
 
 
 class DataConfig(_Section):
-    path: str = Field(description="Data file (.jsonl/.json/.csv/.parquet/.txt) or folder, relative to the config "
-                      "file, or a dataset id on the Hugging Face hub (owner/name).")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion"] = Field(
-        "auto", description="Row format; auto detects it from the first rows and says what it chose.")
+    path: str = Field(description="Data file (.jsonl/.json/.csv/.tsv/.parquet/.txt, or .gz of a text one) or "
+                      "folder, relative to the config file, or a dataset id on the Hugging Face hub (owner/name).")
+    format: Literal[("auto", *FORMATS)] = Field(
+        "auto", description="Row format (" + ", ".join(FORMATS) + "); auto detects it from the first rows and "
+                            "says what it chose.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map format fields to the file's column names, {FIELD: COLUMN}: e.g. "
         "{instruction: question, output: answer}, {text: code}, {messages: dialog, role: speaker, content: text}. "
@@ -40,7 +41,11 @@ class DataConfig(_Section):
                           "the config file) or the Jinja text itself. Default: the model's own; a model without "
                           "one gets ChatML when its vocabulary has ChatML's tokens, else Alpaca-style text + EOS.")
     subset: str | None = Field(None, description="Hub dataset: the configuration (subset) name.")
-    split: str = Field("train", description="Hub dataset: the split to read.")
+    split: str = Field("train", description="The split to read where the data holds several: a hub dataset's, "
+                       "a folder's (data/<split>-* shards, train.jsonl/test.jsonl-style names, save_to_disk's "
+                       "DatasetDict), the key of a JSON file's rows ({train: [...], test: [...]}).")
+    dataset: str | None = Field(None, description="A LLaMA-Factory data folder: the entry of its dataset_info.json "
+                                "to read (its file, formatting, columns and tags); needed when it has several.")
     revision: str | None = Field(None, description="Hub dataset: a branch, tag or commit.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many rows (after shuffling with the "
                                     "seed); a hub dataset is streamed and only this many rows are read.")
@@ -48,6 +53,10 @@ class DataConfig(_Section):
     too_long: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with conversations longer than max_seq_len (text documents are split "
                                 "into chunks of max_seq_len instead).")
+    reasoning: Literal["train", "drop"] = Field(
+        "train", description="Reasoning traces of assistant turns (reasoning_content, thinking): train them as part "
+                             "of the answer (rendered by the chat template where it can, else as <think>...</think> "
+                             "before the answer), or drop them and train the answer alone.")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: assistant tokens only).")
     skip_bad_rows: bool = Field(False, description="Skip malformed rows (counted) instead of stopping with exit 2.")
     packing: bool = Field(True, description="Padding-free batches: pack samples into rows of max_seq_len tokens "

@@ -3,7 +3,7 @@ import pytest
 from conftest import prepare, write_jsonl
 from snugtune.errors import ConfigError
 from snugtune.data.detect import detect_format
-from snugtune.data.files import Row
+from snugtune.data.rows import Row
 
 
 def test_format_detection_reports_its_choice():

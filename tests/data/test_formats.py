@@ -50,15 +50,16 @@ def test_a_guanaco_preamble_is_kept_as_the_system_turn(tmp_path, tokenizer):
     assert trained_text(sample, tokenizer) == "Of course.<|im_end|>\n"
 
 
-def test_a_blank_assistant_turn_drops_the_whole_conversation_and_is_counted(tmp_path, tokenizer):
+def test_a_blank_answer_is_removed_with_its_question_and_the_rest_of_the_conversation_kept(tmp_path, tokenizer):
     blank_middle = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "},
                                  {"role": "user", "content": "Still there?"}, {"role": "assistant", "content": "Yes"}]}
     rows = alpaca_rows(3) + [{"instruction": "x", "input": "", "output": "   "}]
     data = prepare(tokenizer, write_jsonl(tmp_path / "d.jsonl", rows))
-    assert data.report.kept == 3 and data.report.dropped == {"blank answer": 1}
+    assert data.report.kept == 3 and data.report.dropped == {"blank answer": 1}  # nothing left: dropped whole
     chat = prepare(tokenizer, write_jsonl(tmp_path / "c.jsonl", [blank_middle, {"messages": blank_middle["messages"][2:]}]))
-    assert chat.report.kept == 1 and chat.report.dropped == {"blank answer": 1}
-    assert all(trained_text(s, tokenizer) != "<|im_end|>\n" for s in chat.train)
+    assert chat.report.kept == 2 and chat.report.dropped == {} and chat.report.blank_answers == 1
+    assert chat.train[0] == chat.train[1]  # "Hi" and its blank answer are gone; "Still there?" / "Yes" trains
+    assert all(trained_text(s, tokenizer) == "Yes<|im_end|>\n" for s in chat.train)
 
 
 def test_content_given_as_a_list_of_text_parts_is_joined(tmp_path, tokenizer):

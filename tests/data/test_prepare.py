@@ -57,3 +57,13 @@ def test_columns_the_format_does_not_read_are_reported(tmp_path, tokenizer):
     assert report.format == "alpaca" and report.unused_columns == ["id", "answer_text"]
     chatdoctor = [{"### Instruction": "I", "### Input": "In", "### Output": "Out"}]
     assert prepare(tokenizer, write_jsonl(tmp_path / "c.jsonl", chatdoctor)).report.unused_columns == []
+
+
+def test_a_giant_line_is_read_bounded_and_truncated_or_dropped_as_too_long_says(tmp_path, tokenizer):
+    # 8 MB in one JSONL line: tokenized only as far as max_seq_len can reach, never whole
+    rows = alpaca_rows(3) + [{"instruction": "Summarize: " + "x y " * 2_000_000, "output": "Done."},
+                             {"instruction": "Write it out.", "output": "z " * 2_000_000}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cut = prepare(tokenizer, path, 64).report
+    assert cut.dropped == {"no answer token within max_seq_len=64": 1} and cut.truncated == 1 and cut.kept == 4
+    assert prepare(tokenizer, path, 64, too_long="drop").report.dropped == {"longer than max_seq_len=64": 2}

@@ -88,3 +88,39 @@ def test_a_tokenizer_without_offsets_gets_the_same_tokens_and_labels(tokenizer):
                            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
                            {"role": "assistant", "content": "Goodbye, see you."}]}
     assert tokenize_sample(sample, WithoutOffsets(tokenizer), "row") == tokenize_sample(sample, tokenizer, "row")
+
+
+class Recording(WithoutOffsets):
+    """The tokenizer, noting the longest text it was given."""
+
+    longest = 0
+
+    def __call__(self, text, **kwargs):
+        Recording.longest = max(Recording.longest, len(text))
+        return self.wrapped(text, **kwargs)
+
+
+def test_a_conversation_longer_than_the_budget_reaches_the_tokenizer_cut_with_the_same_first_tokens(tokenizer):
+    from snugtune.data.tokenize import char_budget, fit_length
+    budget = char_budget(tokenizer, 64)
+    long_answer = {"messages": [{"role": "user", "content": "Tell me a story."},
+                                {"role": "assistant", "content": "Once upon a time. " * 40_000}]}
+    Recording.longest = 0
+    bounded = tokenize_sample(long_answer, Recording(tokenizer), "row", max_chars=budget)
+    assert Recording.longest <= budget + 1000 < len(long_answer["messages"][1]["content"])
+    assert fit_length(bounded, 64, "truncate") == fit_length(tokenize_sample(long_answer, tokenizer, "row"), 64, "truncate")
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 500_000}, {"role": "assistant", "content": "Yes."}]}
+    assert fit_length(tokenize_sample(long_prompt, tokenizer, "row", max_chars=budget), 64, "truncate") is None
+    short = {"messages": long_answer["messages"][:1] + [{"role": "assistant", "content": "The end."}]}
+    assert tokenize_sample(short, tokenizer, "row", max_chars=budget) == tokenize_sample(short, tokenizer, "row")
+
+
+@pytest.mark.parametrize("text", ["".join(f"Line {i} of a long document.\n" for i in range(2000)),
+                                  "".join(f"word{i} " for i in range(5000))], ids=["lines", "one line"])
+def test_a_long_document_is_tokenized_a_block_at_a_time_into_the_same_tokens(tokenizer, monkeypatch, text):
+    from snugtune.data import tokenize
+    document = {"text": text}
+    whole = tokenize_sample(document, tokenizer, "doc")
+    monkeypatch.setattr(tokenize, "DOCUMENT_BLOCK_CHARS", 1000)
+    Recording.longest = 0
+    assert tokenize_sample(document, Recording(tokenizer), "doc") == whole and Recording.longest <= 1000

@@ -1,5 +1,6 @@
-"""Tokenized-data cache, keyed by the data's content hash, the tokenizer, the chat template, max_seq_len
-and every data setting that changes the result, so a second run skips reading and tokenizing."""
+"""Tokenized-data cache, keyed by the data's content hash, the version of the code that tokenizes it, the
+tokenizer, the chat template, max_seq_len and every data setting that changes the result, so a second run
+skips reading and tokenizing."""
 
 from __future__ import annotations
 
@@ -16,21 +17,24 @@ CACHE_FORMAT = "2"
 # truncated one), never a file of someone else's that happens to have the name.
 ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 
+# The version of the code that turns rows into tokens and labels, part of every key so that an entry
+# written by other code is never served. Any change to these modules makes tests/data/test_cache.py fail
+# until the new code's hash is recorded here (the test prints it) and the version bumped.
+DATA_CODE_VERSION = 4
+DATA_CODE_HASH = "df51b2e8c4be4d41e5e56a286cc08e540ee500d2a8f4437c19e5245d0b8d0532"
+TOKENIZING_MODULES = (
+    "snugtune.data.sources", "snugtune.data.folders", "snugtune.data.files", "snugtune.data.hub",
+    "snugtune.data.llamafactory", "snugtune.data.columns", "snugtune.data.detect", "snugtune.data.format_registry",
+    "snugtune.data.formats.alpaca", "snugtune.data.formats.conversation", "snugtune.data.formats.fields",
+    "snugtune.data.formats.guanaco", "snugtune.data.formats.prompt_completion", "snugtune.data.formats.text",
+    "snugtune.data.normalize", "snugtune.data.turns", "snugtune.data.turn_fields", "snugtune.data.templates",
+    "snugtune.data.tokenize", "snugtune.data.prepare", "snugtune.data.rows")
 
-def _hash_path(path: Path, h) -> None:
-    if path.is_dir():
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(str(p.relative_to(path)).encode())
-            _hash_path(p, h)
-        return
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
 
-
-def cache_key(data: DataConfig, tokenizer, max_seq_len: int, seed: int) -> str:
-    h = hashlib.sha256(CACHE_FORMAT.encode())
-    _hash_path(Path(data.path), h)
+def cache_key(digest: str, data: DataConfig, tokenizer, max_seq_len: int, seed: int) -> str:
+    """The entry's name: the data's content digest, the code version, the tokenizer's vocabulary and special
+    tokens, the chat template, max_seq_len, the seed and every data setting that changes the result."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}/{DATA_CODE_VERSION}/{DATA_CODE_HASH}/{digest}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,

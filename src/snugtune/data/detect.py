@@ -8,23 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
-from snugtune.data.files import Row
+from snugtune.data.format_registry import FORMATS, fields_read
+from snugtune.data.rows import Row
 
-FORMATS = ("alpaca", "sharegpt", "messages", "guanaco", "text", "prompt-completion")
-PROMPT_COMPLETION_KEYS = [("prompt", "completion"), ("problem", "solution"), ("question", "answer")]
 MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 ROWS_LOOKED_AT = 20
-
-
-_CONVERSATION_EXTRAS = {"system", "tools"}
-FIELDS_READ = {  # the row fields each format reads; any other column is reported as not used
-    "alpaca": {"instruction", "input", "output", "history"} | _CONVERSATION_EXTRAS,
-    "prompt-completion": {k for pair in PROMPT_COMPLETION_KEYS for k in pair} | _CONVERSATION_EXTRAS,
-    "messages": {"messages"} | _CONVERSATION_EXTRAS,
-    "sharegpt": {"conversations"} | _CONVERSATION_EXTRAS,
-    "guanaco": {"text", "tools"},
-    "text": {"text", "content", "code"},
-}
 
 
 @dataclass
@@ -43,46 +31,48 @@ def plain_keys(value: dict) -> dict[str, object]:
     return {plain_key(k): v for k, v in value.items()}
 
 
-def refusal(value: dict) -> str | None:
-    """Why rows like this one cannot be trained as supervised fine-tuning (None: they can)."""
+def _media(keys: dict) -> str | None:
+    return next((k for k in MEDIA_KEYS if keys.get(k)), None)
+
+
+# Kinds of data no registered format produces, and why they are refused; a format that produces one of
+# these kinds (its registry entry's `produces`) takes its rows instead.
+REFUSALS = (
+    ("preference", lambda keys: "chosen" in keys and "rejected" in keys,
+     lambda keys: "preference data (chosen/rejected pairs, for DPO/ORPO): snugtune trains supervised fine-tuning "
+                  "and would train the rejected answers as good ones; to train on the chosen answers alone, map "
+                  "them with data.columns: {completion: chosen} (or {messages: chosen})"),
+    ("unpaired preference", lambda keys: isinstance(keys.get("label"), bool),
+     lambda keys: "unpaired preference data (KTO: rows with a boolean 'label'): snugtune trains supervised "
+                  "fine-tuning and would train the 'bad' answers as good ones; keep the rows whose label is true"),
+    ("stepwise supervision", lambda keys: "completions" in keys and "labels" in keys,
+     lambda keys: "stepwise supervision data ('completions' with 'labels', for process reward models)"),
+    ("multimodal", _media,
+     lambda keys: f"multimodal data (a '{_media(keys)}' column): snugtune trains text models, and the media would "
+                  f"be lost while its <image> markers are trained as text"),
+)
+
+
+def refusal(value: dict, fmt: str | None = None) -> str | None:
+    """Why rows like this one cannot be trained as format `fmt` (None: they can)."""
     keys = plain_keys(value)
-    if "chosen" in keys and "rejected" in keys:
-        return ("preference data (chosen/rejected pairs, for DPO/ORPO): snugtune trains supervised fine-tuning "
-                "and would train the rejected answers as good ones; to train on the chosen answers alone, map "
-                "them with data.columns: {completion: chosen} (or {messages: chosen})")
-    if isinstance(keys.get("label"), bool):
-        return ("unpaired preference data (KTO: rows with a boolean 'label'): snugtune trains supervised "
-                "fine-tuning and would train the 'bad' answers as good ones; keep the rows whose label is true")
-    if "completions" in keys and "labels" in keys:
-        return "stepwise supervision data ('completions' with 'labels', for process reward models)"
-    media = [k for k in MEDIA_KEYS if keys.get(k)]
-    if media:
-        return (f"multimodal data (a '{media[0]}' column): snugtune trains text models, and the media would be "
-                f"lost while its <image> markers are trained as text")
-    return None
+    produces = FORMATS[fmt].produces if fmt in FORMATS else None
+    return next((reason(keys) for kind, matches, reason in REFUSALS if kind != produces and matches(keys)), None)
 
 
-def refuse_kind(row: Row) -> None:
+def refuse_kind(row: Row, fmt: str | None = None) -> None:
     if isinstance(row.value, dict):
-        reason = refusal(row.value)
+        reason = refusal(row.value, fmt)
         if reason:
             raise ConfigError(f"{row.where}: {reason}")
 
 
 def _vote(keys: dict[str, object]) -> tuple[str, str] | None:
-    if "messages" in keys:
-        return "messages", "rows have a 'messages' list"
-    if "conversations" in keys:
-        return "sharegpt", "rows have a 'conversations' list"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca", "rows have 'instruction' and 'output'"
-    for p, c in PROMPT_COMPLETION_KEYS:
-        if p in keys and c in keys:
-            return "prompt-completion", f"rows have '{p}' and '{c}'"
-    if "text" in keys and "### human:" in str(keys["text"]).lower():
-        return "guanaco", "rows have 'text' with '### Human:' turns"
-    if "text" in keys:
-        return "text", "rows have a 'text' field"
+    """The first format (in the registry's order) that recognises the row, and why."""
+    for name, entry in FORMATS.items():
+        reason = entry.detect(keys)
+        if reason:
+            return name, reason
     return None
 
 
@@ -90,7 +80,8 @@ def unused_columns(rows: list[Row], fmt: str) -> list[str]:
     """Columns of the first rows that the format does not read (said out loud: a column may hold what a
     field should, under another name)."""
     seen = dict.fromkeys(str(k) for row in rows[:ROWS_LOOKED_AT] if isinstance(row.value, dict) for k in row.value)
-    return [k for k in seen if plain_key(k) not in FIELDS_READ.get(fmt, set())]
+    read = fields_read(fmt)
+    return [k for k in seen if plain_key(k) not in read]
 
 
 def detect_format(rows: list[Row]) -> FormatChoice:
@@ -100,13 +91,14 @@ def detect_format(rows: list[Row]) -> FormatChoice:
     for row in rows[:ROWS_LOOKED_AT]:
         if not isinstance(row.value, dict):
             raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
-        refuse_kind(row)
         seen += [str(k) for k in row.value if str(k) not in seen]
         vote = _vote(plain_keys(row.value))
+        refuse_kind(row, vote[0] if vote else None)
         if vote:
             votes.setdefault(*vote)
-    if "guanaco" in votes:  # a guanaco file may hold rows with a single turn
-        votes.pop("text", None)
+    for name in list(votes):
+        if any(other in votes for other in FORMATS[name].gives_way_to):
+            votes.pop(name)
     if len(votes) == 1:
         return FormatChoice(*next(iter(votes.items())))
     where = rows[0].where.rsplit(":", 1)[0] if rows else "data"

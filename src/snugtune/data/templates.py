@@ -69,28 +69,41 @@ def _override(value: str) -> str:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None, where: str) -> str:
-    """The conversation as text (transformers renders templates in a sandboxed Jinja environment)."""
+    """The conversation as text (transformers renders templates in a sandboxed Jinja environment); the loss
+    flag of a turn is ours, not the template's."""
     from jinja2 import TemplateError
+    shown = [{k: v for k, v in m.items() if k != "train"} for m in messages]
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+        return tokenizer.apply_chat_template(shown, tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except (TemplateError, TypeError) as exc:
         raise ConfigError(f"{where}: the chat template cannot render this conversation ({exc})") from None
 
 
+def opening_prompt(tokenizer, tools: list | None, where: str) -> str:
+    """What the template writes before the answer of a conversation that opens with the assistant (its
+    header, and any default system turn): the text two such one-turn conversations share."""
+    one, other = (render(tokenizer, [{"role": "assistant", "content": c}], False, tools, where) for c in "xy")
+    return one[:next((i for i, (a, b) in enumerate(zip(one, other)) if a != b), min(len(one), len(other)))]
+
+
 @dataclass(frozen=True)
 class TemplateAbilities:
-    """What the template renders of tool use (a template that silently leaves something out would train
-    answers without what they answer)."""
+    """What the template renders of what a turn may carry (a template that silently leaves something out
+    would train answers without what they answer)."""
     tools: bool
     tool_calls: bool
     tool_turns: bool
+    reasoning_key: str | None  # the message key it renders reasoning from (Qwen3: reasoning_content, gpt-oss: thinking)
+    names: bool  # a turn's speaker `name`
+    same_role_runs: bool  # consecutive turns of one role (templates that raise on them need them merged)
 
 
 _PROBE_CALL = {"role": "assistant", "content": "", "tool_calls": [
     {"type": "function", "function": {"name": "probe_fn_x7", "arguments": {"probe_arg_x7": 1}}}]}
 _PROBE_TOOL = {"type": "function", "function": {"name": "probe_fn_x7", "description": "d",
                                                 "parameters": {"type": "object", "properties": {}}}}
+REASONING_KEYS = ("reasoning_content", "thinking")
 
 
 def _renders(tokenizer, messages: list[dict], tools: list | None, *needles: str) -> bool:
@@ -102,12 +115,50 @@ def _renders(tokenizer, messages: list[dict], tools: list | None, *needles: str)
 
 
 def template_abilities(tokenizer) -> TemplateAbilities:
-    question = {"role": "user", "content": "q"}
+    question, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
     result = {"role": "tool", "name": "probe_fn_x7", "content": "probe_result_x7"}
+    reasoning = [key for key in REASONING_KEYS
+                 if _renders(tokenizer, [question, {**answer, key: "probe_reason_x7"}], None, "probe_reason_x7")]
+    runs = [{"role": role, "content": f"probe_{role}{n}_x7"} for role in ("user", "assistant") for n in (1, 2)]
     return TemplateAbilities(
         tools=_renders(tokenizer, [question], [_PROBE_TOOL], "probe_fn_x7"),
         tool_calls=_renders(tokenizer, [question, _PROBE_CALL], None, "probe_fn_x7", "probe_arg_x7"),
-        tool_turns=_renders(tokenizer, [question, _PROBE_CALL, result], None, "probe_result_x7"))
+        tool_turns=_renders(tokenizer, [question, _PROBE_CALL, result], None, "probe_result_x7"),
+        reasoning_key=reasoning[0] if reasoning else None,
+        names=_renders(tokenizer, [{**question, "name": "probe_name_x7"}, answer], None, "probe_name_x7"),
+        same_role_runs=_renders(tokenizer, runs, None, *(m["content"] for m in runs)))
+
+
+def fit_to_template(messages: list[dict], abilities: TemplateAbilities) -> tuple[list[dict], int]:
+    """The turns as this template can render them, and how many were merged: reasoning under the key the
+    template renders, or else written before the answer as <think>...</think> (as DeepSeek-R1's and
+    LLaMA-Factory's data put it); consecutive turns of one role merged when the template refuses them."""
+    placed = [_place_reasoning(m, abilities.reasoning_key) for m in messages]
+    if abilities.same_role_runs:
+        return placed, 0
+    merged: list[dict] = []
+    for message in placed:
+        if merged and _mergeable(merged[-1], message):
+            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" + message["content"]}
+        else:
+            merged.append(message)
+    return merged, len(placed) - len(merged)
+
+
+def _place_reasoning(message: dict, key: str | None) -> dict:
+    if "reasoning_content" not in message or key == "reasoning_content":
+        return message
+    rest = {k: v for k, v in message.items() if k != "reasoning_content"}
+    if key:
+        return {**rest, key: message["reasoning_content"]}
+    return {**rest, "content": f"<think>\n{message['reasoning_content']}\n</think>\n\n{message['content']}"}
+
+
+def _mergeable(first: dict, second: dict) -> bool:
+    """Two turns of one role that read as one: plain text of user, system or assistant with the same loss flag."""
+    plain = lambda m: set(m) <= {"role", "content", "train"}  # noqa: E731
+    return first["role"] == second["role"] != "tool" and plain(first) and plain(second) \
+        and first.get("train", True) == second.get("train", True)
 
 
 def check_renderable(sample: dict, abilities: TemplateAbilities, where: str) -> None:

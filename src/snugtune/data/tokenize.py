@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
-from snugtune.data.templates import render
+from snugtune.data.templates import opening_prompt, render
 from snugtune.data.turns import trained
 
 IGNORE = -100
@@ -27,8 +27,34 @@ class TokenizedSample:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
+DOCUMENT_BLOCK_CHARS = 1 << 20  # a text document is tokenized a block at a time (the tokenizer's memory is bounded)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _encode_document(tokenizer, text: str) -> list[int]:
+    """A document's ids, tokenized in blocks of at most DOCUMENT_BLOCK_CHARS, so that a file of any size never
+    reaches the tokenizer whole. A block ends after a line break, or else before a space (where tokenizers
+    start a word), so that it splits no token where there is one."""
+    ids, start = [], 0
+    while start < len(text):
+        end = min(start + DOCUMENT_BLOCK_CHARS, len(text))
+        if end < len(text):
+            newline, space = text.rfind("\n", start, end), text.rfind(" ", start + 1, end)
+            end = newline + 1 if newline >= start else space if space > start else end
+        ids += _encode(tokenizer, text[start:end])
+        start = end
+    return ids
+
+
+def char_budget(tokenizer, max_seq_len: int) -> int:
+    """Characters of rendered text that surely hold more than max_seq_len tokens: no token spells more
+    characters than the longest in the vocabulary, doubled for safety. Text past it is never trained (it
+    is truncated or dropped with its sample), so it is not tokenized."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return 2 * (max_seq_len + 1) * max(longest, 1)
 
 
 def _bos_prefix(tokenizer, first_text: str) -> list[int]:
@@ -40,11 +66,13 @@ def _bos_prefix(tokenizer, first_text: str) -> list[int]:
     return [tokenizer.bos_token_id] if adds_bos else []
 
 
-def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool = False) -> TokenizedSample:
-    """Token ids and labels for one normalized sample (see data.formats): the assistant turns of a
-    conversation, as the chat template renders them, or every token of a text document."""
+def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool = False,
+                    max_chars: int | None = None) -> TokenizedSample:
+    """Token ids and labels for one normalized sample (see data.normalize): the assistant turns of a
+    conversation, as the chat template renders them, or every token of a text document. A conversation's
+    rendered text is cut at max_chars (see char_budget): only its first max_seq_len tokens are kept."""
     if "text" in sample:
-        ids = _encode(tokenizer, sample["text"])
+        ids = _encode_document(tokenizer, sample["text"])
         ids = _bos_prefix(tokenizer, sample["text"]) + ids + [tokenizer.eos_token_id]
         return TokenizedSample(ids, list(ids))
 
@@ -54,7 +82,9 @@ def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool =
     for i, message in enumerate(messages):
         if not trained(message):
             continue
-        prompt = render(tokenizer, messages[:i], True, tools, where)
+        if max_chars is not None and len(done) > max_chars:
+            break  # every later answer starts past max_seq_len
+        prompt = render(tokenizer, messages[:i], True, tools, where) if i else opening_prompt(tokenizer, tools, where)
         full = render(tokenizer, messages[: i + 1], False, tools, where)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ConfigError(f"{where}: the chat template does not render turns as a prefix of the next; "
@@ -66,10 +96,22 @@ def tokenize_sample(sample: dict, tokenizer, where: str, train_on_prompt: bool =
     if not segments:
         raise ConfigError(f"{where}: the conversation has no assistant turn to train on")
 
-    result = _label_segments(tokenizer, segments, train_on_prompt)
-    if result.trained_tokens == 0:  # never train silently on nothing
+    cut = max_chars is not None and len(done) > max_chars
+    result = _label_segments(tokenizer, _cut(segments, max_chars) if cut else segments, train_on_prompt)
+    if result.trained_tokens == 0 and not cut:  # never train silently on nothing
         raise ConfigError(f"{where}: no token of this sample is trained (every label is masked)")
     return result
+
+
+def _cut(segments: list[tuple[str, bool]], max_chars: int) -> list[tuple[str, bool]]:
+    """The segments' first max_chars characters."""
+    kept, room = [], max_chars
+    for text, is_trained in segments:
+        if room <= 0:
+            break
+        kept.append((text[:room], is_trained))
+        room -= len(text)
+    return kept
 
 
 def _label_segments(tokenizer, segments: list[tuple[str, bool]], train_on_prompt: bool) -> TokenizedSample:

@@ -22,7 +22,7 @@ from snugtune.attention import varlen_usable
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, changed_fields, config_to_yaml
 from snugtune.data.batches import GPU_PAD_MULTIPLE, epoch_rows, real_tokens, trained_tokens_per_row
 from snugtune.data.prepare import prepare_data
-from snugtune.data.report import report_lines
+from snugtune.data.prep_report import report_lines
 from snugtune.engine.build import Job, Run
 from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint, saved_config,
                                         saved_position, trainable_state)

@@ -2,7 +2,7 @@ from typer.testing import CliRunner
 
 from conftest import alpaca_rows, write_jsonl
 from snugtune.cli import app
-from snugtune.data.report import DataReport, report_lines
+from snugtune.data.prep_report import DataReport, report_lines
 
 
 def test_report_lines_name_the_format_its_reason_and_every_count():
@@ -28,3 +28,27 @@ def test_data_command_prints_the_format_drops_and_marks_trained_tokens(tmp_path)
     assert "data format: alpaca (rows have 'instruction' and 'output')" in result.output
     assert "rows read 21, kept 20, dropped 1 (1 blank answer)" in result.output
     assert "[[The sum is" in result.output and "<|im_end|>" in result.output
+
+
+def test_report_lines_say_how_the_data_was_read_and_every_per_turn_field():
+    report = DataReport(format="messages", format_reason="rows have a 'messages' list", chat_template="the model's own",
+                        source_notes=["CSV separator ';' (sniffed from the first lines)"],
+                        turn_fields={"role": "the turn's role", "timestamp": "not used", "weight": "OpenAI's loss flag"},
+                        blank_answers=2, merged_turns=3)
+    lines = report_lines(report)
+    assert lines[0] == "read: CSV separator ';' (sniffed from the first lines)"
+    assert "turn field 'timestamp': not used" in lines and "turn field 'weight': OpenAI's loss flag" in lines
+    assert not any("'role'" in line for line in lines)  # the fields every turn has go without saying
+    assert any(line.startswith("removed 2 blank answers") for line in lines)
+    assert any(line.startswith("merged 3 turns") for line in lines)
+
+
+def test_data_command_prints_every_per_turn_field_and_what_it_did(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi", "timestamp": "2024-01-01"},
+                          {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."}]}] * 3
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: shape:tiny\ndata: {{path: {write_jsonl(tmp_path / 'd.jsonl', rows)}, reasoning: drop}}\n")
+    result = CliRunner().invoke(app, ["data", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "turn field 'timestamp': not used" in result.output
+    assert "turn field 'reasoning_content': reasoning of assistant turns: left out (data.reasoning: drop)" in result.output
