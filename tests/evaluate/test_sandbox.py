@@ -485,9 +485,12 @@ def test_tasks_are_bounded_where_the_eval_output_says_so(name):
 
 
 def test_the_eval_output_names_what_is_not_enforced():
+    from snugtune.cli import _sandbox_note
     bare = describe_limits(Confinement("none", cgroup_problem="no cgroup here"))
     assert [m.split(" (")[0] for m in bare["not_enforced"]] == ["isolation", "memory cgroup", "task limit"]
     assert all("no cgroup here" in m for m in bare["not_enforced"][1:])
+    assert _sandbox_note(bare) == "run WITHOUT isolation; not enforced here: isolation, memory cgroup, task limit"
+    assert _sandbox_note(None) == "sandboxed"  # results from before the sandbox reported its limits
     if CGROUPS and ISOLATION_PROBLEM is None:
         full = describe_limits(confinement_here())
         assert full["not_enforced"] == [] and any("every kind" in e for e in full["enforced"])
@@ -568,3 +571,23 @@ def test_the_seccomp_tables_refuse_the_same_calls_on_each_architecture():
     for _, table in SYSCALLS.values():
         assert len(set(table.values())) == len(table)  # no number under two names
 
+
+def test_eval_says_which_sandbox_limits_hold_in_its_table_and_results(finished_run, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from snugtune.cli import app
+    # the tiny model's answers do not matter here, only what the sandbox reports; generating them takes a minute
+    monkeypatch.setattr("snugtune.evaluate.humaneval.generate", lambda model, tokenizer, prompts, *args, **kwargs:
+                        ["    pass\n"] * len(prompts))
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    flags = [] if ISOLATION_PROBLEM is None else ["--allow-unisolated-code"]
+    result = CliRunner().invoke(app, ["eval", str(run), "--task", "humaneval", "--limit", "1", "--device", "cpu",
+                                      *flags])
+    assert result.exit_code == 0, result.output
+    sandbox = json.loads((run / "eval.json").read_text())["humaneval"]["sandbox"]
+    assert sandbox == describe_limits(machine_default())
+    missing = [m.split(" (")[0] for m in sandbox["not_enforced"]]
+    expected = ("run WITHOUT isolation; " if ISOLATION_PROBLEM else "sandboxed; ") + (
+        f"not enforced here: {', '.join(missing)}" if missing else "every sandbox limit enforced")
+    assert expected in " ".join(result.output.split()).replace("│ ", "").replace(" │", "")
