@@ -7,6 +7,7 @@ cannot isolate refuses to run code."""
 import functools
 import json
 import os
+import random
 import shutil
 import socket
 import stat
@@ -20,7 +21,7 @@ import pytest
 from snugtune.evaluate.cgroup import usable_hierarchies
 from snugtune.evaluate.confine import SYSCALLS
 from snugtune.evaluate.humaneval import load_problems, program_for
-from snugtune.evaluate.sandbox import OUTPUT_BYTES, PROBE, TASKS, Confinement, SandboxUnavailable, \
+from snugtune.evaluate.sandbox import OUTPUT_BYTES, PROBE, TASKS, BoundedOutput, Confinement, SandboxUnavailable, \
     confinement_here, describe_limits, isolation_problem, run_sandboxed
 
 ISOLATION_PROBLEM = isolation_problem()
@@ -495,6 +496,27 @@ def test_the_eval_output_names_what_is_not_enforced():
         full = describe_limits(confinement_here())
         assert full["not_enforced"] == [] and any("every kind" in e for e in full["enforced"])
 
+
+
+# chunkings of a stream: none, empty chunks, one byte short of / at / past the bound, many random sizes
+CHUNKINGS = {"nothing": [], "empty chunks": [0, 0], "one short": [OUTPUT_BYTES - 1], "exactly": [OUTPUT_BYTES],
+             "one past": [OUTPUT_BYTES, 1], "a byte at a time past": [OUTPUT_BYTES - 2] + [1] * 5,
+             **{f"random {seed}": [random.Random(seed).choice([0, 1, 4096, 65536, 300_000, OUTPUT_BYTES + 7])
+                                   for _ in range(random.Random(seed + 100).randint(1, 12))] for seed in range(12)}}
+
+
+@pytest.mark.parametrize("keep_end", [False, True])
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+def test_the_kept_output_is_exactly_the_start_or_the_end_of_the_stream(chunking, keep_end):
+    sizes = CHUNKINGS[chunking]
+    stream = b"".join(bytes([i % 251]) * size for i, size in enumerate(sizes))
+    kept, at = BoundedOutput(keep_end=keep_end), 0
+    for size in sizes:
+        kept.add(stream[at:at + size])
+        at += size
+    expected = stream[-OUTPUT_BYTES:] if keep_end else stream[:OUTPUT_BYTES]
+    assert kept.data() == expected and kept.dropped == len(stream) - len(expected)
+    assert kept.kept <= OUTPUT_BYTES + max(sizes, default=0)  # never much more than the bound is held
 
 # Prints 300 MiB on stdout and 40 MiB on stderr, then its last line.
 FLOOD = """

@@ -89,9 +89,10 @@ class BoundedOutput:
         self.total += len(chunk)
         if not self.keep_end:
             chunk = chunk[:OUTPUT_BYTES - self.kept]
-        if chunk:
-            self.chunks.append(chunk)
-            self.kept += len(chunk)
+        if not chunk:
+            return
+        self.chunks.append(chunk)
+        self.kept += len(chunk)
         while self.keep_end and self.kept - len(self.chunks[0]) >= OUTPUT_BYTES:
             self.kept -= len(self.chunks.popleft())
 
