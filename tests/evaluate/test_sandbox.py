@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from snugtune.evaluate.cgroup import usable_hierarchies
-from snugtune.evaluate.confine import SYSCALLS
+from snugtune.evaluate.confine import BOX_FILES, SYSCALLS
 from snugtune.evaluate.humaneval import load_problems, program_for
 from snugtune.evaluate.sandbox import OUTPUT_BYTES, PROBE, TASKS, BoundedOutput, Confinement, SandboxUnavailable, \
     confinement_here, describe_limits, isolation_problem, run_sandboxed
@@ -456,6 +456,39 @@ def test_memory_of_every_kind_is_bounded_where_the_eval_output_says_so(attack, n
     held = [int(line) for line in result.output.split()]
     assert result.status == "failed", result
     assert max(held, default=0) <= LIMIT_MIB, result
+
+
+# Kernel objects a program can pile up without touching its address space; each prints how many it made.
+KERNEL_OBJECTS = {
+    "POSIX timers": ("""
+import ctypes, platform
+libc = ctypes.CDLL(None, use_errno=True)
+timer, made = ctypes.c_int(), 0
+number = {"x86_64": 222, "aarch64": 107}[platform.machine()]
+try:
+    while made < 1_000_000 and libc.syscall(number, 1, None, ctypes.byref(timer)) == 0:
+        made += 1
+finally:
+    print(made)
+""", 0),
+    "empty files in the scratch folder": ("""
+made = 0
+try:
+    while made < 1_000_000:
+        open(f"f{made}", "w").close()
+        made += 1
+finally:
+    print(made)
+""", BOX_FILES),
+}
+
+
+@pytest.mark.parametrize("name", ["root", "user"])
+@pytest.mark.parametrize("objects", list(KERNEL_OBJECTS))
+def test_kernel_objects_are_refused_or_capped_under_isolation(objects, name):
+    program, most = KERNEL_OBJECTS[objects]
+    result = run_sandboxed(program, timeout_s=30, audit_hook=False, confinement=confinement(name))
+    assert int(result.output) <= most, result
 
 
 THREADS = """

@@ -31,15 +31,15 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, AT_RECURSIVE, AT_FDCWD =
 KEPT_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, 1024: 1024, 2048: 2048,
               4096: 1 << 21}
 BOX = "/box"
-BOX_BYTES = 64 << 20
+BOX_BYTES, BOX_FILES = 64 << 20, 4096  # each file and folder is kernel memory too
 FILE_BYTES, DESCRIPTORS = 16 << 20, 64  # RLIMIT_FSIZE, RLIMIT_NOFILE
 DEVICES = ("null", "zero", "urandom")
 # The uid and gid the program runs as when the sandbox is made by root: no account uses it, so the task
 # limit (RLIMIT_NPROC, which never applies to uid 0) counts only sandboxed programs and no host file is its own.
 SANDBOX_ID = 2_147_483_646
 
-# Refused system calls, by architecture: audit arch id, then name -> number. System V and POSIX IPC and
-# memfd are refused because their pages live outside the address space RLIMIT_AS counts.
+# Refused system calls, by architecture: audit arch id, then name -> number. System V and POSIX IPC, memfd
+# and POSIX timers are refused because what they hold lives outside the address space RLIMIT_AS counts.
 SYSCALLS = {
     "x86_64": (0xC000003E, {
         "socket": 41, "socketpair": 53, "connect": 42, "bind": 49, "listen": 50, "accept": 43, "accept4": 288,
@@ -56,7 +56,7 @@ SYSCALLS = {
         "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65, "semctl": 66,
         "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240,
         "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
-        "memfd_create": 319, "memfd_secret": 447,
+        "memfd_create": 319, "memfd_secret": 447, "timer_create": 222,
         "clone": 56, "clone3": 435}),
     "aarch64": (0xC00000B7, {
         "socket": 198, "socketpair": 199, "connect": 203, "bind": 200, "listen": 201, "accept": 202,
@@ -72,7 +72,7 @@ SYSCALLS = {
         "capset": 91, "shmget": 194, "shmat": 196, "shmctl": 195, "shmdt": 197, "semget": 190, "semop": 193,
         "semctl": 191, "semtimedop": 192, "msgget": 186, "msgsnd": 189, "msgrcv": 188, "msgctl": 187,
         "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
-        "mq_getsetattr": 185, "memfd_create": 279, "memfd_secret": 447,
+        "mq_getsetattr": 185, "memfd_create": 279, "memfd_secret": 447, "timer_create": 107,
         "clone": 220, "clone3": 435}),
 }
 RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
@@ -220,7 +220,7 @@ def build_mount_view(libc, new_root: str, read_only: list[str], owner: int | Non
     os.mkdir(new_root + BOX)
     ownership = "" if owner is None else f",uid={owner},gid={owner}"
     libc_call(libc, "mount", b"tmpfs", (new_root + BOX).encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={BOX_BYTES},mode=700{ownership}".encode())
+              f"size={BOX_BYTES},nr_inodes={BOX_FILES},mode=700{ownership}".encode())
     libc_call(libc, "mount", None, new_root.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
               None)
     check_read_only(new_root, new_root + BOX)

@@ -30,7 +30,7 @@ from pathlib import Path
 from snugtune.errors import UserError
 from snugtune.evaluate.cgroup import Cgroup, Hierarchy, entry_command, limits_reached, make_cgroup, remove_cgroup, \
     usable_hierarchies
-from snugtune.evaluate.confine import BOX, BOX_BYTES, DESCRIPTORS, FILE_BYTES, SANDBOX_ID
+from snugtune.evaluate.confine import BOX, BOX_BYTES, BOX_FILES, DESCRIPTORS, FILE_BYTES, SANDBOX_ID
 
 CONFINE = Path(__file__).with_name("confine.py")
 UNISOLATED_FLAG = "--allow-unisolated-code"
@@ -179,8 +179,9 @@ def describe_limits(confinement: Confinement, timeout_s: float = 10.0, memory_by
         who = ("a user namespace" if confinement.isolation == "user" else
                f"made as root, the program runs as uid {SANDBOX_ID}")
         enforced += [f"namespaces: mount, network (none), PID, IPC, UTS; {who}",
-                     f"read-only view (every mount, recursively) but {BOX}, a {BOX_BYTES >> 20} MiB tmpfs",
-                     "seccomp: no processes, sockets, mounts, shared memory or memfd"]
+                     f"read-only view (every mount, recursively) but {BOX}, a tmpfs of {BOX_BYTES >> 20} MiB and "
+                     f"{BOX_FILES} files",
+                     "seccomp: no processes, sockets, mounts, shared memory, memfd or POSIX timers"]
     for holds, detail in (_memory_limit(confinement, memory_bytes), _task_limit(confinement)):
         (enforced if holds else missing).append(detail)
     if "memory" not in confinement.cgroup_controllers:
