@@ -4,7 +4,6 @@ started through it, and leaves nothing behind."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
