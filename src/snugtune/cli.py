@@ -194,8 +194,10 @@ def eval_command(
     pickle_weights: bool = typer.Option(False, "--allow-pickle-weights", help=PICKLE_HELP),
     unisolated: bool = typer.Option(False, "--allow-unisolated-code",
                                     help="HumanEval where this machine cannot isolate generated code (no user "
-                                         "namespaces): run it anyway with only resource limits and an audit hook, "
-                                         "which are not a security boundary."),
+                                         "namespaces): run it anyway with only resource limits and a Python audit "
+                                         "hook. That is no security boundary at all: known bypasses let the code "
+                                         "read and write your files, use the network and start processes "
+                                         "(docs/evaluation.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -210,6 +212,15 @@ def eval_command(
         print(json.dumps(results, indent=2))
         return
     _print_eval(results)
+
+
+def _sandbox_note(sandbox: dict | None) -> str:
+    """How HumanEval's programs were confined, and the limits this machine could not enforce."""
+    if sandbox is None:  # results written before the sandbox reported its limits
+        return "sandboxed"
+    missing = [m.split(" (")[0] for m in sandbox["not_enforced"]]
+    ran = "run WITHOUT isolation" if sandbox["isolation"] == "none" else "sandboxed"
+    return f"{ran}; " + (f"not enforced here: {', '.join(missing)}" if missing else "every sandbox limit enforced")
 
 
 def _print_eval(results: dict) -> None:
@@ -228,7 +239,7 @@ def _print_eval(results: dict) -> None:
     if "humaneval" in results:
         r = results["humaneval"]
         table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
-                      f"{r['problems']} problems, sandboxed")
+                      f"{r['problems']} problems, {_sandbox_note(r.get('sandbox'))}")
     out.print(table)
     from rich.markup import escape
     for sample in results.get("generate", []):

@@ -1,33 +1,45 @@
 """The inside of the sandbox: run as a script by evaluate/sandbox.py, under the base interpreter with -I -S
 (standard library only), it reads the program from stdin, confines itself, then runs the program.
 
-With --isolate it runs as root of fresh user, mount, network, PID, IPC and UTS namespaces (made by
-`unshare`) and builds a mount view in which the host's files are not visible: a read-only tmpfs root
-holding read-only binds of the Python install and system libraries, /dev/{null,zero,urandom}, and /box,
-a small tmpfs, the one writable place. It then drops every capability, sets no_new_privs and installs a
-seccomp filter that refuses process creation, sockets, mounts, namespaces, ptrace and kernel-facing calls.
-In both modes it sets resource limits, closes inherited descriptors and adds an audit hook whose policy
-is bound into it at install time (a second layer; the namespaces and seccomp are the boundary).
+With --isolate it runs in fresh mount, network, PID, IPC and UTS namespaces made by `unshare` (plus a user
+namespace where the evaluator is not root) and builds a mount view in which the host's files are not
+visible: a tmpfs root holding binds of the Python install and system libraries, /dev/{null,zero,urandom},
+and /box, a small tmpfs, the one writable place. Every mount in the view but /box is read-only, submounts
+included (checked before the program runs). Where the evaluator is root, the program then runs as an
+unprivileged uid (SANDBOX_ID). It drops every capability, sets no_new_privs and installs a seccomp filter
+that refuses process creation, sockets, mounts, namespaces, ptrace, System V and POSIX IPC, memfd and
+kernel-facing calls. In both modes it sets resource limits, closes inherited descriptors and adds an audit
+hook whose policy is bound into it at install time (a second layer; the namespaces and seccomp are the
+boundary).
 """
 
+import collections
 import ctypes
+import errno
 import functools
 import os
 import platform
+import re
 import resource
 import struct
 import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, AT_RECURSIVE, AT_FDCWD = 1, 2, 4, 0x8000, -100
 # statvfs flag -> mount flag: a bind mount's existing flags must be kept when remounting it read-only
 KEPT_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, 1024: 1024, 2048: 2048,
               4096: 1 << 21}
 BOX = "/box"
-BOX_BYTES = 64 << 20
+BOX_BYTES, BOX_FILES = 64 << 20, 4096  # each file and folder is kernel memory too
+FILE_BYTES, DESCRIPTORS = 16 << 20, 64  # RLIMIT_FSIZE, RLIMIT_NOFILE
 DEVICES = ("null", "zero", "urandom")
+# The uid and gid the program runs as when the sandbox is made by root: no account uses it, so the task
+# limit (RLIMIT_NPROC, which never applies to uid 0) counts only sandboxed programs and no host file is its own.
+SANDBOX_ID = 2_147_483_646
 
-# Refused system calls, by architecture: audit arch id, then name -> number.
+# Refused system calls, by architecture: audit arch id, then name -> number. System V and POSIX IPC, memfd
+# and POSIX timers are refused because what they hold lives outside the address space RLIMIT_AS counts.
 SYSCALLS = {
     "x86_64": (0xC000003E, {
         "socket": 41, "socketpair": 53, "connect": 42, "bind": 49, "listen": 50, "accept": 43, "accept4": 288,
@@ -41,6 +53,10 @@ SYSCALLS = {
         "acct": 163, "quotactl": 179, "name_to_handle_at": 303, "open_by_handle_at": 304, "setsid": 112,
         "setpgid": 109, "personality": 135, "pidfd_getfd": 438, "pidfd_open": 434, "kcmp": 312, "mknod": 133,
         "mknodat": 259, "iopl": 172, "ioperm": 173, "modify_ldt": 154, "capset": 126,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65, "semctl": 66,
+        "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240,
+        "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
+        "memfd_create": 319, "memfd_secret": 447, "timer_create": 222,
         "clone": 56, "clone3": 435}),
     "aarch64": (0xC00000B7, {
         "socket": 198, "socketpair": 199, "connect": 203, "bind": 200, "listen": 201, "accept": 202,
@@ -53,7 +69,11 @@ SYSCALLS = {
         "finit_module": 273, "delete_module": 106, "reboot": 142, "swapon": 224, "swapoff": 225, "syslog": 116,
         "acct": 89, "quotactl": 60, "name_to_handle_at": 264, "open_by_handle_at": 265, "setsid": 157,
         "setpgid": 154, "personality": 92, "pidfd_getfd": 438, "pidfd_open": 434, "kcmp": 272, "mknodat": 33,
-        "capset": 91, "clone": 220, "clone3": 435}),
+        "capset": 91, "shmget": 194, "shmat": 196, "shmctl": 195, "shmdt": 197, "semget": 190, "semop": 193,
+        "semctl": 191, "semtimedop": 192, "msgget": 186, "msgsnd": 189, "msgrcv": 188, "msgctl": 187,
+        "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
+        "mq_getsetattr": 185, "memfd_create": 279, "memfd_secret": 447, "timer_create": 107,
+        "clone": 220, "clone3": 435}),
 }
 RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
 EPERM, ENOSYS = 1, 38
@@ -122,15 +142,67 @@ def libc_call(libc, name: str, *args) -> None:
         raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
-def bind_read_only(libc, source: str, target: str) -> None:
+Mount = collections.namedtuple("Mount", "root point options fstype super_options")
+
+
+def mount_table(text: str) -> list[Mount]:
+    """The rows of a /proc/PID/mountinfo text, octal escapes (a space is \\040) decoded."""
+    def unescape(field: str) -> str:
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    rows = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        dash = fields.index("-", 6)  # optional fields end at the lone dash
+        rows.append(Mount(unescape(fields[3]), unescape(fields[4]), fields[5].split(","), fields[dash + 1],
+                          fields[dash + 3].split(",")))
+    return rows
+
+
+def mounts_under(folder: str) -> list[Mount]:
+    """This process's mounts at folder and below it, outermost first."""
+    with open("/proc/self/mountinfo") as table:
+        rows = mount_table(table.read())
+    return [m for m in rows if m.point == folder or m.point.startswith(folder.rstrip("/") + "/")]
+
+
+def remount_each_read_only(libc, target: str) -> None:
+    """Read-only for the mount at target and each one below it, one by one (kernels before mount_setattr)."""
+    for mount in mounts_under(target):
+        kept = sum(flag for st, flag in KEPT_FLAGS.items() if os.statvfs(mount.point).f_flag & st)
+        libc_call(libc, "mount", None, mount.point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None)
+
+
+def make_read_only(libc, target: str, attributes: int) -> None:
+    """Read-only (plus attributes) for the mount at target and every mount below it: one mount_setattr with
+    AT_RECURSIVE where the kernel has it (5.12+), else a remount of each; a remount of the top alone would
+    leave submounts writable."""
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY | attributes, 0, 0, 0)  # set, clear, propagation, userns fd
+    try:
+        libc_call(libc, "syscall", SYSCALLS[platform.machine()][1]["mount_setattr"], AT_FDCWD, target.encode(),
+                  AT_RECURSIVE, ctypes.create_string_buffer(attr, len(attr)), len(attr))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):  # EPERM: container seccomp profiles of new calls
+            raise
+        remount_each_read_only(libc, target)
+
+
+def bind_read_only(libc, source: str, target: str, attributes: int) -> None:
     libc_call(libc, "mount", source.encode(), target.encode(), None, MS_BIND | MS_REC, None)
-    kept = sum(flag for st, flag in KEPT_FLAGS.items() if os.statvfs(source).f_flag & st)
-    libc_call(libc, "mount", None, target.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None)
+    make_read_only(libc, target, attributes)
 
 
-def build_mount_view(libc, new_root: str, read_only: list[str]) -> None:
+def check_read_only(new_root: str, writable: str) -> None:
+    """Refuse to run anything if a mount in the view other than `writable` is still writable."""
+    left = [m.point for m in mounts_under(new_root) if "rw" in m.options and m.point != writable]
+    if left:
+        raise OSError(f"writable mounts left in the sandbox's view: {', '.join(left[:5])}")
+
+
+def build_mount_view(libc, new_root: str, read_only: list[str], owner: int | None) -> None:
     """Make new_root (an empty folder) this mount namespace's root: the listed folders read-only, the
-    system's top-level links, three device files, and the writable tmpfs /box; the old root detached."""
+    system's top-level links, three device files, and the writable tmpfs /box (owned by `owner` where
+    given); every other mount read-only, checked; the old root detached."""
+    new_root = os.path.realpath(new_root)  # mountinfo shows resolved paths
     libc_call(libc, "mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
     libc_call(libc, "mount", b"tmpfs", new_root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=755")
     for name in ("bin", "lib", "lib64", "lib32", "sbin"):
@@ -140,19 +212,22 @@ def build_mount_view(libc, new_root: str, read_only: list[str]) -> None:
             read_only.append("/" + name)
     for folder in read_only:
         os.makedirs(new_root + folder, exist_ok=True)
-        bind_read_only(libc, folder, new_root + folder)
+        bind_read_only(libc, folder, new_root + folder, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
     os.mkdir(f"{new_root}/dev")
     for name in DEVICES:
         open(f"{new_root}/dev/{name}", "w").close()
-        bind_read_only(libc, f"/dev/{name}", f"{new_root}/dev/{name}")
+        bind_read_only(libc, f"/dev/{name}", f"{new_root}/dev/{name}", MOUNT_ATTR_NOSUID)
     os.mkdir(new_root + BOX)
+    ownership = "" if owner is None else f",uid={owner},gid={owner}"
     libc_call(libc, "mount", b"tmpfs", (new_root + BOX).encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={BOX_BYTES},mode=700".encode())
+              f"size={BOX_BYTES},nr_inodes={BOX_FILES},mode=700{ownership}".encode())
+    libc_call(libc, "mount", None, new_root.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
+              None)
+    check_read_only(new_root, new_root + BOX)
     os.chdir(new_root)
     libc_call(libc, "syscall", SYSCALLS[platform.machine()][1]["pivot_root"], b".", b".")
     libc_call(libc, "umount2", b".", 2)  # MNT_DETACH: the host's tree is gone from this namespace
     os.chdir("/")
-    libc_call(libc, "mount", None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
 
 
 def drop_capabilities(libc) -> None:
@@ -186,27 +261,42 @@ def install_seccomp(libc) -> None:
     libc_call(libc, "prctl", 22, 2, fprog, 0, 0)  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
-def set_limits(memory: int, cpu_seconds: int) -> None:
-    for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
-                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 64)):
+def set_limits(memory: int, cpu_seconds: int, tasks: int) -> None:
+    """tasks: RLIMIT_NPROC (0: unset). It counts the tasks of this uid, in its user namespace where there is
+    one, and never applies to uid 0: only meaningful for an unprivileged uid of the sandbox's own."""
+    limits = [(resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, FILE_BYTES),
+              (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, DESCRIPTORS), (resource.RLIMIT_MSGQUEUE, 0)]
+    for limit, value in limits + ([(resource.RLIMIT_NPROC, tasks)] if tasks else []):
         resource.setrlimit(limit, (value, value))
 
 
-def confine(isolate: bool, place: str, memory: int, cpu_seconds: int, audit_hook: bool) -> str:
-    """Confine this process; returns the folder the program runs in."""
+def become(uid: int) -> None:
+    """Leave root for an unprivileged uid and gid (which also empties the capability sets)."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def confine(isolate: bool, place: str, memory: int, cpu_seconds: int, tasks: int, run_as: int | None,
+            audit_hook: bool) -> str:
+    """Confine this process; returns the folder the program runs in. run_as: the uid to become once the
+    mount view is built (the sandbox was made by root without a user namespace)."""
     if isolate:
         if platform.machine() not in SYSCALLS:
             raise OSError(f"no seccomp table for {platform.machine()}")
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.argtypes = None
-        build_mount_view(libc, place, sorted({"/usr", *map(os.path.realpath, (sys.base_prefix, sys.exec_prefix))}))
+        build_mount_view(libc, place, sorted({"/usr", *map(os.path.realpath, (sys.base_prefix, sys.exec_prefix))}),
+                         run_as)
+        if run_as is not None:
+            become(run_as)
         drop_capabilities(libc)
         install_seccomp(libc)
         place = BOX
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.closerange(3, 1 << 16)  # nothing inherited: only stdin (/dev/null), stdout and stderr stay open
-    set_limits(memory, cpu_seconds)
+    set_limits(memory, cpu_seconds, tasks)
     os.chdir(place)
     os.environ.update(HOME=place, TMPDIR=place)
     if audit_hook:
@@ -216,10 +306,11 @@ def confine(isolate: bool, place: str, memory: int, cpu_seconds: int, audit_hook
 
 def main() -> None:
     isolate, audit_hook = sys.argv[1] == "--isolate", sys.argv[2] == "--audit-hook"
-    place, memory, cpu_seconds = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    place, memory, cpu_seconds, tasks = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    run_as = None if sys.argv[7] == "-" else int(sys.argv[7])
     source = sys.stdin.buffer.read().decode("utf-8")
     try:
-        confine(isolate, place, memory, cpu_seconds, audit_hook)
+        confine(isolate, place, memory, cpu_seconds, tasks, run_as, audit_hook)
     except OSError as exc:
         sys.stderr.write(f"sandbox setup failed: {exc}\n")
         sys.exit(97)

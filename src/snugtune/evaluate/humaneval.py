@@ -7,8 +7,9 @@ import re
 from math import comb
 
 from snugtune.evaluate.generate import generate, render_chat_prompt
-from snugtune.evaluate.sandbox import run_sandboxed
+from snugtune.evaluate.sandbox import confinement_here, describe_limits, run_sandboxed
 
+TIMEOUT_S = 10.0  # per problem: the reference solutions take well under a second
 # The standard HumanEval stop sequences: a completion ends where a new top-level block begins.
 STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\nassert "]
 
@@ -48,11 +49,13 @@ def program_for(problem: dict, completion: str, mode: str = "completion") -> str
 
 def humaneval(model, tokenizer, device, precision, limit: int | None = None, batch_size: int = 16,
               max_new_tokens: int = 384, mode: str | None = None, isolate: bool = True) -> dict:
-    """pass@1 (greedy: one sample per problem) and per-problem outcomes.
+    """pass@1 (greedy: one sample per problem), per-problem outcomes, and what bounded the programs here
+    ('sandbox': describe_limits, including the limits this machine could not enforce).
 
     mode: 'chat' (default where the tokenizer has a chat template) or 'completion'.
     isolate: False runs the completions without OS isolation (the user accepted that risk).
     """
+    confinement = confinement_here(isolate)
     problems = load_problems(limit)
     mode = mode or ("chat" if getattr(tokenizer, "chat_template", None) else "completion")
     if mode == "chat":
@@ -64,9 +67,10 @@ def humaneval(model, tokenizer, device, precision, limit: int | None = None, bat
                            stops=stops, batch_size=batch_size)
     results = []
     for problem, completion in zip(problems, completions):
-        outcome = run_sandboxed(program_for(problem, completion, mode), timeout_s=10, isolate=isolate)
+        outcome = run_sandboxed(program_for(problem, completion, mode), timeout_s=TIMEOUT_S, confinement=confinement)
         results.append({"task_id": problem["task_id"], "status": outcome.status, "detail": outcome.detail,
                         "completion": completion})
     passed = sum(r["status"] == "passed" for r in results)
     return {"pass@1": sum(pass_at_k(1, r["status"] == "passed", 1) for r in results) / len(results),
-            "passed": passed, "problems": len(results), "mode": mode, "results": results}
+            "passed": passed, "problems": len(results), "mode": mode, "results": results,
+            "sandbox": describe_limits(confinement, TIMEOUT_S)}

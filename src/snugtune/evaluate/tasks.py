@@ -82,7 +82,8 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], data_file: str | None = 
         after = humaneval(run.model, run.tokenizer, run.device, run.precision, limit, isolate=isolate)
         results["humaneval"] = {"problems": after["problems"], "mode": after["mode"], "base_pass@1": before["pass@1"],
                                 "tuned_pass@1": after["pass@1"], "base_passed": before["passed"],
-                                "tuned_passed": after["passed"], "base_results": before["results"],
+                                "tuned_passed": after["passed"], "sandbox": after["sandbox"],
+                                "base_results": before["results"],
                                 "tuned_results": after["results"]}
     path = Path(run_dir) / EVAL
     merged = RunFolder(Path(run_dir)).evals()
