@@ -85,23 +85,25 @@ def _train_or_plan(cfg, **kwargs) -> dict:
 def train(
     config: Path = typer.Argument(..., help="Config YAML (see examples/)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4 lora.r=8"),
-    fresh: bool = typer.Option(False, "--fresh", help="Start over: move an existing run directory aside first."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over: rename the existing run to OUTPUT_DIR.old-N first "
+                               "(only a snugtune run is ever moved; any other folder is refused)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Fine-tune. Resumes when the output directory has a checkpoint (--fresh starts over)."""
+    from rich.markup import escape
     from snugtune.config import load_config
-    from snugtune.engine import distributed
-    from snugtune.rundir import move_run_aside
+    from snugtune.rundir import set_aside_run
 
+    cfg = _run(debug, load_config, config, overrides or [])  # before torch loads: a bad config fails at once
+    from snugtune.engine import distributed
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
-    cfg = _run(debug, load_config, config, overrides or [])
     if fresh and ctx.is_main:
-        moved = _run(debug, move_run_aside, Path(cfg.output_dir))
+        moved = _run(debug, set_aside_run, Path(cfg.output_dir))
         if moved:
-            err.print(f"moved the previous run to {moved}", highlight=False)
+            err.print(f"moved the previous run to {moved}", highlight=False, markup=False)
     if ctx.is_main:
-        out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}"
+        out.print(f"snugtune: training [bold]{escape(cfg.model)}[/] ({cfg.method}) -> {escape(cfg.output_dir)}"
                   + (f" on {ctx.world_size} processes" if ctx.enabled else ""), highlight=False)
     try:
         summary = _run(debug, _train_or_plan, cfg, show_progress=not quiet,
