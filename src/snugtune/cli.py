@@ -288,7 +288,8 @@ def merge(
 def chat(
     path: Path = typer.Argument(..., help="A run directory or a merged model folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One message, print the answer and exit."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer in tokens."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=1_000_000,
+                                       help="Longest answer in tokens (less where the model's context ends)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     pickle_weights: bool = typer.Option(False, "--allow-pickle-weights", help=PICKLE_HELP),
@@ -304,7 +305,7 @@ def chat(
         sys.stdout.flush()
     if prompt is not None:
         _run(debug, reply, model, tokenizer, [{"role": "user", "content": prompt}], dev, precision, max_new_tokens,
-             stream=write)
+             stream=write, notify=lambda message: err.print(message, highlight=False, markup=False))
         write("\n")
         return
     _run(debug, chat_loop, model, tokenizer, dev, precision, read=input, write=write, max_new_tokens=max_new_tokens)
