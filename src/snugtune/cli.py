@@ -20,9 +20,15 @@ TRUST_REMOTE_CODE_HELP = "Let the base model's own Python code run (the run fold
 PICKLE_HELP = "Load the base model's .bin/.pt (pickle) weights (the run folder's config.yaml is not asked)."
 
 
+ERROR_LINE_CHARS = 1000  # an error is one line: a message quoting something huge is cut
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.markup import escape  # messages quote user values, which may contain [brackets]
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    line = " ".join(message.splitlines())
+    if len(line) > ERROR_LINE_CHARS:
+        line = f"{line[:ERROR_LINE_CHARS]}... ({len(line):,} characters)"
+    err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -375,8 +381,12 @@ def main() -> None:
     # Expandable segments keep the caching allocator from fragmenting when sequence lengths vary (packed
     # rows, ragged batches): reserved memory then stays close to allocated. Set before CUDA starts.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    _quiet_libraries()
-    app()
+    try:
+        _quiet_libraries()
+        app()
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before a command handles it
+        err.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
