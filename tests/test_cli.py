@@ -253,3 +253,23 @@ def test_a_resumed_run_counts_the_time_of_every_invocation(finished_run, tmp_pat
     assert second["run_wall_seconds"] > second["wall_seconds"]
     assert second["run_wall_seconds"] >= first["run_wall_seconds"]
     assert "over every invocation" in output
+
+
+# --- paths and error lines as a shell user expects them -----------------------------------------------------
+
+def test_chat_expands_a_tilde_in_the_run_path(finished_run, tmp_path, monkeypatch):
+    shutil.copytree(finished_run, tmp_path / "home" / "my-run")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    result, output = invoke(["chat", "~/my-run", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"])
+    assert result.exit_code == 0, output
+
+
+def test_an_error_message_is_one_line_however_long(monkeypatch, tmp_path):
+    from snugtune.errors import ConfigError
+
+    def huge_error(*args, **kwargs):
+        raise ConfigError("first " + "x" * 100_000 + "\nsecond line")
+    monkeypatch.setattr("snugtune.config.load_config", huge_error)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and len(lines[0]) < 1100 and "(100,018 characters)" in lines[0]

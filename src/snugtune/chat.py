@@ -1,5 +1,6 @@
 """Chatting with a fine-tuned run (base + adapter) or a merged model folder: the chat template,
-streamed output, multi-turn history, /reset and /exit."""
+streamed output, multi-turn history, /reset and /exit. Every prompt is fitted to the model's context
+before the model runs: old turns are dropped, a message too long on its own is refused at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def load_for_chat(path: str | Path, device: str = "auto", trust=None):
     (evaluate.run.Trust, the command line's) decides remote code and pickle weights, never the folder."""
     from snugtune.evaluate.run import Trust, load_run
     trust = trust or Trust()
-    path = Path(path)
+    path = Path(path).expanduser()
     if (path / "config.yaml").is_file():
         run = load_run(path, device, trust)
         return run.model, run.tokenizer, run.device, run.precision
@@ -33,14 +34,66 @@ def load_for_chat(path: str | Path, device: str = "auto", trust=None):
     return model, tokenizer, dev, precision
 
 
-@torch.no_grad()
+MESSAGE_MAX_CHARS = 1 << 20  # longer than any context: refused before it is even tokenized
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model, tokenizer) -> int | None:
+    """Tokens the model attends over (its config's context length, else the tokenizer's limit); None if unknown."""
+    for name in _CONTEXT_FIELDS:
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None  # transformers' "no limit" is 1e30
+
+
+def fit_to_context(tokenizer, history: list[dict], context: int | None, max_new_tokens: int,
+                   notify: Callable[[str], None]) -> tuple[list[int], int]:
+    """The prompt's token ids and the answer's length, both within the model's context: the oldest turns of
+    `history` are dropped (in place, with a notice) until the prompt fits, and the answer is cut short (with a
+    notice) where the context leaves less room than max_new_tokens. A last message that alone leaves no room
+    for an answer is a UserError, said at once instead of running the model over it."""
+    last = history[-1]["content"]
+    if len(last) > MESSAGE_MAX_CHARS:
+        raise UserError(f"the message is {len(last):,} characters, more than any model's context "
+                        f"(at most {MESSAGE_MAX_CHARS:,}); shorten it")
+    start = 0  # history[start:] is the prompt: the oldest user message and its answer go first
+    while True:
+        ids = tokenizer.apply_chat_template(history[start:], tokenize=True, add_generation_prompt=True,
+                                            return_dict=False)
+        if context is None or len(ids) < context or start >= len(history) - 1:
+            break
+        start += 2
+    if context is not None and len(ids) >= context:
+        history.pop()  # the conversation before it stays as it was
+        raise UserError(f"the message is {len(ids):,} tokens with the chat template; the model's context holds "
+                        f"{context:,} and needs room for the answer: shorten it")
+    if start:
+        del history[:start]
+        notify(f"(the {start} oldest messages no longer fit the model's context of {context:,} tokens: left out)")
+    room = max_new_tokens if context is None else min(max_new_tokens, context - len(ids))
+    if room < max_new_tokens:
+        notify(f"(answer limited to {room:,} tokens: the prompt fills {len(ids):,} of the model's context of "
+               f"{context:,})")
+    return list(ids), room
+
+
 def reply(model, tokenizer, history: list[dict], device, precision, max_new_tokens: int = 256,
-          stream: Callable[[str], None] | None = None) -> str:
-    """Generate the assistant's next turn for `history` (greedy), streaming text pieces to `stream`."""
+          stream: Callable[[str], None] | None = None, notify: Callable[[str], None] = lambda message: None) -> str:
+    """Generate the assistant's next turn for `history` (greedy), streaming text pieces to `stream`, the
+    prompt fitted to the model's context first (fit_to_context: old turns dropped, or a UserError)."""
+    ids, new_tokens = fit_to_context(tokenizer, history, context_length(model, tokenizer), max_new_tokens, notify)
+    return generate_reply(model, tokenizer, ids, new_tokens, device, precision, stream)
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, ids: list[int], new_tokens: int, device, precision,
+                   stream: Callable[[str], None] | None = None) -> str:
+    """Greedy generation after the prompt's token ids, streaming text pieces to `stream`."""
     from transformers import TextStreamer
 
-    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    input_ids = torch.tensor([ids], device=device)
 
     class _Sink(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -48,14 +101,16 @@ def reply(model, tokenizer, history: list[dict], device, precision, max_new_toke
                 stream(text)
     streamer = _Sink(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with precision.autocast():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=new_tokens, do_sample=False, streamer=streamer,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def chat_loop(model, tokenizer, device, precision, read: Callable[[str], str], write: Callable[[str], None],
               max_new_tokens: int = 256) -> None:
-    """Interactive turns until /exit or end of input; /reset clears the history."""
+    """Interactive turns until /exit or end of input; /reset clears the history. A message too long for the
+    model's context is refused with a line and the conversation goes on."""
     history: list[dict] = []
     write("chat with the fine-tuned model; /reset clears the conversation, /exit quits\n")
     while True:
@@ -73,7 +128,13 @@ def chat_loop(model, tokenizer, device, precision, read: Callable[[str], str], w
         if not text:
             continue
         history.append({"role": "user", "content": text})
+        try:
+            ids, new_tokens = fit_to_context(tokenizer, history, context_length(model, tokenizer), max_new_tokens,
+                                             lambda message: write(message + "\n"))
+        except UserError as exc:
+            write(f"({exc})\n")
+            continue
         write("model> ")
-        answer = reply(model, tokenizer, history, device, precision, max_new_tokens, stream=write)
+        answer = generate_reply(model, tokenizer, ids, new_tokens, device, precision, stream=write)
         write("\n")
         history.append({"role": "assistant", "content": answer})

@@ -20,9 +20,15 @@ TRUST_REMOTE_CODE_HELP = "Let the base model's own Python code run (the run fold
 PICKLE_HELP = "Load the base model's .bin/.pt (pickle) weights (the run folder's config.yaml is not asked)."
 
 
+ERROR_LINE_CHARS = 1000  # an error is one line: a message quoting something huge is cut
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.markup import escape  # messages quote user values, which may contain [brackets]
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    line = " ".join(message.splitlines())
+    if len(line) > ERROR_LINE_CHARS:
+        line = f"{line[:ERROR_LINE_CHARS]}... ({len(line):,} characters)"
+    err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -85,23 +91,25 @@ def _train_or_plan(cfg, **kwargs) -> dict:
 def train(
     config: Path = typer.Argument(..., help="Config YAML (see examples/)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4 lora.r=8"),
-    fresh: bool = typer.Option(False, "--fresh", help="Start over: move an existing run directory aside first."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over: rename the existing run to OUTPUT_DIR.old-N first "
+                               "(only a snugtune run is ever moved; any other folder is refused)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Fine-tune. Resumes when the output directory has a checkpoint (--fresh starts over)."""
+    from rich.markup import escape
     from snugtune.config import load_config
-    from snugtune.engine import distributed
-    from snugtune.rundir import move_run_aside
+    from snugtune.rundir import set_aside_run
 
+    cfg = _run(debug, load_config, config, overrides or [])  # before torch loads: a bad config fails at once
+    from snugtune.engine import distributed
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
-    cfg = _run(debug, load_config, config, overrides or [])
     if fresh and ctx.is_main:
-        moved = _run(debug, move_run_aside, Path(cfg.output_dir))
+        moved = _run(debug, set_aside_run, Path(cfg.output_dir))
         if moved:
-            err.print(f"moved the previous run to {moved}", highlight=False)
+            err.print(f"moved the previous run to {moved}", highlight=False, markup=False)
     if ctx.is_main:
-        out.print(f"snugtune: training [bold]{cfg.model}[/] ({cfg.method}) -> {cfg.output_dir}"
+        out.print(f"snugtune: training [bold]{escape(cfg.model)}[/] ({cfg.method}) -> {escape(cfg.output_dir)}"
                   + (f" on {ctx.world_size} processes" if ctx.enabled else ""), highlight=False)
     try:
         summary = _run(debug, _train_or_plan, cfg, show_progress=not quiet,
@@ -298,7 +306,8 @@ def merge(
 def chat(
     path: Path = typer.Argument(..., help="A run directory or a merged model folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One message, print the answer and exit."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer in tokens."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=1_000_000,
+                                       help="Longest answer in tokens (less where the model's context ends)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     pickle_weights: bool = typer.Option(False, "--allow-pickle-weights", help=PICKLE_HELP),
@@ -314,7 +323,7 @@ def chat(
         sys.stdout.flush()
     if prompt is not None:
         _run(debug, reply, model, tokenizer, [{"role": "user", "content": prompt}], dev, precision, max_new_tokens,
-             stream=write)
+             stream=write, notify=lambda message: err.print(message, highlight=False, markup=False))
         write("\n")
         return
     _run(debug, chat_loop, model, tokenizer, dev, precision, read=input, write=write, max_new_tokens=max_new_tokens)
@@ -384,8 +393,12 @@ def main() -> None:
     # Expandable segments keep the caching allocator from fragmenting when sequence lengths vary (packed
     # rows, ragged batches): reserved memory then stays close to allocated. Set before CUDA starts.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    _quiet_libraries()
-    app()
+    try:
+        _quiet_libraries()
+        app()
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before a command handles it
+        err.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ Every field has a help text; unknown keys are errors that name the closest valid
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from snugtune.errors import ConfigError
 from snugtune.data.format_registry import FORMATS, column_fields
@@ -22,11 +23,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+COUNT_LIMIT = 10**9  # the most of anything counted (steps, rows, layers, tokens): far past any real run
+SEED_LIMIT = 2**32 - 1  # the seeds numpy and transformers.set_seed take; LoRA dropout reads the low 32 bits
+
+
+def _a_name_or_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_a_name_or_path)]  # a name or path: '' would mean the current folder
+
+
 DATA_FIELDS = column_fields()
 
 
 class DataConfig(_Section):
-    path: str = Field(description="Data file (.jsonl/.json/.csv/.tsv/.parquet/.txt, or .gz of a text one) or "
+    path: Text = Field(description="Data file (.jsonl/.json/.csv/.tsv/.parquet/.txt, or .gz of a text one) or "
                       "folder, relative to the config file, or a dataset id on the Hugging Face hub (owner/name).")
     format: Literal[("auto", *FORMATS)] = Field(
         "auto", description="Row format (" + ", ".join(FORMATS) + "); auto detects it from the first rows and "
@@ -47,9 +63,9 @@ class DataConfig(_Section):
     dataset: str | None = Field(None, description="A LLaMA-Factory data folder: the entry of its dataset_info.json "
                                 "to read (its file, formatting, columns and tags); needed when it has several.")
     revision: str | None = Field(None, description="Hub dataset: a branch, tag or commit.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows (after shuffling with the "
+    max_samples: int | None = Field(None, ge=1, le=COUNT_LIMIT, description="Use at most this many rows (after shuffling with the "
                                     "seed); a hub dataset is streamed and only this many rows are read.")
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, allow_inf_nan=False, description="Share of rows held out for evaluation.")
     too_long: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with conversations longer than max_seq_len (text documents are split "
                                 "into chunks of max_seq_len instead).")
@@ -72,13 +88,13 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    r: int = Field(16, ge=1, le=65536, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, le=1e6, allow_inf_nan=False, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False, description="Dropout on the LoRA input.")
     targets: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to adapt, or 'all-linear' for every linear layer but the output head.")
-    last_layers: int | None = Field(None, ge=1, description="Adapt only the last N transformer blocks (null = all).")
+    last_layers: int | None = Field(None, ge=1, le=COUNT_LIMIT, description="Adapt only the last N transformer blocks (null = all).")
 
 
 class QuantConfig(_Section):
@@ -94,34 +110,34 @@ class QuantConfig(_Section):
 
 
 class FreezeConfig(_Section):
-    trainable_layers: int = Field(2, ge=1, description="method=freeze: train only the last N transformer blocks.")
+    trainable_layers: int = Field(2, ge=1, le=COUNT_LIMIT, description="method=freeze: train only the last N transformer blocks.")
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    epochs: float = Field(1, gt=0, le=1e6, allow_inf_nan=False, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, le=COUNT_LIMIT, description="Stop after this many optimizer steps.")
     micro_batch: int | Literal["auto"] = Field(
         4, description="Sequences per forward pass. auto: the planner splits train.rows_per_step into the "
                              "fastest micro-batch x accumulation that fits the card (results do not depend on "
                              "the split: losses are token-normalised).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (with micro_batch: auto, the "
+    grad_accum: int = Field(1, ge=1, le=COUNT_LIMIT, description="Micro-batches per optimizer step (with micro_batch: auto, the "
                                                  "planner's).")
-    rows_per_step: int | None = Field(None, ge=1, description="Sequences (rows) per optimizer step; needed with "
+    rows_per_step: int | None = Field(None, ge=1, le=COUNT_LIMIT, description="Sequences (rows) per optimizer step; needed with "
                                       "micro_batch: auto. null: micro_batch x grad_accum.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(2e-4, gt=0, le=1.0, allow_inf_nan=False, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
-    warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of total steps if < 1, else a step count.")
+    warmup: float = Field(0.03, ge=0, le=COUNT_LIMIT, allow_inf_nan=False, description="Warmup: a fraction of total steps if < 1, else a step count.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="adamw (torch) or bitsandbytes 8-bit AdamW (paged: state pages to CPU under pressure).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = no clipping.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, allow_inf_nan=False, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="Clip the global gradient norm to this; null = no clipping.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4), fp32 on CPU.")
     grad_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute block activations in backward to save memory; auto: the planner turns it "
                             "on only when the run would not fit without it (off on CPU).")
     checkpoint_layers: int | None = Field(
-        None, ge=0, description="With checkpointing on: how many blocks, counted from the first, recompute their "
+        None, ge=0, le=COUNT_LIMIT, description="With checkpointing on: how many blocks, counted from the first, recompute their "
                                 "activations in backward; the blocks above keep theirs (faster, more memory). "
                                 "null = all. Under grad_checkpointing: auto the planner sets it to fill the card "
                                 "where blocks run eagerly (compiled blocks recompute none or all).")
@@ -142,16 +158,16 @@ class TrainConfig(_Section):
                             "captured after two eager runs), removing the per-kernel launch cost that bounds small "
                             "batches. auto: where blocks are compiled, for LoRA methods whose blocks draw no random "
                             "numbers (lora.dropout 0).")
-    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
-    log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
-    max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a "
+    seed: int = Field(0, ge=0, le=SEED_LIMIT, description="Seed for data order, LoRA init and dropout.")
+    log_every: int = Field(1, ge=1, le=COUNT_LIMIT, description="Write a metrics.jsonl line every N optimizer steps.")
+    max_nonfinite_steps: int = Field(10, ge=1, le=COUNT_LIMIT, description="Stop after this many consecutive steps with a "
                                      "non-finite loss or gradient (each is skipped, not applied).")
 
     @field_validator("micro_batch")
     @classmethod
     def _at_least_one_row(cls, value: int | str) -> int | str:
-        if value != "auto" and value < 1:
-            raise ValueError("Input should be greater than or equal to 1, or auto")
+        if value != "auto" and not 1 <= value <= COUNT_LIMIT:
+            raise ValueError(f"Input should be greater than or equal to 1 and at most {COUNT_LIMIT}, or auto")
         return value
 
     @model_validator(mode="after")
@@ -195,14 +211,14 @@ class OffloadConfig(_Section):
 
 
 class SaveConfig(_Section):
-    every_steps: int = Field(100, ge=1, description="Write a checkpoint every N optimizer steps.")
-    keep: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    every_steps: int = Field(100, ge=1, le=COUNT_LIMIT, description="Write a checkpoint every N optimizer steps.")
+    keep: int = Field(2, ge=1, le=COUNT_LIMIT, description="Keep the newest N checkpoints.")
 
 
 class EvalConfig(_Section):
-    every_steps: int | None = Field(None, ge=1, description="Also measure held-out loss every N steps (null: only before and after).")
-    max_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out batches.")
-    batch_size: int = Field(4, ge=1, description="Most sequences per evaluation forward pass (fewer where they would "
+    every_steps: int | None = Field(None, ge=1, le=COUNT_LIMIT, description="Also measure held-out loss every N steps (null: only before and after).")
+    max_batches: int | None = Field(None, ge=1, le=COUNT_LIMIT, description="Evaluate on at most this many held-out batches.")
+    batch_size: int = Field(4, ge=1, le=COUNT_LIMIT, description="Most sequences per evaluation forward pass (fewer where they would "
                                                 "hold more tokens than a training micro-batch).")
 
 
@@ -237,9 +253,9 @@ class LogConfig(_Section):
 
 
 class Config(_Section):
-    model: str = Field("smollm2-135m-instruct", description="Built-in name, shape:NAME, local HF folder, .gguf file or hub id.")
+    model: Text = Field("smollm2-135m-instruct", description="Built-in name, shape:NAME, local HF folder, .gguf file or hub id.")
     data: DataConfig
-    max_seq_len: int = Field(512, ge=8, description="Longest sample in tokens.")
+    max_seq_len: int = Field(512, ge=8, le=COUNT_LIMIT, description="Longest sample in tokens.")
     method: Literal["lora", "qlora", "lora-8bit", "freeze", "full"] = Field("lora", description="What is trained and how the base is stored.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA shape (lora, qlora, lora-8bit).")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="Base-weight quantization (qlora, lora-8bit).")
@@ -249,11 +265,17 @@ class Config(_Section):
     save: SaveConfig = Field(default_factory=SaveConfig, description="Checkpointing.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     log: LogConfig = Field(default_factory=LogConfig, description="Where metrics go besides metrics.jsonl.")
-    budget: str = Field("auto", description="Memory budget: auto (the card present), a card name (t4, rtx3080, ...) or NGiB.")
+    budget: Text = Field("auto", max_length=64, description="Memory budget: auto (the card present), a card name (t4, rtx3080, ...) or NGiB.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
-    output_dir: str = Field("runs/run", description="Run directory, relative to the current directory.")
+    output_dir: Text = Field("runs/run", description="Run directory, relative to the current directory (~ is the "
+                             "home folder).")
     trust_remote_code: bool = Field(False, description="Allow a hub model's own Python code to run (off by default).")
     allow_pickle_weights: bool = Field(False, description="Load .bin/.pt (pickle) weights; off: safetensors or GGUF only.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _home_folder(cls, value: str) -> str:
+        return os.path.expanduser(value)  # as a shell would: `~/runs/x` is not a folder named ~
 
     @model_validator(mode="after")
     def _quant_matches_method(self) -> "Config":
@@ -298,28 +320,87 @@ class Config(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading: every input bounded (file size, nesting, YAML alias expansion), every quoted value short
+
+CONFIG_MAX_BYTES = 1 << 20  # a config is a few KiB: a larger file is a data file passed by mistake
+CONFIG_MAX_VALUES = 100_000  # values once YAML aliases are expanded; a config spelled out in full has ~150
+QUOTE_CHARS = 80  # the most of any one value an error line quotes
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """text cut to `limit` characters, saying how long it was: an error line never echoes a huge value."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, bounded: invalid YAML, nesting too deep and aliases that expand past CONFIG_MAX_VALUES
+    values (a billion-laughs file) are each a ConfigError naming `source` (and the line where YAML says)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({shorten(str(getattr(exc, 'problem', exc)))})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    check_expansion(value, source)
+    return value
+
+
+def check_expansion(value: Any, source: str) -> None:
+    """ConfigError when `value` (parsed YAML, where an alias is one shared object) holds more than
+    CONFIG_MAX_VALUES values once expanded, or refers to itself: nothing downstream walks a bomb."""
+    sizes: dict[int, int] = {}  # id of a list or mapping -> values in it, expanded (each counted once)
+    open_ids: set[int] = set()
+
+    def count(item: Any) -> int:
+        if not isinstance(item, (dict, list)):
+            return 1
+        if id(item) in sizes:
+            return sizes[id(item)]
+        if id(item) in open_ids:
+            raise ConfigError(f"{source}: a YAML alias refers to itself (a value inside its own anchor)")
+        open_ids.add(id(item))
+        total = 1 + sum(count(child) for child in (item.values() if isinstance(item, dict) else item))
+        open_ids.discard(id(item))
+        sizes[id(item)] = total
+        return total
+    try:
+        total = count(value)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    if total > CONFIG_MAX_VALUES:
+        raise ConfigError(f"{source}: YAML aliases expand to {total:,} values (at most {CONFIG_MAX_VALUES:,}); "
+                          f"write the config out without aliases (&name, *name)")
+
 
 def _parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would (numbers, booleans, lists, null)."""
+    """Parse an override value the way YAML would (numbers, booleans, lists, null); `key=` is an empty string
+    (null is `key=null`)."""
+    if not text:
+        return ""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise ConfigError(f"override value {shorten(text)!r}: nested too deeply") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` overrides to a raw config dict (in place) and return it."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (example: train.lr=1e-4)")
+            raise ConfigError(f"override '{shorten(item)}' is not key=value (example: train.lr=1e-4)")
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{shorten(item)}': the key has an empty part (example: train.lr=1e-4)")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
+                raise ConfigError(f"override '{shorten(item)}': '{shorten(part)}' is not a section")
         node[parts[-1]] = _parse_value(value)
     return raw
 
@@ -351,10 +432,11 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line naming the field and what is wrong, with a suggestion for misspelled keys."""
+    """One line naming the field and what is wrong, with a suggestion for misspelled keys; values (and keys)
+    are quoted cut short."""
     first = err.errors()[0]
     loc = tuple(first["loc"])
-    field = ".".join(str(p) for p in loc) or "(top level)"
+    field = shorten(".".join(str(p) for p in loc)) or "(top level)"
     if first["type"] == "extra_forbidden":
         valid = _known_keys(Config, loc[:-1])
         alias = _OTHER_TOOLS_NAMES.get(str(loc[-1]))
@@ -364,10 +446,29 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key '{field}'{hint}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{field}'"
-    message = first["msg"].removeprefix("Value error, ")
+    message = shorten(first["msg"].removeprefix("Value error, "), 4 * QUOTE_CHARS)
     got = first.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or got is None else f" (got {shorten(repr(got))})"
     return f"{source}: {field}: {message}{shown}"
+
+
+def _read_config_text(path: Path) -> str:
+    """The config file's text, refused when it is not a regular file, over CONFIG_MAX_BYTES or not UTF-8."""
+    if not path.is_file():
+        what = "not a regular file (a folder, a pipe or a device)" if path.exists() else "config file not found"
+        raise ConfigError(f"{path}: {what}")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: over {CONFIG_MAX_BYTES // 2**20} MiB, too large for a config; pass the YAML "
+                          f"config (data files go in data.path)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); pass the YAML config") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -375,18 +476,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
     Raises ConfigError with a one-line message on any problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    path = Path(path).expanduser()
+    raw = safe_yaml(_read_config_text(path), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     apply_overrides(raw, overrides or [])
+    check_expansion(raw, f"{path} with the overrides")
     config = config_from_dict(raw, source=str(path))
     config.data.path = _resolve_data_path(config.data.path, path.parent)
     template = config.data.chat_template
@@ -467,6 +562,6 @@ def _flatten(value: dict, prefix: str = "") -> dict:
 
 def changed_fields(saved_yaml: str, config: Config) -> list[str]:
     """Dotted names of the fields whose value differs between a saved config (YAML) and `config`."""
-    old = _flatten(yaml.safe_load(saved_yaml) or {})
+    old = _flatten(safe_yaml(saved_yaml, "the checkpoint's config.yaml") or {})
     new = _flatten(config.model_dump(mode="json"))
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

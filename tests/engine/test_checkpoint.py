@@ -1,14 +1,17 @@
 """A crash at any point of a checkpoint save (keep: 1) leaves the last complete checkpoint loadable,
-including when the same step is saved again."""
+including when the same step is saved again; a full disk at any write of a save is one clear error."""
 
+import errno
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import snugtune.engine.checkpoint as checkpoint_module
 from snugtune.engine.checkpoint import TrainPosition, complete_checkpoints, load_checkpoint, save_checkpoint
+from snugtune.errors import CheckpointWriteError
 from snugtune.precision import resolve_precision
 
 
@@ -82,3 +85,61 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint(next_save, 
         assert _newest_loads(run_dir) == seed
         assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{step}"]
     assert at > 5 and _newest_loads(run_dir) == seed
+
+
+class DiskFull:
+    """From the k-th write call of a save on, the disk is full, each writer failing the way it really does:
+    OSError(ENOSPC) from mkdir, fsync and Python's writes; SafetensorError naming os error 28 from safetensors;
+    and torch.save, whose file's write raises ENOSPC, raises its own RuntimeError (without the reason)."""
+
+    def __init__(self, monkeypatch, at: int):
+        self.calls, self.at = 0, at
+        for module, name in ((os, "mkdir"), (os, "fsync")):
+            monkeypatch.setattr(module, name, self.wrap(getattr(module, name), self.oserror))
+        monkeypatch.setattr(checkpoint_module, "save_file", self.wrap(checkpoint_module.save_file, self.safetensors))
+        path_type = type(checkpoint_module.Path())
+        monkeypatch.setattr(path_type, "write_text", self.wrap(path_type.write_text, self.oserror))
+        monkeypatch.setattr(checkpoint_module, "open", self.wrap(open, self.oserror, files=True), raising=False)
+
+    @staticmethod
+    def oserror():
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    @staticmethod
+    def safetensors():
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def wrap(self, real, error, files: bool = False):
+        def operation(*args, **kwargs):
+            self.calls += 1
+            if self.calls < self.at:
+                return real(*args, **kwargs)
+            if not files:
+                raise error()
+            handle = real(*args, **kwargs)  # the file opens; its writes fail
+            handle.write = lambda data: (_ for _ in ()).throw(error())
+            return handle
+        return operation
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_full_disk_at_any_write_of_a_save_is_one_clear_error_and_the_previous_checkpoint_stays(earlier, tmp_path):
+    for at in range(1, 100):
+        run_dir = tmp_path / f"run-{at}"
+        if earlier:
+            _save(run_dir, step=1, seed=1)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            disk = DiskFull(monkeypatch, at)
+            try:
+                _save(run_dir, step=2, seed=2)
+            except CheckpointWriteError as exc:
+                previous = "the previous checkpoint step-1 is intact" if earlier else "no earlier checkpoint exists"
+                assert str(exc).endswith(f"No space left on device; {previous}"), (at, str(exc))
+                assert "\n" not in str(exc)
+            if disk.calls < at:
+                break  # the save made fewer writes than `at`: every one of them has failed in turn
+        assert [p.name for p in complete_checkpoints(run_dir)] == (["step-1"] if earlier else [])
+        assert not list((run_dir / "checkpoints").glob(".tmp-*")), f"write {at} left a temp folder"
+        if earlier:
+            assert _newest_loads(run_dir) == 1
+    assert at > 6 and _newest_loads(run_dir) == 2

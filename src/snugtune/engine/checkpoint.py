@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from snugtune.errors import CheckpointWriteError
 from snugtune.engine.distributed import full_tensor, shard_like
 from snugtune.rundir import (CHECKPOINTS, COMPLETE, CONFIG, METRICS, POSITION, REPLACED, STATE, TRAINABLE,
-                             complete_checkpoints, read_jsonl)
-
+                             complete_checkpoints, read_jsonl, write_failure)
 
 
 @dataclass
@@ -122,9 +122,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(weights, str(tmp / TRAINABLE))
-        torch.save({"optimizer": optimizer_state, "optimizer_class": type(optimizer).__name__,
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
-                   tmp / STATE)
+        _torch_save({"optimizer": optimizer_state, "optimizer_class": type(optimizer).__name__,
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
+                    tmp / STATE)
         (tmp / POSITION).write_text(json.dumps(asdict(position)))
         (tmp / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (tmp / CONFIG).write_text(config_yaml)
@@ -133,17 +133,47 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, position
                 os.fsync(handle.fileno())
         (tmp / COMPLETE).write_text("")  # last: a folder without it is never resumed from
         _put_in_place(tmp, final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # disk full, quota, unwritable: the older checkpoints stand
         shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(run_dir)
         previous = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"could not write checkpoint {final}: {exc.strerror or exc}; {previous}") from None
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {write_failure(exc)}; {previous}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in complete_checkpoints(run_dir)[:-keep] + _leftovers(root):
         _remove(old)
     return final
+
+
+class _WriteErrors:
+    """The file torch.save writes through, keeping the OSError a write met: torch reports a failed write (a
+    full disk) only as RuntimeError("unexpected pos ..."), without the reason."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(value, path: Path) -> None:
+    """torch.save, a failed write raised as the OSError it was."""
+    with open(path, "wb") as handle:
+        writer = _WriteErrors(handle)
+        try:
+            torch.save(value, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:
