@@ -94,6 +94,8 @@ def train(
     fresh: bool = typer.Option(False, "--fresh", help="Start over: rename the existing run to OUTPUT_DIR.old-N first "
                                "(only a snugtune run is ever moved; any other folder is refused)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    accept_new_data: bool = typer.Option(False, "--accept-new-data", help="Resume even though the data file's "
+                                         "content changed since the checkpoint (recorded in summary.json)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Fine-tune. Resumes when the output directory has a checkpoint (--fresh starts over)."""
@@ -113,7 +115,8 @@ def train(
                   + (f" on {ctx.world_size} processes" if ctx.enabled else ""), highlight=False)
     try:
         summary = _run(debug, _train_or_plan, cfg, show_progress=not quiet,
-                       notify=lambda message: err.print(message, highlight=False), ctx=ctx)
+                       notify=lambda message: err.print(message, highlight=False), ctx=ctx,
+                       accept_new_data=accept_new_data)
     finally:
         distributed.stop(ctx)
     if ctx.is_main:

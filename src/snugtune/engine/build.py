@@ -51,6 +51,7 @@ class Job:
     pad_multiple: int            # lengths rounded up to a multiple of this (GPU: fewer, aligned shapes)
     started: float                # when this invocation began (its wall time counts from here)
     step_downs: list = field(default_factory=list)  # the notice of each step down after an OOM, in order
+    accept_new_data: bool = False  # resume even where the data's content changed since the checkpoint
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,8 @@ class TrainPosition:
     skipped_steps: int = 0
     rows_per_step: int = 0   # micro_batch x grad_accum x processes when saved (may be split differently)
     run_seconds: float = 0.0  # training time up to this checkpoint, summed over every invocation
+    data_digest: str = ""     # the data's content (data.prepare.PreparedData.content_digest) it trained on
+    data_changes: list = field(default_factory=list)  # each resume onto changed data: {step, from, to}
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

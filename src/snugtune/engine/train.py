@@ -10,8 +10,8 @@ plan: in place, or, where it needs another model, through a checkpoint and a reb
 
 from __future__ import annotations
 
-import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from math import nan
 from pathlib import Path
@@ -40,49 +40,53 @@ from snugtune.models import default_cache_dir, load_tokenizer, resolve_model
 from snugtune.planner.apply import plan_run, planned_figures
 from snugtune.planner.inventory import inventory_of_folder
 from snugtune.precision import resolve_device, resolve_precision
-from snugtune.rundir import CHECKPOINTS, RUN_SIGNS, MetricsLog, RunFolder, plot_losses, save_model_artifacts
+from snugtune.rundir import (CHECKPOINTS, MetricsLog, RunFolder, hold_run_lock, plot_losses, prepare_run_folder,
+                             save_model_artifacts)
 from snugtune.trackers import open_trackers
 
 REBUILD = "rebuild"  # train_steps' answer when an OOM stepped down to a plan that needs another model
 
 
-def train(config: Config, show_progress: bool = True, notify=lambda message: None, ctx: DistContext = SINGLE) -> dict:
+def train(config: Config, show_progress: bool = True, notify=lambda message: None, ctx: DistContext = SINGLE,
+          accept_new_data: bool = False) -> dict:
     """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict.
 
     `notify(str)` receives one-line notices (resuming, the planner's choices, step downs). SIGINT/SIGTERM finish
     the current step, save a checkpoint and raise TrainingInterrupted. Under torchrun (ctx from
     engine.distributed.context_from_env) each process trains on its share of every step's rows through
-    PyTorch's DDP or FSDP; only rank 0 writes metrics, checkpoints and artifacts.
+    PyTorch's DDP or FSDP; only rank 0 writes metrics, checkpoints and artifacts, and holds the run folder's
+    lock. A resume on data whose content changed since the checkpoint is refused unless accept_new_data.
     """
     started = time.perf_counter()
-    job = set_up(config, notify if ctx.is_main else (lambda message: None), ctx, started)
-    plan = plan_run(config, job.inventory, job.trained_per_row, ctx.world_size, job.masked,
-                    job.device.type == "cuda", job.notify)
-    while True:
-        run = build_that_fits(job, plan)
-        run.started = started
-        position, log, resumed_from = resume(run)
-        eval_loss_before = held_out_loss_before(run, log)
-        stopped = train_steps(run, position, log, show_progress and ctx.is_main)
-        if stopped != REBUILD:
-            break
-        log.close()
-        plan, started = run.plan, time.perf_counter()  # the new plan's model resumes from the step's checkpoint
-        del run
-        free_device_memory(job.device)
-    save_checkpoint_now(run, position, log)
-    if stopped and position.step < run.total_steps:
-        raise TrainingInterrupted(f"{stopped} at step {position.step}: checkpoint saved in "
-                                  f"{job.run_dir / CHECKPOINTS}; run the same command to resume")
-    return finish(run, position, log, eval_loss_before, resumed_from)
+    run_dir = Path(config.output_dir)
+    prepare_run_folder(run_dir)  # every process judges the folder alike; one writes into it and holds it
+    with hold_run_lock(run_dir) if ctx.is_main else nullcontext():
+        job = set_up(config, notify if ctx.is_main else (lambda message: None), ctx, started, accept_new_data)
+        plan = plan_run(config, job.inventory, job.trained_per_row, ctx.world_size, job.masked,
+                        job.device.type == "cuda", job.notify)
+        while True:
+            run = build_that_fits(job, plan)
+            run.started = started
+            position, log, resumed_from = resume(run)
+            eval_loss_before = held_out_loss_before(run, log)
+            stopped = train_steps(run, position, log, show_progress and ctx.is_main)
+            if stopped != REBUILD:
+                break
+            log.close()
+            plan, started = run.plan, time.perf_counter()  # the new plan's model resumes from the step's checkpoint
+            del run
+            free_device_memory(job.device)
+        save_checkpoint_now(run, position, log)
+        if stopped and position.step < run.total_steps:
+            raise TrainingInterrupted(f"{stopped} at step {position.step}: checkpoint saved in "
+                                      f"{job.run_dir / CHECKPOINTS}; run the same command to resume")
+        return finish(run, position, log, eval_loss_before, resumed_from)
 
 
 # --- set up --------------------------------------------------------------------------------------
 
-def set_up(config: Config, notify, ctx: DistContext, started: float) -> Job:
-    """The run folder, the device (capped to the budget), the base model's tokenizer and inventory, and the data."""
-    run_dir = Path(config.output_dir)
-    _prepare_run_dir(run_dir)
+def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_data: bool = False) -> Job:
+    """The device (capped to the budget), the base model's tokenizer and inventory, and the data."""
     device = _device_for(config, ctx)
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
     if device.type == "cuda":  # building a shape model on the GPU is not part of the run's peak
@@ -99,13 +103,13 @@ def set_up(config: Config, notify, ctx: DistContext, started: float) -> Job:
     if capped:
         notify(capped)
     return Job(asked=config, ctx=ctx, device=device, precision=resolve_precision(config.train.precision, device),
-               notify=notify, run_dir=run_dir, base_path=resolved.path, tokenizer=tokenizer, data=data,
+               notify=notify, run_dir=Path(config.output_dir), base_path=resolved.path, tokenizer=tokenizer, data=data,
                inventory=inventory_of_folder(resolved.path, config.trust_remote_code), packed_len=packed_len, first_epoch_rows=first_epoch_rows,
                trained_per_row=trained_tokens_per_row(first_epoch_rows),
                masked=rows_masked(config.data.packing, varlen_usable(device),
                                   any(len(row) > 1 for row in first_epoch_rows)),
                pad_multiple=GPU_PAD_MULTIPLE if device.type == "cuda" else 1,  # lengths exact on the CPU
-               started=started)
+               started=started, accept_new_data=accept_new_data)
 
 
 def _device_for(config: Config, ctx: DistContext) -> torch.device:
@@ -117,26 +121,6 @@ def _device_for(config: Config, ctx: DistContext) -> torch.device:
     return device
 
 
-WRITE_TEST = ".write-test-"  # the probe file each process writes to check output_dir is writable
-
-
-def _prepare_run_dir(run_dir: Path) -> None:
-    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise UserError(f"output_dir: {run_dir} exists and is not a plain folder (a file or a link); choose another")
-    # another process of the same torchrun job may be writing its .write-test probe right now
-    held = [p for p in run_dir.iterdir() if not p.name.startswith(WRITE_TEST)] if run_dir.is_dir() else []
-    if held and not any((run_dir / sign).exists() for sign in RUN_SIGNS):
-        raise UserError(f"output_dir: {run_dir} holds files and is not a snugtune run (no metrics.jsonl, checkpoints "
-                        f"or summary.json); choose a new or empty folder (nothing was changed)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f"{WRITE_TEST}{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output_dir: cannot write to {run_dir}: {exc.strerror or exc}") from None
-
-
 # --- resume --------------------------------------------------------------------------------------
 
 def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
@@ -144,7 +128,7 @@ def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
     rows logged up to it, and that checkpoint. Writes the run's config.yaml."""
     job = run.job
     folder = RunFolder(job.run_dir)
-    position = TrainPosition(rows_per_step=run.rows_per_step)
+    position = TrainPosition(rows_per_step=run.rows_per_step, data_digest=job.data.content_digest)
     metrics: list[dict] = []
     checkpoints = folder.checkpoints()
     resumed_from = checkpoints[-1] if checkpoints else None
@@ -152,6 +136,7 @@ def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
         _check_resume_config(resumed_from, run.config, run.rows_per_step, job.notify)
         position = load_checkpoint(resumed_from, run.model, run.optimizer, run.scheduler, run.scaler, job.notify)
         position.rows_per_step = run.rows_per_step
+        _check_resume_data(resumed_from, position, job)
         run.earlier_seconds = position.run_seconds
         metrics = checkpoint_metrics(resumed_from)  # rows logged after it are re-done
         job.notify(f"resuming from {resumed_from} (step {position.step} of {run.total_steps})")
@@ -175,6 +160,23 @@ def _check_resume_config(checkpoint: Path, config: Config, rows_per_step: int, n
                         f"{', '.join(refused)}; resume with the same settings, or pass --fresh to start over")
     if any(f in RESUME_LENGTH_FIELDS for f in changed):
         notify("run length changed: the learning-rate schedule is recomputed over the new number of steps")
+
+
+def _check_resume_data(checkpoint: Path, position: TrainPosition, job: Job) -> None:
+    """Refuse to resume on data whose content changed since the checkpoint (other rows, another held-out set),
+    unless the user accepts it; an accepted change is recorded in the position (and so in summary.json)."""
+    now = job.data.content_digest
+    if not position.data_digest or position.data_digest == now:  # checkpoints before digests were kept
+        position.data_digest = now
+        return
+    if not job.accept_new_data:
+        raise UserError(f"{job.asked.data.path}: the data changed since the checkpoint {checkpoint.name} (content "
+                        f"{position.data_digest[:12]} then, {now[:12]} now); resuming would train on other rows and "
+                        f"compare held-out losses on another set: restore the data, pass --accept-new-data to go on "
+                        f"with it, or --fresh to start over")
+    job.notify(f"the data changed since {checkpoint.name}: resuming on the new data, as asked (--accept-new-data)")
+    position.data_changes.append({"step": position.step, "from": position.data_digest, "to": now})
+    position.data_digest = now
 
 
 def held_out_loss_before(run: Run, log: MetricsLog) -> float:
@@ -349,6 +351,7 @@ def _summary(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_befor
         "wall_seconds": time.perf_counter() - job.started, "steps": position.step,
         "run_wall_seconds": run.earlier_seconds + time.perf_counter() - run.started,
         "skipped_steps": position.skipped_steps, "tokens_trained": position.tokens_trained,
+        "data_digest": position.data_digest, "data_changes": position.data_changes,
         "trainable_params": run.counts["trainable_params"], "total_params": run.counts["total_params"],
         "precision": job.precision.name, "device": device_description(job.device), "versions": versions(),
         "data": asdict(job.data.report), "resumed_from": str(resumed_from) if resumed_from else None,
