@@ -248,3 +248,165 @@ def test_group_logps_sums_each_groups_tokens_as_full_logits_would(tmp_path, alpa
     with pytest.raises(ValueError, match="outside 0..2"):
         group_logps(model, batch, 3)
 
+
+# --- against TRL's trainers on a tiny LoRA model: tokenization, batches, loss and LoRA gradients ----------------
+
+
+def _trl_ready_model(tmp_path):
+    """A shape:tiny LoRA model (fp32, CPU) and its tokenizer."""
+    from conftest import alpaca_rows, tiny_model, write_jsonl
+    _, model, tokenizer, _ = tiny_model(tmp_path, write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4)))
+    return model, tokenizer
+
+
+def _move_trained_lora(model):
+    """Random LoRA B weights for the trained adapter, so that the policy differs from the reference (TRL keeps
+    the adapter as it was handed over, with B = 0, as its 'ref' adapter: the base model)."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name and p.requires_grad:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_grads(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys() and ours
+    for name, grad in theirs.items():
+        assert float((ours[name] - grad).norm()) <= 1e-4 * float(grad.norm()) + 1e-9, name
+
+
+def _assert_same_step(model, trl_step, our_step) -> None:
+    """TRL's step (a callable giving its loss and logged metrics) and ours (a callable giving an Objective),
+    from the same weights, give the same loss, LoRA gradients and metrics."""
+    model.train()
+    model.zero_grad()
+    trl_loss, trl_metrics = trl_step()
+    trl_loss.backward()
+    trl_grads = _lora_grads(model)
+    model.zero_grad()
+    ours = our_step()
+    loss = ours.loss()
+    assert float(loss.detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-5)
+    loss.backward()
+    _assert_same_grads(_lora_grads(model), trl_grads)
+    for name, value in ours.metric_means().items():
+        assert value == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
+
+
+def _logged(trainer, loss):
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+
+def _trl_args(config_class, tmp_path, **fields):
+    return config_class(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no",
+                        per_device_train_batch_size=4, **fields)
+
+
+def _conversation_rows():
+    """Four TRL conversational rows of different prompt and answer lengths."""
+    return [{"prompt": [{"role": "user", "content": f"Add {i} and {i + 1}." * (i + 1)}],
+             "chosen": [{"role": "assistant", "content": f"It is {2 * i + 1}."}],
+             "rejected": [{"role": "assistant", "content": f"No idea {i}, sorry." * (3 - i) * 2}]} for i in range(4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_on_a_model_matches_trls_dpo_trainer(tmp_path, loss_type):
+    from datasets import Dataset
+    from trl import DPOConfig
+    from snugtune.data.files import Row
+    from snugtune.data.preference_batches import pair_batch
+    from snugtune.data.preference_rows import to_pair
+    from snugtune.data.preference_tokenize import fit_pair, tokenize_pair
+    model, tokenizer = _trl_ready_model(tmp_path)
+    rows, max_len = _conversation_rows(), 64  # the longest pair is cut: truncation is compared too
+    trainer = DPOTrainer(model=model, args=_trl_args(DPOConfig, tmp_path, max_length=max_len, loss_type=[loss_type]),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    _move_trained_lora(model)
+    pairs = [tokenize_pair(to_pair(Row(f"rows:{i}", row)), tokenizer, f"rows:{i}") for i, row in enumerate(rows)]
+    for pair, tokenized in zip(pairs, trainer.train_dataset):  # our tokens are TRL's
+        assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == \
+            (tokenized["prompt_ids"], tokenized["chosen_ids"], tokenized["rejected_ids"])
+    theirs = trainer.data_collator(list(trainer.train_dataset))
+    batch = pair_batch([fit_pair(p, max_len, "truncate") for p in pairs], tokenizer.pad_token_id)
+    assert torch.equal(batch.tensors["input_ids"], theirs["input_ids"])
+    assert max(len(p.prompt_ids) + len(p.rejected_ids) for p in pairs) > max_len
+
+
+    def ours():
+        sums, counts = group_logps(model, batch.tensors, batch.groups)
+        with torch.no_grad(), model.disable_adapter():
+            ref, _ = group_logps(model, batch.tensors, batch.groups)
+        return dpo_loss(sums[:4], sums[4:], ref[:4], ref[4:], counts[:4], counts[4:], loss_type=loss_type)
+
+    _assert_same_step(model, lambda: _logged(trainer, trainer.compute_loss(model, theirs)), ours)
+
+
+@pytest.mark.slow
+def test_kto_on_a_model_matches_trls_kto_trainer(tmp_path):
+    from datasets import Dataset
+    from trl import KTOConfig
+    from snugtune.data.files import Row
+    from snugtune.data.preference_batches import labelled_batches
+    from snugtune.data.preference_rows import to_labelled
+    from snugtune.data.preference_tokenize import fit_completion, tokenize_labelled
+    model, tokenizer = _trl_ready_model(tmp_path)
+    rows = [{"prompt": r["prompt"], "completion": r["chosen" if i % 2 else "rejected"], "label": i != 2}
+            for i, r in enumerate(_conversation_rows())]
+    max_len = 72
+    trainer = KTOTrainer(model=model, args=_trl_args(KTOConfig, tmp_path, max_length=max_len),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    _move_trained_lora(model)
+    tokenized = [tokenize_labelled(to_labelled(Row(f"rows:{i}", row)), tokenizer, "rows") for i, row in enumerate(rows)]
+    for ours, theirs in zip(tokenized, trainer.train_dataset):
+        assert (ours.prompt_ids, ours.completion_ids) == (theirs["prompt_ids"], theirs["completion_ids"])
+    theirs = trainer.data_collator(list(trainer.train_dataset))
+    matched, mismatched, desirable = labelled_batches([fit_completion(r, max_len, "truncate") for r in tokenized],
+                                                      tokenizer.pad_token_id, max_len)
+    assert torch.equal(matched.tensors["input_ids"], theirs["input_ids"])
+    assert torch.equal(mismatched.tensors["input_ids"], theirs["KL_input_ids"])
+
+
+    def ours():
+        sums, _ = group_logps(model, matched.tensors, matched.groups)
+        with torch.no_grad():
+            kl, _ = group_logps(model, mismatched.tensors, mismatched.groups)
+            with model.disable_adapter():
+                ref, _ = group_logps(model, matched.tensors, matched.groups)
+                kl_ref, _ = group_logps(model, mismatched.tensors, mismatched.groups)
+        return kto_loss(sums, ref, desirable, kl, kl_ref)
+
+    _assert_same_step(model, lambda: _logged(trainer, trainer.compute_loss(model, theirs)), ours)
+
+
+@pytest.mark.slow
+def test_orpo_on_a_model_matches_trls_orpo_trainer(tmp_path):
+    # on TRL's own tokens: its experimental ORPOTrainer tokenizes rendered text and appends a second EOS
+    # after ChatML's end-of-turn line, which our tokenization (TRL DPOTrainer's) does not
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig
+    from snugtune.data.preference_batches import pair_batch
+    from snugtune.data.preference_tokenize import TokenizedPair
+    model, tokenizer = _trl_ready_model(tmp_path)
+    trainer = ORPOTrainer(model=model, args=_trl_args(ORPOConfig, tmp_path, max_length=128, remove_unused_columns=False),
+                          train_dataset=Dataset.from_list(_conversation_rows()), processing_class=tokenizer)
+    _move_trained_lora(model)
+
+    def as_pair(row) -> TokenizedPair:
+        cut = row["chosen_labels"].count(-100)
+        assert row["rejected_input_ids"][:cut] == row["chosen_input_ids"][:cut]
+        return TokenizedPair(row["chosen_input_ids"][:cut], row["chosen_input_ids"][cut:], row["chosen_labels"][cut:],
+                             row["rejected_input_ids"][cut:], row["rejected_labels"][cut:])
+
+    batch = pair_batch([as_pair(row) for row in trainer.train_dataset], tokenizer.pad_token_id, prompt_nll=True)
+    theirs = trainer.data_collator(list(trainer.train_dataset))
+
+    def ours():
+        sums, counts = group_logps(model, batch.tensors, batch.groups)
+        return orpo_loss(sums[:4], sums[4:8], counts[:4], counts[4:8], chosen_prompt=sums[8:],
+                         chosen_prompt_tokens=counts[8:])
+
+    _assert_same_step(model, lambda: trainer.get_batch_loss_metrics(model, theirs), ours)
