@@ -79,3 +79,44 @@ def test_micro_batch_auto_splits_rows_per_step_and_the_numbers_must_agree(tmp_pa
     assert (split.micro_batch, split.grad_accum, split.step_rows) == (2, 4, 8)
     with pytest.raises(ConfigError, match="rows_per_step=8 is not micro_batch x grad_accum"):
         tiny_config(tmp_path, alpaca_file, train={"micro_batch": 3, "rows_per_step": 8})
+
+
+PREFERENCE_CONFIGS = [  # (objective and preference section, the one-line error; None: valid)
+    ({}, None),
+    ({"objective": "sft", "preference": {}}, None),
+    ({"objective": "sft", "preference": {"beta": 0.1, "desirable_weight": 1.0}}, None),  # defaults, spelled out
+    ({"objective": "dpo"}, "objective: dpo is coming (issue 38)"),
+    ({"objective": "kto", "preference": {"beta": 0.2, "desirable_weight": 1.33}}, "objective: kto is coming"),
+    ({"objective": "sft", "preference": {"beta": 0.2}}, "preference.beta applies to objective: dpo or orpo or kto "
+                                                        "(objective is sft)"),
+    ({"objective": "dpo", "preference": {"undesirable_weight": 2}}, "preference.undesirable_weight applies to "
+                                                                    "objective: kto (objective is dpo)"),
+    ({"objective": "kto", "preference": {"loss_type": "ipo"}}, "preference.loss_type applies to objective: dpo"),
+    ({"objective": "dpo", "preference": {"prompt_nll": False}}, "preference.prompt_nll applies to objective: orpo"),
+    ({"objective": "dpo", "preference": {"label_smoothing": 0.1}}, "set preference.loss_type: robust"),
+    ({"objective": "dpo", "preference": {"label_smoothing": 0.5, "loss_type": "robust"}},
+     "preference.label_smoothing: Input should be less than 0.5"),
+    ({"objective": "dpo", "preference": {"beta": 0}}, "preference.beta: Input should be greater than 0"),
+    ({"objective": "dpo", "preference": {"loss_type": "kto_pair"}}, "preference.loss_type: Input should be"),
+    ({"objective": "orpo", "preference": {"betta": 0.1}}, "unknown key 'preference.betta'; did you mean "
+                                                          "'preference.beta'?"),
+    ({"objective": "simpo"}, "objective: Input should be 'sft', 'dpo', 'orpo' or 'kto'"),
+]
+
+
+@pytest.mark.parametrize("fields, error", PREFERENCE_CONFIGS)
+def test_objective_and_preference_parameters_are_validated_together(fields, error):
+    raw = {"data": {"path": "x"}, **fields}
+    if error is None:
+        assert config_from_dict(raw, "c.yaml").objective == "sft"
+        return
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(raw, "c.yaml")
+    assert error in str(caught.value) and str(caught.value).startswith("c.yaml: ")
+
+
+def test_a_resolved_config_with_every_preference_field_spelled_out_loads_again():
+    import yaml
+    from snugtune.config import config_to_yaml
+    config = config_from_dict({"data": {"path": "x"}})
+    assert config_from_dict(yaml.safe_load(config_to_yaml(config))) == config

@@ -215,6 +215,25 @@ def test_kto_loss_gradients_and_metrics_match_trl(seed, rows, share, beta, wd, w
     assert set(ref_metrics) - {"entropy", "num_tokens", "logits/chosen", "logits/rejected"} <= set(metrics)
 
 
+def test_config_offers_these_loss_types_with_trls_defaults(tmp_path):
+    import inspect
+    from typing import get_args
+    from trl import DPOConfig, KTOConfig
+    from trl.experimental.orpo import ORPOConfig
+    from snugtune.config import PREFERENCE_FIELD_OBJECTIVES, PreferenceConfig
+    assert get_args(PreferenceConfig.model_fields["loss_type"].annotation) == DPO_LOSS_TYPES
+    assert set(PREFERENCE_FIELD_OBJECTIVES) == set(PreferenceConfig.model_fields)
+    ours = PreferenceConfig()
+    dpo, kto, orpo = (c(output_dir=str(tmp_path), use_cpu=True) for c in (DPOConfig, KTOConfig, ORPOConfig))
+    assert ours.beta == dpo.beta == kto.beta == orpo.beta
+    assert ([ours.loss_type], ours.label_smoothing) == (dpo.loss_type, dpo.label_smoothing)
+    assert (ours.desirable_weight, ours.undesirable_weight) == (kto.desirable_weight, kto.undesirable_weight)
+    for function in (dpo_loss, orpo_loss, kto_loss):  # the functions' own defaults are the config's
+        for name, parameter in inspect.signature(function).parameters.items():
+            if name in PreferenceConfig.model_fields:
+                assert parameter.default == getattr(ours, name), (function.__name__, name)
+
+
 # --- group_logps: the model side --------------------------------------------------------------------------
 
 
