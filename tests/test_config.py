@@ -216,3 +216,45 @@ def test_a_tilde_means_the_home_folder_in_every_path(tmp_path, monkeypatch):
     assert load_config("~/configs/c.yaml", ["output_dir=~/"]).output_dir == str(home) + "/"
     assert config_from_dict({"data": {"path": "x"}, "output_dir": "~/r"}).output_dir == str(home / "r")
     assert not (tmp_path / "~").exists()
+        return self
+
+    @model_validator(mode="after")
+PREFERENCE_CONFIGS = [  # (objective and preference section, the one-line error; None: valid)
+    ({}, None),
+    ({"objective": "sft", "preference": {}}, None),
+    ({"objective": "sft", "preference": {"beta": 0.1, "desirable_weight": 1.0}}, None),  # defaults, spelled out
+    ({"objective": "dpo"}, "objective: dpo is coming (issue 38)"),
+    ({"objective": "kto", "preference": {"beta": 0.2, "desirable_weight": 1.33}}, "objective: kto is coming"),
+    ({"objective": "sft", "preference": {"beta": 0.2}}, "preference.beta applies to objective: dpo or orpo or kto "
+                                                        "(objective is sft)"),
+    ({"objective": "dpo", "preference": {"undesirable_weight": 2}}, "preference.undesirable_weight applies to "
+                                                                    "objective: kto (objective is dpo)"),
+    ({"objective": "kto", "preference": {"loss_type": "ipo"}}, "preference.loss_type applies to objective: dpo"),
+    ({"objective": "dpo", "preference": {"prompt_nll": False}}, "preference.prompt_nll applies to objective: orpo"),
+    ({"objective": "dpo", "preference": {"label_smoothing": 0.1}}, "set preference.loss_type: robust"),
+    ({"objective": "dpo", "preference": {"label_smoothing": 0.5, "loss_type": "robust"}},
+     "preference.label_smoothing: Input should be less than 0.5"),
+    ({"objective": "dpo", "preference": {"beta": 0}}, "preference.beta: Input should be greater than 0"),
+    ({"objective": "dpo", "preference": {"loss_type": "kto_pair"}}, "preference.loss_type: Input should be"),
+    ({"objective": "orpo", "preference": {"betta": 0.1}}, "unknown key 'preference.betta'; did you mean "
+                                                          "'preference.beta'?"),
+    ({"objective": "simpo"}, "objective: Input should be 'sft', 'dpo', 'orpo' or 'kto'"),
+]
+
+
+@pytest.mark.parametrize("fields, error", PREFERENCE_CONFIGS)
+def test_objective_and_preference_parameters_are_validated_together(fields, error):
+    raw = {"data": {"path": "x"}, **fields}
+    if error is None:
+        assert config_from_dict(raw, "c.yaml").objective == "sft"
+        return
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(raw, "c.yaml")
+    assert error in str(caught.value) and str(caught.value).startswith("c.yaml: ")
+
+
+def test_a_resolved_config_with_every_preference_field_spelled_out_loads_again():
+    import yaml
+    from snugtune.config import config_to_yaml
+    config = config_from_dict({"data": {"path": "x"}})
+    assert config_from_dict(yaml.safe_load(config_to_yaml(config))) == config

@@ -252,6 +252,27 @@ class LogConfig(_Section):
     _trackers_from_bools = field_validator("wandb", "mlflow", mode="before")(_true_is_defaults)
 
 
+PREFERENCE_FIELD_OBJECTIVES = {  # the objectives each preference field applies to (validated below)
+    "beta": ("dpo", "orpo", "kto"), "loss_type": ("dpo",), "label_smoothing": ("dpo",),
+    "desirable_weight": ("kto",), "undesirable_weight": ("kto",), "prompt_nll": ("orpo",)}
+
+
+class PreferenceConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="dpo, kto: how far the policy may move from the reference (higher: "
+                        "less); orpo: the weight of the odds-ratio term (ORPO's lambda). TRL's default 0.1.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="dpo: sigmoid (the DPO paper's), ipo (squared, per-token log-ratios; beta is its "
+                               "tau), hinge (SLiC), robust (rDPO: preferences flipped with probability "
+                               "label_smoothing).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo with loss_type robust: the chance that a "
+                                   "pair's preference is flipped (the rDPO paper suggests 0.1).")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable rows' loss (raise it when "
+                                    "they are fewer than the undesirable ones).")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable rows' loss.")
+    prompt_nll: bool = Field(True, description="orpo: the NLL term covers the prompt tokens of the chosen sequence "
+                             "too, as TRL's ORPOTrainer and the ORPO authors' code do; false: the answer only.")
+
+
 class Config(_Section):
     model: Text = Field("smollm2-135m-instruct", description="Built-in name, shape:NAME, local HF folder, .gguf file or hub id.")
     data: DataConfig
@@ -271,6 +292,11 @@ class Config(_Section):
                              "home folder).")
     trust_remote_code: bool = Field(False, description="Allow a hub model's own Python code to run (off by default).")
     allow_pickle_weights: bool = Field(False, description="Load .bin/.pt (pickle) weights; off: safetensors or GGUF only.")
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="How the model is trained: sft (answers as targets), dpo (preference pairs, against the "
+                           "base as reference), orpo (pairs, no reference), kto (answers labelled good or bad).")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="Parameters of objective dpo, orpo or kto (TRL's defaults).")
 
     @field_validator("output_dir")
     @classmethod
@@ -306,6 +332,25 @@ class Config(_Section):
         if self.offload.weights is True:
             raise ValueError("train.data_parallel: fsdp does not combine with offload.weights (or use "
                              "data_parallel: ddp)")
+        return self
+
+    @model_validator(mode="after")
+    def _preference_fits_objective(self) -> "Config":
+        for name, applies in PREFERENCE_FIELD_OBJECTIVES.items():
+            # a default is no choice (a run's saved config.yaml spells out every field)
+            if getattr(self.preference, name) != PreferenceConfig.model_fields[name].default and \
+                    self.objective not in applies:
+                raise ValueError(f"preference.{name} applies to objective: {' or '.join(applies)} (objective is "
+                                 f"{self.objective})")
+        if self.preference.label_smoothing > 0 and self.preference.loss_type != "robust":
+            raise ValueError("preference.label_smoothing is robust DPO's flip rate: set preference.loss_type: robust")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_is_trained(self) -> "Config":
+        if self.objective != "sft":  # removed when the engine's preference step lands (issue 38)
+            raise ValueError(f"objective: {self.objective} is coming (issue 38): the engine trains objective: sft "
+                             f"only for now")
         return self
 
     @property

@@ -103,18 +103,25 @@ def document_bounds(batch: dict[str, torch.Tensor]) -> dict:
             "max_length_q": length, "max_length_k": length}
 
 
+def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The backbone's last hidden states [B, T, H] for a batch of input_ids, or inputs_embeds already looked
+    up (engine.graphs, with the table in host memory); the caller applies the head, in chunks."""
+    backbone, _ = causal_lm_parts(model)
+    if model.training:  # fresh LoRA dropout masks for each micro-batch (inside a CUDA graph too)
+        advance_lora_dropout(model)
+    return backbone(input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
+                    attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                    use_cache=False, **document_bounds(batch)).last_hidden_state
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = False) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over trained positions, number of those positions). The batch holds
-    input_ids, or inputs_embeds already looked up (engine.graphs, with the table in host memory).
+    """(sum of next-token cross-entropy over trained positions, number of those positions) of a batch
+    (final_hidden reads it).
 
     fixed_shape: every position goes through the head, untrained ones weighted zero, and the count is
     not taken (returned as -1): no host synchronisation or data-dependent shape (CUDA graph capture)."""
-    backbone, head = causal_lm_parts(model)
-    if model.training:  # fresh LoRA dropout masks for each micro-batch (inside a CUDA graph too)
-        advance_lora_dropout(model)
-    hidden = backbone(input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
-                      attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
-                      use_cache=False, **document_bounds(batch)).last_hidden_state
+    hidden = final_hidden(model, batch)
+    head = causal_lm_parts(model)[1]
     targets = batch["labels"][:, 1:]
     if fixed_shape:
         return head_loss_sum(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)), -1

@@ -1,0 +1,317 @@
+"""Preference rows in the layouts people have, each made one small dataclass: a PreferencePair (DPO, ORPO)
+or a LabelledCompletion (KTO). Bad rows raise ConfigError naming file:row and the field.
+
+Pairs: an answer each under `chosen` and `rejected` (Axolotl's argilla layouts: `chosen_response` and
+`rejected_response`), as text, one message ({role, content} or ShareGPT's {from, value}) or a list of them.
+The prompt is, by the first key present:
+  messages | conversations   turns (Axolotl chat_template; LLaMA-Factory sharegpt ranking data)
+  instruction (+ input, history)   LLaMA-Factory alpaca ranking data
+  prompt | question | input   text or turns (TRL; Axolotl chatml.intel, .icr, .prompt_pairs, .argilla)
+  none: implicit             chosen and rejected are whole conversations sharing their first turns (Anthropic
+                             HH-RLHF, UltraFeedback binarized, Axolotl chatml.argilla_chat); the shared turns
+                             are the prompt, as TRL's extract_prompt takes them
+A `prompt` beside whole conversations (UltraFeedback binarized) must be their last shared user turn.
+HH-RLHF's text conversations ("\\n\\nHuman: ... \\n\\nAssistant: ...") are read as turns; other text pairs
+without a prompt share a prefix that ends at a word boundary.
+
+Labelled completions (KTO): a true/false `label` (TRL) or `kto_tag` (LLaMA-Factory) with `prompt` +
+`completion` (text or turns), alpaca `instruction`/`input`/`output`, or `messages`/`conversations` whose
+trailing assistant turns are the completion. A `system` column becomes the system turn of a prompt without
+one; a `tools` column is kept for the chat template.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from snugtune.errors import ConfigError
+from snugtune.data import turns
+from snugtune.data.detect import MEDIA_KEYS, FormatChoice, ROWS_LOOKED_AT, plain_keys
+from snugtune.data.files import Row
+from snugtune.data.formats import CONVERSATION_READERS
+
+CHOSEN_KEYS, REJECTED_KEYS = ("chosen", "chosen_response"), ("rejected", "rejected_response")
+LABEL_KEYS = ("label", "kto_tag")
+CONVERSATION_KEYS = ("messages", "conversations")
+PROMPT_TEXT_KEYS = ("prompt", "question", "input")
+COMPLETION_KEYS = ("completion", "output")
+_PROMPT_EXTRAS = {"system", "tools", "instruction", "input", "history"}
+FIELDS_READ = {  # the row fields each kind reads; any other column is reported as not used
+    "pairs": {*CHOSEN_KEYS, *REJECTED_KEYS, *CONVERSATION_KEYS, *PROMPT_TEXT_KEYS, *_PROMPT_EXTRAS},
+    "labelled": {*LABEL_KEYS, *COMPLETION_KEYS, *CONVERSATION_KEYS, *PROMPT_TEXT_KEYS, *_PROMPT_EXTRAS},
+}
+KIND_NAMES = {"pairs": "preference pairs (chosen/rejected)", "labelled": "labelled completions (KTO)",
+              "sft": "supervised fine-tuning data (no chosen/rejected answers, no true/false label)"}
+OBJECTIVES_OF_KIND = {"pairs": ("dpo", "orpo", "kto"), "labelled": ("kto",), "sft": ("sft",)}
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt (messages ending with the turn answered) and two answers to it (assistant turns, possibly with
+    tool turns between them), the first preferred."""
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+    tools: list[dict] | None = None
+
+
+@dataclass(frozen=True)
+class LabelledCompletion:
+    """A prompt and one answer to it, judged desirable or not (KTO)."""
+    prompt: list[dict]
+    completion: list[dict]
+    desirable: bool
+    tools: list[dict] | None = None
+
+
+def _first(keys: dict, names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if keys.get(name) is not None), None)
+
+
+def preference_kind(value: dict) -> str:
+    """'pairs', 'labelled' or 'sft' (no preference data) for one row's fields."""
+    keys = plain_keys(value)
+    if _first(keys, CHOSEN_KEYS) and _first(keys, REJECTED_KEYS):
+        return "pairs"
+    if _first(keys, LABEL_KEYS) and _first(keys, COMPLETION_KEYS + CONVERSATION_KEYS):
+        return "labelled"
+    return "sft"
+
+
+def detect_preference(rows: list[Row]) -> FormatChoice:
+    """The kind of preference data the first rows hold, and why ('sft' when they hold none)."""
+    kinds = {preference_kind(row.value) if isinstance(row.value, dict) else "sft" for row in rows[:ROWS_LOOKED_AT]}
+    if len(kinds) > 1:
+        where = rows[0].where.rsplit(":", 1)[0]
+        raise ConfigError(f"{where}: the first rows mix {' and '.join(sorted(KIND_NAMES[k] for k in kinds))}; "
+                          f"one file holds one kind")
+    kind = kinds.pop() if kinds else "sft"
+    reasons = {"pairs": "rows have 'chosen' and 'rejected' answers",
+               "labelled": "rows have a completion and a true/false 'label' (or 'kto_tag')",
+               "sft": "rows have no chosen/rejected answers and no label"}
+    return FormatChoice(kind, reasons[kind])
+
+
+def check_objective(kind: str, objective: str, where: str) -> None:
+    """ConfigError when data of this kind ('pairs', 'labelled', 'sft') cannot train this objective."""
+    if objective not in OBJECTIVES_OF_KIND[kind]:
+        wanted = {"sft": "conversations or instructions with answers", "kto": "labelled completions or pairs",
+                  "dpo": "preference pairs", "orpo": "preference pairs"}[objective]
+        raise ConfigError(f"{where}: holds {KIND_NAMES[kind]}, but objective: {objective} trains on {wanted}; "
+                          f"set objective to one of {', '.join(OBJECTIVES_OF_KIND[kind])} or use other data")
+
+
+def _refuse_media(row: Row, keys: dict) -> None:
+    media = [k for k in MEDIA_KEYS if keys.get(k)]
+    if media:
+        raise ConfigError(f"{row.where}: multimodal data (a '{media[0]}' column): snugtune trains text models")
+
+
+def _with_system(messages: list[dict], keys: dict, row: Row, system_prompt: str | None) -> list[dict]:
+    """The row's `system` column (else the config's system prompt) as the first turn, unless one is there."""
+    system = keys.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"{row.where}: field 'system' should be text, got {type(system).__name__}")
+    system = system if system and system.strip() else system_prompt
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _turn_list(value, row: Row, key: str, default_role: str) -> list[dict]:
+    """Text (one turn of default_role), one message, or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        return [turns.message(value, row.where, key)]
+    if isinstance(value, list):
+        return turns.conversation(value, row.where, key)
+    raise ConfigError(f"{row.where}: field '{key}' should be text, a message or a list of messages, got "
+                      f"{type(value).__name__}")
+
+
+def _explicit_prompt(row: Row, keys: dict) -> list[dict] | None:
+    """The prompt turns a row names outright (None: the prompt is implicit in its answers)."""
+    conversation = _first(keys, CONVERSATION_KEYS)
+    if conversation:
+        return turns.conversation(keys[conversation], row.where, conversation)
+    if keys.get("instruction") is not None:  # alpaca: instruction + input (+ history) as formats reads them
+        return CONVERSATION_READERS["alpaca"](row, {**keys, "system": None, "output": ""})[:-1]
+    text = _first(keys, PROMPT_TEXT_KEYS)
+    if text is None:
+        return None
+    hh = _hh_turns(keys[text]) if isinstance(keys[text], str) else None
+    if hh and hh[-1] == {"role": "assistant", "content": ""}:  # HH-RLHF text ending "\n\nAssistant:"
+        return hh[:-1]
+    return _turn_list(keys[text], row, text, "user")
+
+
+def _is_answer(messages: list[dict]) -> bool:
+    return bool(messages) and messages[0]["role"] == "assistant"
+
+
+def _check_answer(messages: list[dict], row: Row, key: str) -> list[dict]:
+    """An answer is assistant turns, with tool results between them; it starts and ends with the assistant."""
+    if not _is_answer(messages):
+        raise ConfigError(f"{row.where}: field '{key}' should be the answer (assistant turns), but starts with a "
+                          f"'{messages[0]['role'] if messages else 'no'}' turn")
+    odd = next((m["role"] for m in messages if m["role"] not in ("assistant", "tool")), None)
+    if odd or messages[-1]["role"] != "assistant":
+        raise ConfigError(f"{row.where}: field '{key}' should be the answer (assistant turns, tool results between "
+                          f"them), but holds a '{odd or messages[-1]['role']}' turn"
+                          + (" at its end" if not odd else ""))
+    return messages
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def _hh_turns(text: str) -> list[dict] | None:
+    """Anthropic HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant: ..." text as turns (None: not that shape)."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def _split_text_pair(chosen: str, rejected: str, row: Row) -> tuple[list[dict], list[dict], list[dict]]:
+    """Text pairs without a prompt: the shared prefix, ended at a word boundary, is the prompt."""
+    hh_chosen, hh_rejected = _hh_turns(chosen), _hh_turns(rejected)
+    if hh_chosen and hh_rejected:
+        return _split_conversations(hh_chosen, hh_rejected, row)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    whole = shared in (len(chosen), len(rejected))  # one text holds the other: no second answer
+    while shared > 0 and not chosen[shared - 1].isspace():  # never split a word between prompt and answer
+        shared -= 1
+    prompt = chosen[:shared].strip()
+    if whole or not prompt:
+        raise ConfigError(f"{row.where}: 'chosen' and 'rejected' share no prompt followed by two answers; give the "
+                          f"prompt in a 'prompt' column")
+    return ([{"role": "user", "content": prompt}], [{"role": "assistant", "content": chosen[shared:].strip()}],
+            [{"role": "assistant", "content": rejected[shared:].strip()}])
+
+
+def _split_conversations(chosen: list[dict], rejected: list[dict], row: Row):
+    """Whole conversations: their shared first turns are the prompt, the rest the two answers."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared in (len(chosen), len(rejected)):
+        raise ConfigError(f"{row.where}: 'chosen' and 'rejected' should be two conversations that end in different "
+                          f"answers, but one holds the other whole")
+    if not shared:
+        raise ConfigError(f"{row.where}: 'chosen' and 'rejected' share no first turns (no prompt); give the prompt "
+                          f"in a 'prompt' or 'messages' column")
+    for answer, key in ((chosen[shared:], "chosen"), (rejected[shared:], "rejected")):
+        if not _is_answer(answer):
+            raise ConfigError(f"{row.where}: 'chosen' and 'rejected' differ from turn {shared + 1} on, a "
+                              f"'{answer[0]['role']}' turn in '{key}': they should share the conversation up to "
+                              f"the answer")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _check_prompt_matches(named: list[dict], shared: list[dict], row: Row) -> None:
+    """A prompt column beside whole conversations must say what they share (UltraFeedback's prompt column is
+    the text of the last shared user turn)."""
+    users = [m for m in shared if m["role"] == "user"]
+    same = named == shared or (len(named) == 1 and named[0]["role"] == "user" and users
+                               and named[0]["content"] == users[-1]["content"])
+    if not same:
+        raise ConfigError(f"{row.where}: the prompt column differs from the turns that 'chosen' and 'rejected' "
+                          f"share; keep one of them (map it away with data.columns)")
+
+
+def _check_prompt(prompt: list[dict], row: Row) -> list[dict]:
+    if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+        last = prompt[-1]["role"] if prompt else "nothing"
+        raise ConfigError(f"{row.where}: the prompt should end with the turn answered (user or tool), but ends "
+                          f"with {last}")
+    return prompt
+
+
+def to_pair(row: Row, system_prompt: str | None = None) -> PreferencePair:
+    """One preference pair from a row of any pair layout (module docstring); ConfigError naming the row."""
+    if not isinstance(row.value, dict):
+        raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
+    keys = plain_keys(row.value)
+    _refuse_media(row, keys)
+    chosen_key, rejected_key = _first(keys, CHOSEN_KEYS), _first(keys, REJECTED_KEYS)
+    if not (chosen_key and rejected_key):
+        raise ConfigError(f"{row.where}: a preference pair needs 'chosen' and 'rejected' answers")
+    named = _explicit_prompt(row, keys)
+    if isinstance(keys[chosen_key], str) and isinstance(keys[rejected_key], str) and named is None:
+        prompt, chosen, rejected = _split_text_pair(keys[chosen_key], keys[rejected_key], row)
+    else:
+        chosen = _turn_list(keys[chosen_key], row, chosen_key, "assistant")
+        rejected = _turn_list(keys[rejected_key], row, rejected_key, "assistant")
+        prompt = named
+        if named is None or not (_is_answer(chosen) and _is_answer(rejected)):
+            prompt, chosen, rejected = _split_conversations(chosen, rejected, row)
+            if named is not None:
+                _check_prompt_matches(named, prompt, row)
+    prompt = _check_prompt(_with_system(prompt, keys, row, system_prompt), row)
+    return PreferencePair(prompt, _check_answer(chosen, row, chosen_key), _check_answer(rejected, row, rejected_key),
+                          turns.tools(keys.get("tools"), row.where))
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _label(keys: dict, row: Row) -> bool:
+    """true/false as JSON writes it, or as CSV text (true/false, yes/no, 1/0)."""
+    key = _first(keys, LABEL_KEYS)
+    value = keys.get(key)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{row.where}: field '{key}' should be true or false, got {value!r}")
+
+
+def _split_last_answer(messages: list[dict], row: Row, key: str) -> tuple[list[dict], list[dict]]:
+    """A conversation's trailing assistant turns (the judged answer) and the turns before them."""
+    start = len(messages)
+    while start > 0 and messages[start - 1]["role"] == "assistant":
+        start -= 1
+    if start == len(messages):
+        raise ConfigError(f"{row.where}: '{key}' should end with the assistant's answer that the label judges")
+    return messages[:start], messages[start:]
+
+
+def to_labelled(row: Row, system_prompt: str | None = None) -> LabelledCompletion:
+    """One labelled completion from a KTO row (module docstring); ConfigError naming the row."""
+    if not isinstance(row.value, dict):
+        raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
+    keys = plain_keys(row.value)
+    _refuse_media(row, keys)
+    if not _first(keys, LABEL_KEYS):
+        raise ConfigError(f"{row.where}: a KTO row needs a true/false 'label' (or 'kto_tag')")
+    desirable = _label(keys, row)
+    completion_key = _first(keys, COMPLETION_KEYS)
+    conversation = _first(keys, CONVERSATION_KEYS)
+    if completion_key:
+        prompt = _explicit_prompt(row, keys)
+        if prompt is None:
+            raise ConfigError(f"{row.where}: field '{completion_key}' needs a prompt ('prompt' or 'instruction')")
+        completion = _check_answer(_turn_list(keys[completion_key], row, completion_key, "assistant"), row,
+                                   completion_key)
+    elif conversation:
+        prompt, completion = _split_last_answer(turns.conversation(keys[conversation], row.where, conversation),
+                                                row, conversation)
+    else:
+        raise ConfigError(f"{row.where}: a KTO row needs a 'completion' (with 'prompt'), an 'output' (with "
+                          f"'instruction') or a 'messages' conversation")
+    prompt = _check_prompt(_with_system(prompt, keys, row, system_prompt), row)
+    return LabelledCompletion(prompt, completion, desirable, turns.tools(keys.get("tools"), row.where))
+
+
+def unpair(pair: PreferencePair) -> tuple[LabelledCompletion, LabelledCompletion]:
+    """A pair as two KTO rows, its chosen answer desirable and its rejected one not (TRL's
+    unpair_preference_dataset)."""
+    return (LabelledCompletion(pair.prompt, pair.chosen, True, pair.tools),
+            LabelledCompletion(pair.prompt, pair.rejected, False, pair.tools))
