@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from math import gcd
 
+from snugtune.registry import FAMILIES
+
 MIB = 2**20
 CUDA_CONTEXT_BYTES = 685 * MIB    # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 LOGITS_CHUNK_BYTES = 128 * MIB    # fp32 logits the chunked loss holds at once
@@ -17,7 +19,7 @@ ATTENTION_GRAD_BYTES = 8          # flash backward's transient per query value: 
                                   # 16-bit key and value gradients expanded to every query head (H200, 98,304
                                   # tokens of Llama-3.1-8B: 3 GiB; benchmarks/attention_memory.py)
 # model type -> its transformers RMSNorm class, whose forward engine.lean_norm computes keeping less
-LEAN_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+LEAN_NORMS = {model_type: family.lean_norm for model_type, family in FAMILIES.items() if family.lean_norm}
 
 
 def logits_chunk_tokens(vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:

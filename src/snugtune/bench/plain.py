@@ -134,7 +134,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from snugtune.models import block_linear_names
+    from snugtune.registry import block_linear_names
 
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

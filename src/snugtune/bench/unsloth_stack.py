@@ -64,7 +64,7 @@ def main() -> None:
     import torch
 
     from snugtune.bench.plain import bench_inputs, cap_memory, write_result
-    from snugtune.models import block_linear_names
+    from snugtune.registry import block_linear_names
 
     out, cfg, path, tokenizer, data = bench_inputs("Unsloth's QLoRA on a snugtune bench config")
     torch.cuda.reset_peak_memory_stats()

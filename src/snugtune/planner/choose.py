@@ -88,7 +88,7 @@ def settings_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: b
     engine's rules (memory_rules) for it. graphs=False: eager steps even where graphs would run.
     dense_copy: a dense copy of the 4-bit block weights asked for (held where memory_rules.holds_dense_copy
     allows it, as the engine does)."""
-    from snugtune.models import block_linear_names
+    from snugtune.registry import block_linear_names
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1
