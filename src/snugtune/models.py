@@ -22,6 +22,7 @@ from snugtune.config import Config
 from snugtune.errors import ConfigError, UserError
 from snugtune.lora_dropout import count_lora_dropout
 from snugtune.methods import METHODS
+from snugtune.memory_rules import config_draws_random_numbers
 from snugtune.registry import HUB_IDS, block_linear_names, shape_config
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
@@ -334,7 +335,7 @@ def prepare_for_training(model, config: Config):
         # blocks that draw no random numbers need no generator state saved and restored around each
         # recomputation (and cannot have it inside a CUDA graph: engine.graphs)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": True, "preserve_rng_state": blocks_draw_random_numbers(model, config)})
+            "use_reentrant": True, "preserve_rng_state": config_draws_random_numbers(model.config)})
         # partial checkpointing: blocks above the first `checkpoint_layers` keep their activations
         keep = config.train.checkpoint_layers
         if keep is not None:
@@ -345,16 +346,10 @@ def prepare_for_training(model, config: Config):
     return model
 
 
-DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
-                  "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
-
-
 def blocks_draw_random_numbers(model, config: Config) -> bool:
     """Whether a training forward through the blocks draws from the random generator: any dropout in the
-    model's own config (full and freeze methods train with it). LoRA dropout draws none: its masks come
-    from a seeded hash (snugtune.lora_dropout)."""
-    model_config = getattr(model, "config", None)
-    return any(float(getattr(model_config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS)
+    model's own config (memory_rules.config_draws_random_numbers)."""
+    return config_draws_random_numbers(getattr(model, "config", None))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

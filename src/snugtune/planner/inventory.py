@@ -10,6 +10,7 @@ import torch
 
 from snugtune.config import Config
 from snugtune.errors import ConfigError
+from snugtune.memory_rules import config_draws_random_numbers
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ class Inventory:
 def inventory_from_config(config) -> Inventory:
     """Build the model on the meta device and list its parameters."""
     from transformers import AutoModelForCausalLM
-    from snugtune.models import DROPOUT_FIELDS
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = model.model.layers
@@ -75,7 +75,7 @@ def inventory_from_config(config) -> Inventory:
                      bool(getattr(config, "tie_word_embeddings", False)), len(norms),
                      any(isinstance(m, torch.nn.LayerNorm) for m in norms), "gate_proj" in shorts,
                      getattr(config, "hidden_act", "silu"),
-                     any(float(getattr(config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS))
+                     config_draws_random_numbers(config))
 
 
 
