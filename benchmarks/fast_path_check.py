@@ -54,7 +54,8 @@ def main() -> None:
     from snugtune.loss import token_loss_sum
     from snugtune.engine.speedups import apply_speedups, compile_wanted
     from snugtune.engine.tiling import tile_for_long_rows
-    from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+    from snugtune.models.load import decoder_layers, load_base_model, load_tokenizer, prepare_for_training
+    from snugtune.models.resolve import resolve_model
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

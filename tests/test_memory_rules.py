@@ -10,7 +10,8 @@ from snugtune.engine import tiling
 from snugtune.engine.speedups import compile_wanted, cuda_graphs_wanted, dense_copy_wanted, dense_weights_kept_in
 from snugtune.memory_rules import (ATTENTION_HEAD_GROUPS, LOGITS_CHUNK_BYTES, MLP_TILE_TOKENS, leans_norms,
                                    logits_chunk_tokens, tiles_attention)
-from snugtune.models import decoder_layers, load_base_model, prepare_for_training, resolve_model
+from snugtune.models.load import decoder_layers, load_base_model, prepare_for_training
+from snugtune.models.resolve import resolve_model
 from snugtune.planner import Offload, settings_for
 from snugtune.planner.inventory import inventory_for
 from snugtune.planner.memory import estimate, Part

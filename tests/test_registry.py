@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from snugtune.errors import ConfigError
-from snugtune.models import count_parameters, resolve_model
+from snugtune.models.load import count_parameters
+from snugtune.models.resolve import resolve_model
 from snugtune.registry import FAMILIES, HUB_IDS, SHAPES, block_linear_names, shape_config, shape_names
 
 

@@ -108,7 +108,8 @@ class Family:
                                            # keeping less; None: the family's norm is kept as it is
 
 
-# model_type -> its family. Every registry shape's model_type is here (tests/test_registry.py).
+# model_type -> its family. A new family is one entry here; tests/test_registry.py checks each against
+# transformers (its block linears, its norm class) and llama.cpp (its architecture), and every shape has one.
 FAMILIES: dict[str, Family] = {
     "llama": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="LlamaRMSNorm"),
     "mistral": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="MistralRMSNorm"),  # as llama.cpp writes Mistral

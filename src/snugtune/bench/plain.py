@@ -110,7 +110,8 @@ def bench_inputs(description: str):
     """Parse `CONFIG [key=value ...] --out FILE`; load the config, the checkpoint's path, tokenizer and data."""
     from snugtune.config import load_config
     from snugtune.data.prepare import prepare_data
-    from snugtune.models import load_tokenizer, resolve_model
+    from snugtune.models.load import load_tokenizer
+    from snugtune.models.resolve import resolve_model
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config")

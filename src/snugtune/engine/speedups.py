@@ -19,7 +19,7 @@ from snugtune.engine.dense_copy import hold_dense_copies
 from snugtune.engine.fused_lora import fuse_lora_layers
 from snugtune.memory_rules import compiles_blocks, holds_dense_copy, keeps_dense_weights, replays_cuda_graphs
 from snugtune.methods import METHODS
-from snugtune.models import blocks_draw_random_numbers
+from snugtune.models.load import blocks_draw_random_numbers
 
 # reentrant checkpointing runs each block with and without grad, evaluation with its own shapes
 _COMPILED_VARIANTS = 32

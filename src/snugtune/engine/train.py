@@ -46,8 +46,10 @@ from snugtune.loss import LossModule, mean_loss, token_loss_sum
 from snugtune.memory_rules import CUDA_CONTEXT_BYTES
 from snugtune.methods import METHODS
 from snugtune.trackers import open_trackers
-from snugtune.models import (check_vocab, count_parameters, decoder_layers, default_cache_dir, load_base_model,
-                             load_tokenizer, prepare_for_training, resolve_model)
+from snugtune.models.cache import default_cache_dir
+from snugtune.models.load import (check_vocab, count_parameters, decoder_layers, load_base_model, load_tokenizer,
+                                  prepare_for_training)
+from snugtune.models.resolve import resolve_model
 from snugtune.planner import Plan, needs_new_model, plan_run, planned_figures, step_down
 from snugtune.planner.cards import budget_bytes
 from snugtune.precision import Precision, resolve_device, resolve_precision

@@ -1,0 +1,128 @@
+"""What a `model:` string names, and that model as a local Hugging Face folder of safetensors (converted,
+built or downloaded once into the cache where needed). The one place that reads a model name: training,
+`data`, `bench` and the planner all go through it.
+
+A name is, in this order: the built-in default, `shape:NAME` (a registry shape), a `.gguf` file, a local
+HF folder, or a hub id (`org/name`; a hub id the registry knows plans offline from its shape).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from snugtune.errors import ConfigError
+from snugtune.models.cache import default_cache_dir
+from snugtune.models.embedded import EMBEDDED_DEFAULT, EMBEDDED_SHAPE, embedded_model_dir
+from snugtune.models.gguf_convert import convert_gguf
+from snugtune.models.shapes import build_shape_model, shape_transformers_config
+from snugtune.registry import HUB_IDS, SHAPE_TOKENIZER_VOCAB, shape_config, shape_names
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """What a `model:` string names, read from the string and the file system (nothing loaded)."""
+    source: str          # what the user wrote in `model:`
+    kind: str            # builtin | shape | gguf | local | hub
+    path: Path | None    # the file or folder, for gguf and local
+    shape: str | None    # the registry shape of its architecture, where one is known (builtin, shape, hub)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model as a local HF folder, plus where it came from."""
+    path: Path
+    source: str          # what the user wrote in `model:`
+    kind: str            # builtin | shape | local | gguf | hub
+
+
+def read_model_name(name: str) -> ModelName:
+    """What `name` names; ConfigError (naming what to write instead) when it names nothing."""
+    if name == EMBEDDED_DEFAULT:
+        return ModelName(name, "builtin", None, EMBEDDED_SHAPE)
+    if name.startswith("shape:"):
+        shape = name.removeprefix("shape:")
+        try:
+            shape_config(shape)
+        except KeyError:
+            close = difflib.get_close_matches(shape, shape_names(), n=1)
+            hint = f"; did you mean 'shape:{close[0]}'?" if close else ""
+            raise ConfigError(f"model: unknown shape '{shape}'{hint}") from None
+        return ModelName(name, "shape", None, shape)
+    local = Path(name).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ConfigError(f"model: GGUF file not found: {local}")
+        return ModelName(name, "gguf", local, None)
+    if name and local.is_dir():  # (Path("") is the working folder, which an empty name does not name)
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model: {local} is a folder without config.json (not a Hugging Face model folder)")
+        return ModelName(name, "local", local, None)
+    if "/" in name and not name.startswith((".", "/")):
+        return ModelName(name, "hub", None, HUB_IDS.get(name))
+    raise ConfigError(f"model: '{name}' is not a built-in name ({EMBEDDED_DEFAULT}), a shape:NAME, "
+                      f"a local folder, a .gguf file or a hub id")
+
+
+def resolve_model(name: str, cache_dir: Path | None = None, allow_pickle: bool = False) -> ResolvedModel:
+    """Turn a `model:` value into a local HF folder, converting or building it once into the cache."""
+    cache_dir = cache_dir or default_cache_dir()
+    named = read_model_name(name)
+    if named.kind == "builtin":
+        path = embedded_model_dir(cache_dir)
+    elif named.kind == "shape":
+        path = build_shape_model(named.shape, cache_dir)
+    elif named.kind == "gguf":
+        path = convert_gguf(named.path, cache_dir / "models" / f"gguf-{_gguf_cache_key(named.path)}")
+    elif named.kind == "local":
+        if not allow_pickle:
+            _refuse_pickle_only(named.path)
+        path = named.path.resolve()
+    else:
+        path = _download_hub(name, cache_dir, allow_pickle)
+    return ResolvedModel(path, name, named.kind)
+
+
+def offline_model_config(name: str):
+    """The transformers config of what `name` names, without weights or network: a registry shape's (for the
+    built-in name and the hub ids the registry knows, too), else a local folder's config.json."""
+    named = read_model_name(name)
+    if named.shape is not None:  # shape models hold the shared tokenizer's ids; real models their own
+        return shape_transformers_config(named.shape, SHAPE_TOKENIZER_VOCAB if named.kind == "shape" else 0)
+    if named.kind == "local":
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(named.path)
+    raise ConfigError(f"model: cannot plan for '{name}' offline (not in the registry and not a local folder)")
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    """The converted folder's name: the file's path, size and time, so a changed file converts again."""
+    stat = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
+        raise ConfigError(f"model: {folder} holds only pickle (.bin) weights, which can run code when loaded; "
+                          f"snugtune loads safetensors or GGUF (set allow_pickle_weights: true if you trust them)")
+
+
+def _download_hub(repo_id: str, cache_dir: Path, allow_pickle: bool) -> Path:
+    try:  # fail fast and clearly offline instead of waiting on retries
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise ConfigError(f"model: '{repo_id}' is a hub id but the hub cannot be reached (offline?); "
+                          f"use a local folder, a .gguf file or shape:{HUB_IDS.get(repo_id, 'NAME')}") from None
+    from huggingface_hub import snapshot_download
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+                                 + (["*.bin"] if allow_pickle else []),
+                                 cache_dir=str(cache_dir / "hub"))
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        raise ConfigError(f"model: could not download '{repo_id}': {str(exc).splitlines()[0]}") from None
+    if not allow_pickle:
+        _refuse_pickle_only(Path(path))
+    return Path(path)
