@@ -50,6 +50,8 @@ def test_a_local_folder_and_a_gguf_file_are_read_from_the_disk_first(tmp_path, m
     ("/no/such/folder", "not a built-in name"),
     ("./no/such/folder", "not a built-in name"),
     ("missing.gguf", "GGUF file not found"),
+    ("~0", "no such user"),
+    ("~no-such-user-here/model", "no such user"),
 ])
 def test_names_that_name_nothing_are_one_line_errors(name, message):
     with pytest.raises(ConfigError, match=message) as caught:

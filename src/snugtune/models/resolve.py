@@ -52,7 +52,10 @@ def read_model_name(name: str) -> ModelName:
             hint = f"; did you mean 'shape:{close[0]}'?" if close else ""
             raise ConfigError(f"model: unknown shape '{shape}'{hint}") from None
         return ModelName(name, "shape", None, shape)
-    local = Path(name).expanduser()
+    try:
+        local = Path(name).expanduser()
+    except RuntimeError:  # ~USER of a user this machine does not have
+        raise ConfigError(f"model: '{name}' starts with ~USER, but this machine has no such user") from None
     if local.suffix == ".gguf":
         if not local.is_file():
             raise ConfigError(f"model: GGUF file not found: {local}")
