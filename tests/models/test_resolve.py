@@ -120,10 +120,19 @@ def test_registry_hub_ids_plan_with_the_real_vocabulary_and_shapes_with_the_shar
 
 def test_names_without_an_offline_config_say_so(tmp_path):
     with pytest.raises(ConfigError, match="cannot plan for 'someone/their-model' offline"):
-        offline_model_config("someone/their-model")
+        offline_model_config("someone/their-model", cache_dir=tmp_path)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ConfigError, match="cannot plan"):
-        offline_model_config(str(tmp_path / "m.gguf"))
+    with pytest.raises(ConfigError, match="not converted or downloaded yet"):
+        offline_model_config(str(tmp_path / "m.gguf"), cache_dir=tmp_path)
+
+
+def test_a_hub_model_downloaded_before_plans_from_its_cached_config(tmp_path):
+    snapshot = tmp_path / "hub" / "models--someone--their-model" / "snapshots" / "0123abcd"
+    _hf_folder(snapshot)  # the layout huggingface_hub's snapshot_download leaves
+    (tmp_path / "hub" / "models--someone--their-model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--their-model" / "refs" / "main").write_text("0123abcd")
+    config = offline_model_config("someone/their-model", cache_dir=tmp_path)
+    assert (config.vocab_size, config.num_hidden_layers) == (777, 3)
 
 
 @pytest.mark.slow
@@ -132,8 +141,11 @@ def test_a_gguf_file_converts_once_and_again_when_it_changes(tmp_path):
     from snugtune.export.gguf_file import write_gguf
     gguf = write_gguf(resolve_model("shape:tiny").path, tmp_path / "tiny.gguf", "f16")
     cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="not converted or downloaded yet"):
+        offline_model_config(str(gguf), cache_dir=cache)
     first = resolve_model(str(gguf), cache_dir=cache)
     assert first.kind == "gguf" and AutoConfig.from_pretrained(first.path).num_hidden_layers == 2
+    assert offline_model_config(str(gguf), cache_dir=cache).to_dict() == AutoConfig.from_pretrained(first.path).to_dict()
     assert list(first.path.glob("*.safetensors")) and (first.path / "tokenizer.json").is_file()
     assert resolve_model(str(gguf), cache_dir=cache).path == first.path  # cached
     stat = gguf.stat()

@@ -17,7 +17,7 @@ from pathlib import Path
 from snugtune.errors import ConfigError
 from snugtune.models.cache import default_cache_dir
 from snugtune.models.embedded import EMBEDDED_DEFAULT, EMBEDDED_SHAPE, embedded_model_dir
-from snugtune.models.gguf_convert import convert_gguf
+from snugtune.models.gguf_convert import convert_gguf, is_converted
 from snugtune.models.shapes import build_shape_model, shape_transformers_config
 from snugtune.registry import HUB_IDS, SHAPE_TOKENIZER_VOCAB, shape_config, shape_names
 
@@ -79,7 +79,7 @@ def resolve_model(name: str, cache_dir: Path | None = None, allow_pickle: bool =
     elif named.kind == "shape":
         path = build_shape_model(named.shape, cache_dir)
     elif named.kind == "gguf":
-        path = convert_gguf(named.path, cache_dir / "models" / f"gguf-{_gguf_cache_key(named.path)}")
+        path = convert_gguf(named.path, _converted_gguf_dir(named.path, cache_dir))
     elif named.kind == "local":
         if not allow_pickle:
             _refuse_pickle_only(named.path)
@@ -89,22 +89,36 @@ def resolve_model(name: str, cache_dir: Path | None = None, allow_pickle: bool =
     return ResolvedModel(path, name, named.kind)
 
 
-def offline_model_config(name: str):
+def offline_model_config(name: str, cache_dir: Path | None = None):
     """The transformers config of what `name` names, without weights or network: a registry shape's (for the
-    built-in name and the hub ids the registry knows, too), else a local folder's config.json."""
+    built-in name and the hub ids the registry knows, too), a local folder's config.json, or the cached folder
+    of a .gguf file or hub model converted or downloaded before (training resolves the model, then plans)."""
     named = read_model_name(name)
     if named.shape is not None:  # shape models hold the shared tokenizer's ids; real models their own
         return shape_transformers_config(named.shape, SHAPE_TOKENIZER_VOCAB if named.kind == "shape" else 0)
-    if named.kind == "local":
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(named.path)
-    raise ConfigError(f"model: cannot plan for '{name}' offline (not in the registry and not a local folder)")
+    folder = named.path if named.kind == "local" else _cached_folder(named, cache_dir or default_cache_dir())
+    if folder is None:
+        raise ConfigError(f"model: cannot plan for '{name}' offline (not in the registry, not a local folder, and "
+                          f"not converted or downloaded yet: `snugtune data CONFIG` does that once)")
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(folder)
 
 
-def _gguf_cache_key(gguf: Path) -> str:
-    """The converted folder's name: the file's path, size and time, so a changed file converts again."""
+def _cached_folder(named: ModelName, cache_dir: Path) -> Path | None:
+    """The HF folder a .gguf file was converted to, or a hub model downloaded to, where that happened before."""
+    if named.kind == "gguf":
+        converted = _converted_gguf_dir(named.path, cache_dir)
+        return converted if is_converted(converted) else None
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(named.source, "config.json", cache_dir=str(cache_dir / "hub"))
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _converted_gguf_dir(gguf: Path, cache_dir: Path) -> Path:
+    """Where a GGUF file converts to: named by the file's path, size and time, so a changed file converts again."""
     stat = gguf.stat()
-    return hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / "models" / f"gguf-{key}"
 
 
 def _refuse_pickle_only(folder: Path) -> None:
