@@ -56,7 +56,8 @@ def main() -> None:
     from snugtune.planner.choose import decisions_for
     from snugtune.planner.inventory import inventory_for
     from snugtune.engine.tiling import tile_for_long_rows
-    from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+    from snugtune.models.load import decoder_layers, load_base_model, load_tokenizer, prepare_for_training
+    from snugtune.models.resolve import resolve_model
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

@@ -14,7 +14,8 @@ from snugtune.data.batches import collate, collate_packed, micro_batches
 from snugtune.data.prepare import prepare_data
 from snugtune.loss import mean_loss
 from snugtune.precision import resolve_device, resolve_precision
-from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.models.load import load_base_model, load_tokenizer, prepare_for_training
+from snugtune.models.resolve import resolve_model
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 device = resolve_device(cfg.device)

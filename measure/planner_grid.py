@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from snugtune.bench.compare import long_documents
-from snugtune.models import default_cache_dir, resolve_model
+from snugtune.models.cache import default_cache_dir
+from snugtune.models.resolve import resolve_model
 from snugtune.planner.cards import GIB
 
 DATA = str(Path("src/snugtune/bundled/stdlib_functions.jsonl").resolve())

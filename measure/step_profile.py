@@ -53,7 +53,8 @@ def main() -> None:
     from snugtune.precision import Precision
     from snugtune.engine.offload import ActivationOffload, keep_embeddings_on_host
     from snugtune.engine.optim import build_optimizer, flatten_trainable
-    from snugtune.models import decoder_layers, load_base_model, load_tokenizer, prepare_for_training, resolve_model
+    from snugtune.models.load import decoder_layers, load_base_model, load_tokenizer, prepare_for_training
+    from snugtune.models.resolve import resolve_model
 
     cfg = config_from_dict(bench_config(args.shape, args.seq, args.batch, args.steps, None, "auto"))
     device = torch.device("cuda", 0)

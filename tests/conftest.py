@@ -11,7 +11,8 @@ import torch
 
 from snugtune.config import Config, DataConfig, config_from_dict
 from snugtune.data.prepare import prepare_data
-from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.models.load import load_base_model, load_tokenizer, prepare_for_training
+from snugtune.models.resolve import resolve_model
 from snugtune.precision import Precision
 
 

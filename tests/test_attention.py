@@ -12,7 +12,8 @@ from snugtune.data.batches import collate, collate_micro_batch
 from snugtune.data.prepare import prepare_data
 from snugtune.attention import ATTENTION, attention, document_mask, head_groups
 from snugtune.loss import token_loss_sum
-from snugtune.models import load_base_model, load_tokenizer, prepare_for_training, resolve_model
+from snugtune.models.load import load_base_model, load_tokenizer, prepare_for_training
+from snugtune.models.resolve import resolve_model
 
 from conftest import tiny_config
 

@@ -10,7 +10,7 @@ from snugtune import chat as chat_module
 from snugtune.chat import fit_to_context, load_for_chat, reply
 from snugtune.errors import UserError
 from snugtune.evaluate.run import load_run
-from snugtune.models import resolve_model
+from snugtune.models.resolve import resolve_model
 
 
 @pytest.mark.slow

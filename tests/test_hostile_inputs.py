@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT, alpaca_rows, write_jsonl
 from snugtune.cli import app
 from snugtune.config import config_from_dict, config_to_yaml
-from snugtune.models import default_cache_dir
+from snugtune.models.cache import default_cache_dir
 from snugtune.rundir import METRICS, RUN_MARK, complete_checkpoints, hold_run_lock
 
 VALID = {"model": "shape:tiny", "data": {"path": "data.jsonl", "eval_fraction": 0.1}, "max_seq_len": 64,

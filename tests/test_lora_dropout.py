@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from snugtune.lora_dropout import CountedDropout, advance_lora_dropout, keep_mask
-from snugtune.models import load_base_model, prepare_for_training, resolve_model
+from snugtune.models.load import load_base_model, prepare_for_training
+from snugtune.models.resolve import resolve_model
 
 from conftest import tiny_config
 

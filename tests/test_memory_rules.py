@@ -13,7 +13,8 @@ from snugtune.engine.tiling import tile_for_long_rows
 from snugtune.memory_rules import (ATTENTION_HEAD_GROUPS, LOGITS_CHUNK_BYTES, MLP_TILE_TOKENS, leans_norms,
                                    logits_chunk_tokens, tiles_attention)
 from snugtune.methods import METHODS
-from snugtune.models import decoder_layers, load_base_model, prepare_for_training, resolve_model
+from snugtune.models.load import decoder_layers, load_base_model, prepare_for_training
+from snugtune.models.resolve import resolve_model
 from snugtune.planner.choose import decisions_for
 from snugtune.planner.plan import Offload
 from snugtune.planner.inventory import inventory_for

@@ -1,11 +1,13 @@
-"""registry.py: the model registry as literal data, kept in step with transformers configs."""
+"""registry.py: the model registry and the model families as literal data, kept in step with transformers
+(its configs and classes) and llama.cpp (its architectures)."""
 
 import pytest
 import torch
 
 from snugtune.errors import ConfigError
-from snugtune.models import count_parameters, resolve_model
-from snugtune.registry import BLOCK_LINEARS, HUB_IDS, SHAPES, shape_config, shape_names
+from snugtune.models.load import count_parameters
+from snugtune.models.resolve import resolve_model
+from snugtune.registry import FAMILIES, HUB_IDS, SHAPES, block_linear_names, shape_config, shape_names
 
 
 def test_registry_holds_the_recipe_models_and_llama3():
@@ -13,7 +15,7 @@ def test_registry_holds_the_recipe_models_and_llama3():
                  "stable-code-3b", "tinyllama-1.1b", "llama3-8b", "llama3.2-1b", "smollm2-135m"]:
         assert name in SHAPES
     assert set(HUB_IDS.values()) <= set(SHAPES)
-    assert {s["model_type"] for s in SHAPES.values()} <= set(BLOCK_LINEARS)
+    assert {s["model_type"] for s in SHAPES.values()} <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -43,3 +45,42 @@ def test_tiny_shapes_are_small_and_exist_for_each_family():
 def test_unknown_shape_suggests_a_name():
     with pytest.raises(ConfigError, match="did you mean 'shape:llama3-8b'"):
         resolve_model("shape:llama3-8")
+
+
+def _small_model_of(model_type: str):
+    """A two-block model of the family on the meta device (no memory), from the family's own config class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_each_family_lists_every_linear_layer_of_its_blocks(model_type):
+    block = _small_model_of(model_type).model.layers[0]
+    linears = {name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(FAMILIES[model_type].block_linears) == linears
+    assert block_linear_names(model_type) == list(FAMILIES[model_type].block_linears)
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if f.lean_norm))
+def test_each_lean_norm_is_the_rms_norm_class_the_family_uses(model_type):
+    classes = {type(m).__name__ for m in _small_model_of(model_type).modules()}
+    assert FAMILIES[model_type].lean_norm in classes and FAMILIES[model_type].lean_norm.endswith("RMSNorm")
+
+
+def test_gguf_architectures_are_ones_llama_cpp_knows_and_the_writer_claims_only_families():
+    import gguf
+    from snugtune.export.gguf_file import ARCHES
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    assert {f.gguf_arch for f in FAMILIES.values() if f.gguf_arch} <= known
+    assert set(ARCHES) <= set(FAMILIES) and set(ARCHES) == {t for t, f in FAMILIES.items() if f.gguf_arch}
+    assert all(FAMILIES[t].gguf_arch for t, f in FAMILIES.items() if f.gguf_pre_tokenizer)
+
+
+def test_a_family_not_listed_takes_llama_block_names():
+    names = block_linear_names("some-new-family")
+    assert names == list(FAMILIES["llama"].block_linears)
+    names.append("changed")  # a fresh list each call: the table stays as written
+    assert "changed" not in block_linear_names("some-new-family")

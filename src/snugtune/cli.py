@@ -172,7 +172,9 @@ def data(
     from snugtune.config import load_config
     from snugtune.data.prepare import prepare_data
     from snugtune.data.prep_report import report_lines
-    from snugtune.models import default_cache_dir, load_tokenizer, resolve_model
+    from snugtune.models.cache import default_cache_dir
+    from snugtune.models.load import load_tokenizer
+    from snugtune.models.resolve import resolve_model
 
     cfg = _run(debug, load_config, config, overrides or [])
     resolved = _run(debug, resolve_model, cfg.model, allow_pickle=cfg.allow_pickle_weights)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from snugtune.data.tokenize import IGNORE
 from snugtune.lora_dropout import advance_lora_dropout
 from snugtune.memory_rules import LOGITS_CHUNK_BYTES, logits_chunk_tokens as _chunk_tokens
-from snugtune.models import causal_lm_parts
+from snugtune.models.load import causal_lm_parts
 
 
 def logits_chunk_tokens(vocab: int) -> int:

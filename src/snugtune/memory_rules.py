@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from math import gcd
 
+from snugtune.registry import FAMILIES
+
 MIB = 2**20
 CUDA_CONTEXT_BYTES = 685 * MIB    # driver + cuBLAS handles, outside torch's allocator (measured: H100, CUDA 13)
 LOGITS_CHUNK_BYTES = 128 * MIB    # fp32 logits the chunked loss holds at once
@@ -17,12 +19,23 @@ ATTENTION_GRAD_BYTES = 8          # flash backward's transient per query value: 
                                   # 16-bit key and value gradients expanded to every query head (H200, 98,304
                                   # tokens of Llama-3.1-8B: 3 GiB; measure/attention_memory.py)
 # model type -> its transformers RMSNorm class, whose forward engine.lean_norm computes keeping less
-LEAN_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+LEAN_NORMS = {model_type: family.lean_norm for model_type, family in FAMILIES.items() if family.lean_norm}
+# a model config's fields that turn on dropout in its blocks (transformers' names across families)
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
 
 
 def logits_chunk_tokens(vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
     """Positions whose fp32 logits the chunked loss computes at once."""
     return max(64, chunk_bytes // (4 * vocab))
+
+
+def config_draws_random_numbers(model_config) -> bool:
+    """Whether a training forward through the model's blocks draws from the random generator: any dropout in
+    its own config (full and freeze methods train with it). LoRA dropout draws none: its masks come from a
+    seeded hash (snugtune.lora_dropout). Such blocks need the generator saved around each recomputation and
+    cannot replay as CUDA graphs."""
+    return any(float(getattr(model_config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS)
 
 
 def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_weights: bool) -> bool:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from snugtune.data.tokenize import IGNORE
 from snugtune.loss import final_hidden, head_loss_sum
-from snugtune.models import causal_lm_parts
+from snugtune.models.load import causal_lm_parts
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 

@@ -1,11 +1,14 @@
-"""Architecture registry: config shapes (no weights) of the models snugtune plans and benchmarks.
+"""Architecture registry: config shapes (no weights) of the models snugtune plans and benchmarks, and the
+model families snugtune knows (LoRA targets, GGUF architecture, lean norm).
 
-Literal data, copied from each model's published config.json. `shape:NAME` builds a random-weight
+Literal data, shapes copied from each model's published config.json. `shape:NAME` builds a random-weight
 model of NAME; `shape:tiny-NAME` shrinks NAME's family to a few MB for tests. A test keeps the
 recipe configs in examples/ and this table in sync.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 # hub id -> registry name, for `plan` from a hub id offline and for tests that swap the recipe model.
 HUB_IDS = {
@@ -91,17 +94,33 @@ SHAPES: dict[str, dict] = {
                      hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
 }
 
-# The transformer-block linear layers of each family: LoRA targets and the 'all-linear' expansion.
-BLOCK_LINEARS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "stablelm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+# The linear layers of a Llama-style block: attention's projections and the gated (SwiGLU) MLP.
+_LLAMA_BLOCK = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What snugtune knows of one model family (a transformers `model_type`)."""
+    block_linears: tuple[str, ...]         # the linear layers of a block: LoRA targets, the 'all-linear' expansion
+    gguf_arch: str | None = None           # the llama.cpp architecture export.gguf_file writes it as; None: refused
+    gguf_pre_tokenizer: str | None = None  # llama.cpp's pre-tokenizer where the family fixes it; None: told by vocabulary
+    lean_norm: str | None = None           # its transformers RMSNorm class, whose forward engine.lean_norm computes
+                                           # keeping less; None: the family's norm is kept as it is
+
+
+# model_type -> its family. A new family is one entry here; tests/test_registry.py checks each against
+# transformers (its block linears, its norm class) and llama.cpp (its architecture), and every shape has one.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="LlamaRMSNorm"),
+    "mistral": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="MistralRMSNorm"),  # as llama.cpp writes Mistral
+    "qwen2": Family(_LLAMA_BLOCK, gguf_arch="qwen2", gguf_pre_tokenizer="qwen2", lean_norm="Qwen2RMSNorm"),
+    "qwen3": Family(_LLAMA_BLOCK, lean_norm="Qwen3RMSNorm"),
+    "gemma": Family(_LLAMA_BLOCK),  # GemmaRMSNorm scales by 1 + weight, not the lean norm's formula
+    "stablelm": Family(_LLAMA_BLOCK),  # LayerNorm
+    "phi": Family(("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),  # LayerNorm, one per block
 }
 
-TINY_VOCAB = 49152  # the embedded default's tokenizer, which shape models share
+SHAPE_TOKENIZER_VOCAB = 49152  # ids of the embedded default's tokenizer, which shape models share
 
 
 def shape_config(name: str) -> dict:
@@ -110,9 +129,10 @@ def shape_config(name: str) -> dict:
         return dict(SHAPES[name])
     if name.startswith("tiny-") and name[5:] in SHAPES:
         full = SHAPES[name[5:]]
-        shrunk = dict(full, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2 if full["num_key_value_heads"] < full[
-                          "num_attention_heads"] else 4, vocab_size=TINY_VOCAB, max_position_embeddings=4096)
+        grouped = full["num_key_value_heads"] < full["num_attention_heads"]
+        shrunk = dict(full, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2 if grouped else 4, vocab_size=SHAPE_TOKENIZER_VOCAB,
+                      max_position_embeddings=4096)
         shrunk.pop("head_dim", None)
         if "sliding_window" in shrunk:
             shrunk["sliding_window"] = 4096
@@ -123,3 +143,8 @@ def shape_config(name: str) -> dict:
 def shape_names() -> list[str]:
     """All names `shape:` accepts (the tiny- variants included)."""
     return sorted(SHAPES) + sorted(f"tiny-{n}" for n in SHAPES if n != "tiny")
+
+
+def block_linear_names(model_type: str) -> list[str]:
+    """The linear layers inside a transformer block of this family ('all-linear'); a Llama's if it is not listed."""
+    return list(FAMILIES.get(model_type, FAMILIES["llama"]).block_linears)

@@ -4,7 +4,7 @@ from conftest import alpaca_rows, prepare, write_jsonl
 from snugtune.data.batches import (GPU_PAD_MULTIPLE, collate, collate_micro_batch, collate_packed, eval_batches,
                                    micro_batches, real_tokens)
 from snugtune.data.tokenize import IGNORE
-from snugtune.models import resolve_model
+from snugtune.models.resolve import resolve_model
 
 
 def test_collate_keeps_padding_out_of_the_loss_and_counts_only_real_tokens(tokenizer, tmp_path):

@@ -214,7 +214,7 @@ def test_fresh_moves_the_old_run_aside(tmp_path):
 
 def test_pickle_weights_are_refused_unless_opted_in(tmp_path):
     from snugtune.errors import ConfigError
-    from snugtune.models import resolve_model
+    from snugtune.models.resolve import resolve_model
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(ConfigError, match="pickle.*allow_pickle_weights"):
@@ -223,7 +223,8 @@ def test_pickle_weights_are_refused_unless_opted_in(tmp_path):
 
 
 def test_chat_templates_render_in_a_sandbox():
-    from snugtune.models import load_tokenizer, resolve_model
+    from snugtune.models.load import load_tokenizer
+    from snugtune.models.resolve import resolve_model
     tokenizer = load_tokenizer(resolve_model("shape:tiny").path)
     tokenizer.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(Exception, match="unsafe|not safely callable|access to attribute"):

@@ -10,7 +10,8 @@ import torch
 
 from snugtune.engine.fused_lora import fuse_lora_layers
 from snugtune.engine.train import train
-from snugtune.models import load_base_model, prepare_for_training, resolve_model
+from snugtune.models.load import load_base_model, prepare_for_training
+from snugtune.models.resolve import resolve_model
 
 from conftest import cpu_decisions, tiny_config
 
@@ -78,7 +79,7 @@ def test_dense_copies_give_the_dequantizing_loss_and_gradients_without_dequantiz
     import bitsandbytes.functional as bnbf
     from snugtune.engine.dense_copy import four_bit_linears
     from snugtune.engine.speedups import apply_speedups
-    from snugtune.models import decoder_layers
+    from snugtune.models.load import decoder_layers
     results = []
     for copy in (False, True):
         config = tiny_config(tmp_path, alpaca_file, method="qlora", quant={"dense_copy": copy},
@@ -145,7 +146,7 @@ def test_fixed_shape_loss_gives_the_same_loss_and_gradients(tmp_path, alpaca_fil
     from snugtune.data.batches import collate
     from snugtune.data.prepare import prepare_data
     from snugtune.loss import token_loss_sum
-    from snugtune.models import load_tokenizer
+    from snugtune.models.load import load_tokenizer
     config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0})
     path = resolve_model(config.model).path
     tokenizer = load_tokenizer(path)
@@ -205,7 +206,7 @@ def test_graph_path_adds_the_same_gradients_as_the_eager_step(tmp_path, alpaca_f
     from snugtune.engine.offload import keep_embeddings_on_host
     from snugtune.precision import Precision
     from snugtune.engine.step import accumulate_gradients
-    from snugtune.models import load_tokenizer
+    from snugtune.models.load import load_tokenizer
     config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": dropout},
                          train={"grad_checkpointing": True})
     path = resolve_model(config.model).path
@@ -240,7 +241,7 @@ def test_an_oom_while_capturing_a_graph_falls_back_to_eager_without_losing_the_m
     from snugtune.data.prepare import prepare_data
     from snugtune.engine.graphs import StepGraphs
     from snugtune.precision import Precision
-    from snugtune.models import load_tokenizer
+    from snugtune.models.load import load_tokenizer
     config = tiny_config(tmp_path, alpaca_file, method="qlora", lora={"dropout": 0.0})
     path = resolve_model(config.model).path
     tokenizer = load_tokenizer(path)

@@ -15,7 +15,7 @@ from snugtune.data.prepare import prepare_data
 from snugtune.loss import mean_loss
 from snugtune.precision import Precision
 from snugtune.engine.train import train
-from snugtune.models import load_tokenizer
+from snugtune.models.load import load_tokenizer
 
 RUN_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
              "chat_template.jinja", "config.yaml", "metrics.jsonl", "summary.json", "loss.png"}

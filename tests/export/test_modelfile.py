@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from snugtune.export.modelfile import write_modelfile
-from snugtune.models import resolve_model
+from snugtune.models.resolve import resolve_model
 
 LLAMA3_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"

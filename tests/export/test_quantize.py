@@ -15,7 +15,7 @@ from snugtune.cli import app
 from snugtune.errors import UserError
 from snugtune.export.gguf_file import check_gguf_type, export_gguf
 from snugtune.export.quantize import gguf_perplexity, tensor_types
-from snugtune.models import resolve_model
+from snugtune.models.resolve import resolve_model
 
 TEXT = ("def wrap(text, width=70):\n    lines, line = [], ''\n    for word in text.split():\n"
         "        if len(line) + len(word) > width:\n            lines.append(line)\n            line = ''\n"

@@ -178,7 +178,7 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
     with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:
         work = Path(tmp)
         # build the random-weight checkpoint once, outside every measurement
-        from snugtune.models import resolve_model
+        from snugtune.models.resolve import resolve_model
         resolve_model(f"shape:{shape}")
         stacks = ("snugtune", *against)
         documents = long_documents(work / "documents", seq) if one_document else None

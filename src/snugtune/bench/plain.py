@@ -101,7 +101,8 @@ def bench_inputs(description: str):
     """Parse `CONFIG [key=value ...] --out FILE`; load the config, the checkpoint's path, tokenizer and data."""
     from snugtune.config import load_config
     from snugtune.data.prepare import prepare_data
-    from snugtune.models import load_tokenizer, resolve_model
+    from snugtune.models.load import load_tokenizer
+    from snugtune.models.resolve import resolve_model
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config")
@@ -126,7 +127,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from snugtune.engine.machine import cap_memory
-    from snugtune.models import block_linear_names
+    from snugtune.registry import block_linear_names
 
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

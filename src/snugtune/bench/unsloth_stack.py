@@ -65,7 +65,7 @@ def main() -> None:
 
     from snugtune.bench.plain import bench_inputs, write_result
     from snugtune.engine.machine import cap_memory
-    from snugtune.models import block_linear_names
+    from snugtune.registry import block_linear_names
 
     out, cfg, path, tokenizer, data = bench_inputs("Unsloth's QLoRA on a snugtune bench config")
     torch.cuda.reset_peak_memory_stats()

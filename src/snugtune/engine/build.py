@@ -25,7 +25,7 @@ from snugtune.engine.optim import build_optimizer, build_scheduler, flatten_trai
 from snugtune.engine.speedups import Speedups, apply_speedups
 from snugtune.engine.tiling import tile_for_long_rows
 from snugtune.loss import LossModule, token_loss_sum
-from snugtune.models import check_vocab, count_parameters, decoder_layers, load_base_model, prepare_for_training
+from snugtune.models.load import check_vocab, count_parameters, decoder_layers, load_base_model, prepare_for_training
 from snugtune.planner.inventory import Inventory
 from snugtune.planner.plan import Plan
 from snugtune.precision import Precision

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from snugtune.models import quant_states_to
+from snugtune.models.load import quant_states_to
 
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors are not worth a copy
 

@@ -36,7 +36,9 @@ from snugtune.errors import TrainingDiverged, TrainingInterrupted, UserError
 from snugtune.lora_dropout import start_lora_dropout_step
 from snugtune.loss import mean_loss
 from snugtune.memory_rules import rows_masked
-from snugtune.models import default_cache_dir, load_tokenizer, resolve_model
+from snugtune.models.cache import default_cache_dir
+from snugtune.models.load import load_tokenizer
+from snugtune.models.resolve import resolve_model
 from snugtune.planner.apply import plan_run, planned_figures
 from snugtune.planner.inventory import inventory_of_folder
 from snugtune.precision import resolve_device, resolve_precision

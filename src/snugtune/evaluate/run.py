@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from snugtune.config import Config, config_from_dict
 from snugtune.errors import UserError
 from snugtune.precision import Precision, resolve_device, resolve_precision
-from snugtune.models import load_base_model, load_tokenizer
+from snugtune.models.load import load_base_model, load_tokenizer
 from snugtune.rundir import ADAPTER_WEIGHTS, CONFIG, RunFolder
 
 

@@ -19,8 +19,10 @@ from safetensors import safe_open
 
 from snugtune.errors import UserError
 from snugtune.export.quantize import llama_cpp_bindings, quantize_gguf
+from snugtune.registry import FAMILIES
 
-ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# model type -> the llama.cpp architecture it is written as (registry.FAMILIES); other types are refused
+ARCHES = {model_type: family.gguf_arch for model_type, family in FAMILIES.items() if family.gguf_arch}
 # f16 and q8_0 are written here (q8_0 with llama.cpp's gguf package); the others are llama.cpp quantizations of
 # the f16 file (export.quantize)
 WRITTEN_TYPES = ("f16", "q8_0")
@@ -142,8 +144,9 @@ def llama3_rope_factors(config: dict) -> np.ndarray | None:
 
 
 def _pre_tokenizer_name(config: dict, tokens: list[str]) -> str:
-    if config["model_type"] == "qwen2":
-        return "qwen2"
+    fixed = FAMILIES[config["model_type"]].gguf_pre_tokenizer  # the family's own (Qwen2), else told by vocabulary
+    if fixed:
+        return fixed
     if "<|im_start|>" in tokens and len(tokens) == 49152:
         return "smollm"
     if len(tokens) >= 128000 and "<|begin_of_text|>" in tokens:

@@ -39,7 +39,7 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
     graphs follow from its settings by memory_rules. graphs=False: eager steps even where graphs could run.
     dense_copy: a dense copy of the 4-bit block weights asked for (held where memory_rules.holds_dense_copy
     allows it). cuda: the run has a CUDA GPU (else nothing compiles unless asked, and no step replays)."""
-    from snugtune.models import block_linear_names
+    from snugtune.registry import block_linear_names
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1

@@ -4,12 +4,12 @@ device (no memory, any architecture transformers knows), so the parameter invent
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from snugtune.config import Config
-from snugtune.errors import ConfigError
+from snugtune.memory_rules import config_draws_random_numbers
+from snugtune.models.resolve import offline_model_config
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class Inventory:
 def inventory_from_config(config) -> Inventory:
     """Build the model on the meta device and list its parameters."""
     from transformers import AutoModelForCausalLM
-    from snugtune.models import DROPOUT_FIELDS
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = model.model.layers
@@ -75,34 +74,12 @@ def inventory_from_config(config) -> Inventory:
                      bool(getattr(config, "tie_word_embeddings", False)), len(norms),
                      any(isinstance(m, torch.nn.LayerNorm) for m in norms), "gate_proj" in shorts,
                      getattr(config, "hidden_act", "silu"),
-                     any(float(getattr(config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS))
-
+                     config_draws_random_numbers(config))
 
 
 def model_config_for(cfg: Config):
     """The transformers config of cfg.model without loading weights (registry shapes offline)."""
-    from transformers import AutoConfig
-    from snugtune.registry import HUB_IDS, shape_config
-    name = cfg.model
-    shape = None
-    if name.startswith("shape:"):
-        shape = name.removeprefix("shape:")
-    elif name in HUB_IDS:
-        shape = HUB_IDS[name]
-    elif name == "smollm2-135m-instruct":
-        shape = "smollm2-135m"
-    if shape is not None:
-        try:
-            raw = shape_config(shape)
-        except KeyError:
-            raise ConfigError(f"model: unknown shape '{shape}'") from None
-        model_type = raw.pop("model_type")
-        raw["vocab_size"] = max(raw["vocab_size"], 49152) if name.startswith("shape:") else raw["vocab_size"]
-        return AutoConfig.for_model(model_type, **raw)
-    folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
-        return AutoConfig.from_pretrained(folder)
-    raise ConfigError(f"model: cannot plan for '{name}' offline (not in the registry and not a local folder)")
+    return offline_model_config(cfg.model)
 
 
 def inventory_for(cfg: Config) -> Inventory:
