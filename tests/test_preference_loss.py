@@ -336,7 +336,7 @@ def _conversation_rows():
 def test_dpo_on_a_model_matches_trls_dpo_trainer(tmp_path, loss_type):
     from datasets import Dataset
     from trl import DPOConfig
-    from snugtune.data.files import Row
+    from snugtune.data.rows import Row
     from snugtune.data.preference_batches import pair_batch
     from snugtune.data.preference_rows import to_pair
     from snugtune.data.preference_tokenize import fit_pair, tokenize_pair
@@ -368,7 +368,7 @@ def test_dpo_on_a_model_matches_trls_dpo_trainer(tmp_path, loss_type):
 def test_kto_on_a_model_matches_trls_kto_trainer(tmp_path):
     from datasets import Dataset
     from trl import KTOConfig
-    from snugtune.data.files import Row
+    from snugtune.data.rows import Row
     from snugtune.data.preference_batches import labelled_batches
     from snugtune.data.preference_rows import to_labelled
     from snugtune.data.preference_tokenize import fit_completion, tokenize_labelled

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import write_jsonl
 from snugtune.config import DataConfig
-from snugtune.data.files import Row, Skipped, read_rows
+from snugtune.data.rows import Row
+from snugtune.data.sources import locate, read_source
 from snugtune.data.preference_rows import (LabelledCompletion, PreferencePair, check_objective, detect_preference,
                                            to_labelled, to_pair, unpair)
 from snugtune.errors import ConfigError
@@ -74,7 +75,7 @@ PAIR_LAYOUTS = [  # (who writes it, row, (prompt, chosen, rejected))
 @pytest.mark.parametrize("layout, row, expected", PAIR_LAYOUTS, ids=[c[0] for c in PAIR_LAYOUTS])
 def test_each_pair_layout_read_from_a_file_gives_its_prompt_and_answers(tmp_path, layout, row, expected):
     path = write_jsonl(tmp_path / "pairs.jsonl", [row, row])
-    rows = list(read_rows(DataConfig(path=str(path)), Skipped()))
+    rows = _rows_of(path)
     assert detect_preference(rows).name == "pairs"
     pair = to_pair(rows[1])
     assert (pair.prompt, pair.chosen, pair.rejected) == expected
@@ -114,7 +115,7 @@ KTO_LAYOUTS = [  # (who writes it, row, (prompt, completion, desirable))
 def test_each_kto_layout_read_from_a_file_gives_its_prompt_completion_and_label(tmp_path, layout, row, expected):
     path = tmp_path / "kto.json"
     path.write_text(json.dumps([row]), encoding="utf-8")
-    rows = list(read_rows(DataConfig(path=str(path)), Skipped()))
+    rows = _rows_of(path)
     assert detect_preference(rows).name == "labelled"
     labelled = to_labelled(rows[0])
     assert (labelled.prompt, labelled.completion, labelled.desirable) == expected
@@ -126,7 +127,7 @@ def test_kto_labels_written_as_csv_text(tmp_path):
         writer = csv.writer(handle)
         writer.writerow(["prompt", "completion", "label"])
         writer.writerows([["Q", "a", "True"], ["Q", "b", "false"], ["Q", "c", "1"], ["Q", "d", " NO "]])
-    rows = list(read_rows(DataConfig(path=str(path)), Skipped()))
+    rows = _rows_of(path)
     assert [to_labelled(r).desirable for r in rows] == [True, False, True, False]
 
 
@@ -192,3 +193,8 @@ def test_a_pair_unpairs_into_a_desirable_and_an_undesirable_kto_row():
     pair = PreferencePair([U("Q")], [A("good")], [A("bad")])
     assert unpair(pair) == (LabelledCompletion([U("Q")], [A("good")], True),
                             LabelledCompletion([U("Q")], [A("bad")], False))
+
+
+def _rows_of(path) -> list[Row]:
+    data = DataConfig(path=str(path))
+    return read_source(locate(data), data)[0]

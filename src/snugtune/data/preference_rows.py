@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from snugtune.errors import ConfigError
 from snugtune.data import turns
 from snugtune.data.detect import MEDIA_KEYS, FormatChoice, ROWS_LOOKED_AT, plain_keys
-from snugtune.data.files import Row
-from snugtune.data.formats import CONVERSATION_READERS
+from snugtune.data.rows import Row
+from snugtune.data.formats import alpaca
 
 CHOSEN_KEYS, REJECTED_KEYS = ("chosen", "chosen_response"), ("rejected", "rejected_response")
 LABEL_KEYS = ("label", "kto_tag")
@@ -137,7 +137,7 @@ def _explicit_prompt(row: Row, keys: dict) -> list[dict] | None:
     if conversation:
         return turns.conversation(keys[conversation], row.where, conversation)
     if keys.get("instruction") is not None:  # alpaca: instruction + input (+ history) as formats reads them
-        return CONVERSATION_READERS["alpaca"](row, {**keys, "system": None, "output": ""})[:-1]
+        return alpaca.read(row, {**keys, "system": None, "output": ""})[:-1]
     text = _first(keys, PROMPT_TEXT_KEYS)
     if text is None:
         return None

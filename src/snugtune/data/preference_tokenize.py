@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from snugtune.data.preference_rows import LabelledCompletion, PreferencePair
 from snugtune.data.tokenize import IGNORE, TokenizedSample, tokenize_sample
+from snugtune.data.turns import untrained
 
 
 @dataclass
@@ -41,8 +42,7 @@ class TokenizedCompletion:
 
 def answer_sample(prompt: list[dict], answer: list[dict], tools: list[dict] | None) -> dict:
     """The normalized sample (data.formats) of a prompt and one answer, trained on the answer alone."""
-    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
-    return {"messages": context + answer, **({"tools": tools} if tools else {})}
+    return {"messages": untrained(prompt) + answer, **({"tools": tools} if tools else {})}
 
 
 def _first_scored(sample: TokenizedSample) -> int:
