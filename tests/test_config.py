@@ -216,9 +216,8 @@ def test_a_tilde_means_the_home_folder_in_every_path(tmp_path, monkeypatch):
     assert load_config("~/configs/c.yaml", ["output_dir=~/"]).output_dir == str(home) + "/"
     assert config_from_dict({"data": {"path": "x"}, "output_dir": "~/r"}).output_dir == str(home / "r")
     assert not (tmp_path / "~").exists()
-        return self
 
-    @model_validator(mode="after")
+
 PREFERENCE_CONFIGS = [  # (objective and preference section, the one-line error; None: valid)
     ({}, None),
     ({"objective": "sft", "preference": {}}, None),
