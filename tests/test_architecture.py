@@ -16,3 +16,11 @@ def test_readers_of_a_run_folder_do_not_import_the_engine():
              "print(json.dumps(found))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == {name: [] for name in READERS}
+
+
+def test_test_files_have_unique_names_across_the_folders():
+    # tests/ mirrors the package without __init__ files: pytest imports each test file by its bare name
+    from collections import Counter
+    from pathlib import Path
+    names = Counter(p.name for p in Path(__file__).parent.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
