@@ -24,7 +24,7 @@ from conftest import REPO_ROOT, alpaca_rows, write_jsonl
 from snugtune.cli import app
 from snugtune.config import config_from_dict, config_to_yaml
 from snugtune.models.cache import default_cache_dir
-from snugtune.rundir import METRICS, RUN_MARK, complete_checkpoints, hold_run_lock
+from snugtune.rundir import LOCK, METRICS, RUN_MARK, complete_checkpoints, hold_run_lock
 
 VALID = {"model": "shape:tiny", "data": {"path": "data.jsonl", "eval_fraction": 0.1}, "max_seq_len": 64,
          "lora": {"r": 4, "alpha": 8, "targets": "all-linear"}, "train": {"max_steps": 2, "micro_batch": 2},
@@ -247,7 +247,8 @@ def test_fresh_sets_a_run_aside_through_a_tilde_and_moves_nothing_else(workspace
     assert result.exit_code == 2 and "missing.jsonl" in result.stderr  # then training stops on the missing data
     assert _snapshot(workspace, home / "runs") == before
     assert sorted(p.name for p in (home / "runs").iterdir()) in (["x.old-1"], ["x", "x.old-1"])
-    assert not run.exists() or not any(p.name != RUN_MARK for p in run.iterdir())  # a new run, nothing in it
+    # a new run, nothing in it but its mark and its lock
+    assert not run.exists() or not any(p.name not in (RUN_MARK, LOCK) for p in run.iterdir())
 
 
 # --- the same through real processes: what a terminal shows -------------------------------------------------

@@ -58,7 +58,7 @@ def test_a_damaged_entry_of_its_own_is_rebuilt(tmp_path):
 
 # Modules of snugtune.data that do not change tokens or labels (they run after the cache, or report)
 NOT_TOKENIZING = {"snugtune.data", "snugtune.data.formats", "snugtune.data.batches", "snugtune.data.cache",
-                  "snugtune.data.prep_report"}
+                  "snugtune.data.prep_report", "snugtune.data.preference_batches"}
 
 
 def _code_hash(modules) -> str:

@@ -20,15 +20,16 @@ ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 # The version of the code that turns rows into tokens and labels, part of every key so that an entry
 # written by other code is never served. Any change to these modules makes tests/data/test_cache.py fail
 # until the new code's hash is recorded here (the test prints it) and the version bumped.
-DATA_CODE_VERSION = 4
-DATA_CODE_HASH = "df51b2e8c4be4d41e5e56a286cc08e540ee500d2a8f4437c19e5245d0b8d0532"
+DATA_CODE_VERSION = 5
+DATA_CODE_HASH = "7c9868b266a6ca1ce09d4dc30b44c52bd3b4391c033747749ca5e9bdc8cef347"
 TOKENIZING_MODULES = (
     "snugtune.data.sources", "snugtune.data.folders", "snugtune.data.files", "snugtune.data.hub",
     "snugtune.data.llamafactory", "snugtune.data.columns", "snugtune.data.detect", "snugtune.data.format_registry",
     "snugtune.data.formats.alpaca", "snugtune.data.formats.conversation", "snugtune.data.formats.fields",
     "snugtune.data.formats.guanaco", "snugtune.data.formats.prompt_completion", "snugtune.data.formats.text",
     "snugtune.data.normalize", "snugtune.data.turns", "snugtune.data.turn_fields", "snugtune.data.templates",
-    "snugtune.data.tokenize", "snugtune.data.prepare", "snugtune.data.rows")
+    "snugtune.data.tokenize", "snugtune.data.prepare", "snugtune.data.rows", "snugtune.data.preference_rows",
+    "snugtune.data.preference_tokenize")
 
 
 def cache_key(digest: str, data: DataConfig, tokenizer, max_seq_len: int, seed: int) -> str:

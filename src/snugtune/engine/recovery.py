@@ -36,7 +36,6 @@ def _probe_fits(run: Run) -> bool:
             probe(run)
             return True
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
             if step_down(run, "the probe step"):
                 return False
 
@@ -70,9 +69,13 @@ def probe(run: Run) -> None:
 
 
 def step_down(run: Run, where: str) -> bool:
-    """The planner's next plan after an OOM `where`, announced and recorded in run.plan; True when it needs
-    another model (the caller builds it), else the run carries on with the new split, without graphs."""
+    """After an OOM `where`: what the failed step held freed, and the planner's next plan announced and recorded
+    in run.plan; True when it needs another model (the caller builds it), else the run carries on with the
+    new split, without graphs."""
     job = run.job
+    run.optimizer.zero_grad(set_to_none=False)
+    if job.device.type == "cuda":
+        torch.cuda.empty_cache()
     plan, notice = next_plan(job.asked, run.plan, where, job.inventory, job.trained_per_row, job.masked)
     job.notify(notice)
     job.step_downs.append(notice)
@@ -85,14 +88,6 @@ def step_down(run: Run, where: str) -> bool:
         run.graphs.release("stepped down after running out of memory")
         run.graphs = new_graphs(job, run.model, run.scaler) if plan.decisions.cuda_graphs else None
     return False
-
-
-def step_down_after_oom(run: Run, step: int) -> bool:
-    """Free what the failed step held and step down; True when the new plan needs another model."""
-    run.optimizer.zero_grad(set_to_none=False)
-    if run.job.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return step_down(run, f"step {step}")
 
 
 def free_device_memory(device: torch.device) -> None:

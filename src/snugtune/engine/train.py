@@ -29,7 +29,7 @@ from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_
 from snugtune.engine.distributed import SINGLE, DistContext, barrier, start, step_share, sum_across
 from snugtune.engine.machine import cap_memory, device_description, peak_memory_bytes, versions
 from snugtune.engine.progress import TrainProgress
-from snugtune.engine.recovery import build_that_fits, free_device_memory, step_down_after_oom
+from snugtune.engine.recovery import build_that_fits, free_device_memory, step_down
 from snugtune.engine.signals import StopRequests
 from snugtune.engine.step import StepResult, accumulate_gradients, optimizer_step
 from snugtune.errors import TrainingDiverged, TrainingInterrupted, UserError
@@ -240,7 +240,7 @@ def train_steps(run: Run, position: TrainPosition, log: MetricsLog, show_progres
                             raise
                         group.clear()  # free the batches before stepping down
                         trained_with = config_to_yaml(run.config)
-                        if step_down_after_oom(run, position.step + 1):
+                        if step_down(run, f"step {position.step + 1}"):
                             save_checkpoint_now(run, position, log, trained_with)
                             return REBUILD
                         RunFolder(job.run_dir).write_config(config_to_yaml(run.config))

@@ -52,6 +52,8 @@ def read_model_name(name: str) -> ModelName:
             hint = f"; did you mean 'shape:{close[0]}'?" if close else ""
             raise ConfigError(f"model: unknown shape '{shape}'{hint}") from None
         return ModelName(name, "shape", None, shape)
+    if "\0" in name:  # no file or hub id holds one; the file system would refuse it with a traceback
+        raise ConfigError("model: the name holds a NUL character")
     try:
         local = Path(name).expanduser()
     except RuntimeError:  # ~USER of a user this machine does not have
