@@ -24,8 +24,8 @@ from snugtune.data.batches import GPU_PAD_MULTIPLE, epoch_rows, real_tokens, tra
 from snugtune.data.prepare import prepare_data
 from snugtune.data.prep_report import report_lines
 from snugtune.engine.build import Job, Run
-from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint, saved_config,
-                                        saved_position, trainable_state)
+from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint,
+                                        saved_config, saved_position, trainable_state)
 from snugtune.engine.distributed import SINGLE, DistContext, barrier, start, step_share, sum_across
 from snugtune.engine.machine import cap_memory, device_description, peak_memory_bytes, versions
 from snugtune.engine.progress import TrainProgress
@@ -105,8 +105,9 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
     if capped:
         notify(capped)
     return Job(asked=config, ctx=ctx, device=device, precision=resolve_precision(config.train.precision, device),
-               notify=notify, run_dir=Path(config.output_dir), base_path=resolved.path, tokenizer=tokenizer, data=data,
-               inventory=inventory_of_folder(resolved.path, config.trust_remote_code), packed_len=packed_len, first_epoch_rows=first_epoch_rows,
+               notify=notify, run_dir=Path(config.output_dir), base_path=resolved.path, tokenizer=tokenizer,
+               data=data, inventory=inventory_of_folder(resolved.path, config.trust_remote_code),
+               packed_len=packed_len, first_epoch_rows=first_epoch_rows,
                trained_per_row=trained_tokens_per_row(first_epoch_rows),
                masked=rows_masked(config.data.packing, varlen_usable(device),
                                   any(len(row) > 1 for row in first_epoch_rows)),

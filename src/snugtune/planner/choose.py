@@ -12,8 +12,8 @@ from itertools import product
 
 from snugtune.config import Config
 from snugtune.memory_rules import (ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS, compiles_blocks, holds_dense_copy,
-                                   fuses_lora, keeps_dense_weights, leans_norms, optimizer_for, replays_cuda_graphs, rows_masked,
-                                   tiles_attention)
+                                   fuses_lora, keeps_dense_weights, leans_norms, optimizer_for, replays_cuda_graphs,
+                                   rows_masked, tiles_attention)
 from snugtune.methods import METHODS
 from snugtune.planner.cards import budget_bytes, has_varlen_attention
 from snugtune.planner.inventory import Inventory, inventory_for
@@ -62,8 +62,8 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                      cuda_graphs=graphs and replays_cuda_graphs(
                          cfg.train.cuda_graphs, compiling, cuda, one_process, offload.weights, replays,
                          offload.activations, tiled_mlp, draws),
-                     compiled_blocks=compiling, fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits,
-                                                                        shards > 1))
+                     compiled_blocks=compiling,
+                     fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits, shards > 1))
 
 
 def levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, Offload]]:
