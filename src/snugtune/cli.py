@@ -142,7 +142,8 @@ def plan(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Card (t4, rtx3080, l4, a10, rtx4090, a100-40, "
                                       "a100-80, h100) or a size like 10GiB; default: the config's budget."),
-    gpus: int = typer.Option(1, "--gpus", min=1, help="Processes (GPUs) under torchrun: DDP, or FSDP sharding."),
+    gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="Processes (GPUs) under torchrun: DDP, or FSDP "
+                                                                "sharding."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -164,7 +165,7 @@ def plan(
 def data(
     config: Path = typer.Argument(..., help="Config YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
-    show: int = typer.Option(0, "--show", help="Print N rendered samples with trained tokens marked."),
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered samples with trained tokens marked."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -218,7 +219,8 @@ def eval_command(
     from snugtune.evaluate.run import Trust
     from snugtune.evaluate.tasks import evaluate_run
     tasks = [t.strip() for t in task.split(",") if t.strip()]
-    results = _run(debug, evaluate_run, run_dir, tasks, data_file, limit, device,
+    data_file = data_file and str(Path(data_file).expanduser())  # a quoted ~ means the home folder too
+    results = _run(debug, evaluate_run, run_dir.expanduser(), tasks, data_file, limit, device,
                    progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False),
                    trust=Trust(remote_code, pickle_weights, unisolated))
     if as_json:
@@ -270,7 +272,7 @@ def report(
 ) -> None:
     """The results table (Markdown) and the loss curves of the runs (PNG)."""
     from snugtune.evaluate.results_table import build_report
-    markdown, plot = _run(debug, build_report, run_dirs, out_dir)
+    markdown, plot = _run(debug, build_report, [d.expanduser() for d in run_dirs], out_dir.expanduser())
     print(markdown.read_text())
     out.print(f"wrote {markdown} and {plot}", highlight=False)
 

@@ -9,6 +9,7 @@ import re
 from snugtune.errors import ConfigError
 
 GIB = 2**30
+MOST_GIB = 16384            # a budget given as a size: no card holds more (16 TiB)
 DEFAULT_TFLOPS = 989.0  # a budget given as a size, or a card not listed: ranked as an H100
 
 CARDS: dict[str, dict] = {
@@ -30,10 +31,12 @@ def budget_bytes(budget: str) -> tuple[int, bool, str]:
     if key in CARDS:
         card = CARDS[key]
         return int(card["usable_gib"] * GIB), card["bf16"], card["name"]
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*gi?b?", key)
-    if match:
+    match = re.fullmatch(r"(\d{1,6}(?:\.\d{1,6})?)\s*gi?b?", key)
+    if match and 0 < float(match.group(1)) <= MOST_GIB:
         return int(float(match.group(1)) * GIB), True, f"{match.group(1)} GiB"
-    raise ConfigError(f"budget: '{budget}' is neither a card ({', '.join(CARDS)}) nor a size like 10GiB")
+    shown = budget if len(budget) <= 40 else f"{budget[:40]}... ({len(budget):,} characters)"
+    raise ConfigError(f"budget: '{shown}' is neither a card ({', '.join(CARDS)}) nor a size like 10GiB "
+                      f"(above 0, at most {MOST_GIB:,} GiB)")
 
 
 def _profile(card: str) -> dict | None:
