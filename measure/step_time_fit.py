@@ -193,7 +193,7 @@ def main() -> None:
         print(f"{len(rows)} rows -> {ROWS}")
     elif command == "add":
         from_file = [json.loads(line) for line in Path(sys.argv[2]).read_text().splitlines() if line.strip()]
-        added = [r for r in from_file if r.get("kind") == "step_time_row"]
+        added = [r for r in from_file if r.get("kind") == "step_time_row" and "measured_step_s" in r]
         with ROWS.open("a") as handle:
             for row in added:
                 handle.write(json.dumps({k: v for k, v in row.items() if k != "kind"}) + "\n")

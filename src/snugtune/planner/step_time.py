@@ -25,14 +25,14 @@ from snugtune.planner.memory import (Breakdown, Part, attention_groups, checkpoi
                                      trainable_params)
 from snugtune.planner.plan import Decisions
 
-MATMUL_EFFICIENCY = 0.80      # 16-bit matmuls' share of the datasheet rate (fit; H200 profiles: 630-750 TFLOP/s)
-ATTENTION_EFFICIENCY = 0.60   # flash attention's share (fit; H200 profile at 28,672 tokens: 575 forward, 490 back)
+MATMUL_EFFICIENCY = 0.75      # 16-bit matmuls' share of the datasheet rate (H200 step profiles: 630-750 TFLOP/s)
+ATTENTION_EFFICIENCY = 0.55   # flash attention's share (H200 profile at 28,672 tokens: 575 forward, 490 backward)
 MASKED_ATTENTION_EFFICIENCY = 0.25  # SDPA's memory-efficient kernel with a dense mask (sm75's path): not measured
 MEMORY_EFFICIENCY = 0.80      # streaming kernels' share of the datasheet bandwidth
 DEQUANTIZE_BYTES_PER_WEIGHT = 4.5   # nf4 read (0.5 + scales), 16-bit written, read again by the matmul
-ACTIVATION_BYTES_PER_VALUE = 8.0    # per pass, per value of an adapted linear's input and output and of a
+ACTIVATION_BYTES_PER_VALUE = 6.0    # per pass, per value of an adapted linear's input and output and of a
                                     # block's element-wise tensors (fitted, docs/planner.md)
-BLOCK_KERNELS_S = 0.3e-3          # GPU time of a block's hundreds of small kernels (forward + backward) at
+BLOCK_KERNELS_S = 0.6e-3          # GPU time of a block's hundreds of small kernels (forward + backward) at
                                     # any size: each takes a few microseconds however little it does (fitted)
 EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled block's forward + backward, eager
 GRAPH_LAUNCH_S_PER_BLOCK = 0.3e-3   # ... replayed as a CUDA graph (the copies in and the replay call)
