@@ -241,6 +241,7 @@ def main() -> None:
                 log({"kind": "skipped", "name": entry[0], "why": "past the deadline"})
                 continue
             one_entry(entry, args, card, documents, out, log, index)
+    (out / "report.txt").write_text(report(rows) + "\n")
     print(report(rows))
 
 
