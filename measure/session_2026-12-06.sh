@@ -5,6 +5,8 @@
 # timeout, and none starts unless its estimate fits before the deadline; results land in $OUT as they finish.
 #
 #   measure/session_2026-12-06.sh [PIECE ...]   (default: all, in this order)
+#     t4-check                           measure/fast_path_check.py on a T4's path: fp16, sm75 kernels, against
+#                                        plain fp16 and fp32 (loss and LoRA gradients on one batch)
 #     t4-tinyllama t4-llama2             the recipes as shipped, --emulate t4, against plain fp16
 #     cap15-2048 cap15-4096              packed rows, --cap 15, against Unsloth (grad_checkpointing: auto)
 #     cap15-16384 cap15-28672            one document a row, --cap 15, against Unsloth
@@ -31,7 +33,7 @@ START=$(date +%s)
 WORK=$(mktemp -d /tmp/session-XXXX)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PIECES=("$@")
-[ ${#PIECES[@]} -gt 0 ] || PIECES=(t4-tinyllama cap15-2048 cap15-4096 cap15-16384 cap15-28672 t4-llama2 grid)
+[ ${#PIECES[@]} -gt 0 ] || PIECES=(t4-check t4-tinyllama cap15-2048 cap15-4096 cap15-16384 cap15-28672 t4-llama2 grid)
 
 log() { echo "$*" | tee -a "$OUT/session.log"; }
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
@@ -62,6 +64,17 @@ bench() {
   fi
 }
 
+# check ESTIMATE_S: the fast path against plain on a T4's path (SMOKE: shape tiny on the CPU, fp16 autocast)
+check() {
+  local estimate=$1 args=(--shape tinyllama-1.1b --seq 512)
+  [ "$SMOKE" = 1 ] && { args=(--shape tiny --seq 128 --bf16); estimate=0; }
+  if [ "$(left)" -lt "$estimate" ]; then log "## t4-check: skipped ($(left) s left)"; return; fi
+  log "## t4-check: measure/fast_path_check.py ${args[*]} --set train.precision=fp16 --set train.attention_kernels=sm75"
+  { echo "## t4-check"; timeout "$(( $(left) + 30 ))" $PY measure/fast_path_check.py "${args[@]}" \
+      --set train.precision=fp16 --set train.attention_kernels=sm75 2>&1 | tee -a "$OUT/session.log" | tail -n 4
+    echo "exit ${PIPESTATUS[0]}"; echo; } >> "$OUT/summary.txt"
+}
+
 seq_of() { [ "$SMOKE" = 1 ] && echo $(( $1 < 128 ? $1 : 128 )) || echo "$1"; }
 
 log "# session $(date -u +%FT%TZ) pieces: ${PIECES[*]} deadline ${DEADLINE}s smoke=$SMOKE"
@@ -71,6 +84,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 
 for piece in "${PIECES[@]}"; do
   case $piece in
+    t4-check) check 90 ;;
     t4-tinyllama) bench "$piece" 100 --shape tinyllama-1.1b --recipe examples/tinyllama-1.1b_qlora_t4.yaml \
                     --emulate t4 --steps 20 --against plain ;;
     t4-llama2) bench "$piece" 180 --shape llama2-7b --recipe examples/llama2-7b_qlora_t4.yaml --emulate t4 \
