@@ -87,13 +87,13 @@ for piece in "${PIECES[@]}"; do
     t4-check) check 90 ;;
     t4-tinyllama) bench "$piece" 100 --shape tinyllama-1.1b --recipe examples/tinyllama-1.1b_qlora_t4.yaml \
                     --emulate t4 --steps 20 --against plain ;;
-    t4-llama2) bench "$piece" 180 --shape llama2-7b --recipe examples/llama2-7b_qlora_t4.yaml --emulate t4 \
+    t4-llama2) bench "$piece" 150 --shape llama2-7b --recipe examples/llama2-7b_qlora_t4.yaml --emulate t4 \
                  --steps 10 --against plain ;;
     cap15-2048|cap15-4096)
-      bench "$piece" 150 --shape llama3-8b --seq "$(seq_of "${piece#cap15-}")" --cap 15 --steps 10 \
+      bench "$piece" 120 --shape llama3-8b --seq "$(seq_of "${piece#cap15-}")" --cap 15 --steps 10 \
         --against unsloth --set train.grad_checkpointing=auto ;;
     cap15-16384|cap15-28672)
-      bench "$piece" 240 --shape llama3-8b --seq "$(seq_of "${piece#cap15-}")" --one-document --cap 15 \
+      bench "$piece" 200 --shape llama3-8b --seq "$(seq_of "${piece#cap15-}")" --one-document --cap 15 \
         --steps 10 --against unsloth --set train.grad_checkpointing=auto ;;
     grid)
       if [ "$SMOKE" = 1 ]; then extra=(--smoke --only "tinyllama 512x4 t4"); else extra=(--deadline "$(( $(left) - 60 ))"); fi
