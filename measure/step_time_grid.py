@@ -89,9 +89,12 @@ def step_tokens(cfg) -> tuple[list[int], list]:
     pipeline (epoch 0's order repeated: the grid's steps stay within an epoch or two)."""
     from snugtune.data.batches import epoch_rows
     from snugtune.data.prepare import prepare_data
+    from snugtune.models.cache import default_cache_dir
+    from snugtune.models.embedded import embedded_tokenizer_dir
     from snugtune.models.load import load_tokenizer
-    from snugtune.models.resolve import resolve_model
-    tokenizer = load_tokenizer(resolve_model(cfg.model).path)
+    # every shape model carries the embedded tokenizer: reading it builds no checkpoint (which would start CUDA
+    # here, and hold the card's memory beside every run)
+    tokenizer = load_tokenizer(embedded_tokenizer_dir(default_cache_dir()))
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
     rows = epoch_rows(data.train, cfg.train.seed, 0, cfg.max_seq_len if cfg.data.packing else None)
     real = [sum(len(s.input_ids) for s in row) for row in rows] * (1 + cfg.train.max_steps * cfg.train.step_rows
@@ -171,6 +174,7 @@ def measured_row(entry_name: str, cfg, result: dict, tokens: list[int]) -> dict 
 def one_entry(entry: tuple, args, card, documents: Path | None, out: Path, log, index: int) -> None:
     raw = grid_config(entry, args["steps"], args["device"], documents, args["smoke"])
     cfg = config_from_dict(raw)
+    assert cfg.model.startswith("shape:"), "the grid runs registry shapes (step_tokens reads their tokenizer)"
     tokens, _ = step_tokens(cfg)
     plan, runner = planned(cfg, card)
     chosen = train(raw, out / "runs", f"g{index}")
