@@ -34,7 +34,8 @@ ACTIVATION_BYTES_PER_VALUE = 6.0    # per pass, per value of an adapted linear's
                                     # block's element-wise tensors (fitted, docs/planner.md)
 BLOCK_KERNELS_S = 0.6e-3          # GPU time of a block's hundreds of small kernels (forward + backward) at
                                     # any size: each takes a few microseconds however little it does (fitted)
-EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled block's forward + backward, eager
+EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled, recomputed block's forward, recompute and
+                                    # backward, eager (TinyLlama 4 x 512, H100); a pass not recomputed: a quarter less
 GRAPH_LAUNCH_S_PER_BLOCK = 0.3e-3   # ... replayed as a CUDA graph (the copies in and the replay call)
 OPTIMIZER_BYTES_PER_PARAM = 100.0   # unscale, clip, 8-bit AdamW over one flat tensor: 1.2 ms for 42M on an H200
 HOST_COPY_BYTES_S = 12e9            # pinned host <-> GPU copies (PCIe 4 x16 in practice)
@@ -141,7 +142,9 @@ def gpu_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
 
 def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card: str = "") -> float:
     """The longest of the GPU's work, the CPU's launches and the host copies (each on its own stream)."""
-    launches = inv.layers * (GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK)
+    share = checkpointed_blocks(inv, s) / max(1, inv.layers)
+    per_block = GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK
+    launches = inv.layers * per_block * (3 + share) / 4  # forward, recompute, backward (twice a forward's)
     # out and back (activations), forward and recompute (weights); of the embedding table only the batch's rows
     copied = host_bytes(parts) - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
     copies = 2 * copied / HOST_COPY_BYTES_S
