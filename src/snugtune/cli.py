@@ -141,7 +141,7 @@ def plan(
     config: Path = typer.Argument(..., help="Config YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Card (t4, rtx3080, l4, a10, rtx4090, a100-40, "
-                                      "a100-80, h100) or a size like 10GiB; default: the config's budget."),
+                                      "a100-80, h100, h200) or a size like 10GiB; default: the config's budget."),
     gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="Processes (GPUs) under torchrun: DDP, or FSDP "
                                                                 "sharding."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -352,6 +352,9 @@ def bench(
     set_: list[str] = typer.Option([], "--set", help="key=value override of the benched config (repeatable)."),
     one_document: bool = typer.Option(False, "--one-document", help="Rows of one long document each (standard-"
                                       "library code, no packing) instead of packed samples."),
+    emulate: Optional[str] = typer.Option(None, "--emulate", help="Run every stack as this card would (t4: fp16 "
+                                          "with loss scaling, its attention kernels, its 15 GiB and, for snugtune, "
+                                          "its plan)."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -359,7 +362,7 @@ def bench(
     from snugtune.bench.compare import format_table, run_bench
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
     results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
-                   tuple(set_), one_document)
+                   tuple(set_), one_document, emulate)
     print(format_table(results))
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))

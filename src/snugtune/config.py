@@ -133,6 +133,12 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="Clip the global gradient norm to this; null = no clipping.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4), fp32 on CPU.")
+    attention_kernels: Literal["auto", "sm75"] = Field(
+        "auto", description="Attention kernels training may use. auto: the fastest the GPU has (flash and cuDNN; "
+                            "varlen flash for packed rows from compute capability 8.0). sm75: only what a T4 "
+                            "(compute capability 7.5) has: SDPA's memory-efficient and math kernels, packed rows "
+                            "through a dense block-diagonal mask (`snugtune bench --emulate t4` runs a T4's path "
+                            "on a newer GPU with it).")
     grad_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute block activations in backward to save memory; auto: the planner turns it "
                             "on only when the run would not fit without it (off on CPU).")

@@ -109,7 +109,7 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
                data=data, inventory=inventory_of_folder(resolved.path, config.trust_remote_code),
                packed_len=packed_len, first_epoch_rows=first_epoch_rows,
                trained_per_row=trained_tokens_per_row(first_epoch_rows),
-               masked=rows_masked(config.data.packing, varlen_usable(device),
+               masked=rows_masked(config.data.packing, varlen_usable(device, config.train.attention_kernels),
                                   any(len(row) > 1 for row in first_epoch_rows)),
                pad_multiple=GPU_PAD_MULTIPLE if device.type == "cuda" else 1,  # lengths exact on the CPU
                started=started, accept_new_data=accept_new_data)

@@ -283,10 +283,12 @@ def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] 
         if torch.cuda.is_available():
             from snugtune.attention import varlen_usable
             _, total = torch.cuda.mem_get_info()
-            masked = rows_masked(cfg.data.packing, varlen_usable(torch.device("cuda"))) if masked is None else masked
+            varlen = varlen_usable(torch.device("cuda"), cfg.train.attention_kernels)
+            masked = rows_masked(cfg.data.packing, varlen) if masked is None else masked
             return plan_for_budget(cfg, total, torch.cuda.get_device_name(), inv, trained_per_row, gpus=gpus,
                                    masked=masked, cuda=cuda)
         name = "h100"
     size, _, card = budget_bytes(name)
-    masked = rows_masked(cfg.data.packing, has_varlen_attention(card)) if masked is None else masked
+    varlen = has_varlen_attention(card) and cfg.train.attention_kernels == "auto"
+    masked = rows_masked(cfg.data.packing, varlen) if masked is None else masked
     return plan_for_budget(cfg, size, card, inv, trained_per_row, gpus=gpus, masked=masked, cuda=cuda)
