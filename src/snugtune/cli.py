@@ -262,24 +262,13 @@ def merge(
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base (streamed, never into 4-bit weights); optionally GGUF
     with an Ollama Modelfile beside it."""
-    from snugtune.export.gguf_file import check_gguf_type, export_gguf
-    from snugtune.export.merge import merge_run
-    from snugtune.export.modelfile import write_modelfile
-    from snugtune.export.quantize import tensor_types
-    from snugtune.output_folder import record_files
-    if gguf:
-        _run(debug, check_gguf_type, gguf_type)  # before the merge: a missing extra fails in a second
-    merged = _run(debug, merge_run, run_dir, out_dir, dtype)
-    err.print(f"merged model: [bold]{merged}[/]", highlight=False)
-    if gguf:
-        target = merged / f"{merged.name}-{gguf_type}.gguf"
-        written = _run(debug, export_gguf, merged, target, gguf_type)
-        kinds = ", ".join(f"{count} {kind}" for kind, count in tensor_types(written).most_common())
-        err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB; tensors: {kinds})",
-                  highlight=False)
-        modelfile = _run(debug, write_modelfile, written, merged)
-        err.print(f"Ollama: [bold]{modelfile}[/]", highlight=False)
-        record_files(merged, "merge", [written, modelfile])  # so a later merge may replace them too
+    from snugtune.export import targets
+    request = targets.ExportRequest(run_dir, out_dir, dtype, gguf, gguf_type)
+    wanted = _run(debug, targets.check_all, request)  # every check first: a missing extra fails in a second
+    written: dict[str, Path] = {}
+    for name, target in wanted.items():
+        written[name] = _run(debug, targets.write, name, request, written)
+        err.print(_run(debug, target.describe, written[name]), highlight=False, markup=False)
 
 
 @app.command()
