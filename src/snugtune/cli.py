@@ -93,9 +93,11 @@ def train(
     from snugtune.config import load_config
     from snugtune.engine import distributed
     from snugtune.rundir import move_run_aside
+    from snugtune.trackers import check_installed
 
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
     cfg = _run(debug, load_config, config, overrides or [])
+    _run(debug, check_installed, cfg)  # a missing extra stops here, before anything is built or written
     if fresh and ctx.is_main:
         moved = _run(debug, move_run_aside, Path(cfg.output_dir))
         if moved:
