@@ -230,7 +230,8 @@ def _print_eval(results: dict) -> None:
         r = results["humaneval"]
         table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
                       f"{r['problems']} problems, sandboxed")
-    out.print(table)
+    if table.row_count:  # --task generate alone has no scores
+        out.print(table)
     from rich.markup import escape
     for sample in results.get("generate", []):
         out.rule()
