@@ -102,10 +102,12 @@ def train(
     from rich.markup import escape
     from snugtune.config import load_config
     from snugtune.rundir import set_aside_run
+    from snugtune.trackers import check_installed
 
     cfg = _run(debug, load_config, config, overrides or [])  # before torch loads: a bad config fails at once
     from snugtune.engine import distributed
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
+    _run(debug, check_installed, cfg)  # a missing extra stops here, before anything is built or written
     if fresh and ctx.is_main:
         moved = _run(debug, set_aside_run, Path(cfg.output_dir))
         if moved:
@@ -255,7 +257,8 @@ def _print_eval(results: dict) -> None:
         r = results["humaneval"]
         table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
                       f"{r['problems']} problems, {_sandbox_note(r.get('sandbox'))}")
-    out.print(table)
+    if table.row_count:  # --task generate alone has no scores
+        out.print(table)
     from rich.markup import escape
     for sample in results.get("generate", []):
         out.rule()
@@ -289,24 +292,13 @@ def merge(
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base (streamed, never into 4-bit weights); optionally GGUF
     with an Ollama Modelfile beside it."""
-    from snugtune.export.gguf_file import check_gguf_type, export_gguf
-    from snugtune.export.merge import merge_run
-    from snugtune.export.modelfile import write_modelfile
-    from snugtune.export.quantize import tensor_types
-    from snugtune.output_folder import record_files
-    if gguf:
-        _run(debug, check_gguf_type, gguf_type)  # before the merge: a missing extra fails in a second
-    merged = _run(debug, merge_run, run_dir, out_dir, dtype)
-    err.print(f"merged model: [bold]{merged}[/]", highlight=False)
-    if gguf:
-        target = merged / f"{merged.name}-{gguf_type}.gguf"
-        written = _run(debug, export_gguf, merged, target, gguf_type)
-        kinds = ", ".join(f"{count} {kind}" for kind, count in tensor_types(written).most_common())
-        err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB; tensors: {kinds})",
-                  highlight=False)
-        modelfile = _run(debug, write_modelfile, written, merged)
-        err.print(f"Ollama: [bold]{modelfile}[/]", highlight=False)
-        record_files(merged, "merge", [written, modelfile])  # so a later merge may replace them too
+    from snugtune.export import targets
+    request = targets.ExportRequest(run_dir.expanduser(), out_dir.expanduser(), dtype, gguf, gguf_type)
+    wanted = _run(debug, targets.check_all, request)  # every check first: a missing extra fails in a second
+    written: dict[str, Path] = {}
+    for name, target in wanted.items():
+        written[name] = _run(debug, targets.write, name, request, written)
+        err.print(_run(debug, target.describe, written[name]), highlight=False, markup=False)
 
 
 @app.command()
