@@ -151,13 +151,13 @@ class TrainConfig(_Section):
                             "turns it on when full checkpointing alone does not fit.")
     compile: bool | Literal["auto"] = Field(
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
-                            "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU in "
-                            "a single process without weight streaming (offload.weights).")
+                            "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU "
+                            "without weight streaming (offload.weights), in every process under torchrun.")
     cuda_graphs: bool | Literal["auto"] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph (one per batch shape, "
                             "captured after two eager runs), removing the per-kernel launch cost that bounds small "
                             "batches. auto: where blocks are compiled, for LoRA methods whose blocks draw no random "
-                            "numbers (lora.dropout 0).")
+                            "numbers (lora.dropout 0), in one process (not under torchrun: see docs/distributed.md).")
     seed: int = Field(0, ge=0, le=SEED_LIMIT, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, le=COUNT_LIMIT, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, le=COUNT_LIMIT, description="Stop after this many consecutive steps with a "
