@@ -81,10 +81,6 @@ class Run:
         return self.plan.config
 
     @property
-    def evaluates(self) -> bool:  # with FSDP every process takes part (the weights are sharded); rank 0 reports
-        return self.job.ctx.is_main or self.fsdp_root is not None
-
-    @property
     def evaluator(self) -> torch.nn.Module:
         return self.fsdp_root if self.fsdp_root is not None else self.model
 
