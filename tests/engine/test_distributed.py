@@ -1,7 +1,7 @@
 """Data parallelism on CPU: two gloo processes (DDP and FSDP, eager and on the fast path: fused LoRA layers and
 compiled blocks) against one process at the same rows per step.
 
-The two-process runs share one process group (tests/distributed_worker.py trains them in turn), so the
+The two-process runs share one process group (tests/engine/distributed_worker.py trains them in turn), so the
 group starts once; the one-process references run in this process meanwhile.
 """
 

@@ -1,6 +1,6 @@
 """Several machines: one job of two torchrun agents (`--nnodes 2 --nproc-per-node 1`, c10d rendezvous), started
-on one host as two "nodes" of one process each, gloo on the CPU. Each process has LOCAL_RANK 0: the global
-rank decides who writes, and the rows each process trains."""
+on one host as two "nodes" of one process each, gloo on the CPU, each with its own output folder and model
+cache. Each process has LOCAL_RANK 0: the global rank decides who writes, and the rows each process trains."""
 
 import json
 import subprocess
@@ -19,13 +19,14 @@ WRITTEN = ("metrics.jsonl", "summary.json", "adapter_model.safetensors", "checkp
 
 
 def _nodes(config: Path, outputs: list[Path]) -> list[subprocess.Popen]:
-    """Two torchrun agents of one job on this host, each writing into its own output_dir (as two machines
-    without shared storage would)."""
+    """Two torchrun agents of one job on this host, each writing into its own output_dir and building its model
+    into its own cache (as two machines without shared storage would)."""
     endpoint = f"127.0.0.1:{free_port()}"
     return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "snugtune-test",
                               "-m", "snugtune", "train", str(config), f"output_dir={out}", "--quiet"],
-                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=child_env(XDG_CACHE_HOME=str(out.with_name(out.name + "_cache"))),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for out in outputs]
 
 
@@ -41,6 +42,9 @@ def test_two_nodes_train_like_one_process_and_refuse_a_resume_without_shared_sto
     train(config_from_dict(one), show_progress=False)  # meanwhile: one process, the same rows per step
     for status, stderr in finish(nodes):
         assert status == 0, stderr[-3000:]
+    # each "machine" built the model into its own cache, global rank 1's included (whole: its weights too)
+    assert all((tmp_path / f"{out.name}_cache" / "snugtune" / "models" / "shape-tiny" / "model.safetensors").is_file()
+               for out in outputs)
     writer = [out for out in outputs if (out / "summary.json").is_file()]
     assert len(writer) == 1, outputs  # global rank 0, whichever node it joined as
     other = outputs[1 - outputs.index(writer[0])]

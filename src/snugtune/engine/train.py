@@ -94,7 +94,10 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
 def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_data: bool = False) -> Job:
     """The device (capped to the budget), the base model's tokenizer and inventory, and the data."""
     device = _device_for(config, ctx)
+    # before the process group: once there is one, transformers' save_pretrained writes on global rank 0 only,
+    # and a shape or GGUF model another process builds into its cache would lack its weights
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
+    start(ctx, device, config.train.collective_timeout_s)
     if device.type == "cuda":  # building a shape model on the GPU is not part of the run's peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -120,10 +123,9 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
 
 def _device_for(config: Config, ctx: DistContext) -> torch.device:
     device = resolve_device(config.device)
-    if ctx.enabled and device.type == "cuda":
+    if ctx.enabled and device.type == "cuda":  # this machine's GPU number LOCAL_RANK
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
-    start(ctx, device, config.train.collective_timeout_s)
     return device
 
 
