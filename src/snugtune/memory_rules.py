@@ -106,9 +106,10 @@ def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_pr
 
     Not under several processes: a graph of a step must hold its collectives. For DDP, PyTorch's CUDA notes
     ("Usage with DistributedDataParallel") ask for NCCL_ASYNC_ERROR_HANDLING=0, which turns off the watchdog
-    that ends a process whose peer died (train.collective_timeout_s); FSDP2's capture is recent (pytorch
-    #164264) and, where its blocks reshard after forward as ours do, unsupported in torchtitan's CUDA-graph
-    trainer (torchtitan#3559). Not measured here: no machine with two GPUs has run it."""
+    that ends a process whose peer died (train.collective_timeout_s). Capturing FSDP2 is recent (pytorch
+    #164264; torchtitan#3559 lists FSDP settings its CUDA-graph trainer cannot capture), and engine.graphs
+    captures the unwrapped model, whose weights FSDP gathers only inside its hooks. Not measured here: no
+    machine with two GPUs has run it."""
     possible = (cuda and one_process and not streams_weights and method_replays and not offloads_activations
                 and not tiles_mlp and not draws_random_numbers)
     if setting != "auto":
