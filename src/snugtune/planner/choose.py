@@ -43,7 +43,7 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1
-    compiling = compiles_blocks(cfg.train.compile, cuda, one_process, offload.weights)
+    compiling = compiles_blocks(cfg.train.compile, cuda, offload.weights)
     copied = holds_dense_copy(dense_copy, METHODS[method].base_bits == 4, shards > 1, offload.weights)
     replays = METHODS[method].replays_graphs
     draws = inv.draws_random_numbers  # LoRA dropout draws none: its masks come from a seeded hash
@@ -63,7 +63,7 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                          cfg.train.cuda_graphs, compiling, cuda, one_process, offload.weights, replays,
                          offload.activations, tiled_mlp, draws),
                      compiled_blocks=compiling,
-                     fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits, shards > 1))
+                     fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits))
 
 
 def levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, Offload]]:
@@ -171,7 +171,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     dense copy or not."""
     found: dict[Decisions, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
-    compiling = compiles_blocks(cfg.train.compile, facts.cuda, facts.gpus == 1, offload.weights)
+    compiling = compiles_blocks(cfg.train.compile, facts.cuda, offload.weights)
     for graphs, mb, dense in product(graph_options, micro, dense_copy_options(cfg, offload)):
         make = partial(decisions_for, cfg, inv, mb, trained=facts.trained, offload=offload, shards=shards,
                        gpus=facts.gpus, masked=facts.masked, graphs=graphs, dense_copy=dense, cuda=facts.cuda)
