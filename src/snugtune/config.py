@@ -166,6 +166,12 @@ class TrainConfig(_Section):
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
                             "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU "
                             "without weight streaming (offload.weights), in every process under torchrun.")
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="The torch.compile backend of compiled blocks (as TrainingArguments' "
+                                "torch_compile_backend): inductor generates the fused kernels, the speedup; "
+                                "aot_eager traces each block and its backward the same way but runs them with "
+                                "eager kernels: no speedup, for telling a tracing problem from a generated-kernel "
+                                "one (and quick to start on a CPU, where inductor compiles C++ with gcc).")
     cuda_graphs: bool | Literal["auto"] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph (one per batch shape, "
                             "captured after two eager runs), removing the per-kernel launch cost that bounds small "
@@ -600,7 +606,7 @@ PLANNED_FIELDS: dict[str, tuple[str, bool]] = {
 # micro_batch x grad_accum x processes, stay the same (checked when resuming).
 RESUME_SAFE_FIELDS = (set(PLANNED_FIELDS) - {"train.optimizer"}) | {
     "train.rows_per_step", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
-    "train.collective_timeout_s",
+    "train.collective_timeout_s", "train.compile_backend",
     "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir", "device"}
 # Where metrics are sent does not change what is trained (a resumed run replays its kept rows to the trackers).
 RESUME_SAFE_FIELDS |= {f"log.{name}{key}" for name, section in (("wandb", WandbConfig), ("mlflow", MlflowConfig))

@@ -49,7 +49,8 @@ def _cases(root: Path) -> tuple[dict[str, dict], dict[str, dict]]:
                                                  data_parallel=parallel)
     data = write_jsonl(root / "whole.jsonl", alpaca_rows(48))
     for name, (method, precision, compiled, *_) in WHOLE_RUNS.items():
-        fast = {"compile": True, "grad_checkpointing": True} if compiled else {}
+        # aot_eager: the same traced blocks and backward around DDP's and FSDP's hooks, without gcc's minutes
+        fast = {"compile": True, "compile_backend": "aot_eager", "grad_checkpointing": True} if compiled else {}
         one[_reference(name)] = tiny_run(data, root / f"one_{_reference(name)}", method, precision, max_steps=4,
                                          grad_accum=2, **fast)
         two[name] = tiny_run(data, root / name, method, precision, max_steps=4, grad_accum=1,

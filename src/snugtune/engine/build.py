@@ -136,7 +136,7 @@ def build_model(job: Job, plan: Plan) -> tuple:
     # loaded on the CPU: FSDP moves each unit to this process's GPU as it shards it (4-bit scales included)
     root = shard_with_fsdp(model, layers, token_loss_sum) if fsdp else None
     # after sharding: a block compiles at its first call, around FSDP's hooks (dynamo-disabled: they run eagerly)
-    speedups = apply_speedups(model, layers, d, job.precision.compute_dtype)
+    speedups = apply_speedups(model, layers, d, job.precision.compute_dtype, config.train.compile_backend)
     if root is not None:
         stepper = root
     elif job.ctx.enabled:  # static_graph: reentrant checkpointing runs each block's backward twice through autograd

@@ -32,24 +32,25 @@ class Speedups:
     dense_copy_bytes: int = 0   # the 16-bit copies of the 4-bit block weights (quant.dense_copy)
 
 
-def apply_speedups(model, layers, decisions: Decisions, dtype: torch.dtype) -> Speedups:
+def apply_speedups(model, layers, decisions: Decisions, dtype: torch.dtype,
+                   compile_backend: str = "inductor") -> Speedups:
     """What the plan decided, in place: dense copies of the 4-bit block weights (in the compute `dtype`), the
     LoRA layers fused (keeping the dequantized weight from forward to backward in recomputed blocks where the
-    plan says so), each block compiled. Returns what was done; the training loop replays micro-batches as CUDA
-    graphs where decisions.cuda_graphs (engine.graphs)."""
+    plan says so), each block compiled by `compile_backend` (config.train.compile_backend). Returns what was
+    done; the training loop replays micro-batches as CUDA graphs where decisions.cuda_graphs (engine.graphs)."""
     copies = hold_dense_copies(layers, dtype) if decisions.dense_copy else {}
     kept = tuple(layer for layer in layers
                  if decisions.dense_weights_kept and getattr(layer, "gradient_checkpointing", False))
     fused = fuse_lora_layers(model, kept, copies) if decisions.fused_lora else 0
-    compiled = compile_blocks(layers) if decisions.compiled_blocks else 0
+    compiled = compile_blocks(layers, compile_backend) if decisions.compiled_blocks else 0
     return Speedups(fused, compiled, decisions.cuda_graphs, sum(c.numel() * c.element_size() for c in copies.values()))
 
 
-def compile_blocks(layers) -> int:
-    """torch.compile each block, in place; returns how many."""
+def compile_blocks(layers, backend: str) -> int:
+    """torch.compile each block with `backend`, in place; returns how many."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _COMPILED_VARIANTS)
     # a machine that cannot compile (no Triton for its GPU, no C compiler) logs it and runs the block eagerly
     torch._dynamo.config.suppress_errors = True
     for layer in layers:
-        layer.compile()
+        layer.compile(backend=backend)
     return len(layers)
