@@ -7,6 +7,7 @@ from conftest import pair_rows, write_jsonl
 from snugtune.config import Config, DataConfig
 from snugtune.data.preference_rows import OBJECTIVES_OF_KIND
 from snugtune.data.prepare import prepare_data
+from snugtune.evaluate.tasks import DEFAULT_TASKS
 from snugtune.memory_rules import SEQUENCES_PER_ROW, objective_replays, reference_for
 from snugtune.objectives import OBJECTIVES, training_objective
 
@@ -14,7 +15,7 @@ from snugtune.objectives import OBJECTIVES, training_objective
 def test_the_table_of_objectives_is_the_configs_and_the_planners():
     names = set(OBJECTIVES)
     assert names == set(typing.get_args(Config.model_fields["objective"].annotation)) == set(SEQUENCES_PER_ROW)
-    assert names == {o for objectives in OBJECTIVES_OF_KIND.values() for o in objectives}
+    assert names == set(DEFAULT_TASKS) == {o for objectives in OBJECTIVES_OF_KIND.values() for o in objectives}
     for name, objective in OBJECTIVES.items():
         assert objective.name == name
         assert (SEQUENCES_PER_ROW[name] == 2) == (objective.example == "a pair"), name

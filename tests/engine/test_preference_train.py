@@ -55,6 +55,9 @@ def test_held_out_preference_accuracy_rises_on_a_tiny_dpo_run(tmp_path):
     assert held[0]["eval_rewards/accuracies"] == 0.0 and held[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
     assert held[-1]["eval_rewards/accuracies"] >= 0.8 and held[-1]["eval_rewards/margins"] > 0.5
     assert held[-1]["eval_loss"] < 0.6 and summary["eval_metrics_after"]["rewards/accuracies"] >= 0.8
+    from snugtune.evaluate.tasks import evaluate_run  # `snugtune eval`: base vs tuned on the same held-out pairs
+    result = evaluate_run(cfg.output_dir, ["preference"], device="cpu")["preference"]
+    assert result["pairs"] == 5 and result["tuned_margin"] > result["base_margin"] and result["reward_accuracy"] == 1.0
 
 
 def test_preference_objectives_train_in_one_process(tmp_path, pairs_file):
