@@ -12,15 +12,20 @@ from snugtune.memory_rules import SEQUENCES_PER_ROW, objective_replays, referenc
 from snugtune.objectives import OBJECTIVES, training_objective
 
 
-def test_the_table_of_objectives_is_the_configs_and_the_planners():
+def test_the_table_of_objectives_is_the_configs_and_the_planners(tmp_path, tokenizer):
     names = set(OBJECTIVES)
     assert names == set(typing.get_args(Config.model_fields["objective"].annotation)) == set(SEQUENCES_PER_ROW)
     assert names == set(DEFAULT_TASKS) == {o for objectives in OBJECTIVES_OF_KIND.values() for o in objectives}
+    config = DataConfig(path=str(write_jsonl(tmp_path / "p.jsonl", pair_rows(4))), eval_fraction=0.0)
     for name, objective in OBJECTIVES.items():
-        assert objective.name == name
-        assert (SEQUENCES_PER_ROW[name] == 2) == (objective.example == "a pair"), name
-        assert objective.references == (reference_for(name, True, False) == "adapter"), name
-        assert objective.packs_rows == objective_replays(name) == (name == "sft"), name
+        assert objective.name == name and objective.packs_rows == objective_replays(name) == (name == "sft"), name
+        data = config.model_copy(update={"columns": {"completion": "chosen"}}) if name == "sft" else config
+        example = prepare_data(data, tokenizer, 96, 0, objective=name).train[0]
+        t = training_objective(Config(data=data, objective=name))
+        rows = t.collate([[example]], tokenizer.pad_token_id, packed=False)["input_ids"].shape[0]
+        assert rows == SEQUENCES_PER_ROW[name], name  # the sequences the planner sizes a row by
+        references = reference_for(name, True, False) == "adapter"  # then the batch needs a reference forward
+        assert references == (name in ("dpo", "kto")), name
 
 
 def test_held_out_preference_batches_hold_at_most_a_micro_batch_of_examples(tmp_path, tokenizer):

@@ -49,10 +49,9 @@ def add_metrics(into: Metrics | None, metrics: Metrics) -> None:
 class Objective:
     """One row of OBJECTIVES. Functions take the TrainingObjective (this row and the settings it reads)."""
     name: str
-    example: str           # what a row of training data holds: sample(s), a pair, a labelled completion
-    packs_rows: bool       # rows pack several samples up to max_seq_len; else each holds one example
+    packs_rows: bool       # rows pack several samples up to max_seq_len; else each holds one example (a pair,
+                           # a labelled completion)
     by_length: bool        # an epoch's padded rows are grouped by length (data.batches.epoch_rows), else shuffled
-    references: bool       # compares the policy with a reference model
     collate: Callable      # (t, examples of each row, pad_id, packed, pad_multiple, max_len) -> batch
     counts: Callable       # (t, batch) -> one count per loss term, that the step's sums are divided by
     loss_sums: Callable    # (t, model, batch, metrics, fixed_shape) -> the terms (a scalar for one), metrics added
@@ -190,16 +189,16 @@ def _scored(t, example) -> int:
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "sft": Objective("sft", example="samples", packs_rows=True, by_length=True, references=False,
+    "sft": Objective("sft", packs_rows=True, by_length=True,
                      collate=_sft_collate, counts=lambda t, batch: (trained_positions(batch),), loss_sums=_sft_sums,
                      scored_tokens=_scored, held_out=_sft_held_out),
-    "dpo": Objective("dpo", example="a pair", packs_rows=False, by_length=True, references=True,
+    "dpo": Objective("dpo", packs_rows=False, by_length=True,
                      collate=_pair_collate, counts=_one_count, loss_sums=_dpo_sums, scored_tokens=_scored,
                      held_out=_preference_held_out),
-    "orpo": Objective("orpo", example="a pair", packs_rows=False, by_length=True, references=False,
+    "orpo": Objective("orpo", packs_rows=False, by_length=True,
                       collate=_orpo_collate, counts=_orpo_counts, loss_sums=_orpo_sums, scored_tokens=_orpo_scored,
                       held_out=_preference_held_out),
-    "kto": Objective("kto", example="a labelled completion", packs_rows=False, by_length=False, references=True,
+    "kto": Objective("kto", packs_rows=False, by_length=False,
                      collate=_kto_collate, counts=_one_count, loss_sums=_kto_sums, scored_tokens=_scored,
                      held_out=_preference_held_out, step_state=_kto_state),
 }

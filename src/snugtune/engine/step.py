@@ -56,7 +56,8 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
     real = len(group) - padding
     counts = [objective.counts(b) for b in group[:real]]
     totals = [max(1, int(sum_across(ctx, sum(term)))) for term in zip(*counts)] or [1]
-    state = objective.step_state(model, group[:real], device, lambda value: sum_across(ctx, value))
+    with precision.autocast():  # what every micro-batch reads (KTO's reference point), without gradient
+        state = objective.step_state(model, group[:real], device, lambda value: sum_across(ctx, value))
     step_loss = 0.0
     for i, batch in enumerate(group):
         last = i == len(group) - 1
