@@ -40,9 +40,9 @@ from snugtune.models.load import load_tokenizer
 from snugtune.models.resolve import resolve_model
 from snugtune.objectives import held_out_loss as objective_held_out_loss, training_objective
 from snugtune.planner.apply import plan_run, planned_figures
-from snugtune.preference_loss import metric_means
 from snugtune.planner.inventory import inventory_of_folder
 from snugtune.precision import resolve_device, resolve_precision
+from snugtune.preference_loss import metric_means
 from snugtune.rundir import (CHECKPOINTS, MetricsLog, RunFolder, hold_run_lock, plot_losses, prepare_run_folder,
                              save_model_artifacts)
 from snugtune.trackers import open_trackers
@@ -71,7 +71,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
             run = build_that_fits(job, plan)
             run.started = started
             position, log, resumed_from = resume(run)
-            eval_before = held_out_loss_before(run, log)
+            eval_before = held_out_before(run, log)
             stopped = train_steps(run, position, log, show_progress and ctx.is_main)
             if stopped != REBUILD:
                 break
@@ -187,7 +187,7 @@ def _check_resume_data(checkpoint: Path, position: TrainPosition, job: Job) -> N
     position.data_digest = now
 
 
-def held_out_loss_before(run: Run, log: MetricsLog) -> dict:
+def held_out_before(run: Run, log: MetricsLog) -> dict:
     """The held-out row before training (eval_loss and the objective's eval_ metrics): logged as step 0 once,
     read back from the log on a resume."""
     before = [m for m in log.rows if m["step"] == 0 and "eval_loss" in m]
