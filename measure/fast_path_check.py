@@ -17,6 +17,9 @@ two paths are compared directly. Exit 1 on failure.
   python measure/fast_path_check.py --shape llama3-8b --seq 12288 --set train.tiled_mlp=true --set train.compile=false
       (the long-row policies of engine.tiling.tile_for_long_rows: MLP tiles, attention by groups of heads,
       lean norms; add --one-document for a causal row without document starts)
+  python measure/fast_path_check.py --shape tinyllama-1.1b --seq 512 --set train.precision=fp16 \
+      --set train.attention_kernels=sm75     (a T4's path, as `bench --emulate t4` runs it: fp16 autocast with
+      a constant loss scale of 2^16 in every pass, every pass on the SDPA kernels a T4 has)
 
 The plain passes attend through transformers' SDPA (a dense block-diagonal mask for packed rows), the fast
 path through snugtune.attention (varlen flash attention); with LoRA dropout every pass draws the same
@@ -46,8 +49,22 @@ def main() -> None:
     args = parser.parse_args()
 
     from snugtune.bench.compare import bench_config
-    from snugtune.attention import ATTENTION
+    from snugtune.bench.plain import attention_kernels
     from snugtune.config import apply_overrides, config_from_dict
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    raw = bench_config(args.shape, args.seq, 1, 1, None, "auto")
+    raw["train"]["compile"] = True
+    cfg = config_from_dict(apply_overrides(raw, args.set))
+    half = torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16
+    dtype = half if cuda or args.bf16 else torch.float32
+    scale = 2.0**16 if dtype == torch.float16 else 1.0  # fp16 gradients need loss scaling, as GradScaler's start
+    with attention_kernels(cfg):  # every pass on the kernels the config allows (sm75: a T4's)
+        check(args, cfg, device, dtype, scale)
+
+
+def check(args, cfg, device: torch.device, dtype: torch.dtype, scale: float) -> None:
+    from snugtune.attention import ATTENTION
     from snugtune.data.batches import GPU_PAD_MULTIPLE, collate_micro_batch, micro_batches
     from snugtune.data.prepare import prepare_data
     from snugtune.lora_dropout import lora_dropout_seed
@@ -58,13 +75,7 @@ def main() -> None:
     from snugtune.engine.tiling import tile_for_long_rows
     from snugtune.models.load import decoder_layers, load_base_model, load_tokenizer, prepare_for_training
     from snugtune.models.resolve import resolve_model
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda or args.bf16 else torch.float32
-    raw = bench_config(args.shape, args.seq, 1, 1, None, "auto")
-    raw["train"]["compile"] = True
-    cfg = config_from_dict(apply_overrides(raw, args.set))
+    cuda = device.type == "cuda"
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
@@ -101,8 +112,9 @@ def main() -> None:
     def gradients(model, loss_of, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
         with torch.autocast(device.type, dtype=dtype if autocast else torch.float32, enabled=autocast):
             loss = loss_of(model)
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+        factor = scale if autocast else 1.0
+        (loss * factor).backward()
+        return float(loss.detach()), {n: p.grad.detach().float().clone() / factor for n, p in model.named_parameters()
                                       if p.requires_grad}
 
     def fast_loss(model):
@@ -132,15 +144,17 @@ def main() -> None:
         from snugtune.engine.graphs import StepGraphs
         from snugtune.engine.step import trained_positions
         from snugtune.precision import Precision
-        graphs = StepGraphs(model, device, Precision("bf16", "cuda"), torch.amp.GradScaler("cuda", enabled=False))
+        graphs = StepGraphs(model, device, Precision("fp16" if dtype == torch.float16 else "bf16", "cuda"),
+                            torch.amp.GradScaler("cuda", enabled=False))
         n = trained_positions(batch)
         for run in range(graphs.warmup_runs + 2):
             model.zero_grad(set_to_none=False)
             seed = lora_dropout_seed(model)
             if seed is not None:
                 seed.fill_(1233)
-            replay_loss = float(graphs.forward_backward({k: v.cpu() for k, v in batch.items()}, 1 / n)) / n
-        replayed = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+            replay_loss = float(graphs.forward_backward({k: v.cpu() for k, v in batch.items()}, scale / n)) / n
+        replayed = {name: p.grad.detach().float().clone() / scale for name, p in model.named_parameters()
+                    if p.requires_grad}
         error = max(float((replayed[k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in fast.items())
         print(f"CUDA graph replay ({len(graphs.graphs)} graph, failure: {graphs.failure}): loss {replay_loss:.6f} "
               f"vs eager fast {fast_loss_value:.6f}; largest relative LoRA-gradient difference {error:.2e}")
@@ -160,9 +174,11 @@ def main() -> None:
     reference_loss, reference = gradients(loaded(torch.float32), plain_loss_of, False)
     plain_error, plain_name = worst(plain, reference)
     fast_error, fast_name = worst(fast, reference)
-    print(f"loss: fp32 reference {reference_loss:.6f}  plain bf16 {plain_loss:.6f}  fast bf16 {fast_loss_value:.6f}")
-    print(f"LoRA gradients ({len(reference)} tensors), largest relative error against fp32: plain bf16 "
-          f"{plain_error:.2e} ({plain_name}), fast bf16 {fast_error:.2e} ({fast_name}); margin {args.margin}x")
+    low_name = str(dtype).removeprefix("torch.")
+    print(f"loss: fp32 reference {reference_loss:.6f}  plain {low_name} {plain_loss:.6f}  fast {low_name} "
+          f"{fast_loss_value:.6f}")
+    print(f"LoRA gradients ({len(reference)} tensors), largest relative error against fp32: plain {low_name} "
+          f"{plain_error:.2e} ({plain_name}), fast {low_name} {fast_error:.2e} ({fast_name}); margin {args.margin}x")
     sys.exit(0 if fast_error <= args.margin * plain_error else 1)
 
 

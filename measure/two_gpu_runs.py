@@ -1,23 +1,31 @@
-"""The two-GPU runs of docs/distributed.md, in one command, on a machine with two GPUs of one host.
+"""The two-GPU measurements of docs/distributed.md (issue 37), on one host with two GPUs, one group a call:
 
     export PYTHONPATH=$PWD/.devsite:$PWD/src NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
            NVSHMEM_DISABLE_NVLS=1
-    python3 measure/two_gpu_runs.py $OUT [--budget-s 540]
+    python3 measure/two_gpu_runs.py $OUT --group tinyllama [--budget-s 540]     # then 8b, t4, fsdp-memory
+    python3 measure/two_gpu_runs.py $OUT --group all --budget-s 540             # as far as one call gets
 
-Runs, most important first, in stages (runs of one stage share the machine, one GPU each):
-1. Llama-3.1-8B shape QLoRA on 1 GPU (4 rows a step)  ||  TinyLlama shape LoRA on 1 GPU (4 rows a step)
-2. the 8B under FSDP on 2 GPUs (2 rows a step on each: the same effective batch), checkpoint at step 10
-3. TinyLlama under DDP on 2 GPUs, checkpoint at step 10
-4. the FSDP checkpoint of step 10 resumed on 1 GPU  ||  the DDP checkpoint of step 10 resumed on 1 GPU
-5. the DDP checkpoint resumed on 2 GPUs
-6. the FSDP checkpoint resumed on 2 GPUs (last: every process loads and quantizes the 8B on the host)
-with `snugtune plan --gpus 1/2 --json` for both models beside them. Every GPU's memory in use is
-sampled (nvidia-smi, every 0.5 s) during each stage. OUT/two_gpu_runs.json is rewritten after every
-stage, so a run cut short still reports what finished; stages that would start after --budget-s are
-skipped and listed as such. Run folders (checkpoints included) go to a new runs/two-gpu-TIME folder
-of the repository (or --work DIR); OUT receives only each run's metrics.jsonl, summary.json and log.
-Every job gets OMP_NUM_THREADS = cores / 2 (two jobs or two ranks share the host): torchrun would set 1,
-and under FSDP each process quantizes the 8B on the host, which takes minutes on one thread.
+Groups (each fits one 10-minute call; stages in a group run in order, jobs of a stage side by side, one GPU
+each, and stages that would start after --budget-s are skipped and listed):
+- tinyllama: the TinyLlama shape (LoRA, 4 rows a step, fast path) on 1 GPU, with and without CUDA graphs;
+  DDP on 2 GPUs (the same 4 rows a step); its step-10 checkpoint resumed on 1 GPU; the 1-GPU step-10
+  checkpoint resumed on 2; two single-GPU "nodes" (`torchrun --nnodes 2 --rdzv-backend c10d`).
+- 8b: the Llama-3.1-8B shape (QLoRA, 4 rows a step) on 1 GPU, under DDP and under FSDP on 2, the FSDP
+  step-10 checkpoint resumed on 1 GPU.
+- t4: examples/llama3-8b_qlora_2xt4.yaml as shipped, in fp16 under a 15 GiB cap per GPU (budget: t4):
+  DDP on 2 GPUs (16 rows a step on each), FSDP on 2, and 1 GPU with 32 rows a step (the same batch).
+- fsdp-memory: FSDP on 2 GPUs at other models and lengths (TinyLlama shape QLoRA 2,048; the 8B shape at
+  4,096; the Qwen2.5-7B shape at 2,048), 10 steps each, for the planner's FSDP memory.
+Each training job has its `snugtune plan --json` beside it (the same overrides, `--gpus` its processes,
+`--gpu` this GPU's size or the t4 budget). OUT/two_gpu_GROUP.json has, per run, the loss and grad norm per
+step, tokens/s (median step after the third; per GPU and in all), rank 0's peak memory (reserved, allocated)
+and the planned figures, every GPU's peak memory in use (nvidia-smi) per stage, and the comparisons the
+issue's targets read: 2-GPU tokens/s over 1 GPU's, loss-curve gaps, planned over measured peak. It is
+rewritten after every stage. Run folders go to a new runs/two-gpu-GROUP-TIME (or --work); OUT/logs gets
+each job's log, metrics.jsonl and summary.json. Every job gets OMP_NUM_THREADS = cores / 2 (torchrun sets
+1, and FSDP quantizes the 8B on the host in each process).
+
+--cpu-check runs a group's plumbing on the CPU (gloo, tiny shapes of the same families, 256-token rows).
 """
 
 from __future__ import annotations
@@ -31,39 +39,156 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "src" / "snugtune" / "bundled" / "stdlib_functions.jsonl"
-CONFIG = REPO / "examples" / "llama3-8b_qlora_2xt4.yaml"
+RECIPE = REPO / "examples" / "llama3-8b_qlora_2xt4.yaml"
 STEPS, SAVE_AT = 20, 10
+CUDA_CONTEXT_GIB = 0.67  # memory_rules.CUDA_CONTEXT_BYTES: outside torch's allocator, inside the planner's peak
 # NVLink multicast stays off on the lent machines (set by the caller too; these are the defaults)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# fixed settings on both sides (the planner only checks they fit): checkpointing every block, micro-batch 2,
-# no dropout, so the 1- and 2-GPU curves compare and memory differs only by what FSDP shards
+# the comparison runs: checkpointing every block, micro-batch 2, no dropout, 4 rows a step, so 1- and 2-GPU
+# curves compare and memory differs only by what FSDP shards
 COMMON = [f"data.path={DATA}", f"train.max_steps={STEPS}", f"save.every_steps={SAVE_AT}", "lora.dropout=0",
-          "train.micro_batch=2", "train.rows_per_step=null",  # rows per step set here, not the recipe's
-          "train.grad_checkpointing=true", "budget=auto", "eval.max_batches=2"]
-MODELS = {"8b": ["model=shape:llama3-8b", "train.data_parallel=fsdp"],
-          "tinyllama": ["model=shape:tinyllama-1.1b", "method=lora", "train.data_parallel=ddp"]}
-# --cpu-check: the same plumbing with tiny shapes on the CPU (gloo), to try the script without GPUs
-CPU_CHECK_MODELS = {"8b": ["model=shape:tiny-llama3-8b", "train.data_parallel=fsdp", "device=cpu",
-                           "max_seq_len=256"],
-                    "tinyllama": ["model=shape:tiny-tinyllama-1.1b", "method=lora", "train.data_parallel=ddp",
-                                  "device=cpu", "max_seq_len=256"]}
+          "train.micro_batch=2", "train.rows_per_step=null", "train.grad_checkpointing=true", "budget=auto",
+          "eval.max_batches=2"]
+# the recipe as shipped, but a few steps on the bundled data and no checkpoint (fp16 as on T4s: GPU only)
+T4 = [f"data.path={DATA}", "train.max_steps=12", "save.every_steps=1000", "eval.max_batches=2"]
+SHAPES = {"tinyllama": ["model=shape:tinyllama-1.1b", "method=lora"], "8b": ["model=shape:llama3-8b"],
+          "qwen7b": ["model=shape:qwen2.5-7b"]}
+CPU_SHAPES = {"tinyllama": ["model=shape:tiny-tinyllama-1.1b", "method=lora"],
+              "8b": ["model=shape:tiny-llama3-8b"], "qwen7b": ["model=shape:tiny-qwen2.5-7b"]}
+CPU = ["device=cpu", "max_seq_len=256"]
+GPU_FP16 = ["train.precision=fp16"]
 
 
-def train_command(model: list[str], processes: int, run_dir: Path, port: int = 29500) -> list[str]:
-    """4 rows a step whatever the process count: micro 2 x accumulation (2 / processes) x processes."""
+@dataclass
+class Job:
+    """One command of a stage: a training run (writing `run`, with `processes` processes) or a plan."""
+    command: list[str]
+    gpus: str                      # CUDA_VISIBLE_DEVICES
+    run: Path | None = None
+    processes: int = 1
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Setup:
+    """What the commands of a group are built from: the work folder, the card to plan for, the shapes, the
+    overrides of a --cpu-check (else none) and those that only a GPU takes (none under --cpu-check)."""
+    work: Path
+    card: str
+    shapes: dict
+    cpu: list
+    gpu_only: list
+
+
+def train_command(s: Setup, overrides: list[str], processes: int, run: Path, port: int = 29500,
+                  config: Path = RECIPE) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                 "--master-port", str(port)] if processes > 1 else [sys.executable]
-    return [*launcher, "-m", "snugtune", "train", str(CONFIG), *COMMON, *model,
-            f"train.grad_accum={2 // processes}", f"output_dir={run_dir}", "--quiet"]
+    return [*launcher, "-m", "snugtune", "train", str(config), *overrides, *s.cpu, f"output_dir={run}", "--quiet"]
 
 
-def plan_command(model: list[str], processes: int, card: str) -> list[str]:
-    return [sys.executable, "-m", "snugtune", "plan", str(CONFIG), *COMMON, *model,
-            f"train.grad_accum={2 // processes}", "--gpus", str(processes), "--gpu", card, "--json"]
+def plan_command(s: Setup, overrides: list[str], processes: int, card: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "snugtune", "plan", str(RECIPE), *overrides, *s.cpu, "--gpus", str(processes),
+            "--gpu", card or s.card, "--json"]
+
+
+def compared(s: Setup, shape: str, processes: int, *more: str) -> list[str]:
+    """The comparison runs' overrides: 4 rows a step whatever the process count."""
+    return [*COMMON, *s.shapes[shape], f"train.grad_accum={2 // processes}", *more]
+
+
+def trained(s: Setup, name: str, overrides: list[str], processes: int, gpus: str, port: int = 29500,
+            card: str | None = None) -> dict[str, Job]:
+    """A training run in s.work/name, and its plan beside it where `card` is given ('' for this GPU)."""
+    jobs = {name: Job(train_command(s, overrides, processes, s.work / name, port), gpus, s.work / name, processes)}
+    if card is not None:
+        jobs[f"plan_{name}"] = Job(plan_command(s, overrides, processes, card or None), "")
+    return jobs
+
+
+def two_nodes(s: Setup, overrides: list[str], name: str, port: int) -> dict[str, Job]:
+    """One job of two torchrun agents (`--nnodes 2`, one process each, c10d rendezvous on this host), each
+    seeing one GPU, as two machines would: LOCAL_RANK 0 in both, global rank 0 writes."""
+    run = s.work / name
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name]
+    command = [*agent, "-m", "snugtune", "train", str(RECIPE), *overrides, *s.cpu, f"output_dir={run}", "--quiet"]
+    return {f"{name}_node_a": Job(command, "0", run, 2), f"{name}_node_b": Job(command, "1")}
+
+
+def resumed(s: Setup, source: str, name: str, overrides: list[str], processes: int, gpus: str,
+            port: int = 29500) -> dict[str, Job]:
+    """A copy of run `source` as if stopped after step SAVE_AT, trained on by `processes` (made when its stage
+    starts; no job where the source has no such checkpoint)."""
+    if not (s.work / source / "checkpoints" / f"step-{SAVE_AT}").is_dir():
+        return {}
+    shutil.copytree(s.work / source, s.work / name, ignore=shutil.ignore_patterns(f"step-{STEPS}", "summary.json"))
+    return trained(s, name, overrides, processes, gpus, port)
+
+
+def tinyllama_stages(s: Setup) -> list[tuple[str, object]]:
+    one, ddp = compared(s, "tinyllama", 1), compared(s, "tinyllama", 2, "train.data_parallel=ddp")
+    return [
+        ("one_gpu", lambda: {**trained(s, "tinyllama_1gpu", one, 1, "0", card=""),
+                             **trained(s, "tinyllama_1gpu_no_graphs", [*one, "train.cuda_graphs=false"], 1, "1")}),
+        ("ddp", lambda: trained(s, "tinyllama_ddp_2gpu", ddp, 2, "0,1", 29511, card="")),
+        ("resume_2_on_1", lambda: resumed(s, "tinyllama_ddp_2gpu", "tinyllama_ddp_resumed_1gpu", one, 1, "0")),
+        ("resume_1_on_2", lambda: resumed(s, "tinyllama_1gpu", "tinyllama_1gpu_resumed_2gpu", ddp, 2, "0,1", 29512)),
+        ("two_nodes", lambda: two_nodes(s, ddp, "tinyllama_2nodes", 29513)),
+    ]
+
+
+def eight_b_stages(s: Setup) -> list[tuple[str, object]]:
+    one = compared(s, "8b", 1)
+    return [
+        ("one_gpu", lambda: trained(s, "8b_1gpu", one, 1, "0", card="")),
+        ("ddp", lambda: trained(s, "8b_ddp_2gpu", compared(s, "8b", 2, "train.data_parallel=ddp"), 2, "0,1", 29521,
+                                card="")),
+        ("fsdp", lambda: trained(s, "8b_fsdp_2gpu", compared(s, "8b", 2, "train.data_parallel=fsdp"), 2, "0,1",
+                                 29522, card="")),
+        ("resume_2_on_1", lambda: resumed(s, "8b_fsdp_2gpu", "8b_fsdp_resumed_1gpu", one, 1, "0")),
+    ]
+
+
+def t4_stages(s: Setup) -> list[tuple[str, object]]:
+    t4 = [*T4, *s.shapes["8b"], *s.gpu_only]
+    return [
+        ("ddp", lambda: trained(s, "t4_ddp_2gpu", t4, 2, "0,1", 29531, card="t4")),
+        # one card with both cards' rows of a step
+        ("one_gpu", lambda: trained(s, "t4_1gpu", [*t4, "train.rows_per_step=32"], 1, "0", card="t4")),
+        ("fsdp", lambda: trained(s, "t4_fsdp_2gpu", [*t4, "train.data_parallel=fsdp"], 2, "0,1", 29532, card="t4")),
+    ]
+
+
+def fsdp_memory_stages(s: Setup) -> list[tuple[str, object]]:
+    shapes = {"fsdp_tinyllama_qlora_2048": [*s.shapes["tinyllama"][:1], "method=qlora"],
+              "fsdp_8b_4096": [*s.shapes["8b"], "max_seq_len=4096", "train.micro_batch=1", "train.grad_accum=2"],
+              "fsdp_qwen7b_2048": s.shapes["qwen7b"]}
+    return [(name, lambda name=name, shape=shape, port=port: trained(
+        s, name, [*COMMON, "train.max_steps=10", "save.every_steps=1000", "train.grad_accum=1", *shape,
+                  "train.data_parallel=fsdp"], 2, "0,1", port, card=""))
+            for port, (name, shape) in enumerate(shapes.items(), start=29541)]
+
+
+def all_stages(s: Setup) -> list[tuple[str, object]]:
+    """Every group's stages, most important first (one call gets as far as --budget-s allows)."""
+    return [(f"{group}:{stage}", jobs) for group, stages in GROUPS.items() if group != "all" for stage, jobs in stages(s)]
+
+
+GROUPS = {"tinyllama": tinyllama_stages, "8b": eight_b_stages, "t4": t4_stages, "fsdp-memory": fsdp_memory_stages,
+          "all": all_stages}
+# (2-GPU run, its 1-GPU reference, the first step both curves are compared from)
+PAIRS = [("tinyllama_ddp_2gpu", "tinyllama_1gpu", 1), ("tinyllama_ddp_2gpu", "tinyllama_1gpu_no_graphs", 1),
+         ("tinyllama_ddp_resumed_1gpu", "tinyllama_ddp_2gpu", SAVE_AT + 1),
+         ("tinyllama_1gpu_resumed_2gpu", "tinyllama_1gpu", SAVE_AT + 1), ("tinyllama_2nodes", "tinyllama_ddp_2gpu", 1),
+         ("8b_ddp_2gpu", "8b_1gpu", 1), ("8b_fsdp_2gpu", "8b_1gpu", 1),
+         ("8b_fsdp_resumed_1gpu", "8b_fsdp_2gpu", SAVE_AT + 1),
+         ("t4_ddp_2gpu", "t4_1gpu", 1), ("t4_fsdp_2gpu", "t4_1gpu", 1)]
 
 
 class MemorySampler:
@@ -92,15 +217,15 @@ class MemorySampler:
         self._thread.join()
 
 
-def run_stage(jobs: dict[str, tuple[list[str], str]], logs: Path, timeout: float) -> dict:
-    """Run jobs (name -> (command, CUDA_VISIBLE_DEVICES)) side by side; each one's status and seconds."""
+def run_stage(jobs: dict[str, Job], logs: Path, timeout: float) -> dict:
+    """Run a stage's jobs side by side; each one's status and seconds, and every GPU's peak memory used."""
     started, procs = time.perf_counter(), {}
     with MemorySampler() as memory:
-        for name, (command, gpus) in jobs.items():
-            env = {**NO_MULTICAST, **os.environ, "CUDA_VISIBLE_DEVICES": gpus,
-                   "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}
+        for name, job in jobs.items():
+            env = {**NO_MULTICAST, **os.environ, "CUDA_VISIBLE_DEVICES": job.gpus,
+                   "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2)), **job.env}
             log = open(logs / f"{name}.log", "w")
-            procs[name] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log)
+            procs[name] = (subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log)
         results = {}
         for name, (proc, log) in procs.items():
             try:
@@ -110,24 +235,27 @@ def run_stage(jobs: dict[str, tuple[list[str], str]], logs: Path, timeout: float
                 status = "timed out"
             log.close()
             results[name] = {"status": status, "seconds": round(time.perf_counter() - started, 1),
-                             "command": " ".join(jobs[name][0]), "gpus": jobs[name][1]}
+                             "command": " ".join(jobs[name].command), "gpus": jobs[name].gpus}
     return {"jobs": results, "gpu_peak_memory_used_mib": memory.peak_mib}
 
 
 def run_report(run_dir: Path, processes: int, skip: int = 3) -> dict | None:
-    """Losses per step, tokens/s per GPU (median step after `skip`), rank 0's peak memory and plan."""
+    """Losses per step, tokens/s (median step after `skip`; the log's figure counts every process's tokens),
+    rank 0's peak memory and plan."""
     if not (run_dir / "metrics.jsonl").is_file():
         return None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     timed = [r["tokens_per_s"] for r in steps[skip:]] or [r["tokens_per_s"] for r in steps]
+    total = statistics.median(timed) if timed else None
     return {"loss": {r["step"]: r["loss"] for r in steps}, "grad_norm": {r["step"]: r["grad_norm"] for r in steps},
-            "tokens_per_s_per_gpu_median": statistics.median(timed) / processes if timed else None,
-            "peak_reserved_bytes_rank0": summary.get("peak_memory_bytes"),
+            "tokens_per_s": total, "tokens_per_s_per_gpu": total / processes if total else None,
+            "processes": processes, "peak_reserved_bytes_rank0": summary.get("peak_memory_bytes"),
             "peak_allocated_bytes_rank0": summary.get("peak_allocated_bytes"),
             "planned": summary.get("plan"), "data_parallel": summary.get("data_parallel"),
-            "world_size": summary.get("world_size"), "resumed_from": summary.get("resumed_from"),
+            "speedups": summary.get("speedups"), "world_size": summary.get("world_size"),
+            "resumed_from": summary.get("resumed_from"), "precision": summary.get("precision"),
             "frozen_weight_bytes_per_process": summary.get("frozen_weight_bytes_per_process"),
             "eval_loss_after": summary.get("eval_loss_after"), "wall_seconds": summary.get("wall_seconds")}
 
@@ -140,57 +268,25 @@ def curve_gap(a: dict | None, b: dict | None, first_step: int = 1) -> float | No
     return max((abs(a["loss"][s] - b["loss"][s]) for s in shared), default=None)
 
 
-def resumable_copy(source: Path, target: Path) -> None:
-    """The run as if stopped after step SAVE_AT: its later checkpoint removed."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(f"step-{STEPS}"))
-
-
-def stages(work: Path, card: str, models: dict[str, list[str]]) -> list[tuple[str, dict]]:
-    one8, one_tiny = work / "8b_1gpu", work / "tinyllama_1gpu"
-    fsdp, ddp = work / "8b_fsdp_2gpu", work / "tinyllama_ddp_2gpu"
-    return [
-        ("references", {"8b_1gpu": (train_command(models["8b"], 1, one8), "0"),
-                        "tinyllama_1gpu": (train_command(models["tinyllama"], 1, one_tiny), "1"),
-                        **{f"plan_{m}_{n}gpu": (plan_command(models[m], n, card), "") for m in models for n in (1, 2)}}),
-        ("fsdp", {"8b_fsdp_2gpu": (train_command(models["8b"], 2, fsdp, 29511), "0,1")}),
-        ("ddp", {"tinyllama_ddp_2gpu": (train_command(models["tinyllama"], 2, ddp, 29512), "0,1")}),
-        ("resume_on_1", {"8b_fsdp_resumed_1gpu": (train_command(models["8b"], 1, work / "8b_fsdp_resumed_1gpu"), "0"),
-                         "tinyllama_ddp_resumed_1gpu": (train_command(models["tinyllama"], 1,
-                                                                      work / "tinyllama_ddp_resumed_1gpu"), "1")}),
-        ("ddp_resume_on_2", {"tinyllama_ddp_resumed_2gpu": (
-            train_command(models["tinyllama"], 2, work / "tinyllama_ddp_resumed_2gpu", 29513), "0,1")}),
-        ("fsdp_resume_on_2", {"8b_fsdp_resumed_2gpu": (
-            train_command(models["8b"], 2, work / "8b_fsdp_resumed_2gpu", 29514), "0,1")}),
-    ]
-
-
-def prepare_resumes(work: Path) -> None:
-    """After the 2-GPU runs: copies of them stopped at step SAVE_AT, for the resume stages."""
-    for source, copies in (("8b_fsdp_2gpu", ("8b_fsdp_resumed_1gpu", "8b_fsdp_resumed_2gpu")),
-                           ("tinyllama_ddp_2gpu", ("tinyllama_ddp_resumed_1gpu", "tinyllama_ddp_resumed_2gpu"))):
-        for copy in copies:
-            if (work / source / "checkpoints" / f"step-{SAVE_AT}").is_dir() and not (work / copy).exists():
-                resumable_copy(work / source, work / copy)
-
-
 def comparisons(runs: dict) -> dict:
-    """The figures the docs quote: curve gaps, memory and throughput, 2 GPUs against 1."""
-    def ratio(a, b, key):
-        return (runs[a][key] / runs[b][key]) if runs.get(a) and runs.get(b) and runs[b][key] else None
-    return {"8b_fsdp_vs_1gpu_max_loss_gap": curve_gap(runs.get("8b_1gpu"), runs.get("8b_fsdp_2gpu")),
-            "8b_resumed_1gpu_vs_fsdp_max_loss_gap": curve_gap(runs.get("8b_fsdp_2gpu"),
-                                                              runs.get("8b_fsdp_resumed_1gpu"), SAVE_AT + 1),
-            "8b_resumed_2gpu_vs_fsdp_max_loss_gap": curve_gap(runs.get("8b_fsdp_2gpu"),
-                                                              runs.get("8b_fsdp_resumed_2gpu"), SAVE_AT + 1),
-            "tinyllama_ddp_vs_1gpu_max_loss_gap": curve_gap(runs.get("tinyllama_1gpu"), runs.get("tinyllama_ddp_2gpu")),
-            "tinyllama_resumed_1gpu_vs_ddp_max_loss_gap": curve_gap(runs.get("tinyllama_ddp_2gpu"),
-                                                                    runs.get("tinyllama_ddp_resumed_1gpu"), SAVE_AT + 1),
-            "tinyllama_resumed_2gpu_vs_ddp_max_loss_gap": curve_gap(runs.get("tinyllama_ddp_2gpu"),
-                                                                    runs.get("tinyllama_ddp_resumed_2gpu"), SAVE_AT + 1),
-            "8b_peak_reserved_2gpu_over_1gpu": ratio("8b_fsdp_2gpu", "8b_1gpu", "peak_reserved_bytes_rank0"),
-            "8b_tokens_per_s_per_gpu_2gpu_over_1gpu": ratio("8b_fsdp_2gpu", "8b_1gpu", "tokens_per_s_per_gpu_median"),
-            "tinyllama_tokens_per_s_per_gpu_2gpu_over_1gpu": ratio("tinyllama_ddp_2gpu", "tinyllama_1gpu",
-                                                                    "tokens_per_s_per_gpu_median")}
+    """Per pair: the loss-curve gap and all GPUs' tokens/s over the reference's; per run with a plan beside
+    it: the planned peak over rank 0's measured one (reserved + the CUDA context, as the planner counts)."""
+    found = {}
+    for two, one, first in PAIRS:
+        a, b = runs.get(two), runs.get(one)
+        if a and b:
+            found[f"{two}_vs_{one}"] = {
+                "max_loss_gap": curve_gap(b, a, first),
+                "tokens_per_s_ratio": a["tokens_per_s"] / b["tokens_per_s"] if a["tokens_per_s"] and b["tokens_per_s"]
+                else None}
+    for name, run in runs.items():
+        plan = runs.get(f"plan_{name}")
+        if isinstance(plan, dict) and run and run.get("peak_reserved_bytes_rank0"):
+            measured = run["peak_reserved_bytes_rank0"] / 2**30 + CUDA_CONTEXT_GIB
+            found[f"{name}_planned_over_measured_peak"] = {"planned_gib": plan["peak_bytes"] / 2**30,
+                                                          "measured_gib": measured,
+                                                          "ratio": plan["peak_bytes"] / 2**30 / measured}
+    return found
 
 
 def gpu_card() -> str:
@@ -202,40 +298,45 @@ def gpu_card() -> str:
     return f"{int(out.split()[0]) / 1024:.1f}GiB"
 
 
+def record(report: dict, stage: str, result: dict, jobs: dict[str, Job], logs: Path) -> None:
+    """A finished stage's results into the report, and each run's metrics and summary into logs/."""
+    report["stages"][stage] = result
+    for name, job in jobs.items():
+        if name.startswith("plan_"):
+            text = (logs / f"{name}.log").read_text()
+            report["runs"][name] = json.loads(text[text.index("{"):]) if "{" in text else text[-2000:]
+        elif job.run is not None:
+            report["runs"][job.run.name] = run_report(job.run, job.processes)
+            for kept in ("metrics.jsonl", "summary.json"):
+                if (job.run / kept).is_file():
+                    shutil.copy(job.run / kept, logs / f"{job.run.name}.{kept}")
+    report["comparisons"] = comparisons(report["runs"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--work", type=Path, help="A new folder for the runs (default: runs/two-gpu-TIME).")
+    parser.add_argument("--group", choices=list(GROUPS), required=True)
+    parser.add_argument("--work", type=Path, help="A new folder for the runs (default: runs/two-gpu-GROUP-TIME).")
     parser.add_argument("--budget-s", type=float, default=540, help="Start no stage after this many seconds.")
     parser.add_argument("--cpu-check", action="store_true", help="Tiny shapes on the CPU: try the plumbing.")
     args = parser.parse_args()
     started = time.perf_counter()
-    work = args.work or REPO / "runs" / time.strftime("two-gpu-%Y%m%d-%H%M%S")
+    work = args.work or REPO / "runs" / time.strftime(f"two-gpu-{args.group}-%Y%m%d-%H%M%S")
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=False)  # new: an old run there would be resumed instead
-    card = gpu_card()
-    report = {"card_for_plan": card, "steps": STEPS, "rows_per_step": 4, "stages": {}, "skipped": [], "runs": {}}
-    for stage, jobs in stages(work, card, CPU_CHECK_MODELS if args.cpu_check else MODELS):
+    setup = Setup(work, gpu_card(), *((CPU_SHAPES, CPU, []) if args.cpu_check else (SHAPES, [], GPU_FP16)))
+    report = {"group": args.group, "card_for_plan": setup.card, "stages": {}, "skipped": [], "runs": {}}
+    for stage, make_jobs in GROUPS[args.group](setup):
         left = args.budget_s - (time.perf_counter() - started)
         if left < 30:
             report["skipped"].append(stage)
             continue
-        if stage == "resume_on_1":
-            prepare_resumes(work)
-        report["stages"][stage] = run_stage(jobs, logs, left)
-        for name, job in report["stages"][stage]["jobs"].items():
-            if name.startswith("plan_"):
-                text = (logs / f"{name}.log").read_text()
-                report["runs"][name] = json.loads(text[text.index("{"):]) if "{" in text else text[-2000:]
-                continue
-            report["runs"][name] = run_report(work / name, 2 if job["gpus"] == "0,1" else 1)
-            for kept in ("metrics.jsonl", "summary.json"):
-                if (work / name / kept).is_file():
-                    shutil.copy(work / name / kept, logs / f"{name}.{kept}")
-        report["comparisons"] = comparisons(report["runs"])
+        jobs = make_jobs()
+        record(report, stage, run_stage(jobs, logs, left), jobs, logs)
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
-        (args.out / "two_gpu_runs.json").write_text(json.dumps(report, indent=2))
+        (args.out / f"two_gpu_{args.group}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -123,13 +123,17 @@ def cpu_decisions(config: Config):
 
 
 def planner_decisions(**changes):
-    """Planner Decisions for tiny_llama_inventory: QLoRA r=4 on all seven linears, 2 x 100 tokens, checkpointed."""
+    """Planner Decisions for tiny_llama_inventory: QLoRA r=4 on all seven linears, 2 x 100 tokens, checkpointed;
+    LoRA layers fused where memory_rules.fuses_lora fuses them (unless `changes` say)."""
+    from snugtune.memory_rules import fuses_lora
+    from snugtune.methods import METHODS
     from snugtune.planner.plan import Decisions
     base = dict(method="qlora", lora_r=4, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"),
                 lora_last_layers=None, double_quant=True, optimizer="adamw", compute_bytes=2, micro_batch=2,
                 max_seq_len=100, grad_checkpointing=True)
-    return Decisions(**{**base, **changes})
+    method = METHODS[changes.get("method", base["method"])]
+    return Decisions(**{**base, "fused_lora": fuses_lora(method.adapters, method.base_bits), **changes})
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:

@@ -125,3 +125,35 @@ def test_attention_over_groups_of_heads_gives_sdpa_output_and_gradients(packed, 
     assert torch.allclose(grouped, reference, atol=1e-12)
     for mine, theirs in zip(got, expected):
         assert torch.allclose(mine, theirs, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one document a row", "packed rows"])
+def test_sm75_kernels_keep_flash_and_cudnn_off_and_give_the_same_attention(packed, monkeypatch):
+    # train.attention_kernels: sm75 (bench --emulate t4) must run a T4's kernels on any GPU: SDPA called with only
+    # the memory-efficient and math backends enabled, packed rows through the dense document mask
+    from snugtune.attention import varlen_usable
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(), kwargs.get("attn_mask") is not None))
+        return sdpa(*args, **kwargs)
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, heads, 24, 16, dtype=torch.float64) for heads in (4, 2, 2))
+    cu = torch.tensor([0, 10, 24, 41, 48], dtype=torch.int32) if packed else None
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    everything, _ = attention(module, query, key, value, None, scaling=0.3, cu_seq_lens_q=cu)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    restricted, _ = attention(module, query, key, value, None, scaling=0.3, cu_seq_lens_q=cu, kernels="sm75")
+    assert seen == [(False, False, True, packed)]
+    assert torch.allclose(restricted, everything, atol=1e-12)
+    assert torch.backends.cuda.flash_sdp_enabled()  # only inside the call
+    assert not varlen_usable(torch.device("cpu"), "sm75") and not varlen_usable(torch.device("cpu"))
+
+
+def test_sm75_kernels_make_the_planner_count_the_dense_mask_of_packed_rows(tmp_path, alpaca_file):
+    from snugtune.planner.choose import plan_config
+    for kernels, masked in (("auto", False), ("sm75", True)):
+        config = tiny_config(tmp_path, alpaca_file, budget="h100", train={"attention_kernels": kernels})
+        assert plan_config(config).decisions.attention_mask is masked

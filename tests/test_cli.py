@@ -273,3 +273,25 @@ def test_an_error_message_is_one_line_however_long(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and len(lines[0]) < 1100 and "(100,018 characters)" in lines[0]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["plan", "CONFIG", "--gpu", "9" * 400 + "GiB"], "is neither a card"),
+    (["plan", "CONFIG", "--gpu", "0GiB"], "above 0"),
+    (["plan", "CONFIG", "--gpus", "100000000000"], "--gpus"),
+    (["data", "CONFIG", "--show", "-1"], "--show"),
+])
+def test_odd_numbers_on_the_command_line_are_refused_in_a_line(tmp_path, args, said):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: shape:tiny\ndata: {path: x.jsonl}\n")
+    result = CliRunner().invoke(app, [str(config) if a == "CONFIG" else a for a in args])
+    assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output
+    assert len(result.output) < 2000
+
+
+def test_eval_and_report_expand_a_quoted_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["eval", "~/nowhere", "--task", "perplexity"])
+    assert result.exit_code == 2 and str(tmp_path / "nowhere") in result.output
+    result = CliRunner().invoke(app, ["report", "~/nowhere", "--out", "~/r"])
+    assert result.exit_code == 2 and str(tmp_path / "nowhere") in result.output

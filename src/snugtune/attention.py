@@ -20,6 +20,9 @@ for packed rows) runs over groups of heads: its backward recomputes one group's 
 differentiates it alone. The flash kernels' backward holds an fp32 query-gradient accumulator and the keys'
 and values' gradients expanded to every query head: 3 GiB at 98,304 tokens of Llama-3.1-8B (32 heads, 8 for
 keys and values), an eighth of that per group of 4 query heads; for one more attention forward.
+
+`train.attention_kernels: sm75` limits training to the kernels a T4 has (SM75_BACKENDS: no flash, no cuDNN, no
+varlen), so any GPU runs a T4's attention path (`snugtune bench --emulate t4`).
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import inspect
 from functools import partial
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from snugtune.memory_rules import head_group_count
 
 ATTENTION = "snugtune_attention"
+SM75_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # SDPA's kernels on compute capability 7.5
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
@@ -41,11 +46,17 @@ except ImportError:
 _VARLEN_OPTIONS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
 
 
-def varlen_usable(device: torch.device) -> bool:
+def varlen_usable(device: torch.device, kernels: str = "auto") -> bool:
     """Whether varlen flash attention runs on `device`: a CUDA GPU of compute capability >= 8.0 and a
-    torch that has it (half precision is checked per call)."""
-    return (device.type == "cuda" and varlen_attn is not None
+    torch that has it (half precision is checked per call), where train.attention_kernels allows flash."""
+    return (kernels == "auto" and device.type == "cuda" and varlen_attn is not None
             and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def _within_sm75(attend, *tensors):
+    """attend() on the SDPA kernels a T4 has."""
+    with sdpa_kernel(SM75_BACKENDS):
+        return attend(*tensors)
 
 
 def document_mask(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -123,14 +134,17 @@ def _attend(module, query, key, value, attention_mask, cu_seq_lens, flash: bool,
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-              flash: bool = False, **kwargs):
+              flash: bool = False, kernels: str = "auto", **kwargs):
     """transformers' attention interface: query [B, H, L, D], key/value [B, H_kv, L, D]; returns
-    ([B, L, H, D], None). flash: varlen_usable() held for the training device. A module with
-    `snugtune_head_groups` (engine.tiling.tile_attention) attends a group of heads at a time in training."""
+    ([B, L, H, D], None). flash: varlen_usable() held for the training device. kernels: train.attention_kernels
+    (sm75: SM75_BACKENDS only). A module with `snugtune_head_groups` (engine.tiling.tile_attention) attends a
+    group of heads at a time in training."""
     cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
     flash = flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
     attend = partial(_attend, module, attention_mask=attention_mask, cu_seq_lens=cu_seq_lens, flash=flash,
                      dropout=dropout, scaling=scaling, **kwargs)
+    if kernels == "sm75":
+        attend = partial(_within_sm75, attend)
     groups = head_groups(query.shape[1], key.shape[1], getattr(module, "snugtune_head_groups", 1))
     if (attention_mask is None and len(groups) > 1 and dropout == 0.0 and query.shape[2] == key.shape[2]
             and torch.is_grad_enabled()):
@@ -146,10 +160,10 @@ def _mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def use_document_attention(model, device: torch.device) -> bool:
+def use_document_attention(model, device: torch.device, kernels: str = "auto") -> bool:
     """Switch a transformers causal LM that will train on `device` to this module's attention, where it
     dispatches through transformers' attention interface and attends over the whole row (no sliding
-    window). In place; returns whether it did."""
+    window), on the kernels train.attention_kernels allows. In place; returns whether it did."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     config = model.config
@@ -157,7 +171,7 @@ def use_document_attention(model, device: torch.device) -> bool:
     if not getattr(model, "_supports_attention_backend", False) or windowed \
             or config._attn_implementation not in ("sdpa", ATTENTION):
         return False
-    AttentionInterface.register(ATTENTION, partial(attention, flash=varlen_usable(device)))
+    AttentionInterface.register(ATTENTION, partial(attention, flash=varlen_usable(device, kernels), kernels=kernels))
     AttentionMaskInterface.register(ATTENTION, _mask)
     model.set_attn_implementation(ATTENTION)
     return True

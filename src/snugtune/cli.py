@@ -102,10 +102,12 @@ def train(
     from rich.markup import escape
     from snugtune.config import load_config
     from snugtune.rundir import set_aside_run
+    from snugtune.trackers import check_installed
 
     cfg = _run(debug, load_config, config, overrides or [])  # before torch loads: a bad config fails at once
     from snugtune.engine import distributed
     ctx = distributed.context_from_env()  # torchrun / accelerate launch set RANK and WORLD_SIZE
+    _run(debug, check_installed, cfg)  # a missing extra stops here, before anything is built or written
     if fresh and ctx.is_main:
         moved = _run(debug, set_aside_run, Path(cfg.output_dir))
         if moved:
@@ -148,8 +150,9 @@ def plan(
     config: Path = typer.Argument(..., help="Config YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Card (t4, rtx3080, l4, a10, rtx4090, a100-40, "
-                                      "a100-80, h100) or a size like 10GiB; default: the config's budget."),
-    gpus: int = typer.Option(1, "--gpus", min=1, help="Processes (GPUs) under torchrun: DDP, or FSDP sharding."),
+                                      "a100-80, h100, h200) or a size like 10GiB; default: the config's budget."),
+    gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="Processes (GPUs) under torchrun: DDP, or FSDP "
+                                                                "sharding."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -171,7 +174,7 @@ def plan(
 def data(
     config: Path = typer.Argument(..., help="Config YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
-    show: int = typer.Option(0, "--show", help="Print N rendered samples with trained tokens marked (preference "
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered samples with trained tokens marked (preference "
                              "data: each pair's prompt, then its chosen and rejected answers, scored tokens marked)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -227,7 +230,8 @@ def eval_command(
     from snugtune.evaluate.run import Trust
     from snugtune.evaluate.tasks import evaluate_run
     tasks = [t.strip() for t in task.split(",") if t.strip()] if task else None
-    results = _run(debug, evaluate_run, run_dir, tasks, data_file, limit, device,
+    data_file = data_file and str(Path(data_file).expanduser())  # a quoted ~ means the home folder too
+    results = _run(debug, evaluate_run, run_dir.expanduser(), tasks, data_file, limit, device,
                    progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False),
                    trust=Trust(remote_code, pickle_weights, unisolated))
     if as_json:
@@ -273,7 +277,8 @@ def _print_eval(results: dict) -> None:
         r = results["humaneval"]
         table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
                       f"{r['problems']} problems, {_sandbox_note(r.get('sandbox'))}")
-    out.print(table)
+    if table.row_count:  # --task generate alone has no scores
+        out.print(table)
     from rich.markup import escape
     for sample in results.get("generate", []):
         out.rule()
@@ -290,7 +295,7 @@ def report(
 ) -> None:
     """The results table (Markdown) and the loss curves of the runs (PNG)."""
     from snugtune.evaluate.results_table import build_report
-    markdown, plot = _run(debug, build_report, run_dirs, out_dir)
+    markdown, plot = _run(debug, build_report, [d.expanduser() for d in run_dirs], out_dir.expanduser())
     print(markdown.read_text())
     out.print(f"wrote {markdown} and {plot}", highlight=False)
 
@@ -307,24 +312,13 @@ def merge(
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base (streamed, never into 4-bit weights); optionally GGUF
     with an Ollama Modelfile beside it."""
-    from snugtune.export.gguf_file import check_gguf_type, export_gguf
-    from snugtune.export.merge import merge_run
-    from snugtune.export.modelfile import write_modelfile
-    from snugtune.export.quantize import tensor_types
-    from snugtune.output_folder import record_files
-    if gguf:
-        _run(debug, check_gguf_type, gguf_type)  # before the merge: a missing extra fails in a second
-    merged = _run(debug, merge_run, run_dir, out_dir, dtype)
-    err.print(f"merged model: [bold]{merged}[/]", highlight=False)
-    if gguf:
-        target = merged / f"{merged.name}-{gguf_type}.gguf"
-        written = _run(debug, export_gguf, merged, target, gguf_type)
-        kinds = ", ".join(f"{count} {kind}" for kind, count in tensor_types(written).most_common())
-        err.print(f"GGUF: [bold]{written}[/] ({written.stat().st_size / 2**20:.1f} MiB; tensors: {kinds})",
-                  highlight=False)
-        modelfile = _run(debug, write_modelfile, written, merged)
-        err.print(f"Ollama: [bold]{modelfile}[/]", highlight=False)
-        record_files(merged, "merge", [written, modelfile])  # so a later merge may replace them too
+    from snugtune.export import targets
+    request = targets.ExportRequest(run_dir.expanduser(), out_dir.expanduser(), dtype, gguf, gguf_type)
+    wanted = _run(debug, targets.check_all, request)  # every check first: a missing extra fails in a second
+    written: dict[str, Path] = {}
+    for name, target in wanted.items():
+        written[name] = _run(debug, targets.write, name, request, written)
+        err.print(_run(debug, target.describe, written[name]), highlight=False, markup=False)
 
 
 @app.command()
@@ -373,6 +367,9 @@ def bench(
     set_: list[str] = typer.Option([], "--set", help="key=value override of the benched config (repeatable)."),
     one_document: bool = typer.Option(False, "--one-document", help="Rows of one long document each (standard-"
                                       "library code, no packing) instead of packed samples."),
+    emulate: Optional[str] = typer.Option(None, "--emulate", help="Run every stack as this card would (t4: fp16 "
+                                          "with loss scaling, its attention kernels, its 15 GiB and, for snugtune, "
+                                          "its plan)."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -383,7 +380,7 @@ def bench(
     against = against or ("trl" if objective == "dpo" else "plain")
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
     results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
-                   tuple(set_), one_document, objective)
+                   tuple(set_), one_document, emulate, objective)
     print(format_table(results))
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))

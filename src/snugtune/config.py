@@ -133,6 +133,12 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="Clip the global gradient norm to this; null = no clipping.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4), fp32 on CPU.")
+    attention_kernels: Literal["auto", "sm75"] = Field(
+        "auto", description="Attention kernels training may use. auto: the fastest the GPU has (flash and cuDNN; "
+                            "varlen flash for packed rows from compute capability 8.0). sm75: only what a T4 "
+                            "(compute capability 7.5) has: SDPA's memory-efficient and math kernels, packed rows "
+                            "through a dense block-diagonal mask (`snugtune bench --emulate t4` runs a T4's path "
+                            "on a newer GPU with it).")
     grad_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute block activations in backward to save memory; auto: the planner turns it "
                             "on only when the run would not fit without it (off on CPU).")
@@ -145,19 +151,26 @@ class TrainConfig(_Section):
         "auto", description="Under torchrun with several processes: ddp replicates the model on each GPU; fsdp "
                             "shards the base weights (and LoRA) over them with PyTorch FSDP. auto: ddp when the "
                             "planned run fits one GPU, else fsdp.")
+    collective_timeout_s: int = Field(
+        300, ge=1, le=86_400, description="Under torchrun: seconds a process waits for the others in one "
+                                          "collective (starting, a step's gradient sync or FSDP gathers, a "
+                                          "checkpoint) before it stops with an error saying another process "
+                                          "failed, so a process that died or hangs does not hold the rest. Raise "
+                                          "it where rank 0 writes large files alone (full fine-tuning "
+                                          "checkpoints on slow storage).")
     tiled_mlp: bool | Literal["auto"] = Field(
         "auto", description="Run each block's MLP over the sequence in checkpointed tiles of 8,192 tokens: far "
                             "less memory at long contexts, for one more MLP forward per step. auto: the planner "
                             "turns it on when full checkpointing alone does not fit.")
     compile: bool | Literal["auto"] = Field(
         "auto", description="Compile each transformer block with torch.compile, which fuses the small operations "
-                            "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU in "
-                            "a single process without weight streaming (offload.weights).")
+                            "between matmuls (the first steps are slower while it compiles). auto: on a CUDA GPU "
+                            "without weight streaming (offload.weights), in every process under torchrun.")
     cuda_graphs: bool | Literal["auto"] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph (one per batch shape, "
                             "captured after two eager runs), removing the per-kernel launch cost that bounds small "
                             "batches. auto: where blocks are compiled, for LoRA methods whose blocks draw no random "
-                            "numbers (lora.dropout 0).")
+                            "numbers (lora.dropout 0), in one process (not under torchrun: see docs/distributed.md).")
     seed: int = Field(0, ge=0, le=SEED_LIMIT, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, le=COUNT_LIMIT, description="Write a metrics.jsonl line every N optimizer steps.")
     max_nonfinite_steps: int = Field(10, ge=1, le=COUNT_LIMIT, description="Stop after this many consecutive steps with a "
@@ -593,6 +606,7 @@ PLANNED_FIELDS: dict[str, tuple[str, bool]] = {
 # micro_batch x grad_accum x processes, stay the same (checked when resuming).
 RESUME_SAFE_FIELDS = (set(PLANNED_FIELDS) - {"train.optimizer"}) | {
     "train.rows_per_step", "save.every_steps", "save.keep", "train.log_every", "train.max_nonfinite_steps",
+    "train.collective_timeout_s",
     "eval.max_batches", "eval.batch_size", "eval.every_steps", "log.tensorboard", "output_dir", "device"}
 # Where metrics are sent does not change what is trained (a resumed run replays its kept rows to the trackers).
 RESUME_SAFE_FIELDS |= {f"log.{name}{key}" for name, section in (("wandb", WandbConfig), ("mlflow", MlflowConfig))

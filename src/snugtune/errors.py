@@ -22,6 +22,11 @@ class TrainingDiverged(UserError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
 
 
+class AnotherProcessFailed(UserError):
+    """Under torchrun, another process died or stopped answering within train.collective_timeout_s; this one
+    stops rather than wait (exit 2). The other process's own output says why."""
+
+
 class DoesNotFit(Exception):
     """No settings fit the memory budget (exit 3)."""
 

@@ -38,14 +38,17 @@ def config_draws_random_numbers(model_config) -> bool:
     return any(float(getattr(model_config, name, 0) or 0) > 0 for name in DROPOUT_FIELDS)
 
 
-def compiles_blocks(setting: bool | str, cuda: bool, one_process: bool, streams_weights: bool) -> bool:
-    """train.compile resolved: auto compiles on a CUDA GPU, in one process, without weight streaming (its
-    hooks swap the weights a compiled block would be specialised on). Activation offload and MLP tiling
-    compile: their hooks and inner checkpoints run outside the compiled forward (H200, llama3-8b at 28,672
-    tokens under 15 GiB: 6,614 tokens/s compiled against 5,306 eager, the same peak memory)."""
+def compiles_blocks(setting: bool | str, cuda: bool, streams_weights: bool) -> bool:
+    """train.compile resolved: auto compiles on a CUDA GPU without weight streaming (its hooks swap the
+    weights a compiled block would be specialised on), in every process under torchrun. Activation offload
+    and MLP tiling compile: their hooks and inner checkpoints run outside the compiled forward (H200,
+    llama3-8b at 28,672 tokens under 15 GiB: 6,614 tokens/s compiled against 5,306 eager, the same peak
+    memory). DDP's gradient hooks sit on the parameters, outside the compiled code; FSDP2's unshard and
+    reshard hooks are dynamo-disabled, so a block compiled in place runs them eagerly around its compiled
+    body (gloo, CPU: tests/engine/test_distributed.py gives the gradients of one process)."""
     if setting != "auto":
         return bool(setting)
-    return cuda and one_process and not streams_weights
+    return cuda and not streams_weights
 
 
 def head_group_count(kv_heads: int, most: int) -> int:
@@ -69,16 +72,19 @@ def leans_norms(tiled_mlp: bool, compiling: bool, model_type: str) -> bool:
 
 def holds_dense_copy(asked: bool, four_bit: bool, sharded: bool, streams_weights: bool) -> bool:
     """quant.dense_copy resolved (asked: true, or the planner's choice under auto): a 16-bit copy of the 4-bit
-    block weights for the run, on a 4-bit base, not under FSDP (its unsharded weights are not bitsandbytes
-    parameters) and not with weight streaming (the block weights live in host memory)."""
+    block weights for the run, on a 4-bit base, not under FSDP (each process would hold every block's copy
+    whole, undoing the sharding FSDP was chosen for) and not with weight streaming (the block weights live
+    in host memory)."""
     return asked and four_bit and not sharded and not streams_weights
 
 
-def fuses_lora(adapters: bool, base_bits: int | None, sharded: bool) -> bool:
+def fuses_lora(adapters: bool, base_bits: int | None) -> bool:
     """Whether LoRA layers run as one fused autograd function each (engine.fused_lora): adapters on a 16-bit or
-    4-bit base (LLM.int8 keeps bitsandbytes' own matmul), not under FSDP (its unsharded weights are not
-    bitsandbytes parameters)."""
-    return adapters and base_bits != 8 and not sharded
+    4-bit base (LLM.int8 keeps bitsandbytes' own matmul), under DDP and FSDP too. Under FSDP the function reads
+    the LoRA weights at each call (FSDP swaps in the gathered ones for the forward) and dequantizes the
+    gathered 4-bit weight, a plain tensor of the compute dtype (bnb_4bit_quant_storage), with the scales
+    bitsandbytes keeps on the layer."""
+    return adapters and base_bits != 8
 
 
 def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded: bool, dense_copy: bool) -> bool:
@@ -125,7 +131,14 @@ def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_pr
     needs no data-dependent shapes) and objectives whose step one can (objective_replays: sft), without
     weight streaming, activation offload (its copies to host memory are made per step) or MLP tiling, and
     when no block draws random numbers (checkpointing cannot restore the generator in a graph). auto: where
-    possible and blocks are compiled."""
+    possible and blocks are compiled.
+
+    Not under several processes: a graph of a step must hold its collectives. For DDP, PyTorch's CUDA notes
+    ("Usage with DistributedDataParallel") ask for NCCL_ASYNC_ERROR_HANDLING=0, which turns off the watchdog
+    that ends a process whose peer died (train.collective_timeout_s). Capturing FSDP2 is recent (pytorch
+    #164264; torchtitan#3559 lists FSDP settings its CUDA-graph trainer cannot capture), and engine.graphs
+    captures the unwrapped model, whose weights FSDP gathers only inside its hooks. Not measured here: no
+    machine with two GPUs has run it."""
     possible = (cuda and one_process and not streams_weights and method_replays and not offloads_activations
                 and not tiles_mlp and not draws_random_numbers and objective_replays(objective))
     if setting != "auto":

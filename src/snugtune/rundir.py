@@ -250,6 +250,8 @@ class MetricsLog:
             self._board = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, row: dict) -> None:
+        logged = self._by_step.get(row.get("step"), {})
+        row = {k: v for k, v in row.items() if k == "step" or k not in logged}  # what the step's line gains
         appended = self._merge(row)
         if not self._write:
             return

@@ -8,13 +8,12 @@ row's step, the same numbers metrics.jsonl holds.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from pathlib import Path
 
 from snugtune.config import Config, MlflowConfig, WandbConfig
-from snugtune.errors import UserError
+from snugtune.extras import require
 
 MLFLOW_BATCH = 100  # MLflow refuses batches of more than 100 params or 1000 metrics
 
@@ -36,18 +35,21 @@ def flat_params(value: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def import_extra(module: str, setting: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"{setting} needs the {module} package: pip install 'snugtune[{module}]'") from None
+def check_installed(config: Config) -> None:
+    """ConfigError (exit 2) with the install command when a configured tracker's extra is missing: the train
+    command calls it right after loading the config, before anything is built or written."""
+    if config.log.wandb is not None:
+        require("wandb", "log.wandb")
+    if config.log.mlflow is not None:
+        require("mlflow", "log.mlflow")
 
 
 class WandbRun:
     """One W&B run for a training run."""
 
     def __init__(self, settings: WandbConfig, run_dir: Path, config: dict):
-        wandb = import_extra("wandb", "log.wandb")
+        import wandb  # open_trackers checked it imports
+
         if settings.mode == "offline":  # W&B's service reports its own errors online unless told not to
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         # console="off": W&B would otherwise wrap stdout/stderr, under the progress bar
@@ -68,7 +70,6 @@ class MlflowRun:
     """One MLflow run for a training run; the config goes in as its parameters."""
 
     def __init__(self, settings: MlflowConfig, run_dir: Path, config: dict):
-        import_extra("mlflow", "log.mlflow")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -111,6 +112,7 @@ class Trackers:
 def open_trackers(config: Config, run_dir: Path, kept_rows: list[dict]) -> Trackers:
     """Start the configured trackers and give them the rows a resumed run kept, so each holds what
     metrics.jsonl holds. No tracker configured: an empty Trackers, and nothing is imported."""
+    check_installed(config)
     settings = config.model_dump(mode="json")
     runs = []
     if config.log.wandb is not None:

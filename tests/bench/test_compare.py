@@ -98,3 +98,29 @@ def test_the_plain_and_unsloth_stacks_follow_the_recipes_learning_rate_schedule(
         assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-6, abs=1e-12)
         optimizer.step()
         schedule.step()
+
+
+def test_emulate_t4_runs_every_stack_as_a_t4_the_users_overrides_last():
+    from snugtune.bench.compare import bench_config, emulated, recipe_config
+    from snugtune.config import apply_overrides, config_from_dict
+    from snugtune.errors import ConfigError
+    overrides = emulated("t4", ("lora.r=8", "budget=10GiB"))
+    for raw in (apply_overrides(bench_config("tiny", 128, 2, 2, 15.0, "cuda"), list(overrides)),
+                recipe_config(EXAMPLES_DIR / "llama2-7b_qlora_t4.yaml", "tiny", 2, "cuda", overrides)):
+        config = config_from_dict(raw)
+        assert (config.train.precision, config.train.attention_kernels) == ("fp16", "sm75")
+        assert config.lora.r == 8 and config.budget == "10GiB"  # what the user adds wins
+    assert emulated(None, ("lora.r=8",)) == ("lora.r=8",)
+    with pytest.raises(ConfigError, match="emulate"):
+        emulated("t5", ())
+
+
+@pytest.mark.slow
+def test_bench_emulating_a_t4_plans_for_it_and_trains_in_fp16_with_its_kernels(tmp_path):
+    from snugtune.bench.compare import format_table, run_bench
+    results = run_bench(shape="tiny", seq=64, batch=2, steps=2, against=(), device="cpu", emulate="t4")
+    snugtune = results["snugtune"]
+    assert "error" not in snugtune, snugtune
+    assert snugtune["precision"] == "fp16" and snugtune["plan"]["card"] == "Tesla T4 16 GB"
+    assert results["setting"]["emulate"] == "t4" and "train.attention_kernels=sm75" in results["setting"]["overrides"]
+    assert "planned for Tesla T4 16 GB: predicted" in format_table(results)

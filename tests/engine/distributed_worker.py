@@ -2,7 +2,7 @@
 so the group starts (imports, rendezvous) once for many runs. RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT come from the environment, as torchrun sets them.
 
-    python tests/distributed_worker.py RUNS.json      # a JSON list of config dicts
+    python tests/engine/distributed_worker.py RUNS.json      # a JSON list of config dicts
 """
 
 import json

@@ -143,3 +143,41 @@ def test_a_full_disk_at_any_write_of_a_save_is_one_clear_error_and_the_previous_
         if earlier:
             assert _newest_loads(run_dir) == 1
     assert at > 6 and _newest_loads(run_dir) == 2
+
+
+def _adamw_run(flat: bool):
+    """A two-tensor model and torch AdamW over one flat parameter (one process, DDP) or per tensor (FSDP)."""
+    from snugtune.engine.optim import flatten_trainable
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([flatten_trainable(params)] if flat else params, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler, resolve_precision("fp32", torch.device("cpu")).grad_scaler()
+
+
+def _adamw_step(model, optimizer, seed: int) -> None:
+    torch.manual_seed(seed)
+    model(torch.randn(2, 4)).pow(2).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+
+
+def test_a_flat_optimizer_state_resumes_per_tensor_with_each_tensor_its_own_moments_and_step(tmp_path):
+    # one process's flat AdamW state, resumed where every tensor has its own (FSDP's layout): moments shaped
+    # like their tensor, and a step count each (a shared one would be advanced once per tensor)
+    flat = _adamw_run(flat=True)
+    for seed in (1, 2):
+        _adamw_step(flat[0], flat[1], seed)
+    saved = save_checkpoint(tmp_path, *flat, TrainPosition(step=2), keep=1, metrics=[], config_yaml="a: 1\n")
+    per_tensor = _adamw_run(flat=False)
+    load_checkpoint(saved, *per_tensor)
+    model, optimizer = per_tensor[:2]
+    for param, entry in optimizer.state.items():
+        assert entry["exp_avg"].shape == param.shape and float(entry["step"]) == 2
+    assert len({id(entry["step"]) for entry in optimizer.state.values()}) == len(optimizer.state)
+    for seed in (3, 4):  # the same updates as the flat run makes
+        _adamw_step(flat[0], flat[1], seed)
+        _adamw_step(model, optimizer, seed)
+    for got, want in zip(model.parameters(), flat[0].parameters()):
+        assert torch.allclose(got, want, atol=1e-6), (got, want)

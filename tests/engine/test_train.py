@@ -109,3 +109,21 @@ def test_unknown_lora_target_is_exit_2_and_quotes_the_names_intact(tmp_path, alp
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "['foo_proj'] not found in llama" in proc.stderr and "'down_proj']" in proc.stderr
+
+
+def test_a_resume_on_changed_data_is_refused_unless_accepted_and_then_recorded(tmp_path):
+    from conftest import alpaca_rows, write_jsonl
+    from snugtune.errors import UserError
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(24))
+    cfg = tiny_config(tmp_path, data, train={"max_steps": 2}, save={"every_steps": 1, "keep": 1})
+    first = train(cfg, show_progress=False)
+    assert first["data_changes"] == [] and len(first["data_digest"]) == 64
+    write_jsonl(data, alpaca_rows(24, seed=1))  # same path, other rows
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})})
+    with pytest.raises(UserError, match="the data changed since the checkpoint step-2"):
+        train(longer, show_progress=False)
+    notices = []
+    summary = train(longer, show_progress=False, notify=notices.append, accept_new_data=True)
+    assert summary["steps"] == 3 and any("resuming on the new data" in n for n in notices)
+    assert [c["step"] for c in summary["data_changes"]] == [2] and summary["data_digest"] != first["data_digest"]
+    assert summary["data_changes"][0]["from"] == first["data_digest"]

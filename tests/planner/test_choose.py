@@ -94,6 +94,9 @@ def test_plan_for_several_gpus_shards_with_fsdp_only_when_replicas_do_not_fit(tm
     assert sharded.breakdown[Part.FROZEN_WEIGHTS] < 7 * GIB  # half of the 8B's 13 GiB of blocks
     alone = plan_for_budget(cfg, 17 * GIB, "17 GiB", gpus=1, host_available=64 * GIB)
     assert not alone.fits  # one 17 GiB card cannot hold the bf16 8B without streaming
+    for plan in (replicas, sharded):  # the fast path in every process, but no CUDA graphs (memory_rules)
+        d = plan.decisions
+        assert d.compiled_blocks and d.fused_lora and not d.cuda_graphs, d
     result = subprocess.run([sys.executable, "-m", "snugtune", "plan", str(_write(tmp_path, cfg)), "--gpu", "17GiB",
                              "--gpus", "2", "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,9 @@ on the same pairs of standard-library code, every sequence max_seq_len (--seq) t
 
 The setting is DESIGN §10's: QLoRA nf4 + double quant, LoRA r=16 α=32 on every linear layer, gradient
 checkpointing, AdamW 8-bit, packed rows of the bundled stdlib data; tokens/s is the median of the warm
-steps (the first three are warm-up) and counts real tokens.
+steps (the first three are warm-up) and counts real tokens. Beside each figure its model FLOP utilisation
+(bench.mfu). --emulate t4 runs every stack as a T4 would (EMULATIONS: config fields, so snugtune plans and
+trains through `train`'s own path).
 """
 
 from __future__ import annotations
@@ -23,12 +25,27 @@ from pathlib import Path
 
 import yaml
 
+from snugtune.bench.mfu import utilisation
 from snugtune.config import apply_overrides
+from snugtune.errors import ConfigError
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
-
 CHARS_PER_TOKEN_BOUND = 8  # Python source tokenizes at 3-4 characters a token: 8 leaves a wide margin
+# --emulate CARD: the config fields that make any GPU run that card's path (its precision, attention kernels and
+# memory), for every stack; snugtune also plans for the card (its budget)
+EMULATIONS = {
+    "t4": ("train.precision=fp16", "train.attention_kernels=sm75", "budget=t4"),
+}
+
+
+def emulated(emulate: str | None, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The overrides of `--emulate CARD` (EMULATIONS), then the user's own."""
+    if emulate is None:
+        return overrides
+    if emulate not in EMULATIONS:
+        raise ConfigError(f"--emulate: '{emulate}' is not a card the bench emulates ({', '.join(EMULATIONS)})")
+    return (*EMULATIONS[emulate], *overrides)
 
 
 def long_documents(folder: Path, tokens: int, count: int = 24) -> Path:
@@ -120,7 +137,8 @@ def _snugtune(config_path: Path, work: Path) -> dict:
             "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
             "peak_reserved_bytes": summary["peak_memory_bytes"] if summary.get("peak_allocated_bytes") else None,
             "loss_last": summary["train_loss_final"], "device": summary["device"], "plan": summary.get("plan"),
-            "speedups": summary.get("speedups"), "cuda_graphs": summary.get("cuda_graphs")}
+            "speedups": summary.get("speedups"), "cuda_graphs": summary.get("cuda_graphs"),
+            "precision": summary.get("precision")}
 
 
 def _other_stack(module: str, config_path: Path, work: Path) -> dict:
@@ -141,7 +159,14 @@ def _cuda_available() -> bool:
 
 
 def run_stack(stack: str, config: dict, work: Path) -> dict:
-    """One stack on one config, in its own process: snugtune, plain or unsloth."""
+    """One stack on one config, in its own process: snugtune, plain or unsloth; with its FLOP utilisation."""
+    result = _run_stack(stack, config, work)
+    if "error" not in result:
+        result.update(utilisation(config, stack, result))
+    return result
+
+
+def _run_stack(stack: str, config: dict, work: Path) -> dict:
     config_path = work / f"{stack}-{config['max_seq_len']}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     if stack == "snugtune":
@@ -190,17 +215,19 @@ def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> 
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
               against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
               max_context: int | None = None, recipe: Path | None = None, overrides: tuple[str, ...] = (),
-              one_document: bool = False, objective: str = "sft") -> dict:
+              one_document: bool = False, emulate: str | None = None, objective: str = "sft") -> dict:
     """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
     on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one long
     document of standard-library code per row, see long_documents) that trains under the cap, up to this
     many tokens. recipe: a config file's settings instead of the bench's own (recipe_config; seq, batch
     and cap then come from it). one_document: rows of one long document each instead of packed samples.
+    emulate: a card of EMULATIONS every stack runs as (its overrides come before `overrides`).
     objective dpo: pairs (long_pairs) of `seq` tokens a sequence, `batch` pairs a micro-batch; max_context
     then finds each stack's longest pair."""
+    overrides = emulated(emulate, overrides)
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context, "recipe": str(recipe) if recipe else None,
-                                 "overrides": list(overrides), "one_document": one_document,
+                                 "overrides": list(overrides), "one_document": one_document, "emulate": emulate,
                                  "objective": objective}}
     with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:
         work = Path(tmp)
@@ -220,8 +247,8 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
             for stack in stacks:
                 if results[stack].get("unavailable"):  # a stack that cannot run here has no longest sequence
                     continue
-                trial = lambda n: run_stack(stack, bench_config(shape, n, 1, 3, cap_gib, device, documents, pairs),  # noqa: E731
-                                            work)
+                trial = lambda n: run_stack(stack, apply_overrides(bench_config(shape, n, 1, 3, cap_gib, device,  # noqa: E731
+                                                                                documents, pairs), list(overrides)), work)
                 length, at_length = longest_context(trial, min(seq, max_context), max_context,
                                                     granularity=min(1024, seq))
                 results[stack]["longest_context_tokens"] = length
@@ -230,8 +257,10 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
 
 
 def format_table(results: dict) -> str:
-    rows = ["| stack | tokens/s (median step) | peak allocated | peak reserved | last loss | longest sequence "
-            "under the cap (tokens/s there) |", "|---|---|---|---|---|---|"]
+    """The bench's table: per stack tokens/s, its model FLOP utilisation (and with recomputation), memory, the
+    last loss and the longest sequence; then what snugtune's planner predicted for the card it planned for."""
+    rows = ["| stack | tokens/s (median step) | MFU (with recompute) | peak allocated | peak reserved | last loss | "
+            "longest sequence under the cap (tokens/s there) |", "|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
     for stack, r in results.items():
         if stack == "setting":
@@ -240,8 +269,23 @@ def format_table(results: dict) -> str:
         if r.get("longest_context_tokens"):
             longest = f"{r['longest_context_tokens']:,} ({r['tokens_per_s_at_longest']:,.0f})"
         if "error" in r:
-            rows.append(f"| {stack} | {r['error']} | | | | {longest} |")
+            rows.append(f"| {stack} | {r['error']} | | | | | {longest} |")
             continue
-        rows.append(f"| {stack} | {r['tokens_per_s_median_step']:,.0f} | {gib(r.get('peak_allocated_bytes'))} | "
+        mfu = f"{r['mfu']:.1%} ({r['mfu_with_recompute']:.1%})" if r.get("mfu") is not None else "-"
+        rows.append(f"| {stack} | {r['tokens_per_s_median_step']:,.0f} | {mfu} | {gib(r.get('peak_allocated_bytes'))} | "
                     f"{gib(r.get('peak_reserved_bytes'))} | {r['loss_last']:.4f} | {longest} |")
-    return "\n".join(rows)
+    return "\n".join(rows + planned_lines(results.get("snugtune", {})))
+
+
+def planned_lines(result: dict) -> list[str]:
+    """snugtune's plan beside what it measured: the step time its model predicted for the card planned for."""
+    plan = result.get("plan") or {}
+    if not plan.get("predicted_step_seconds") or "error" in result:
+        return []
+    settings = plan.get("settings", {})
+    predicted = plan["predicted_step_seconds"]
+    tokens = settings.get("max_seq_len", 0) * settings.get("micro_batch", 0) * plan.get("grad_accum", 1)
+    line = (f"\nplanned for {plan['card']}: predicted {predicted:.3f} s a step ({tokens / predicted:,.0f} tok/s at "
+            f"full rows), on {result['device']}")
+    return [line + f"; {result['model_flops_per_token'] / 1e9:.2f} GFLOP a token for the model, "
+                   f"{result['recompute_flops_per_token'] / 1e9:.2f} recomputed"]

@@ -2,8 +2,9 @@
 
 What a user copies from a notebook: 4-bit nf4 double-quant base, prepare_model_for_kbit_training (which
 up-casts embeddings, norms and lm_head to fp32 and turns on reentrant gradient checkpointing), LoRA,
-bf16 autocast, full-vocabulary logits and the model's own loss. Same data, order and batches as snugtune
-(its data pipeline tokenizes them), so tokens/s compare like for like.
+bf16 autocast (fp16 with a GradScaler where train.precision says so, as Trainer's fp16=True on a T4),
+full-vocabulary logits and the model's own loss. Same data, order and batches as snugtune (its data pipeline
+tokenizes them), so tokens/s compare like for like. train.attention_kernels: sm75 holds SDPA to a T4's kernels.
 
   python -m snugtune.bench.plain CONFIG.yaml [key=value ...] --out plain.json   (snugtune bench runs it)
 """
@@ -11,11 +12,14 @@ bf16 autocast, full-vocabulary logits and the model's own loss. Same data, order
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 
 import torch
+
+from snugtune.precision import Precision, resolve_precision
 
 
 def sync(device: torch.device) -> None:
@@ -23,7 +27,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dtype, recipe: str) -> dict:
+def run_steps(model, cfg, data, tokenizer, device: torch.device, precision: Precision, recipe: str) -> dict:
     """Train cfg.train.max_steps steps on the micro-batches snugtune would train on; timings and memory.
 
     The same micro-batches snugtune trains on (lengths rounded up alike): packed rows (position ids restart per sample, which
@@ -37,6 +41,7 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
     optimizer = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
                  "adamw": torch.optim.AdamW}[cfg.train.optimizer](params, lr=cfg.train.lr)
     scheduler = learning_rate_schedule(optimizer, cfg)
+    scaler = precision.grad_scaler()
     model.train()
     step_times, step_tokens, losses = [], [], []
     packed_len = cfg.max_seq_len if cfg.data.packing else None
@@ -52,10 +57,10 @@ def run_steps(model, cfg, data, tokenizer, device: torch.device, dtype: torch.dt
                                         cfg.max_seq_len)
             tokens += real_tokens(batch)
             batch = {k: v.to(device) for k, v in batch.items() if k not in ("token_mask", "cu_seq_lens")}
-            with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+            with precision.autocast():
                 loss = model(**batch).loss / len(group)
-            loss.backward()
-        optimizer_step(params, optimizer, device)
+            scaler.scale(loss).backward()
+        optimizer_step(params, optimizer, device, scaler)
         scheduler.step()
         step_times.append(time.perf_counter() - start)
         step_tokens.append(tokens)
@@ -73,12 +78,30 @@ def learning_rate_schedule(optimizer, cfg):
                          num_training_steps=steps)
 
 
-def optimizer_step(params, optimizer, device: torch.device) -> None:
-    """Clip the gradients' norm at 1.0 (transformers' Trainer default), step, clear; wait for the GPU."""
+def optimizer_step(params, optimizer, device: torch.device, scaler: torch.amp.GradScaler) -> None:
+    """Unscale (fp16), clip the gradients' norm at 1.0 (transformers' Trainer default), step (skipped on inf/NaN
+    under fp16), clear; wait for the GPU."""
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     sync(device)
+
+
+def attention_kernels(cfg):
+    """The SDPA kernels train.attention_kernels allows, as a context around the training loop."""
+    from snugtune.attention import SM75_BACKENDS
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(SM75_BACKENDS) if cfg.train.attention_kernels == "sm75" else contextlib.nullcontext()
+
+
+def stack_precision(cfg, device: torch.device) -> Precision:
+    """train.precision on the GPU (auto: bf16 where it has it); fp32 on the CPU unless fp16 is asked for (the
+    CPU run exists to test this script, fp16 there to test loss scaling)."""
+    if device.type == "cpu" and cfg.train.precision != "fp16":
+        return Precision("fp32", "cpu")
+    return resolve_precision(cfg.train.precision, device)
 
 
 def step_result(recipe: str, cfg, step_times: list[float], step_tokens: list[int], losses: list[float],
@@ -136,7 +159,8 @@ def main() -> None:
 
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32  # the CPU run exists to test this script
+    precision = stack_precision(cfg, device)
+    dtype = precision.compute_dtype
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         cap_memory(device, cfg.budget)  # the cap the engine applies for the same budget
@@ -149,7 +173,9 @@ def main() -> None:
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
     model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules=list(targets), task_type="CAUSAL_LM"))
-    write_result(out, run_steps(model, cfg, data, tokenizer, device, dtype, "plain transformers+peft+bitsandbytes"))
+    with attention_kernels(cfg):
+        result = run_steps(model, cfg, data, tokenizer, device, precision, "plain transformers+peft+bitsandbytes")
+    write_result(out, {**result, "precision": precision.name})
 
 
 if __name__ == "__main__":

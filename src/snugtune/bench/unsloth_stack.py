@@ -30,8 +30,9 @@ def fixed_length_rows(samples, seq: int, rows: int, seed: int):
     return torch.tensor(stream, dtype=torch.long).view(rows, seq)
 
 
-def train_steps(model, cfg, ids, device, recipe: str) -> dict:
-    """cfg.train.max_steps optimizer steps of micro_batch x grad_accum rows of `ids`; the bench result."""
+def train_steps(model, cfg, ids, device, recipe: str, scaler) -> dict:
+    """cfg.train.max_steps optimizer steps of micro_batch x grad_accum rows of `ids`; the bench result. scaler:
+    fp16's GradScaler (disabled under bf16)."""
     import bitsandbytes as bnb
 
     from snugtune.bench.plain import learning_rate_schedule, optimizer_step, step_result, sync
@@ -48,8 +49,8 @@ def train_steps(model, cfg, ids, device, recipe: str) -> dict:
             at = ((step * accumulation + micro) * batch) % (len(ids) - batch + 1)
             rows = ids[at:at + batch].to(device, non_blocking=True)
             loss = model(input_ids=rows, labels=rows).loss / accumulation
-            loss.backward()
-        optimizer_step(params, optimizer, device)
+            scaler.scale(loss).backward()
+        optimizer_step(params, optimizer, device, scaler)
         scheduler.step()
         step_times.append(time.perf_counter() - start)
         step_tokens.append(batch * accumulation * ids.shape[1])
@@ -63,15 +64,16 @@ def main() -> None:
 
     import torch
 
-    from snugtune.bench.plain import bench_inputs, write_result
+    from snugtune.bench.plain import attention_kernels, bench_inputs, stack_precision, write_result
     from snugtune.engine.machine import cap_memory
     from snugtune.registry import block_linear_names
 
     out, cfg, path, tokenizer, data = bench_inputs("Unsloth's QLoRA on a snugtune bench config")
     torch.cuda.reset_peak_memory_stats()
     cap_memory(torch.device("cuda", 0), cfg.budget)
+    precision = stack_precision(cfg, torch.device("cuda", 0))
     model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=cfg.max_seq_len,
-                                                 dtype=torch.bfloat16, load_in_4bit=True)
+                                                 dtype=precision.compute_dtype, load_in_4bit=True)
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(model.config.model_type)
     model = FastLanguageModel.get_peft_model(model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                              lora_dropout=cfg.lora.dropout, target_modules=list(targets),
@@ -82,7 +84,9 @@ def main() -> None:
     rows = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.micro_batch
     ids = fixed_length_rows(data.train, cfg.max_seq_len, rows, cfg.train.seed)
     recipe = f"unsloth {getattr(unsloth, '__version__', '?')}: fixed-length rows, its own loss"
-    write_result(out, train_steps(model, cfg, ids, torch.device("cuda", 0), recipe))
+    with attention_kernels(cfg):
+        result = train_steps(model, cfg, ids, torch.device("cuda", 0), recipe, precision.grad_scaler())
+    write_result(out, {**result, "precision": precision.name})
 
 
 if __name__ == "__main__":

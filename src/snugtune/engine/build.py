@@ -84,10 +84,6 @@ class Run:
         return self.plan.config
 
     @property
-    def evaluates(self) -> bool:  # with FSDP every process takes part (the weights are sharded); rank 0 reports
-        return self.job.ctx.is_main or self.fsdp_root is not None
-
-    @property
     def evaluator(self) -> torch.nn.Module:
         return self.fsdp_root if self.fsdp_root is not None else self.model
 
@@ -152,11 +148,12 @@ def build_model(job: Job, plan: Plan) -> tuple:
     if d.embeddings_on_host and not keep_embeddings_on_host(model, job.device):
         job.notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
     tile_for_long_rows(model, layers, d)  # long contexts: MLP tiles, one group of heads' gradients, lean norms
-    speedups = apply_speedups(model, layers, d, job.precision.compute_dtype)
     model.train()
     trainable, total = count_parameters(model)
     # loaded on the CPU: FSDP moves each unit to this process's GPU as it shards it (4-bit scales included)
     root = shard_with_fsdp(model, layers, token_loss_sum) if fsdp else None
+    # after sharding: a block compiles at its first call, around FSDP's hooks (dynamo-disabled: they run eagerly)
+    speedups = apply_speedups(model, layers, d, job.precision.compute_dtype)
     if root is not None:
         stepper = root
     elif job.ctx.enabled:  # static_graph: reentrant checkpointing runs each block's backward twice through autograd

@@ -58,8 +58,8 @@ def _split_flat_moments(state: dict, pieces: list[int]) -> dict:
         split = {}
     else:
         moments = {k: torch.split(v, pieces) for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 1}
-        split = {i: {k: (moments[k][i].clone() if k in moments else v) for k, v in entry.items()}
-                 for i in range(len(pieces))}
+        split = {i: {k: moments[k][i].clone() if k in moments else v.clone() if torch.is_tensor(v) else v
+                     for k, v in entry.items()} for i in range(len(pieces))}  # AdamW adds to each step in place
     groups = [{**state["param_groups"][0], "params": list(range(len(pieces)))}]
     return {"state": split, "param_groups": groups}
 
@@ -241,10 +241,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, notify=lamb
         saved, saved_tensors = _join_moments(saved), 1  # written per tensor (see _whole_optimizer_state)
     if saved_class == type(optimizer).__name__ and saved_tensors == tensors:
         optimizer.load_state_dict(saved)
-        for param, entry in optimizer.state.items():  # whole moments, sharded like their parameter
-            for key, value in entry.items():
+        for param, entry in optimizer.state.items():  # whole moments, shaped and sharded like their parameter
+            for key, value in entry.items():  # (one process splits its flat moments into 1-D pieces)
                 if torch.is_tensor(value) and value.dim() > 0:
-                    entry[key] = shard_like(value, param)
+                    entry[key] = shard_like(value.reshape(param.shape), param)
+                elif torch.is_tensor(value):  # a step count: split from one flat state, it may be shared
+                    entry[key] = value.clone()
     else:  # e.g. FSDP (torch AdamW, one tensor per matrix) then one GPU (8-bit AdamW over one flat tensor)
         notify(f"the checkpoint's optimizer state ({saved_class}, {saved_tensors} tensors) does not fit this run's "
                f"({type(optimizer).__name__}, {tensors}): its moments start fresh")

@@ -3,13 +3,19 @@ the communication). One process per GPU (NCCL) or per CPU worker (gloo)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import zlib
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from snugtune.errors import AnotherProcessFailed, UserError
 from snugtune.loss import LossModule
 
 
@@ -39,9 +45,34 @@ def context_from_env(environ=os.environ) -> DistContext:
     return DistContext(int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", "0")))
 
 
-def start(ctx: DistContext, device: torch.device) -> None:
+def start(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
+    """Join the process group: NCCL on GPUs, gloo on the CPU. A collective (the start included) that waits
+    longer than timeout_s for the others fails: gloo raises, NCCL's watchdog ends the process."""
     if ctx.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def failures_named(ctx: DistContext, timeout_s: float):
+    """Inside: a collective that failed because another process died (its connections closed) or did not
+    answer within timeout_s becomes AnotherProcessFailed, one line, instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (ctx.enabled and collective_failed(exc)):
+            raise
+        cause = re.sub(r"^\[[^]]*\] ", "", " ".join(str(exc).split()))[:300]  # without gloo's source file
+        raise AnotherProcessFailed(
+            f"process {ctx.rank} of {ctx.world_size}: another process of this run failed or did not answer "
+            f"within train.collective_timeout_s={timeout_s:g} s ({cause}); its own output says why; run the "
+            f"same command to resume from the last checkpoint") from None
+
+
+def collective_failed(exc: BaseException) -> bool:
+    """Whether an error is torch.distributed's (NCCL, the rendezvous store) or gloo's transport giving up on
+    a peer (gloo raises plain RuntimeErrors naming its source file)."""
+    return isinstance(exc, dist.DistError) or "gloo/transport" in str(exc)
 
 
 def stop(ctx: DistContext) -> None:
@@ -66,6 +97,16 @@ def max_across(ctx: DistContext, value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def agree_on_checkpoint(ctx: DistContext, checkpoint: Path | None, run_dir: Path) -> None:
+    """Check that every process resumes from the same checkpoint (collective: all call it). Process 0 alone
+    writes them, so on several machines the others see them only where output_dir is shared storage."""
+    mark = zlib.crc32(checkpoint.name.encode()) if checkpoint else -1
+    if max_across(ctx, mark) != -max_across(ctx, -mark):
+        raise UserError(f"{run_dir}: the processes of this run find different checkpoints there (process "
+                        f"{ctx.rank}: {checkpoint.name if checkpoint else 'none'}); process 0 alone writes them, "
+                        f"so output_dir must be one folder every machine sees (the same path on shared storage)")
 
 
 def step_share(step_rows: list, ctx: DistContext, micro_batch: int) -> tuple[list[list], int]:

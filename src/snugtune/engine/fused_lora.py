@@ -34,7 +34,8 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype, fresh: bool = False,
     if held is not None:
         return held.to(dtype)
     weight = base.weight
-    state = getattr(weight, "quant_state", None)
+    # FSDP's gathered weight is a plain tensor: the 4-bit scales stay on the layer (bitsandbytes' Linear4bit)
+    state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
     if state is not None:
         import bitsandbytes.functional as bnbf
         return bnbf.dequantize_4bit(weight.data.view(-1) if fresh else weight.data, state).to(dtype)
@@ -130,13 +131,15 @@ def _fused_forward(module, keep_dense: bool, dense: torch.Tensor | None):
     adapter = module.active_adapters[0]
     dropout = module.lora_dropout[adapter]
     dropout = dropout if isinstance(dropout, CountedDropout) and dropout.p > 0 else None
-    lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
     base, scaling = module.base_layer, float(module.scaling[adapter])
 
     def forward(x, *args, **kwargs):
         if module.disable_adapters:  # e.g. peft's disable_adapter() context: base model only
             return base(x, *args, **kwargs)
-        return _LoraLinear.apply(x, lora_a, lora_b, base, scaling, dropout, module.training, keep_dense, dense)
+        # weights read at each call: FSDP swaps in the gathered parameters for the forward
+        return _LoraLinear.apply(x, lora_a.weight, lora_b.weight, base, scaling, dropout, module.training,
+                                 keep_dense, dense)
     return forward
 
 

@@ -5,7 +5,8 @@ autograd function each (engine.fused_lora), multiplying by a dense copy of the 4
 holds one (engine.dense_copy); each transformer block is compiled with torch.compile,
 which fuses the norms, rotary embedding, activation and residual adds between the matmuls; and each
 micro-batch's forward and backward is replayed as a CUDA graph (engine.graphs), which removes the
-per-kernel launch cost that bounds small-batch steps.
+per-kernel launch cost that bounds small-batch steps. Under torchrun every process applies the same ones
+(memory_rules decides: fused layers and compiled blocks under DDP and FSDP, CUDA graphs in one process only).
 """
 
 from __future__ import annotations

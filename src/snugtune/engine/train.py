@@ -24,9 +24,10 @@ from snugtune.data.batches import GPU_PAD_MULTIPLE, real_tokens
 from snugtune.data.prepare import prepare_data
 from snugtune.data.prep_report import report_lines
 from snugtune.engine.build import Job, Run
-from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint, saved_config,
-                                        saved_position, trainable_state)
-from snugtune.engine.distributed import SINGLE, DistContext, barrier, start, step_share, sum_across
+from snugtune.engine.checkpoint import (TrainPosition, checkpoint_metrics, load_checkpoint, save_checkpoint,
+                                        saved_config, saved_position, trainable_state)
+from snugtune.engine.distributed import (SINGLE, DistContext, agree_on_checkpoint, barrier, failures_named, start,
+                                         step_share, sum_across)
 from snugtune.engine.machine import cap_memory, device_description, peak_memory_bytes, versions
 from snugtune.engine.progress import TrainProgress
 from snugtune.engine.recovery import build_that_fits, free_device_memory, step_down
@@ -58,12 +59,15 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     the current step, save a checkpoint and raise TrainingInterrupted. Under torchrun (ctx from
     engine.distributed.context_from_env) each process trains on its share of every step's rows through
     PyTorch's DDP or FSDP; only rank 0 writes metrics, checkpoints and artifacts, and holds the run folder's
-    lock. A resume on data whose content changed since the checkpoint is refused unless accept_new_data.
+    lock; another process that dies or hangs makes this one raise AnotherProcessFailed (within
+    train.collective_timeout_s). A resume on data whose content changed since the checkpoint is refused
+    unless accept_new_data.
     """
     started = time.perf_counter()
     run_dir = Path(config.output_dir)
     prepare_run_folder(run_dir)  # every process judges the folder alike; one writes into it and holds it
-    with hold_run_lock(run_dir) if ctx.is_main else nullcontext():
+    with hold_run_lock(run_dir) if ctx.is_main else nullcontext(), \
+            failures_named(ctx, config.train.collective_timeout_s):
         job = set_up(config, notify if ctx.is_main else (lambda message: None), ctx, started, accept_new_data)
         plan = plan_run(config, job.inventory, job.trained_per_row, ctx.world_size, job.masked,
                         job.device.type == "cuda", job.notify)
@@ -94,7 +98,10 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
         raise UserError(f"objective: {config.objective} trains in one process for now (torchrun started "
                         f"{ctx.world_size}); run `snugtune train` without torchrun")
     device = _device_for(config, ctx)
+    # before the process group: once there is one, transformers' save_pretrained writes on global rank 0 only,
+    # and a shape or GGUF model another process builds into its cache would lack its weights
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle_weights)
+    start(ctx, device, config.train.collective_timeout_s)
     if device.type == "cuda":  # building a shape model on the GPU is not part of the run's peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -110,11 +117,12 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
     if capped:
         notify(capped)
     return Job(asked=config, ctx=ctx, device=device, precision=resolve_precision(config.train.precision, device),
-               notify=notify, run_dir=Path(config.output_dir), base_path=resolved.path, tokenizer=tokenizer, data=data,
-               objective=objective,
-               inventory=inventory_of_folder(resolved.path, config.trust_remote_code), packed_len=packed_len, first_epoch_rows=first_epoch_rows,
+               notify=notify, run_dir=Path(config.output_dir), base_path=resolved.path, tokenizer=tokenizer,
+               data=data, objective=objective, inventory=inventory_of_folder(resolved.path, config.trust_remote_code),
+               packed_len=packed_len, first_epoch_rows=first_epoch_rows,
                trained_per_row=[objective.scored_tokens(row) for row in first_epoch_rows],
-               masked=rows_masked(config.data.packing, varlen_usable(device),  # a pair's two sequences: one row
+               masked=rows_masked(config.data.packing, varlen_usable(device, config.train.attention_kernels),
+                                  # a pair's two sequences: one row
                                   any(len(row) > 1 for row in first_epoch_rows) or SEQUENCES_PER_ROW[config.objective] > 1),
                pad_multiple=GPU_PAD_MULTIPLE if device.type == "cuda" else 1,  # lengths exact on the CPU
                started=started, accept_new_data=accept_new_data)
@@ -122,10 +130,9 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
 
 def _device_for(config: Config, ctx: DistContext) -> torch.device:
     device = resolve_device(config.device)
-    if ctx.enabled and device.type == "cuda":
+    if ctx.enabled and device.type == "cuda":  # this machine's GPU number LOCAL_RANK
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
-    start(ctx, device)
     return device
 
 
@@ -140,6 +147,7 @@ def resume(run: Run) -> tuple[TrainPosition, MetricsLog, Path | None]:
     metrics: list[dict] = []
     checkpoints = folder.checkpoints()
     resumed_from = checkpoints[-1] if checkpoints else None
+    agree_on_checkpoint(job.ctx, resumed_from, job.run_dir)
     if resumed_from is not None:
         _check_resume_config(resumed_from, run.config, run.rows_per_step, job.notify)
         position = load_checkpoint(resumed_from, run.model, run.optimizer, run.scheduler, run.scaler, job.notify)
@@ -193,26 +201,40 @@ def held_out_before(run: Run, log: MetricsLog) -> dict:
     before = [m for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         return before[0]
-    row = {"step": 0, "epoch": 0.0, **(held_out_row(run) if run.evaluates else {"eval_loss": nan})}
+    row = {"step": 0, "epoch": 0.0, **held_out_row(run)}
     log.write(row)
     return row
 
 
 def held_out_row(run: Run) -> dict:
     """The objective's loss on the held-out batches (eval_loss), what it is a mean over (eval_count: tokens,
-    pairs or rows) and its metrics (eval_rewards/margins, ...); if the CUDA graphs' memory pool leaves
-    evaluation too little, the graphs are dropped."""
+    pairs or rows) and its metrics (eval_rewards/margins, ...). Under torchrun each process scores its share
+    (batches r, r+N, ...: no process evaluates alone while the others wait) and the sums are added; under
+    FSDP a process short of a batch runs one unscored, so the gathers pair up. (The metrics are one
+    process's: the preference objectives train in one.)"""
+    ctx = run.job.ctx
+    shares, padding = step_share(run.held_out, ctx, 1)
+    mine = [share[0] for share in shares]
+    loss, count, metrics = _held_out_beside_graphs(run, mine[:len(mine) - padding])
+    if padding and run.fsdp_root is not None:
+        _held_out_beside_graphs(run, mine[len(mine) - padding:])
+    total, count = sum_across(ctx, loss * count if count else 0.0), int(sum_across(ctx, count))
+    return {"eval_loss": total / count if count else nan, "eval_count": count,
+            **{f"eval_{name}": value for name, value in metrics.items()}}
+
+
+def _held_out_beside_graphs(run: Run, batches: list) -> tuple[float, int, dict]:
+    """The objective's held-out loss; if the CUDA graphs' memory pool leaves evaluation too little, the graphs
+    are dropped."""
     job = run.job
     try:
-        loss, count, metrics = objective_held_out_loss(run.objective, run.evaluator, run.held_out, job.precision,
-                                                       job.device)
+        return objective_held_out_loss(run.objective, run.evaluator, batches, job.precision, job.device)
     except torch.OutOfMemoryError:
         if run.graphs is None or not run.graphs.graphs:
             raise
         run.graphs.release("released: evaluation ran out of memory beside the graphs' memory pool")
         job.notify("CUDA graphs released to make room for evaluation; training continues without them")
-        return held_out_row(run)
-    return {"eval_loss": loss, "eval_count": count, **{f"eval_{name}": value for name, value in metrics.items()}}
+        return objective_held_out_loss(run.objective, run.evaluator, batches, job.precision, job.device)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -299,7 +321,7 @@ def _log_step(run: Run, position: TrainPosition, epoch_rows_count: int, log: Met
            "loss": step_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
            "tokens_per_s": window.tokens / max(now - window.since, 1e-9),
            "memory_bytes": _current_memory(run.job.device), "skipped_steps": position.skipped_steps, **metrics}
-    if eval_due and position.step < run.total_steps and run.held_out and run.evaluates:
+    if eval_due and position.step < run.total_steps and run.held_out:
         row.update(held_out_row(run))
     log.write(row)
     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
@@ -338,7 +360,7 @@ def finish(run: Run, position: TrainPosition, log: MetricsLog, eval_before: dict
            resumed_from: Path | None) -> dict:
     """Held-out loss after training, the adapter (or trained model), summary.json and loss.png."""
     job = run.job
-    eval_after = held_out_row(run) if run.evaluates else {"eval_loss": nan, "eval_count": 0}
+    eval_after = held_out_row(run)
     log.write({"step": position.step, "epoch": float(position.epoch), **eval_after})
     log.close()
     whole = trainable_state(run.model) if run.fsdp_root is not None else None  # FSDP: every process gathers

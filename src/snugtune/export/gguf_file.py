@@ -166,7 +166,7 @@ def check_gguf_type(gguf_type: str) -> None:
     if gguf_type not in TYPES:
         raise UserError(f"--gguf-type: choose one of {', '.join(TYPES)}")
     if gguf_type not in WRITTEN_TYPES:
-        llama_cpp_bindings()
+        llama_cpp_bindings(f"--gguf-type {gguf_type}")
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f16") -> Path:

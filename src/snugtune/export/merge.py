@@ -82,15 +82,20 @@ def _lora_deltas(run_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
     return {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}, scale, config
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
-    """Write a merged HF model folder for RUN_DIR at out_dir; returns out_dir. out_dir must be new, empty or
-    an earlier merge's output (see output_folder)."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    run = RunFolder(run_dir)
-    run.summary()  # a finished run: names the missing or broken file otherwise
+def check_merge(run_dir: Path, out_dir: Path, dtype: str) -> None:
+    """UserError unless run_dir is a finished run, dtype one of DTYPES and out_dir new, empty or an earlier
+    merge's output (see output_folder)."""
+    RunFolder(run_dir).summary()  # names the missing or broken file otherwise
     if dtype not in DTYPES:
         raise UserError(f"--dtype: choose one of {', '.join(DTYPES)}")
     check_target(out_dir, "merge", [run_dir])
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Write a merged HF model folder for RUN_DIR at out_dir (after check_merge); returns out_dir."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_merge(run_dir, out_dir, dtype)
+    run = RunFolder(run_dir)
     if (run_dir / "adapter_model.safetensors").is_file():
         deltas, scale, _ = _lora_deltas(run_dir)
         base = run.base_model_folder()

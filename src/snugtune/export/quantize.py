@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from snugtune.errors import UserError
+from snugtune.extras import require
 
 # --gguf-type -> llama.cpp's file type (its enum name in the bindings)
 LLAMA_FILE_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -26,12 +27,10 @@ LLAMA_FILE_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MO
                     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
-def llama_cpp_bindings():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UserError("this GGUF type is made by llama.cpp's quantizer: pip install 'snugtune[gguf-quant]' "
-                        "(builds llama.cpp, several minutes)") from None
+def llama_cpp_bindings(feature: str = "llama.cpp's quantizer"):
+    """The llama_cpp module; ConfigError (exit 2) naming `feature` and the install command without it."""
+    require("gguf-quant", feature)
+    import llama_cpp
     return llama_cpp
 
 
@@ -109,7 +108,7 @@ def gguf_perplexity(path: str | Path, text: str, context: int = 512) -> tuple[fl
     As `llama-perplexity` does: the tokens are cut into windows of `context` tokens, each begins with BOS,
     and only each window's second half is scored, so every scored token has at least context/2 before it.
     """
-    llama_cpp = llama_cpp_bindings()
+    llama_cpp = llama_cpp_bindings("GGUF perplexity (llama.cpp)")
     model = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
                             n_threads=os.cpu_count() or 1)
     tokens = model.tokenize(text.encode(), add_bos=False)

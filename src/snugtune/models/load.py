@@ -67,7 +67,7 @@ def load_base_model(path: Path, config: Config, device: torch.device, compute_dt
     if bits == 4 and device.type == "cpu":
         _keep_4bit_layout_trainable(model)
     model.config.use_cache = False
-    use_document_attention(model, training_device)  # packed rows attend per document, without a dense mask
+    use_document_attention(model, training_device, config.train.attention_kernels)  # per document, no dense mask
     return model
 
 

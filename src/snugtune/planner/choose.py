@@ -45,7 +45,7 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
     one_process = gpus == 1
-    compiling = compiles_blocks(cfg.train.compile, cuda, one_process, offload.weights)
+    compiling = compiles_blocks(cfg.train.compile, cuda, offload.weights)
     copied = holds_dense_copy(dense_copy, METHODS[method].base_bits == 4, shards > 1, offload.weights)
     replays = METHODS[method].replays_graphs
     draws = inv.draws_random_numbers  # LoRA dropout draws none: its masks come from a seeded hash
@@ -64,8 +64,8 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                      cuda_graphs=graphs and replays_cuda_graphs(
                          cfg.train.cuda_graphs, compiling, cuda, one_process, offload.weights, replays,
                          offload.activations, tiled_mlp, draws, cfg.objective),
-                     compiled_blocks=compiling, fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits,
-                                                                        shards > 1),
+                     compiled_blocks=compiling,
+                     fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits),
                      objective=cfg.objective,
                      reference=reference_for(cfg.objective, METHODS[method].adapters, reference_copy))
 
@@ -183,7 +183,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     dense copy or not."""
     found: dict[Decisions, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
-    compiling = compiles_blocks(cfg.train.compile, facts.cuda, facts.gpus == 1, offload.weights)
+    compiling = compiles_blocks(cfg.train.compile, facts.cuda, offload.weights)
     for graphs, mb, dense, copy in product(graph_options, micro, dense_copy_options(cfg, offload),
                                            reference_copy_options(cfg, offload)):
         make = partial(decisions_for, cfg, inv, mb, trained=facts.trained, offload=offload, shards=shards,
@@ -297,10 +297,12 @@ def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] 
         if torch.cuda.is_available():
             from snugtune.attention import varlen_usable
             _, total = torch.cuda.mem_get_info()
-            masked = rows_masked(cfg.data.packing, varlen_usable(torch.device("cuda"))) if masked is None else masked
+            varlen = varlen_usable(torch.device("cuda"), cfg.train.attention_kernels)
+            masked = rows_masked(cfg.data.packing, varlen) if masked is None else masked
             return plan_for_budget(cfg, total, torch.cuda.get_device_name(), inv, trained_per_row, gpus=gpus,
                                    masked=masked, cuda=cuda)
         name = "h100"
     size, _, card = budget_bytes(name)
-    masked = rows_masked(cfg.data.packing, has_varlen_attention(card)) if masked is None else masked
+    varlen = has_varlen_attention(card) and cfg.train.attention_kernels == "auto"
+    masked = rows_masked(cfg.data.packing, varlen) if masked is None else masked
     return plan_for_budget(cfg, size, card, inv, trained_per_row, gpus=gpus, masked=masked, cuda=cuda)

@@ -209,7 +209,7 @@ def _lora_bytes_per_token(inv: Inventory, s: Decisions, which) -> int:
     if not m.adapters:
         return 0
     c, mask = s.compute_bytes, 1 if s.lora_dropout > 0 else 0
-    fused = s.shards == 1 and m.base_bits != 8
+    fused = s.fused_lora
     top_block = [l for l in _adapted(inv, s) if l.layer == inv.layers - 1 and which(l)]  # every block alike
     inputs = {}
     for l in top_block:

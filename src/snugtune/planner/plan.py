@@ -49,7 +49,7 @@ class Decisions:
     lean_norms: bool = False           # memory_rules.leans_norms: norms keep their 16-bit input, not fp32
     head_groups: int = 1               # memory_rules.tiles_attention: attention differentiated by groups of heads
     compiled_blocks: bool = False      # memory_rules.compiles_blocks: each block compiled with torch.compile
-    fused_lora: bool = False           # engine.fused_lora: each LoRA layer one autograd function (not under FSDP)
+    fused_lora: bool = False           # memory_rules.fuses_lora: each LoRA layer one autograd function
     grad_accum: int = 1                # micro-batches per optimizer step in each process
     objective: str = "sft"             # sft | dpo | orpo | kto: dpo and orpo rows hold two sequences (a pair)
     reference: str = "none"            # memory_rules.reference_for: none | adapter | copy | precomputed

@@ -1,65 +1,164 @@
-"""Predicted time of one optimizer step, to rank the settings that fit and to say what the chosen split
-costs: per micro-batch the GPU's arithmetic (FLOPs at a share of the card's datasheet rate) plus the
-CPU's kernel launches (per block: far fewer when the step replays as a CUDA graph) plus host copies
-(offload) plus dequantizing the 4-bit weights (none with a dense copy); per step the optimizer, by the
-parameters it trains. Constants measured on an H100 (docs/benchmarks.md, TinyLlama 4 x 512: 0.193 s a
-compiled eager step, 0.053 s replayed, 46 ms of it GPU work)."""
+"""Predicted time of one optimizer step, to rank the settings that fit and to say what the chosen split costs,
+and the FLOPs behind it (also the bench's model FLOP utilisation).
+
+Per micro-batch the GPU's time is its matrix arithmetic (FLOPs at a measured share of the card's datasheet
+16-bit rate; attention kernels at their own share) plus its memory traffic where a kernel is bound by it
+(dequantizing 4-bit weights, the low-rank and element-wise work around every adapted linear; bytes at a share
+of the card's datasheet bandwidth). The CPU launching kernels (per block: far fewer when the step replays as
+a CUDA graph) and host copies (offload, on their own stream) run beside it: the micro-batch takes the longest
+of the three. Per step the optimizer, a pass over the trained parameters and their state.
+
+FLOPs are split into the model's (what training the model needs: forward, input gradients, weight gradients of
+what is trained, attention) and the recomputation's (checkpointed blocks' second forward, the tiles' and
+head groups' extra forwards, flash attention's recomputed scores in backward). Constants: docs/planner.md
+("The step-time model"), fitted on every step time recorded in docs/runs.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from snugtune.methods import METHODS
-from snugtune.planner.cards import DEFAULT_TFLOPS, card_tflops
+from snugtune.planner.cards import card_bandwidth, card_tflops
 from snugtune.planner.inventory import Inventory
 from snugtune.planner.memory import (Breakdown, Part, attention_groups, checkpointed_blocks, host_bytes, in_mlp,
                                      trainable_params)
 from snugtune.planner.plan import Decisions
 
-FLOPS_EFFICIENCY = 0.4        # sustained share of the datasheet rate (Llama-3.1-8B 1 x 2048 on an H100)
-EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled block's forward + backward, eager
+MATMUL_EFFICIENCY = 0.75      # 16-bit matmuls' share of the datasheet rate (H200 step profiles: 630-750 TFLOP/s)
+ATTENTION_EFFICIENCY = 0.55   # flash attention's share (H200 profile at 28,672 tokens: 575 forward, 490 backward)
+MASKED_ATTENTION_EFFICIENCY = 0.25  # SDPA's memory-efficient kernel with a dense mask (sm75's path): not measured
+MEMORY_EFFICIENCY = 0.80      # streaming kernels' share of the datasheet bandwidth
+DEQUANTIZE_BYTES_PER_WEIGHT = 4.5   # nf4 read (0.5 + scales), 16-bit written, read again by the matmul
+ACTIVATION_BYTES_PER_VALUE = 6.0    # per pass, per value of an adapted linear's input and output and of a
+                                    # block's element-wise tensors (fitted, docs/planner.md)
+BLOCK_KERNELS_S = 0.6e-3          # GPU time of a block's hundreds of small kernels (forward + backward) at
+                                    # any size: each takes a few microseconds however little it does (fitted)
+EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled, recomputed block's forward, recompute and
+                                    # backward, eager (TinyLlama 4 x 512, H100); a pass not recomputed: a quarter less
 GRAPH_LAUNCH_S_PER_BLOCK = 0.3e-3   # ... replayed as a CUDA graph (the copies in and the replay call)
-OPTIMIZER_S_PER_PARAM = 1e-9        # unscale, clip, AdamW step (Llama-3.1-8B, 42M LoRA parameters: 32-49 ms)
+OPTIMIZER_BYTES_PER_PARAM = 100.0   # unscale, clip, 8-bit AdamW over one flat tensor: 1.2 ms for 42M on an H200
 HOST_COPY_BYTES_S = 12e9            # pinned host <-> GPU copies (PCIe 4 x16 in practice)
-DEQUANTIZE_S_PER_WEIGHT = 1.17e-12  # one nf4 weight to 16 bits on an H200 (Llama-3.1-8B: 16.4 ms for two passes
-                                    # over 7.0e9); scaled to other cards by their tensor rate
 
 
-def step_flops(inv: Inventory, s: Decisions) -> float:
-    """FLOPs of one micro-batch step: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights)
-    per parameter that multiplies (the input embeddings only look rows up) and token, + one more forward
-    when checkpointing (and of the MLPs when tiled). Attention scores counted too (causal kernels skip
-    the masked half; one more attention forward when its backward goes by groups of heads)."""
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of one micro-batch: matrix products and attention, each the model's and the recomputation's."""
+    matmul: float
+    attention: float
+    matmul_recompute: float
+    attention_recompute: float
+
+    @property
+    def model(self) -> float:
+        return self.matmul + self.attention
+
+    @property
+    def recompute(self) -> float:
+        return self.matmul_recompute + self.attention_recompute
+
+
+def multiplying_params(inv: Inventory) -> int:
+    """Parameters that multiply a token's activations: the blocks' linears and the output head (the input
+    embeddings only look rows up; norms and biases scale and add)."""
+    return inv.linear_params + inv.vocab * inv.hidden
+
+
+def attention_forward_flops_per_token(inv: Inventory, s: Decisions) -> float:
+    """One attention forward over the row, per token: scores and weighted values, 2 x 2 x q_dim x length per
+    layer, half of it under a causal kernel; a dense mask (packed rows without varlen) computes every score."""
+    share = 1.0 if s.attention_mask else 0.5
+    return 4 * share * inv.layers * inv.q_dim * s.max_seq_len
+
+
+def step_flops(inv: Inventory, s: Decisions) -> Flops:
+    """FLOPs of one micro-batch. Model: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights) per
+    multiplying parameter and token, LoRA's low-rank products likewise, and attention (backward twice its
+    forward). Recompute: one more forward of each checkpointed block, of each tiled MLP and of attention by
+    groups of heads, and the scores flash attention recomputes in backward (half a forward)."""
     tokens = s.micro_batch * s.max_seq_len
-    n = inv.total_params - (0 if inv.tied_embeddings else inv.vocab * inv.hidden)
-    share = checkpointed_blocks(inv, s) / max(1, inv.layers)  # of the blocks, run forward twice
-    per_token = (6 if METHODS[s.method].trains_base == "all" else 4) * n + 2 * n * share
+    n = multiplying_params(inv)
+    method = METHODS[s.method]
+    trained = {"all": n, "last_layers": trainable_params(inv, s)}.get(method.trains_base, 0)
+    low_rank = trainable_params(inv, s) if method.adapters else 0  # r x (in + out) per adapted linear
+    share = checkpointed_blocks(inv, s) / max(1, inv.layers)
+    block = inv.linear_params
+    matmul = tokens * (4 * n + 2 * trained + 6 * low_rank)
+    recompute = tokens * share * 2 * (block + low_rank)
     if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
-        per_token += 2 * sum(l.in_features * l.out_features for l in inv.linears if in_mlp(inv, l))
+        recompute += tokens * 2 * sum(l.in_features * l.out_features for l in inv.linears if in_mlp(inv, l))
+    forward = tokens * attention_forward_flops_per_token(inv, s)
     regrouped = 1 if attention_groups(inv, s) > 1 else 0
-    attention = 2 * inv.layers * inv.q_dim * s.max_seq_len * (2 + share + regrouped)  # causal: half the scores
-    return float(tokens * (per_token + attention))
+    return Flops(matmul, 3 * forward, recompute, forward * (0.5 + share + regrouped))
+
+
+def model_flops_per_token(inv: Inventory, s: Decisions) -> float:
+    """The model's FLOPs per token (no recomputation): what model FLOP utilisation counts."""
+    return step_flops(inv, s).model / (s.micro_batch * s.max_seq_len)
+
+
+def activation_values_per_token(inv: Inventory, s: Decisions) -> float:
+    """Values a forward pass through the blocks reads or writes per token outside the big matmuls: every adapted
+    linear's input and output (the low-rank products and their add), the norms, rotary and the MLP's
+    activation (element-wise)."""
+    low_rank = trainable_params(inv, s) / s.lora_r if METHODS[s.method].adapters else 0  # sum of in + out
+    elementwise = inv.norms_per_block * 2 * inv.hidden + inv.q_dim + inv.kv_dim + 3 * inv.intermediate
+    return low_rank + inv.layers * elementwise
+
+
+def dequantize_bytes(inv: Inventory, s: Decisions) -> float:
+    """Memory traffic of dequantizing the 4-bit block weights in one micro-batch: each forward, each recomputed
+    forward, and backward unless the block kept the forward's (Decisions.dense_weights_kept); none with a dense
+    copy or a 16-bit base."""
+    if METHODS[s.method].base_bits != 4 or s.dense_copy:
+        return 0.0
+    share = checkpointed_blocks(inv, s) / max(1, inv.layers)
+    passes = 1 + share + (0 if s.dense_weights_kept else 1)
+    return passes * inv.linear_params * DEQUANTIZE_BYTES_PER_WEIGHT
+
+
+def activation_bytes(inv: Inventory, s: Decisions) -> float:
+    """Memory traffic of the activations' low-rank and element-wise passes in one micro-batch: forward, each
+    recomputed forward, and backward (twice a forward's)."""
+    share = checkpointed_blocks(inv, s) / max(1, inv.layers)
+    tokens = s.micro_batch * s.max_seq_len
+    return tokens * (3 + share) * activation_values_per_token(inv, s) * ACTIVATION_BYTES_PER_VALUE
+
+
+def memory_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
+    """Time one micro-batch is bound by memory traffic, at a share of the card's bandwidth."""
+    return (dequantize_bytes(inv, s) + activation_bytes(inv, s)) / (card_bandwidth(card) * MEMORY_EFFICIENCY)
+
+
+def gpu_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
+    """The GPU's time for one micro-batch: arithmetic, then memory traffic."""
+    f = step_flops(inv, s)
+    rate = card_tflops(card) * 1e12
+    attention_share = MASKED_ATTENTION_EFFICIENCY if s.attention_mask else ATTENTION_EFFICIENCY
+    arithmetic = (f.matmul + f.matmul_recompute) / (rate * MATMUL_EFFICIENCY) + \
+        (f.attention + f.attention_recompute) / (rate * attention_share)
+    return arithmetic + memory_seconds(inv, s, card) + inv.layers * BLOCK_KERNELS_S
 
 
 def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card: str = "") -> float:
-    arithmetic = step_flops(inv, s) / (card_tflops(card) * 1e12 * FLOPS_EFFICIENCY)
-    launches = inv.layers * (GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK)
+    """The longest of the GPU's work, the CPU's launches and the host copies (each on its own stream)."""
+    share = checkpointed_blocks(inv, s) / max(1, inv.layers)
+    per_block = GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK
+    launches = inv.layers * per_block * (3 + share) / 4  # forward, recompute, backward (twice a forward's)
     # out and back (activations), forward and recompute (weights); of the embedding table only the batch's rows
     copied = host_bytes(parts) - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
     copies = 2 * copied / HOST_COPY_BYTES_S
     if s.embeddings_on_host:
         copies += s.micro_batch * s.max_seq_len * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
-    return arithmetic + launches + copies + dequantize_seconds(inv, s, card)
+    return max(gpu_seconds(inv, s, card), launches, copies)
 
 
-def dequantize_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
-    """Time one micro-batch spends dequantizing 4-bit block weights: each forward, each recomputed forward, and
-    backward unless the block kept the forward's (memory.Decisions.dense_weights_kept); none with a dense copy."""
-    if METHODS[s.method].base_bits != 4 or s.dense_copy:
-        return 0.0
-    share = checkpointed_blocks(inv, s) / max(1, inv.layers)
-    passes = 1 + share + (0 if s.dense_weights_kept else 1)
-    return passes * inv.linear_params * DEQUANTIZE_S_PER_WEIGHT * DEFAULT_TFLOPS / card_tflops(card)
+def optimizer_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
+    """One optimizer step: unscale, clip and AdamW over the trained parameters, bound by memory traffic."""
+    bytes_moved = OPTIMIZER_BYTES_PER_PARAM * trainable_params(inv, s)
+    return bytes_moved / (card_bandwidth(card) * MEMORY_EFFICIENCY)
 
 
 def seconds_per_step(inv: Inventory, s: Decisions, accum: int, parts: Breakdown, card: str = "") -> float:
     """Predicted seconds of one optimizer step of `accum` micro-batches."""
-    return accum * seconds_per_micro_batch(inv, s, parts, card) + OPTIMIZER_S_PER_PARAM * trainable_params(inv, s)
+    return accum * seconds_per_micro_batch(inv, s, parts, card) + optimizer_seconds(inv, s, card)
