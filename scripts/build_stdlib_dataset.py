@@ -63,6 +63,14 @@ def functions(path: Path, module: str):
                "input": "", "output": code}
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """One JSON row a line, UTF-8 kept as it is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     rows = []
@@ -70,10 +78,7 @@ def main() -> None:
         path = stdlib / f"{module}.py"
         if path.is_file():
             rows.extend(functions(path, module))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(OUT, rows)
     print(f"{len(rows)} rows from Python {sys.version.split()[0]}'s standard library -> {OUT}")
     docs = []
     for module in RETENTION_MODULES:
@@ -83,9 +88,7 @@ def main() -> None:
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
         if doc and len(doc) >= 200:
             docs.append({"text": doc[:3000]})
-    with RETENTION.open("w", encoding="utf-8") as handle:
-        for row in docs:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(RETENTION, docs)
     print(f"{len(docs)} module docstrings for the retention check -> {RETENTION}")
 
 

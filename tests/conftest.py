@@ -32,6 +32,22 @@ def alpaca_rows(n: int = 40, seed: int = 0) -> list[dict]:
     return rows
 
 
+def pair_rows(n: int = 40, seed: int = 0) -> list[dict]:
+    """Preference pairs (TRL's prompt/chosen/rejected) on arithmetic: the right sum against a wrong, hedged one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        rows.append({"prompt": f"Add {a} and {b}.", "chosen": f"The sum is {a + b}.",
+                     "rejected": f"I think it is {a + b + rng.randint(1, 9)}, maybe."})
+    return rows
+
+
+@pytest.fixture
+def pairs_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+
+
 @pytest.fixture
 def alpaca_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())

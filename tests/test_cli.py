@@ -213,7 +213,7 @@ def test_out_of_memory_outside_the_step_loop_exits_3(finished_run, tmp_path, mon
     monkeypatch.setattr("snugtune.evaluate.tasks.mean_loss", out_of_memory)
     result, output = invoke(["eval", str(finished_run), "--task", "perplexity", "--device", "cpu"])
     assert result.exit_code == 3 and "out of memory" in output and "Traceback" not in output
-    monkeypatch.setattr("snugtune.engine.train.mean_loss", out_of_memory)
+    monkeypatch.setattr("snugtune.objectives.mean_loss", out_of_memory)  # the held-out loss before training
     config = yaml.safe_load((finished_run / "config.yaml").read_text())
     config["output_dir"] = str(tmp_path / "new-run")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))

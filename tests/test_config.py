@@ -222,8 +222,14 @@ PREFERENCE_CONFIGS = [  # (objective and preference section, the one-line error;
     ({}, None),
     ({"objective": "sft", "preference": {}}, None),
     ({"objective": "sft", "preference": {"beta": 0.1, "desirable_weight": 1.0}}, None),  # defaults, spelled out
-    ({"objective": "dpo"}, "objective: dpo is coming (issue 38)"),
-    ({"objective": "kto", "preference": {"beta": 0.2, "desirable_weight": 1.33}}, "objective: kto is coming"),
+    ({"objective": "dpo"}, None),
+    ({"objective": "kto", "preference": {"beta": 0.2, "desirable_weight": 1.33}}, None),
+    ({"objective": "orpo", "preference": {"prompt_nll": False}}, None),
+    ({"objective": "dpo", "data": {"path": "x", "train_on_prompt": True}}, "data.train_on_prompt applies to "
+                                                                            "objective: sft (objective is dpo"),
+    ({"rl": "dpo"}, "unknown key 'rl'; did you mean 'objective'?"),
+    ({"pref_beta": 0.2}, "unknown key 'pref_beta'; did you mean 'preference.beta'?"),
+    ({"objective": "kto", "preference": {"kto_chosen_weight": 2}}, "did you mean 'preference.desirable_weight'?"),
     ({"objective": "sft", "preference": {"beta": 0.2}}, "preference.beta applies to objective: dpo or orpo or kto "
                                                         "(objective is sft)"),
     ({"objective": "dpo", "preference": {"undesirable_weight": 2}}, "preference.undesirable_weight applies to "
@@ -245,7 +251,7 @@ PREFERENCE_CONFIGS = [  # (objective and preference section, the one-line error;
 def test_objective_and_preference_parameters_are_validated_together(fields, error):
     raw = {"data": {"path": "x"}, **fields}
     if error is None:
-        assert config_from_dict(raw, "c.yaml").objective == "sft"
+        assert config_from_dict(raw, "c.yaml").objective == fields.get("objective", "sft")
         return
     with pytest.raises(ConfigError) as caught:
         config_from_dict(raw, "c.yaml")

@@ -19,7 +19,8 @@ from trl.experimental.orpo import ORPOTrainer  # the Makefile installs TRL (pinn
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.kto_trainer import KTOTrainer
 
-from snugtune.preference_loss import DPO_LOSS_TYPES, Objective, dpo_loss, group_logps, kto_loss, orpo_loss
+from snugtune.preference_loss import (DPO_LOSS_TYPES, PreferenceLoss, dpo_loss, group_logps, kto_loss, kto_reference_point,
+                                      orpo_loss)
 
 CPU = torch.device("cpu")
 
@@ -76,7 +77,7 @@ def _trl_dpo(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected
     return float(loss.detach()), policy.grad[:n], policy.grad[n:], metrics
 
 
-def _ours(objective: Objective, *leaves):
+def _ours(objective: PreferenceLoss, *leaves):
     loss = objective.loss()
     loss.backward()
     return (float(loss.detach()), *[leaf.grad for leaf in leaves], objective.metric_means())
@@ -206,7 +207,7 @@ def test_kto_loss_gradients_and_metrics_match_trl(seed, rows, share, beta, wd, w
     labels = labels[torch.randperm(rows, generator=g)]
     ref_loss, ref_grad, ref_metrics = _trl_kto(logps, ref, labels, kl, kl_ref, beta, wd, wu)
     policy = logps.clone().requires_grad_()
-    loss, grad, metrics = _ours(kto_loss(policy, ref, labels, kl, kl_ref, beta, wd, wu), policy)
+    loss, grad, metrics = _ours(kto_loss(policy, ref, labels, kto_reference_point(kl, kl_ref), beta, wd, wu), policy)
     assert loss == pytest.approx(ref_loss, rel=1e-9, abs=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     for name, value in ref_metrics.items():
@@ -298,7 +299,7 @@ def _assert_same_grads(ours: dict, theirs: dict) -> None:
 
 
 def _assert_same_step(model, trl_step, our_step) -> None:
-    """TRL's step (a callable giving its loss and logged metrics) and ours (a callable giving an Objective),
+    """TRL's step (a callable giving its loss and logged metrics) and ours (a callable giving a PreferenceLoss),
     from the same weights, give the same loss, LoRA gradients and metrics."""
     model.train()
     model.zero_grad()
@@ -369,9 +370,9 @@ def test_kto_on_a_model_matches_trls_kto_trainer(tmp_path):
     from datasets import Dataset
     from trl import KTOConfig
     from snugtune.data.rows import Row
-    from snugtune.data.preference_batches import labelled_batches
+    from snugtune.data.preference_batches import kl_rows, labelled_batch
     from snugtune.data.preference_rows import to_labelled
-    from snugtune.data.preference_tokenize import fit_completion, tokenize_labelled
+    from snugtune.data.preference_tokenize import fit_completion, kl_partners, tokenize_labelled
     model, tokenizer = _trl_ready_model(tmp_path)
     rows = [{"prompt": r["prompt"], "completion": r["chosen" if i % 2 else "rejected"], "label": i != 2}
             for i, r in enumerate(_conversation_rows())]
@@ -383,20 +384,21 @@ def test_kto_on_a_model_matches_trls_kto_trainer(tmp_path):
     for ours, theirs in zip(tokenized, trainer.train_dataset):
         assert (ours.prompt_ids, ours.completion_ids) == (theirs["prompt_ids"], theirs["completion_ids"])
     theirs = trainer.data_collator(list(trainer.train_dataset))
-    matched, mismatched, desirable = labelled_batches([fit_completion(r, max_len, "truncate") for r in tokenized],
-                                                      tokenizer.pad_token_id, max_len)
-    assert torch.equal(matched.tensors["input_ids"], theirs["input_ids"])
-    assert torch.equal(mismatched.tensors["input_ids"], theirs["KL_input_ids"])
+    batch = labelled_batch(kl_partners([fit_completion(r, max_len, "truncate") for r in tokenized], max_len),
+                           tokenizer.pad_token_id)
+    matched, mismatched, desirable = batch.tensors, kl_rows(batch.tensors), batch.tensors["desirable"]
+    assert torch.equal(matched["input_ids"], theirs["input_ids"])
+    assert torch.equal(mismatched["input_ids"], theirs["KL_input_ids"])
 
 
     def ours():
-        sums, _ = group_logps(model, matched.tensors, matched.groups)
+        sums, _ = group_logps(model, matched, 4)
         with torch.no_grad():
-            kl, _ = group_logps(model, mismatched.tensors, mismatched.groups)
+            kl, _ = group_logps(model, mismatched, 4)
             with model.disable_adapter():
-                ref, _ = group_logps(model, matched.tensors, matched.groups)
-                kl_ref, _ = group_logps(model, mismatched.tensors, mismatched.groups)
-        return kto_loss(sums, ref, desirable, kl, kl_ref)
+                ref, _ = group_logps(model, matched, 4)
+                kl_ref, _ = group_logps(model, mismatched, 4)
+        return kto_loss(sums, ref, desirable, kto_reference_point(kl, kl_ref))
 
     _assert_same_step(model, lambda: _logged(trainer, trainer.compute_loss(model, theirs)), ours)
 

@@ -127,8 +127,15 @@ def train(
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
-    out.print(f"held-out loss: {before:.4f} before -> {after:.4f} after "
-              f"({summary['eval_tokens']} tokens)", highlight=False)
+    objective = summary.get("objective", "sft")
+    unit = {"sft": "tokens", "kto": "rows"}.get(objective, "pairs")
+    out.print(f"held-out {'' if objective == 'sft' else objective.upper() + ' '}loss: {before:.4f} before -> "
+              f"{after:.4f} after ({summary['eval_tokens']} {unit})", highlight=False)
+    metrics = summary.get("eval_metrics_after") or {}
+    if "rewards/margins" in metrics:
+        accuracy = f"accuracy {metrics['rewards/accuracies']:.1%}, " if "rewards/accuracies" in metrics else ""
+        out.print(f"held-out rewards: {accuracy}margin {metrics['rewards/margins']:.4f} (chosen "
+                  f"{metrics['rewards/chosen']:.4f}, rejected {metrics['rewards/rejected']:.4f})", highlight=False)
     run_seconds, this_seconds = summary.get("run_wall_seconds", summary["wall_seconds"]), summary["wall_seconds"]
     timing = f"{run_seconds:.0f}s" + (f" over every invocation (this one {this_seconds:.0f}s)"
                                       if summary.get("resumed_from") else "")
@@ -167,7 +174,8 @@ def plan(
 def data(
     config: Path = typer.Argument(..., help="Config YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
-    show: int = typer.Option(0, "--show", min=0, help="Print N rendered samples with trained tokens marked."),
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered samples with trained tokens marked (preference "
+                             "data: each pair's prompt, then its chosen and rejected answers, scored tokens marked)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -183,9 +191,9 @@ def data(
     resolved = _run(debug, resolve_model, cfg.model, allow_pickle=cfg.allow_pickle_weights)
     tokenizer = _run(debug, load_tokenizer, resolved.path, cfg.trust_remote_code)
     prepared = _run(debug, prepare_data, cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed,
-                    cache_dir=default_cache_dir() / "data")
+                    cache_dir=default_cache_dir() / "data", objective=cfg.objective)
     report = prepared.report
-    lengths = sorted(len(s.input_ids) for s in prepared.train + prepared.eval)
+    lengths = sorted(s.length for s in prepared.train + prepared.eval)
     pct = {p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99, 100)}
     if as_json:
         print(json.dumps({**report.__dict__, "token_length_percentiles": pct}, indent=2))
@@ -193,16 +201,17 @@ def data(
     for line in report_lines(report):
         out.print(line, highlight=False, markup=False)
     out.print("token lengths: " + ", ".join(f"p{p} {v}" for p, v in pct.items()), highlight=False)
-    for sample in prepared.train[:show]:
+    for example in prepared.train[:show]:
         out.rule()
-        _print_marked(sample, tokenizer)
+        _print_example(example, tokenizer)
 
 
 @app.command("eval")
 def eval_command(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
-    task: str = typer.Option("perplexity,retention,generate", "--task",
-                             help="Comma-separated: perplexity, retention, generate, humaneval."),
+    task: Optional[str] = typer.Option(None, "--task", help="Comma-separated: perplexity, retention, generate, "
+                                       "humaneval, preference. Default: perplexity,retention,generate; a preference "
+                                       "run's: preference,retention,generate."),
     data_file: Optional[str] = typer.Option(None, "--data", help="Score this file instead of the held-out split."),
     limit: Optional[int] = typer.Option(None, "--limit", help="HumanEval: first N problems; generate: N prompts."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -220,7 +229,7 @@ def eval_command(
     """Base model and fine-tuned model side by side: loss/perplexity, retention, generations, HumanEval."""
     from snugtune.evaluate.run import Trust
     from snugtune.evaluate.tasks import evaluate_run
-    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    tasks = [t.strip() for t in task.split(",") if t.strip()] if task else None
     data_file = data_file and str(Path(data_file).expanduser())  # a quoted ~ means the home folder too
     results = _run(debug, evaluate_run, run_dir.expanduser(), tasks, data_file, limit, device,
                    progress=lambda message: err.print(f"[dim]{message}[/]", highlight=False),
@@ -253,6 +262,17 @@ def _print_eval(results: dict) -> None:
         r = results["retention"]
         table.add_row("general-text loss", f"{r['base_loss']:.4f}", f"{r['tuned_loss']:.4f}",
                       f"retention {r['kept_percent']:.1f}% ({r['data']})")
+    if "preference" in results and "pairs" in results["preference"]:
+        r = results["preference"]
+        table.add_row("preference accuracy", f"{r['base_accuracy']:.1%}", f"{r['tuned_accuracy']:.1%}",
+                      f"margin {r['base_margin']:.3f} -> {r['tuned_margin']:.3f} nats; moved toward chosen: "
+                      f"{r['reward_accuracy']:.1%}, {r['pairs']} pairs")
+    elif "preference" in results:
+        r = results["preference"]
+        table.add_row("desirable - undesirable log-prob",
+                      f"{r['base_desirable_logp'] - r['base_undesirable_logp']:.3f}",
+                      f"{r['tuned_desirable_logp'] - r['tuned_undesirable_logp']:.3f}",
+                      f"moved the labelled way: {r['reward_accuracy']:.1%}, {r['rows']} rows")
     if "humaneval" in results:
         r = results["humaneval"]
         table.add_row("HumanEval pass@1", f"{r['base_pass@1']:.1%}", f"{r['tuned_pass@1']:.1%}",
@@ -335,7 +355,10 @@ def bench(
     batch: int = typer.Option(1, "--batch", help="Rows per micro-batch."),
     steps: int = typer.Option(8, "--steps", help="Optimizer steps per stack (the first 3 are warm-up)."),
     cap: Optional[float] = typer.Option(None, "--cap", help="Cap GPU memory at this many GiB (both stacks)."),
-    against: str = typer.Option("plain", "--against", help="Comma-separated: plain, unsloth (when installed)."),
+    against: Optional[str] = typer.Option(None, "--against", help="Comma-separated: plain, unsloth (when installed); "
+                                          "under --objective dpo: trl, unsloth. Default: plain (dpo: trl)."),
+    objective: str = typer.Option("sft", "--objective", help="sft, or dpo: pairs whose every sequence is --seq tokens "
+                                  "(--batch pairs a micro-batch), beside TRL's and Unsloth's DPO."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Also find each stack's longest single "
                                               "sequence that trains under --cap, up to this many tokens."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -352,19 +375,44 @@ def bench(
 ) -> None:
     """Speed and memory of snugtune beside the plain transformers+peft+bitsandbytes recipe, same run."""
     from snugtune.bench.compare import format_table, run_bench
+    if objective not in ("sft", "dpo"):
+        _fail(f"--objective: {objective} is not benched (sft, dpo)")
+    against = against or ("trl" if objective == "dpo" else "plain")
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
     results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
-                   tuple(set_), one_document, emulate)
+                   tuple(set_), one_document, emulate, objective)
     print(format_table(results))
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))
 
 
-def _print_marked(sample, tokenizer) -> None:
+def _print_example(example, tokenizer) -> None:
+    """A sample with its trained tokens marked; a preference pair as its prompt, then its chosen and rejected
+    answers (a KTO row: its completion and label), each with its scored tokens marked."""
+    from snugtune.data.preference_tokenize import TokenizedCompletion, TokenizedPair
+    if isinstance(example, TokenizedPair):
+        answers = [("chosen", example.chosen_ids, example.chosen_labels),
+                   ("rejected", example.rejected_ids, example.rejected_labels)]
+    elif isinstance(example, TokenizedCompletion):
+        label = "desirable" if example.desirable else "undesirable"
+        answers = [(f"completion ({label})", example.completion_ids, example.completion_labels)]
+    else:
+        _print_marked(example.input_ids, example.labels, tokenizer)
+        return
+    tty = sys.stdout.isatty()
+    heading = lambda name: out.print(f"[bold]{name}:[/]" if tty else f"{name}:", markup=tty, highlight=False)  # noqa: E731
+    heading("prompt")
+    out.print(tokenizer.decode(example.prompt_ids), markup=False, highlight=False)
+    for name, ids, labels in answers:
+        heading(name)
+        _print_marked(ids, labels, tokenizer)
+
+
+def _print_marked(input_ids: list[int], labels: list[int], tokenizer) -> None:
     """Trained tokens in green on a terminal, between [[ and ]] in plain text."""
     from snugtune.data.tokenize import IGNORE
     spans: list[tuple[bool, list[int]]] = []
-    for tok, lab in zip(sample.input_ids, sample.labels):
+    for tok, lab in zip(input_ids, labels):
         trained = lab != IGNORE
         if spans and spans[-1][0] == trained:
             spans[-1][1].append(tok)

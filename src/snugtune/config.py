@@ -366,10 +366,10 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _objective_is_trained(self) -> "Config":
-        if self.objective != "sft":  # removed when the engine's preference step lands (issue 38)
-            raise ValueError(f"objective: {self.objective} is coming (issue 38): the engine trains objective: sft "
-                             f"only for now")
+    def _prompts_are_not_trained_under_preference(self) -> "Config":
+        if self.objective != "sft" and self.data.train_on_prompt:
+            raise ValueError(f"data.train_on_prompt applies to objective: sft (objective is {self.objective}; ORPO's "
+                             f"NLL term covers the prompt with preference.prompt_nll)")
         return self
 
     @property
@@ -478,6 +478,11 @@ _OTHER_TOOLS_NAMES = {
     "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler", "warmup_ratio": "warmup",
     "warmup_steps": "warmup", "optim": "optimizer", "sequence_len": "max_seq_len", "max_length": "max_seq_len",
     "cutoff_len": "max_seq_len", "base_model": "model", "save_steps": "every_steps", "output": "output_dir",
+    # preference training: TRL, Axolotl (rl, rl_beta) and LLaMA-Factory (stage, pref_beta, pref_loss, kto_*)
+    "rl": "objective", "stage": "objective", "rl_beta": "preference.beta", "pref_beta": "preference.beta",
+    "dpo_beta": "preference.beta", "pref_loss": "preference.loss_type", "dpo_label_smoothing": "label_smoothing",
+    "kto_chosen_weight": "desirable_weight", "kto_rejected_weight": "undesirable_weight",
+    "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
 }
 
 
@@ -504,7 +509,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         valid = _known_keys(Config, loc[:-1])
         alias = _OTHER_TOOLS_NAMES.get(str(loc[-1]))
-        close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        close = [alias] if alias in valid or (alias or "").split(".")[0] in valid else \
+            difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else \
             f"; valid keys here: {', '.join(valid)}"
         return f"{source}: unknown key '{field}'{hint}"

@@ -95,14 +95,43 @@ def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded:
     return compiling and checkpointed and not anything_offloaded and not dense_copy
 
 
+# sequences one row of an objective's data holds at most: a pair's chosen and rejected (packed into one row, or
+# laid out as two); KTO's mismatched rows run in a forward of their own, without gradient
+SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "kto": 1}
+
+
+def objective_replays(objective: str) -> bool:
+    """Whether a micro-batch of this objective can be captured as a CUDA graph: sft only. A preference step
+    sums each answer's scored tokens apart (preference_loss.group_logps gathers them by answer: shapes that
+    depend on the data, known only after a host synchronisation), runs the reference forward under
+    disable_adapter beside the policy's, and, for KTO, reads a reference point computed over the whole step
+    before its micro-batches: a graph would bake in one batch's answer lengths."""
+    return objective == "sft"
+
+
+def reference_for(objective: str, adapters: bool, copy_fits: bool) -> str:
+    """Where a preference objective's reference log-probabilities come from: 'none' (sft, and orpo, which
+    has no reference), 'adapter' (LoRA methods: the base is the model with its adapter disabled, no second
+    copy), else, for full and freeze, 'copy' (a frozen 16-bit copy of the base, where the planner finds the
+    run fits with it at as fast a split as without: nothing is computed before the first step or written)
+    or 'precomputed' (every example's reference log-probabilities computed once before training and kept
+    in the run folder: no memory, one forward pass over the data)."""
+    if objective in ("sft", "orpo"):
+        return "none"
+    if adapters:
+        return "adapter"
+    return "copy" if copy_fits else "precomputed"
+
+
 def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_process: bool,
                         streams_weights: bool, method_replays: bool, offloads_activations: bool, tiles_mlp: bool,
-                        draws_random_numbers: bool) -> bool:
+                        draws_random_numbers: bool, objective: str = "sft") -> bool:
     """train.cuda_graphs resolved: possible on a CUDA device in one process for methods whose step a graph can
     hold (methods.Method.replays_graphs: LoRA on a base that never waits on the GPU; a frozen head: the loss
-    needs no data-dependent shapes), without weight streaming, activation offload (its copies to
-    host memory are made per step) or MLP tiling, and when no block draws random numbers (checkpointing
-    cannot restore the generator in a graph). auto: where possible and blocks are compiled.
+    needs no data-dependent shapes) and objectives whose step one can (objective_replays: sft), without
+    weight streaming, activation offload (its copies to host memory are made per step) or MLP tiling, and
+    when no block draws random numbers (checkpointing cannot restore the generator in a graph). auto: where
+    possible and blocks are compiled.
 
     Not under several processes: a graph of a step must hold its collectives. For DDP, PyTorch's CUDA notes
     ("Usage with DistributedDataParallel") ask for NCCL_ASYNC_ERROR_HANDLING=0, which turns off the watchdog
@@ -111,7 +140,7 @@ def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_pr
     captures the unwrapped model, whose weights FSDP gathers only inside its hooks. Not measured here: no
     machine with two GPUs has run it."""
     possible = (cuda and one_process and not streams_weights and method_replays and not offloads_activations
-                and not tiles_mlp and not draws_random_numbers)
+                and not tiles_mlp and not draws_random_numbers and objective_replays(objective))
     if setting != "auto":
         return bool(setting) and possible
     return possible and compiling

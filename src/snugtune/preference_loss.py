@@ -13,7 +13,7 @@ answer; ORPO's prompt). The objectives are functions of those sums, with TRL 1.1
     KTO   desirable   w_d (1 - σ(β (r - z)))     r = log π(y|x) - log π_ref(y|x)
           undesirable w_u (1 - σ(β (z - r)))     z = max(0, mean of r over mismatched (x, y') pairs), no gradient
 
-Each returns an Objective: the per-example losses (whose mean is TRL's loss) and the metrics TRL logs, as
+Each returns a PreferenceLoss: the per-example losses (whose mean is TRL's loss) and the metrics TRL logs, as
 sums with their counts so that micro-batches of one optimizer step add up exactly.
 """
 
@@ -52,7 +52,7 @@ def group_logps(model, batch: dict[str, torch.Tensor], groups: int) -> tuple[tor
 
 
 @dataclass
-class Objective:
+class PreferenceLoss:
     """A batch's preference loss: per-example losses (pairs, or KTO rows), ORPO's NLL, and TRL's metrics."""
     losses: torch.Tensor
     nll_sum: torch.Tensor | None = None
@@ -68,11 +68,16 @@ class Objective:
         return total
 
     def metric_means(self) -> dict[str, float]:
-        """Each metric's mean over what it covers, and the reward margin (chosen minus rejected)."""
-        means = {name: float(total) / float(count) for name, (total, count) in self.metrics.items() if count > 0}
-        if "rewards/chosen" in means and "rewards/rejected" in means:
-            means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
-        return means
+        return metric_means(self.metrics)
+
+
+def metric_means(metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Each metric's mean over what it covers (from its sum and count), and the reward margin (chosen minus
+    rejected)."""
+    means = {name: float(total) / float(count) for name, (total, count) in metrics.items() if count > 0}
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means
 
 
 def _over(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +93,7 @@ def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
              chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Objective:
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> PreferenceLoss:
     """DPO on summed answer log-probabilities [pairs] of the policy and the reference (TRL's DPOTrainer).
     label_smoothing is robust DPO's ε, the chance that a pair's preference is flipped."""
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
@@ -107,7 +112,7 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
                   + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
     else:
         raise ValueError(f"unknown DPO loss type '{loss_type}' (known: {', '.join(DPO_LOSS_TYPES)})")
-    return Objective(losses, metrics=_pair_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen, rejected))
+    return PreferenceLoss(losses, metrics=_pair_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen, rejected))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +122,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
               rejected_tokens: torch.Tensor, beta: float = 0.1, chosen_prompt: torch.Tensor | None = None,
-              chosen_prompt_tokens: torch.Tensor | None = None) -> Objective:
+              chosen_prompt_tokens: torch.Tensor | None = None) -> PreferenceLoss:
     """ORPO from the policy alone (no reference): summed answer log-probabilities [pairs] and their token
     counts. The NLL term covers the chosen answers' tokens, and the chosen prompts' when given (TRL's
     ORPOTrainer scores the whole chosen sequence)."""
@@ -131,21 +136,24 @@ def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch
     metrics = _pair_metrics(beta * chosen_mean, beta * rejected_mean, chosen_mean, rejected_mean)
     metrics.update({"nll_loss": (nll_sum.detach(), nll_tokens), "log_odds_ratio": _over(ratio),
                     "log_odds_chosen": _over(log_odds)})
-    return Objective(-beta * ratio, nll_sum, nll_tokens, metrics)
+    return PreferenceLoss(-beta * ratio, nll_sum, nll_tokens, metrics)
 
 
-def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl_logps: torch.Tensor,
-             kl_ref_logps: torch.Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> Objective:
-    """KTO on summed completion log-probabilities [rows] with their labels (TRL's KTOTrainer). The KL
-    reference point comes from the same rows' prompts paired with other rows' completions (kl_logps, from
-    the policy without gradient, and kl_ref_logps)."""
+def kto_reference_point(kl_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z from mismatched (prompt, completion) pairs: the mean log-ratio of the policy
+    (without gradient) to the reference, at least 0."""
+    return (kl_logps - kl_ref_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> PreferenceLoss:
+    """KTO on summed completion log-probabilities [rows] with their labels (TRL's KTOTrainer), against the
+    reference point kl (kto_reference_point: TRL estimates it over each batch's rows)."""
     ratio = logps - ref_logps
-    kl = (kl_logps - kl_ref_logps).mean().clamp(min=0).detach()
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
     rewards = beta * ratio
     metrics = {"kl": (kl, torch.tensor(1, device=kl.device)),
                "rewards/chosen": _over(rewards[desirable]), "rewards/rejected": _over(rewards[~desirable]),
                "logps/chosen": _over(logps[desirable]), "logps/rejected": _over(logps[~desirable])}
-    return Objective(losses, metrics=metrics)
+    return PreferenceLoss(losses, metrics=metrics)

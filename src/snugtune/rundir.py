@@ -5,6 +5,7 @@ RUN/config.yaml        the resolved config            RUN/summary.json   the run
 RUN/metrics.jsonl      one row per logged step         RUN/loss.png       training and held-out loss
 RUN/checkpoints/step-N one folder per checkpoint (complete when it holds COMPLETE)
 RUN/adapter_model.safetensors, adapter_config.json, tokenizer files: the trained result (PEFT format)
+RUN/reference_logps.json  a full or freeze preference run's reference log-probabilities (engine.reference)
 RUN/.snugtune-run      the mark that this folder is a run (written when training starts in it)
 RUN/.lock              held (flock) by the one process training into the folder
 """
@@ -33,6 +34,7 @@ CHECKPOINTS, COMPLETE = "checkpoints", "COMPLETE"
 # inside checkpoints/step-N, beside a copy of CONFIG and METRICS as they were at that step
 POSITION, TRAINABLE, STATE = "position.json", "trainable.safetensors", "state.pt"
 RUN_MARK, LOCK = ".snugtune-run", ".lock"
+REFERENCE_LOGPS = "reference_logps.json"
 WRITE_TEST = ".write-test-"  # the probe file each process writes to check output_dir is writable
 RUN_FILE_MAX_BYTES = 64 << 20  # config.yaml, summary.json, eval.json are a few KiB; larger is not ours
 REPLACED = ".replaced"  # suffix of a checkpoint being replaced by a new save of the same step

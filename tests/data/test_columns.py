@@ -29,6 +29,20 @@ def test_a_mapped_column_missing_from_a_row_names_the_row_and_what_it_has(tmp_pa
 
 
 def test_an_unknown_field_in_columns_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"data.columns: unknown field 'answer' \(fields: instruction"):
+    with pytest.raises(ConfigError, match=r"data.columns: unknown field 'answer' \(fields: chosen, rejected, .*instruction"):
         config_from_dict({"data": {"path": "d.jsonl", "columns": {"answer": "output"}}})
     assert DataConfig(path="d.jsonl", columns={"text": "code"}).columns == {"text": "code"}
+
+
+def test_columns_map_onto_the_preference_fields_inside_single_message_answers_too(tmp_path, tokenizer):
+    from snugtune.data.prepare import prepare_data
+    rows = [{"q": [{"speaker": "human", "text": "Hi"}], "good": {"speaker": "bot", "text": "Hello."},
+             "bad": {"speaker": "bot", "text": "Go away."}, "ok": "yes"}]
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_fraction=0.0,
+                        columns={"conversations": "q", "chosen": "good", "rejected": "bad", "role": "speaker",
+                                 "content": "text"})
+    pair = prepare_data(config, tokenizer, 128, 0, objective="dpo").train[0]
+    assert tokenizer.decode(pair.chosen_ids) == "Hello.<|im_end|>\n" and "Hi" in tokenizer.decode(pair.prompt_ids)
+    labelled = DataConfig(path=str(write_jsonl(tmp_path / "k.jsonl", [{"p": "Q", "c": "A", "ok": "yes"}])),
+                          eval_fraction=0.0, columns={"prompt": "p", "completion": "c", "label": "ok"})
+    assert prepare_data(labelled, tokenizer, 128, 0, objective="kto").train[0].desirable is True

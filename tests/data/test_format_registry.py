@@ -10,11 +10,16 @@ from snugtune.config import DATA_FIELDS, DataConfig
 from snugtune.data.detect import detect_format
 from snugtune.data.format_registry import CONVERSATION, DOCUMENT, FORMATS, column_fields, fields_read
 from snugtune.data.normalize import to_sample
-from snugtune.data.rows import Row
+from snugtune.data.preference_rows import LABELLED, PAIRS, LabelledCompletion, PreferencePair
+from snugtune.data.rows import Row, plain_keys
 from snugtune.errors import ConfigError
 
 # One row of each format: a format added to the registry needs one here
 EXAMPLES = {
+    "preference": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    "preference-implicit": {"chosen": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}],
+                            "rejected": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Green."}]},
+    "kto": {"prompt": "The sky is", "completion": " green.", "label": False},
     "alpaca": {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
     "messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
     "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
@@ -30,15 +35,22 @@ def test_every_format_has_an_example_a_detector_a_reader_fields_and_a_doc_line()
         assert callable(entry.detect) and callable(entry.read), name
         assert entry.fields and set(entry.turn_lists) <= set(entry.fields), name
         assert entry.doc.strip() and "\n" not in entry.doc, name
-        assert entry.produces in (CONVERSATION, DOCUMENT) and set(entry.gives_way_to) <= set(FORMATS), name
+        assert entry.produces in (CONVERSATION, DOCUMENT, PAIRS, LABELLED), name
+        assert set(entry.gives_way_to) <= set(FORMATS), name
+
+
+READ_AS = {PAIRS: PreferencePair, LABELLED: LabelledCompletion}
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_each_format_is_detected_from_its_example_and_read_into_a_sample(name):
     row = Row("d.jsonl:1", EXAMPLES[name])
     assert detect_format([row]).name == name
-    sample = to_sample(row, name)
-    assert ("text" in sample) == (FORMATS[name].produces == DOCUMENT)
+    produces = FORMATS[name].produces
+    if produces in READ_AS:  # preference rows are read into pairs or labelled completions, not samples
+        assert isinstance(FORMATS[name].read(row, plain_keys(row.value)), READ_AS[produces])
+    else:
+        assert ("text" in to_sample(row, name)) == (produces == DOCUMENT)
     assert set(EXAMPLES[name]) <= fields_read(name)  # nothing of the example is reported unused
 
 

@@ -13,13 +13,14 @@ from snugtune.data import turns
 from snugtune.data.files import CSV_SEPARATORS, sniff_separator
 from snugtune.data.format_registry import FORMATS
 from snugtune.data.normalize import to_sample, without_blank_answers
-from snugtune.data.rows import Row
+from snugtune.data.preference_rows import LABELLED, PAIRS
+from snugtune.data.rows import Row, plain_keys
 from snugtune.errors import ConfigError
 
 KEYS = ["role", "from", "content", "value", "tool_calls", "weight", "train", "loss_weight", "name", "thinking",
         "reasoning_content", "type", "text", "instruction", "input", "output", "history", "system", "tools",
         "messages", "conversations", "prompt", "completion", "problem", "solution", "label", "chosen", "images",
-        "function", "arguments", "id", "### Instruction", ""]
+        "function", "arguments", "id", "### Instruction", "", "rejected", "kto_tag", "chosen_response", "question"]
 ATOMS = [None, True, False, 0, 1, 0.5, -1, 10**30, float("nan"), "", " ", "user", "assistant", "gpt", "human",
          "system", "tool", "function_call", "observation", "text", "reasoning", "image_url", "tool_call", "{", "[]",
          '{"name": "f", "arguments": {}}', "### Human: hi ### Assistant: yo", "\x00", "é" * 3]
@@ -52,7 +53,34 @@ VALID = {  # a rich row of each format, mutated below
                                                                            {"type": "text", "value": "B"}]}]},
     "guanaco": {"text": "Context.### Human: Hi### Assistant: Hello."},
     "text": {"text": "Call me Ishmael."},
+    "preference": {"conversations": [{"from": "human", "value": "Hi"}], "system": "Be brief.",
+                   "chosen": {"from": "gpt", "value": "Hello."},
+                   "rejected": [{"role": "assistant", "content": "", "tool_calls": [{"function": {
+                       "name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "ok"},
+                                {"role": "assistant", "content": "Go away."}]},
+    "preference-implicit": {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.",
+                            "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."},
+    "kto": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+            "label": "yes", "tools": []},
 }
+
+
+def _well_formed(messages) -> None:
+    for message in messages:
+        assert message["role"] in ("system", "user", "assistant", "tool") and isinstance(message["content"], str)
+        assert message.get("train", True) in (True, False) and isinstance(message.get("reasoning_content", ""), str)
+
+
+def _read(value, fmt: str, rng: random.Random) -> list[list[dict]]:
+    """The row read as `fmt` reads it: its messages, or a preference example's prompt and answers."""
+    row = Row(f"d.jsonl:{rng.random()}", value)
+    if FORMATS[fmt].produces in (PAIRS, LABELLED):
+        example = FORMATS[fmt].read(row, plain_keys(value) if isinstance(value, dict) else {})
+        answers = [example.chosen, example.rejected] if FORMATS[fmt].produces == PAIRS else [example.completion]
+        assert example.prompt[-1]["role"] in ("user", "tool") and all(a[0]["role"] == "assistant" for a in answers)
+        return [example.prompt, *answers]
+    sample, _ = without_blank_answers(to_sample(row, fmt, reasoning=rng.choice(["train", "drop"])))
+    return [] if "text" in sample else [sample["messages"]]
 
 
 def mutated(rng: random.Random, value):
@@ -89,19 +117,28 @@ def test_any_row_is_read_into_a_well_formed_sample_or_refused_with_a_config_erro
     for i in range(600):
         value = mutated(rng, VALID[fmt]) if i % 4 else hostile(rng)
         try:
-            sample, _ = without_blank_answers(to_sample(Row(f"d.jsonl:{i}", value), fmt, reasoning=rng.choice(
-                ["train", "drop"])))
+            conversations = _read(value, fmt, rng)
         except ConfigError as exc:
             assert str(exc).startswith(("d.jsonl:", "data.format")) and "\n" not in str(exc)
             continue
         read += 1
-        if "text" in sample:
-            assert isinstance(sample["text"], str)
-            continue
-        for message in sample["messages"]:
-            assert message["role"] in ("system", "user", "assistant", "tool") and isinstance(message["content"], str)
-            assert message.get("train", True) in (True, False) and isinstance(message.get("reasoning_content", ""), str)
+        for messages in conversations:
+            _well_formed(messages)
     assert read > 100  # the mutations leave many rows readable: both outcomes are exercised
+
+
+def test_random_pairs_score_exactly_their_answers(tmp_path, tokenizer):
+    from snugtune.config import DataConfig
+    from snugtune.data.prepare import prepare_data
+    rng = random.Random(11)
+    words = ["", " ", "a", "b c", "Hello.", "\n", "<|im_end|>", "é"]
+    rows = [{"prompt": rng.choice(words), "chosen": rng.choice(words), "rejected": rng.choice(words)}
+            for _ in range(60)]
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_fraction=0.0, skip_bad_rows=True)
+    for pair in prepare_data(config, tokenizer, 64, 0, objective="dpo").train:
+        for ids, labels in ((pair.chosen_ids, pair.chosen_labels), (pair.rejected_ids, pair.rejected_labels)):
+            scored = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+            assert scored.endswith("<|im_end|>\n") and "<|im_start|>" not in scored
 
 
 def test_random_conversations_train_exactly_their_trained_answers(tmp_path, tokenizer):
@@ -168,8 +205,12 @@ def test_mutated_rows_train_or_are_counted_as_malformed_never_a_crash(tmp_path, 
     import copy
     from test_templates import TOOL_TEMPLATE  # a template that renders tools, so that tool rows get as far as tokens
     rng = random.Random("tokens " + fmt)
+    from snugtune.config import DataConfig
+    from snugtune.data.prepare import prepare_data
     rows = [mutated(rng, VALID[fmt]) for _ in range(80)]
-    data = prepare(copy.deepcopy(tokenizer), write_jsonl(tmp_path / "d.jsonl", rows), 128, format=fmt,
-                   skip_bad_rows=True, chat_template=TOOL_TEMPLATE)
+    objective = {PAIRS: "dpo", LABELLED: "kto"}.get(FORMATS[fmt].produces, "sft")
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_fraction=0.0, format=fmt,
+                        skip_bad_rows=True, chat_template=TOOL_TEMPLATE)
+    data = prepare_data(config, copy.deepcopy(tokenizer), 128, 0, objective=objective)
     assert data.report.kept + sum(data.report.dropped.values()) == len(rows) and data.report.kept > 10
-    assert all(s.trained_tokens > 0 and len(s.input_ids) <= 128 for s in data.train)
+    assert all(s.trained_tokens > 0 and s.length <= (256 if objective == "dpo" else 128) for s in data.train)

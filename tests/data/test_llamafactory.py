@@ -19,6 +19,7 @@ ENTRIES = {
     "dpo_demo": {"file_name": "qa.json", "ranking": True, "columns": {"prompt": "question", "chosen": "a",
                                                                        "rejected": "b"}},
     "kto_demo": {"file_name": "qa.json", "columns": {"prompt": "question", "response": "answer", "kto_tag": "tag"}},
+    "mm_demo": {"file_name": "qa.json", "formatting": "sharegpt", "columns": {"messages": "m", "images": "pics"}},
     "hub_entry": {"hf_hub_url": "llamafactory/alpaca_en"},
     "sampled": {"file_name": "qa.json", "num_samples": 2, "columns": {"prompt": "question", "response": "answer"}},
 }
@@ -63,12 +64,27 @@ def test_num_samples_limits_the_rows_unless_max_samples_is_set(factory, tokenize
     assert prepare(tokenizer, factory, dataset="sampled", max_samples=3).report.kept == 3
 
 
+def test_ranking_and_kto_tag_entries_are_preference_data_for_their_objectives(factory, tokenizer):
+    from snugtune.config import DataConfig
+    from snugtune.data.prepare import prepare_data
+    (factory / "qa.json").write_text(json.dumps([
+        {"question": f"Add {i} and 1.", "a": f"{i + 1}", "b": "No idea.", "answer": f"{i + 1}", "tag": i % 2 == 0}
+        for i in range(4)]))
+    config = lambda name: DataConfig(path=str(factory), dataset=name, eval_fraction=0.0)  # noqa: E731
+    pairs = prepare_data(config("dpo_demo"), tokenizer, 128, 0, objective="dpo")
+    assert pairs.report.format == "preference" and len(pairs.train) == 4
+    assert {tokenizer.decode(p.rejected_ids) for p in pairs.train} == {"No idea.<|im_end|>\n"}
+    labelled = prepare_data(config("kto_demo"), tokenizer, 128, 0, objective="kto")
+    assert labelled.report.format == "kto" and sorted(r.desirable for r in labelled.train) == [False, False, True, True]
+    with pytest.raises(ConfigError, match=r"holds preference pairs \(chosen/rejected\), but objective: sft"):
+        prepare(tokenizer, factory, dataset="dpo_demo")
+
+
 @pytest.mark.parametrize("entry, message", [
-    ("dpo_demo", r"entry 'dpo_demo' is preference data \(ranking: true\)"),
-    ("kto_demo", r"entry 'kto_demo' has a 'kto_tag' column: unpaired preference data \(KTO\)"),
+    ("mm_demo", r"entry 'mm_demo' has a 'images' column: multimodal data \(images\)"),
     ("hub_entry", r"entry 'hub_entry' reads llamafactory/alpaca_en from elsewhere \(hf_hub_url\); set data.path to it"),
     ("no_such", r"data.dataset: .*dataset_info.json has no entry 'no_such' \(it has qa_alpaca, chat_sharegpt, c4_demo"),
-    (None, r"data.dataset: .*dataset_info.json describes 7 datasets \(qa_alpaca, .*\); set data.dataset to the one"),
+    (None, r"data.dataset: .*dataset_info.json describes 8 datasets \(qa_alpaca, .*\); set data.dataset to the one"),
 ])
 def test_entries_snugtune_cannot_train_and_ambiguous_folders_are_refused_naming_the_entries(factory, tokenizer, entry,
                                                                                            message):

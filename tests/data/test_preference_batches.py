@@ -2,8 +2,8 @@
 
 import torch
 
-from snugtune.data.preference_batches import labelled_batches, pair_batch
-from snugtune.data.preference_tokenize import TokenizedCompletion, TokenizedPair
+from snugtune.data.preference_batches import kl_rows, labelled_batch, pair_batch
+from snugtune.data.preference_tokenize import TokenizedCompletion, TokenizedPair, kl_partners
 from snugtune.data.tokenize import IGNORE
 from snugtune.preference_loss import group_logps
 
@@ -60,9 +60,23 @@ def test_kto_kl_rows_pair_each_prompt_with_the_previous_rows_completion_cut_to_m
     rows = [TokenizedCompletion([1, 2], [10, 11, 12], [10, 11, 12], True),
             TokenizedCompletion([3, 4, 5, 6], [13], [13], False),
             TokenizedCompletion([7], [14, 15], [IGNORE, 15], True)]
-    matched, mismatched, desirable = labelled_batches(rows, pad_id=0, max_len=6)
-    assert desirable.tolist() == [True, False, True] and matched.groups == mismatched.groups == 3
-    assert groups_of(matched) == [[(10, 0), (11, 0), (12, 0)], [(13, 1)], [(15, 2)]]
+    batch = labelled_batch(kl_partners(rows, max_len=6), pad_id=0)
+    assert batch.tensors["desirable"].tolist() == [True, False, True] and batch.groups == 3
+    assert groups_of(batch) == [[(10, 0), (11, 0), (12, 0)], [(13, 1)], [(15, 2)]]
+    mismatched = type(batch)(kl_rows(batch.tensors), 3)
     assert mismatched.tensors["input_ids"].tolist() == [[1, 2, 14, 15, 0, 0], [3, 4, 5, 6, 10, 11],
                                                         [7, 13, 0, 0, 0, 0]]
     assert groups_of(mismatched) == [[(15, 0)], [(10, 1), (11, 1)], [(13, 2)]]
+
+
+def test_precomputed_reference_log_probabilities_ride_with_their_batch():
+    pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.chosen_labels, p.rejected_ids, p.rejected_labels,
+                           reference_logps=(-1.0 - i, -5.0 - i)) for i, p in enumerate(PAIRS)]
+    batch = pair_batch(pairs, pad_id=0)
+    assert batch.tensors["reference_logps"].tolist() == [-1.0, -2.0, -5.0, -6.0] and int(batch.tensors["examples"]) == 2
+    assert "reference_logps" not in pair_batch(PAIRS + pairs[:1], pad_id=0).tensors  # only when every pair has them
+    rows = kl_partners([TokenizedCompletion([1], [2], [2], True, reference_logps=(-0.5, -0.25)),
+                        TokenizedCompletion([3], [4], [4], False, reference_logps=(-0.75, -0.125))], max_len=4)
+    tensors = labelled_batch(rows, pad_id=0).tensors
+    assert tensors["reference_logps"].tolist() == [-0.5, -0.75]
+    assert kl_rows(tensors)["reference_logps"].tolist() == [-0.25, -0.125]

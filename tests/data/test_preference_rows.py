@@ -9,8 +9,10 @@ from conftest import write_jsonl
 from snugtune.config import DataConfig
 from snugtune.data.rows import Row
 from snugtune.data.sources import locate, read_source
-from snugtune.data.preference_rows import (LabelledCompletion, PreferencePair, check_objective, detect_preference,
-                                           to_labelled, to_pair, unpair)
+from snugtune.data.detect import detect_format
+from snugtune.data.format_registry import FORMATS, fields_read
+from snugtune.data.preference_rows import (LABELLED, PAIRS, LabelledCompletion, PreferencePair, check_objective,
+                                           to_labelled, to_pair, unpair, with_system_prompt)
 from snugtune.errors import ConfigError
 
 
@@ -76,17 +78,16 @@ PAIR_LAYOUTS = [  # (who writes it, row, (prompt, chosen, rejected))
 def test_each_pair_layout_read_from_a_file_gives_its_prompt_and_answers(tmp_path, layout, row, expected):
     path = write_jsonl(tmp_path / "pairs.jsonl", [row, row])
     rows = _rows_of(path)
-    assert detect_preference(rows).name == "pairs"
+    assert FORMATS[detect_format(rows).name].produces == PAIRS
     pair = to_pair(rows[1])
     assert (pair.prompt, pair.chosen, pair.rejected) == expected
 
 
 def test_every_column_a_layout_uses_is_counted_as_read():
     # what the format registry reports as unused columns: here only UltraFeedback's ids and scores
-    from snugtune.data.detect import plain_keys
-    from snugtune.data.preference_rows import FIELDS_READ
-    unused = {key for kind, layouts in (("pairs", PAIR_LAYOUTS), ("labelled", KTO_LAYOUTS))
-              for _, row, _ in layouts for key in plain_keys(row) if key not in FIELDS_READ[kind]}
+    from snugtune.data.rows import plain_keys
+    unused = {key for _, row, _ in PAIR_LAYOUTS + KTO_LAYOUTS
+              for key in plain_keys(row) if key not in fields_read(detect_format([Row("f:1", row)]).name)}
     assert unused == {"prompt_id", "score_chosen", "score_rejected"}
 
 
@@ -96,6 +97,9 @@ def test_tools_are_kept_and_the_config_system_prompt_fills_in_where_the_row_has_
     assert pair.tools == tools and pair.prompt == [S("Be brief."), U("Q")]
     own = to_pair(Row("f:2", {"prompt": "Q", "chosen": "a", "rejected": "b", "system": "Mine."}), "Be brief.")
     assert own.prompt == [S("Mine."), U("Q")]
+    assert with_system_prompt(to_pair(Row("f:1", {"prompt": "Q", "chosen": "a", "rejected": "b"})), "Be brief.") == \
+        to_pair(Row("f:1", {"prompt": "Q", "chosen": "a", "rejected": "b"}), "Be brief.")
+    assert with_system_prompt(own, "Be brief.") == own
 
 
 KTO_LAYOUTS = [  # (who writes it, row, (prompt, completion, desirable))
@@ -116,7 +120,7 @@ def test_each_kto_layout_read_from_a_file_gives_its_prompt_completion_and_label(
     path = tmp_path / "kto.json"
     path.write_text(json.dumps([row]), encoding="utf-8")
     rows = _rows_of(path)
-    assert detect_preference(rows).name == "labelled"
+    assert FORMATS[detect_format(rows).name].produces == LABELLED
     labelled = to_labelled(rows[0])
     assert (labelled.prompt, labelled.completion, labelled.desirable) == expected
 
@@ -176,9 +180,9 @@ def test_kinds_are_detected_mixed_files_refused_and_each_objective_takes_its_kin
     pairs = [Row("f:1", {"prompt": "Q", "chosen": "a", "rejected": "b"})]
     labelled = [Row("f:1", {"prompt": "Q", "completion": "a", "label": False})]
     sft = [Row("f:1", {"instruction": "Q", "output": "a"})]
-    assert [detect_preference(rows).name for rows in (pairs, labelled, sft)] == ["pairs", "labelled", "sft"]
-    with pytest.raises(ConfigError, match="mix labelled completions .* and preference pairs"):
-        detect_preference(pairs + [Row("f:2", labelled[0].value)])
+    assert [detect_format(rows).name for rows in (pairs, labelled, sft)] == ["preference", "kto", "alpaca"]
+    with pytest.raises(ConfigError, match=r"several formats \(kto, preference\)"):
+        detect_format(pairs + [Row("f:2", labelled[0].value)])
     allowed = {("pairs", "dpo"), ("pairs", "orpo"), ("pairs", "kto"), ("labelled", "kto"), ("sft", "sft")}
     for kind in ("pairs", "labelled", "sft"):
         for objective in ("sft", "dpo", "orpo", "kto"):

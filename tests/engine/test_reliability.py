@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import alpaca_rows, tiny_config, write_jsonl
 from snugtune.engine import checkpoint as checkpoint_module
-from snugtune.engine import step as step_module
+from snugtune import objectives as objectives_module
 from snugtune.engine.checkpoint import complete_checkpoints
 from snugtune.engine.train import train
 from snugtune.errors import CheckpointWriteError, TrainingDiverged, UserError
@@ -159,14 +159,14 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path, alpaca_file):
 
 def _inject_inf(monkeypatch, bad_calls):
     """Make the loss of the given training micro-batches (1-based; evaluation not counted) infinite."""
-    real = step_module.token_loss_sum
+    real = objectives_module.token_loss_sum
     calls = {"n": 0}
 
     def loss_with_inf(model, batch, **kwargs):
         calls["n"] += torch.is_grad_enabled()
         loss, n = real(model, batch, **kwargs)
         return (loss * float("inf") if calls["n"] in bad_calls else loss), n
-    monkeypatch.setattr(step_module, "token_loss_sum", loss_with_inf)
+    monkeypatch.setattr(objectives_module, "token_loss_sum", loss_with_inf)
 
 
 def test_fp16_scaler_skips_non_finite_steps_and_counts_them(tmp_path, alpaca_file, monkeypatch):

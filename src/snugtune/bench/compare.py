@@ -1,5 +1,7 @@
 """`snugtune bench`: snugtune's engine and the plain transformers+peft+bitsandbytes recipe (bench/plain.py),
-each in its own process, on the same random-weight checkpoint and the same micro-batches; one table.
+each in its own process, on the same random-weight checkpoint and the same micro-batches; one table. Under
+--objective dpo: snugtune's DPO beside TRL's DPOTrainer (bench/trl_dpo.py) and Unsloth's (bench/unsloth_dpo.py),
+on the same pairs of standard-library code, every sequence max_seq_len (--seq) tokens long.
 
 The setting is DESIGN §10's: QLoRA nf4 + double quant, LoRA r=16 α=32 on every linear layer, gradient
 checkpointing, AdamW 8-bit, packed rows of the bundled stdlib data; tokens/s is the median of the warm
@@ -66,15 +68,35 @@ def long_documents(folder: Path, tokens: int, count: int = 24) -> Path:
     return folder
 
 
+def long_pairs(folder: Path, tokens: int, count: int = 24) -> Path:
+    """A file of `count` preference pairs of standard-library code (long_documents), each sequence longer than
+    `tokens` tokens so that every one is cut to exactly that many: a prompt asking to continue a module from
+    its first lines, chosen its continuation, rejected another module's. Conversational rows, which every
+    stack renders with the model's chat template (the same tokens)."""
+    documents = sorted(long_documents(folder / "documents", 2 * tokens, count).glob("*.py"))
+    texts = [path.read_text(encoding="utf-8") for path in documents]
+    start = min(tokens, 4000)  # characters of the prompt: a few hundred tokens, less than max_seq_len
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    rows = [{"prompt": turn("user", f"Continue this module:\n\n{text[:start]}"),
+             "chosen": turn("assistant", text[start:]),
+             "rejected": turn("assistant", texts[(i + 1) % len(texts)][start:])} for i, text in enumerate(texts)]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
-                 long_text: Path | None = None) -> dict:
+                 long_text: Path | None = None, pairs: Path | None = None) -> dict:
     """The bench's run: packed rows of the bundled stdlib functions, or (long_text, from long_documents) one
-    document of standard-library code per row, truncated to `seq` tokens, for long-context runs."""
+    document of standard-library code per row, truncated to `seq` tokens, for long-context runs; or (pairs,
+    from long_pairs) DPO on pairs whose every sequence is cut to `seq` tokens."""
     data = {"path": str(Path(str(resources.files("snugtune") / "bundled" / "stdlib_functions.jsonl"))),
             "format": "alpaca", "eval_fraction": 0.02}
     if long_text is not None:
         data = {"path": str(long_text), "format": "text", "eval_fraction": 0.1}
-    return {"model": f"shape:{shape}", "data": data,
+    if pairs is not None:
+        data = {"path": str(pairs), "format": "preference", "eval_fraction": 0.05}
+    return {"model": f"shape:{shape}", "data": data, **({"objective": "dpo"} if pairs is not None else {}),
             "max_seq_len": seq, "method": "qlora",
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
             "quant": {"type": "nf4", "double_quant": True},
@@ -149,16 +171,18 @@ def _run_stack(stack: str, config: dict, work: Path) -> dict:
     config_path.write_text(yaml.safe_dump(config))
     if stack == "snugtune":
         return _snugtune(config_path, work)
-    if stack == "plain":
-        return _other_stack("plain", config_path, work)
+    dpo = config.get("objective") == "dpo"
+    if stack == ("trl" if dpo else "plain"):
+        return _other_stack("trl_dpo" if dpo else "plain", config_path, work)
     if stack != "unsloth":
-        return {"error": f"unknown stack {stack} (plain, unsloth)", "unavailable": True}
+        known = "trl, unsloth under --objective dpo" if dpo else "plain, unsloth (trl: under --objective dpo)"
+        return {"error": f"unknown stack {stack} ({known})", "unavailable": True}
     if importlib.util.find_spec("unsloth") is None:
         return {"error": "unsloth is not installed here (../shared/tools/device-site.sh --unsloth carries it to "
                          "the GPU machine)", "unavailable": True}
     if config["device"] == "cpu" or not _cuda_available():
         return {"error": "unsloth needs a GPU", "unavailable": True}
-    return _other_stack("unsloth_stack", config_path, work)
+    return _other_stack("unsloth_dpo" if dpo else "unsloth_stack", config_path, work)
 
 
 def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> tuple[int | None, dict | None]:
@@ -191,17 +215,20 @@ def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> 
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
               against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
               max_context: int | None = None, recipe: Path | None = None, overrides: tuple[str, ...] = (),
-              one_document: bool = False, emulate: str | None = None) -> dict:
+              one_document: bool = False, emulate: str | None = None, objective: str = "sft") -> dict:
     """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
     on the same checkpoint and rows. max_context: also find each stack's longest single sequence (one long
     document of standard-library code per row, see long_documents) that trains under the cap, up to this
     many tokens. recipe: a config file's settings instead of the bench's own (recipe_config; seq, batch
     and cap then come from it). one_document: rows of one long document each instead of packed samples.
-    emulate: a card of EMULATIONS every stack runs as (its overrides come before `overrides`)."""
+    emulate: a card of EMULATIONS every stack runs as (its overrides come before `overrides`).
+    objective dpo: pairs (long_pairs) of `seq` tokens a sequence, `batch` pairs a micro-batch; max_context
+    then finds each stack's longest pair."""
     overrides = emulated(emulate, overrides)
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context, "recipe": str(recipe) if recipe else None,
-                                 "overrides": list(overrides), "one_document": one_document, "emulate": emulate}}
+                                 "overrides": list(overrides), "one_document": one_document, "emulate": emulate,
+                                 "objective": objective}}
     with tempfile.TemporaryDirectory(prefix="snugtune-bench-") as tmp:
         work = Path(tmp)
         # build the random-weight checkpoint once, outside every measurement
@@ -209,17 +236,19 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
         resolve_model(f"shape:{shape}")
         stacks = ("snugtune", *against)
         documents = long_documents(work / "documents", seq) if one_document else None
+        pairs = long_pairs(work / "pairs", seq) if objective == "dpo" else None
         config = recipe_config(recipe, shape, steps, device, overrides) if recipe else \
-            apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, documents), list(overrides))
+            apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, documents, pairs), list(overrides))
         for stack in stacks:
             results[stack] = run_stack(stack, config, work)
         if max_context:
-            documents = long_documents(work / "long", max_context)
+            documents = long_documents(work / "long", max_context) if objective == "sft" else None
+            pairs = long_pairs(work / "long-pairs", max_context) if objective == "dpo" else None
             for stack in stacks:
                 if results[stack].get("unavailable"):  # a stack that cannot run here has no longest sequence
                     continue
                 trial = lambda n: run_stack(stack, apply_overrides(bench_config(shape, n, 1, 3, cap_gib, device,  # noqa: E731
-                                                                                documents), list(overrides)), work)
+                                                                                documents, pairs), list(overrides)), work)
                 length, at_length = longest_context(trial, min(seq, max_context), max_context,
                                                     granularity=min(1024, seq))
                 results[stack]["longest_context_tokens"] = length

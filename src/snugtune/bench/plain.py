@@ -120,22 +120,27 @@ def step_result(recipe: str, cfg, step_times: list[float], step_tokens: list[int
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
-def bench_inputs(description: str):
-    """Parse `CONFIG [key=value ...] --out FILE`; load the config, the checkpoint's path, tokenizer and data."""
+def bench_arguments(description: str):
+    """Parse `CONFIG [key=value ...] --out FILE`: (the result file, the config)."""
     from snugtune.config import load_config
-    from snugtune.data.prepare import prepare_data
-    from snugtune.models.load import load_tokenizer
-    from snugtune.models.resolve import resolve_model
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    return args.out, load_config(args.config, args.overrides)
+
+
+def bench_inputs(description: str):
+    """Parse `CONFIG [key=value ...] --out FILE`; load the config, the checkpoint's path, tokenizer and data."""
+    from snugtune.data.prepare import prepare_data
+    from snugtune.models.load import load_tokenizer
+    from snugtune.models.resolve import resolve_model
+
+    out, cfg = bench_arguments(description)
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
-    return args.out, cfg, path, tokenizer, prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
+    return out, cfg, path, tokenizer, prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
 
 
 def write_result(out: str, result: dict) -> None:

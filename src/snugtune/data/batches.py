@@ -49,17 +49,23 @@ def pack_rows(samples: list[TokenizedSample], max_seq_len: int, order: list[int]
 LENGTH_WINDOW = 256  # padded mode: samples sorted by length within windows of this many
 
 
-def epoch_rows(samples: list[TokenizedSample], seed: int, epoch: int, packed_len: int | None = None) -> list[Row]:
-    """One epoch's rows in training order; a row is one sample, or several packed ones.
+def epoch_rows(samples: list[TokenizedSample], seed: int, epoch: int, packed_len: int | None = None,
+               by_length: bool = True) -> list[Row]:
+    """One epoch's rows in training order; a row is one sample, or several packed ones. (Preference examples,
+    data.preference_tokenize's, are one a row: packed_len None.)
 
     The order does not depend on the micro-batch size, so a run can change its micro-batch (after an
     OOM, or on resume) and continue with exactly the same rows. Padded mode (packed_len=None): samples
-    sorted by length inside windows of LENGTH_WINDOW so neighbours pad little, window order shuffled.
+    sorted by length inside windows of LENGTH_WINDOW so neighbours pad little, window order shuffled; or,
+    not by_length, in the shuffled order alone (KTO: sorted by length, its longer answers, often the
+    undesirable ones, would fill whole steps).
     """
     order = epoch_order(len(samples), seed, epoch)
     if packed_len is not None:
         return pack_rows(samples, packed_len, order, seed * 31 + epoch)
-    windows = [sorted(order[k:k + LENGTH_WINDOW], key=lambda i: -len(samples[i].input_ids))
+    if not by_length:
+        return [[samples[i]] for i in order]
+    windows = [sorted(order[k:k + LENGTH_WINDOW], key=lambda i: -samples[i].length)
                for k in range(0, len(order), LENGTH_WINDOW)]
     random.Random(seed * 7919 + epoch).shuffle(windows)
     return [[samples[i]] for window in windows for i in window]

@@ -43,6 +43,8 @@ def map_columns(row: Row, mapping: ColumnMap) -> Row:
     for key in turn_list_fields():
         if (turn_keys or mapping.roles) and isinstance(renamed.get(key), list):
             renamed[key] = [_rename_turn(turn, turn_keys, mapping.roles) for turn in renamed[key]]
+        elif (turn_keys or mapping.roles) and isinstance(renamed.get(key), dict):  # one message: a chosen answer
+            renamed[key] = _rename_turn(renamed[key], turn_keys, mapping.roles)
     return Row(row.where, renamed)
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from snugtune.errors import ConfigError
-from snugtune.data.format_registry import FORMATS, fields_read
-from snugtune.data.rows import Row
+from snugtune.data.format_registry import FORMATS, LABELLED, PAIRS, fields_read
+from snugtune.data.rows import MEDIA_KEYS, Row, plain_key, plain_keys
 
-MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 ROWS_LOOKED_AT = 20
 
 
@@ -21,30 +20,20 @@ class FormatChoice:
     reason: str
 
 
-def plain_key(key) -> str:
-    """A column name in lower case without a leading '###'."""
-    return str(key).lower().lstrip("#").strip()
-
-
-def plain_keys(value: dict) -> dict[str, object]:
-    """The row's fields by plain name."""
-    return {plain_key(k): v for k, v in value.items()}
-
-
 def _media(keys: dict) -> str | None:
     return next((k for k in MEDIA_KEYS if keys.get(k)), None)
 
 
-# Kinds of data no registered format produces, and why they are refused; a format that produces one of
-# these kinds (its registry entry's `produces`) takes its rows instead.
+# Kinds of data that a format must produce to read them, and why another format is refused them (a format
+# that produces one of these kinds, its registry entry's `produces`, takes its rows).
 REFUSALS = (
-    ("preference", lambda keys: "chosen" in keys and "rejected" in keys,
-     lambda keys: "preference data (chosen/rejected pairs, for DPO/ORPO): snugtune trains supervised fine-tuning "
-                  "and would train the rejected answers as good ones; to train on the chosen answers alone, map "
-                  "them with data.columns: {completion: chosen} (or {messages: chosen})"),
-    ("unpaired preference", lambda keys: isinstance(keys.get("label"), bool),
-     lambda keys: "unpaired preference data (KTO: rows with a boolean 'label'): snugtune trains supervised "
-                  "fine-tuning and would train the 'bad' answers as good ones; keep the rows whose label is true"),
+    (PAIRS, lambda keys: "chosen" in keys and "rejected" in keys,
+     lambda keys: "preference pairs (chosen/rejected), which the other formats would train the rejected answers of "
+                  "as good ones: train them with objective: dpo, orpo or kto (data.format: preference), or map the "
+                  "chosen answers alone with data.columns: {completion: chosen}"),
+    (LABELLED, lambda keys: isinstance(keys.get("label"), bool),
+     lambda keys: "labelled completions (KTO: rows with a true/false 'label'), whose 'bad' answers the other "
+                  "formats would train as good ones: train them with objective: kto (data.format: kto)"),
     ("stepwise supervision", lambda keys: "completions" in keys and "labels" in keys,
      lambda keys: "stepwise supervision data ('completions' with 'labels', for process reward models)"),
     ("multimodal", _media,

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from snugtune.data.formats import alpaca, conversation, guanaco, prompt_completion, text
+from snugtune.data.formats import alpaca, conversation, guanaco, preference, prompt_completion, text
+from snugtune.data.preference_rows import LABELLED, PAIRS
 from snugtune.data.rows import Row
 
 TURN_FIELDS = ("role", "content")  # data.columns may rename these inside each turn of a conversation
 CONVERSATION = "conversation"  # read() gives the turns: [{"role", "content", ...}], assistant turns trained
 DOCUMENT = "document"  # read() gives one text, every token trained
+# PAIRS: read() gives a preference_rows.PreferencePair; LABELLED: a preference_rows.LabelledCompletion
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,31 @@ class DataFormat:
     doc: str  # one line for the docs
     aliases: tuple[str, ...] = ()  # other spellings of its fields that it also reads
     turn_lists: tuple[str, ...] = ()  # fields that may hold a list of turns
-    produces: str = CONVERSATION  # the kind of sample: CONVERSATION, DOCUMENT, or a kind detect.REFUSALS names
+    produces: str = CONVERSATION  # the kind of sample: CONVERSATION, DOCUMENT, PAIRS or LABELLED
     gives_way_to: tuple[str, ...] = ()  # formats that win when other rows of the file vote for them
 
 
 _EXTRAS = ("system", "tools")
 
+_PROMPTS = ("prompt", "messages", "conversations", "instruction", "input", "history")
+
 FORMATS: dict[str, DataFormat] = {
+    # preference data first: its rows also hold the fields of the formats below (a prompt, an output)
+    "preference": DataFormat(
+        preference.detect_pairs, preference.read_pair, ("chosen", "rejected") + _PROMPTS + _EXTRAS,
+        "preference pairs: `chosen` and `rejected` answers to a prompt column (TRL; LLaMA-Factory ranking and "
+        "Axolotl layouts)", aliases=("chosen_response", "rejected_response", "question"),
+        turn_lists=("chosen", "rejected", "prompt", "messages", "conversations"), produces=PAIRS),
+    "preference-implicit": DataFormat(
+        preference.detect_implicit_pairs, preference.read_pair, ("chosen", "rejected") + _EXTRAS,
+        "preference pairs without a prompt column: `chosen` and `rejected` conversations share it (HH-RLHF, "
+        "UltraFeedback)", aliases=("chosen_response", "rejected_response"), turn_lists=("chosen", "rejected"),
+        produces=PAIRS, gives_way_to=("preference",)),
+    "kto": DataFormat(
+        preference.detect_labelled, preference.read_labelled, ("label", "completion", "output") + _PROMPTS + _EXTRAS,
+        "labelled completions (KTO): an answer and a true/false `label` (TRL) or `kto_tag` (LLaMA-Factory)",
+        aliases=("kto_tag", "question"), turn_lists=("completion", "prompt", "messages", "conversations"),
+        produces=LABELLED),
     "alpaca": DataFormat(
         alpaca.detect, alpaca.read, ("instruction", "input", "output", "history") + _EXTRAS,
         "instruction (+ input) and output; LLaMA-Factory's system and history"),

@@ -20,9 +20,11 @@ SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "t
 TURN_TAGS = {"role_tag": "role", "content_tag": "content"}
 ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "observation",
              "function_tag": "function_call", "system_tag": "system"}
-REFUSED_COLUMNS = {"chosen": "preference data (chosen/rejected)", "rejected": "preference data (chosen/rejected)",
-                   "kto_tag": "unpaired preference data (KTO)", "images": "multimodal data (images)",
-                   "videos": "multimodal data (videos)", "audios": "multimodal data (audios)"}
+# ranking entries' answers and KTO's label -> our fields (the preference and kto formats)
+PREFERENCE_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
+KTO_COLUMNS = {"kto_tag": "label"}
+REFUSED_COLUMNS = {"images": "multimodal data (images)", "videos": "multimodal data (videos)",
+                   "audios": "multimodal data (audios)"}
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 READ_KEYS = {"file_name", "formatting", "ranking", "columns", "tags", "num_samples", "split"}
 
@@ -60,12 +62,15 @@ def read_entry(folder: Path, name: str | None) -> Entry:
     formatting = entry.get("formatting", "alpaca")
     notes = [f"{INFO_FILE} entry '{name}': {entry['file_name']}, formatting {formatting}"]
     notes += [f"{INFO_FILE} entry '{name}': '{k}' not used" for k in entry if k not in READ_KEYS]
+    names = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
     if formatting == "alpaca" and set(columns) == {"prompt"}:  # its pre-training form: one text column
         fmt, mapping = "text", ColumnMap({"text": columns["prompt"]}, optional=frozenset({"text"}))
-    elif formatting == "alpaca":
-        fmt, mapping = "alpaca", _mapping(columns, ALPACA_COLUMNS, {}, at)
+    elif entry.get("ranking"):  # pairs: the prompt as its formatting says, and two answers
+        fmt, mapping = "preference", _mapping(columns, {**names, **PREFERENCE_COLUMNS}, tags, at)
+    elif "kto_tag" in columns:  # an answer, judged by its kto_tag
+        fmt, mapping = "kto", _mapping(columns, {**names, **KTO_COLUMNS}, tags, at)
     else:
-        fmt, mapping = "sharegpt", _mapping(columns, SHAREGPT_COLUMNS, tags, at)
+        fmt, mapping = ("alpaca" if formatting == "alpaca" else "sharegpt"), _mapping(columns, names, tags, at)
     num_samples = entry.get("num_samples")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
         raise ConfigError(f"{at}: num_samples should be a positive whole number, got {num_samples!r}")
@@ -97,8 +102,6 @@ def _refuse(entry: dict, at: str) -> None:
                           f"id, with data.subset and data.split) or download its files beside {INFO_FILE}")
     if not isinstance(entry.get("file_name"), str):
         raise ConfigError(f"{at} has no file_name")
-    if entry.get("ranking"):
-        raise ConfigError(f"{at} is preference data (ranking: true): snugtune trains supervised fine-tuning")
     refused = next((k for k in (entry.get("columns") or {}) if k in REFUSED_COLUMNS), None)
     if refused:
         raise ConfigError(f"{at} has a '{refused}' column: {REFUSED_COLUMNS[refused]}, which snugtune does not "

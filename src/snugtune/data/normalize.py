@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from snugtune.errors import ConfigError
 from snugtune.data import turns
-from snugtune.data.detect import plain_keys, refuse_kind
+from snugtune.data.detect import refuse_kind
 from snugtune.data.format_registry import DOCUMENT, FORMATS
-from snugtune.data.rows import Row
+from snugtune.data.rows import Row, plain_keys
 
 
 def to_sample(row: Row, fmt: str, system_prompt: str | None = None, reasoning: str = "train") -> dict:

@@ -6,9 +6,13 @@ longest (TRL's DataCollatorForPreference layout) or each pair's two sequences pa
 chosen answer i is group i, rejected answer i is n + i, and with prompt_nll (ORPO's NLL over the whole
 chosen sequence, as TRL's ORPOTrainer computes it) chosen prompt i is 2n + i.
 
-Labelled completions (KTO): row i (prompt i + completion i) is group i; beside it, the KL batch of mismatched
-pairs that KTO's reference point is estimated from: prompt i with the completion of row i - 1 (the last
-row's for the first), as TRL's KTOTrainer rotates completions within a batch, cut to max_len.
+Labelled completions (KTO): row i (prompt i + completion i) is group i, padded; beside it, under keys
+prefixed kl_, the mismatched pairs KTO's reference point is estimated from: prompt i with its row's KL
+partner completion (preference_tokenize.kl_partners), also group i.
+
+Each batch also holds `examples` (the pairs or rows it holds) and, where the reference model's
+log-probabilities were computed before training, `reference_logps` (chosen then rejected answers; KTO: the
+completions, and kl_reference_logps the mismatched ones).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from snugtune.data.preference_tokenize import TokenizedCompletion, TokenizedPair
 from snugtune.data.tokenize import IGNORE, TokenizedSample
 
 
+KL_PREFIX = "kl_"
+
+
 @dataclass
 class PreferenceBatch:
-    tensors: dict[str, torch.Tensor]  # input_ids, labels, label_groups, token_mask (+ position_ids, cu_seq_lens)
-    groups: int
+    tensors: dict[str, torch.Tensor]  # input_ids, labels, label_groups, token_mask, examples (+ position_ids,
+    groups: int                       # cu_seq_lens; reference_logps; KTO: desirable and the kl_ rows)
 
 
 def _sequence(prompt_ids: list[int], answer_ids: list[int], answer_labels: list[int], group: int,
@@ -47,6 +54,13 @@ def _batch(rows: list[list[tuple[TokenizedSample, TokenizedSample]]], groups: in
     return PreferenceBatch({**tensors, "label_groups": owners["labels"]}, groups)
 
 
+def _reference(examples: list, position: int) -> torch.Tensor | None:
+    """The examples' precomputed reference log-probabilities at `position` of each, when every one has them."""
+    if not examples or any(e.reference_logps is None for e in examples):
+        return None
+    return torch.tensor([e.reference_logps[position] for e in examples], dtype=torch.float32)
+
+
 def pair_batch(pairs: list[TokenizedPair], pad_id: int, prompt_nll: bool = False, packed: bool = False,
                pad_multiple: int = 1) -> PreferenceBatch:
     """One forward's worth of pairs: chosen and rejected sequences (module docstring)."""
@@ -55,19 +69,28 @@ def pair_batch(pairs: list[TokenizedPair], pad_id: int, prompt_nll: bool = False
               for i, p in enumerate(pairs)]
     rejected = [_sequence(p.prompt_ids, p.rejected_ids, p.rejected_labels, n + i) for i, p in enumerate(pairs)]
     rows = [[c, r] for c, r in zip(chosen, rejected)] if packed else [[s] for s in chosen + rejected]
-    return _batch(rows, 3 * n if prompt_nll else 2 * n, pad_id, packed, pad_multiple)
+    batch = _batch(rows, 3 * n if prompt_nll else 2 * n, pad_id, packed, pad_multiple)
+    batch.tensors["examples"] = torch.tensor(n)
+    if _reference(pairs, 0) is not None:
+        batch.tensors["reference_logps"] = torch.cat([_reference(pairs, 0), _reference(pairs, 1)])
+    return batch
 
 
-def labelled_batches(rows: list[TokenizedCompletion], pad_id: int, max_len: int, pad_multiple: int = 1
-                     ) -> tuple[PreferenceBatch, PreferenceBatch, torch.Tensor]:
-    """(the rows, the KL rows of mismatched prompt and completion, desirable [rows] bool), padded."""
+def labelled_batch(rows: list[TokenizedCompletion], pad_id: int, pad_multiple: int = 1) -> PreferenceBatch:
+    """One forward's worth of KTO rows, padded, with their mismatched rows under kl_ keys (module docstring)."""
     n = len(rows)
-    matched = [[_sequence(r.prompt_ids, r.completion_ids, r.completion_labels, i)] for i, r in enumerate(rows)]
-    mismatched = []
-    for i, row in enumerate(rows):
-        other = rows[i - 1]
-        room = max(max_len - len(row.prompt_ids), 0)  # TRL cuts the KL sequences to max_length too
-        mismatched.append([_sequence(row.prompt_ids, other.completion_ids[:room], other.completion_labels[:room], i)])
-    desirable = torch.tensor([r.desirable for r in rows], dtype=torch.bool)
-    return (_batch(matched, n, pad_id, False, pad_multiple), _batch(mismatched, n, pad_id, False, pad_multiple),
-            desirable)
+    matched = _batch([[_sequence(r.prompt_ids, r.completion_ids, r.completion_labels, i)] for i, r in enumerate(rows)],
+                     n, pad_id, False, pad_multiple)
+    mismatched = _batch([[_sequence(r.prompt_ids, r.kl_ids, r.kl_labels, i)] for i, r in enumerate(rows)],
+                        n, pad_id, False, pad_multiple)
+    tensors = {**matched.tensors, **{KL_PREFIX + k: v for k, v in mismatched.tensors.items()},
+               "desirable": torch.tensor([r.desirable for r in rows], dtype=torch.bool), "examples": torch.tensor(n)}
+    for position, key in ((0, "reference_logps"), (1, KL_PREFIX + "reference_logps")):
+        if _reference(rows, position) is not None:
+            tensors[key] = _reference(rows, position)
+    return PreferenceBatch(tensors, n)
+
+
+def kl_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A KTO batch's mismatched rows as a batch of their own (group_logps reads it)."""
+    return {k[len(KL_PREFIX):]: v for k, v in batch.items() if k.startswith(KL_PREFIX)}

@@ -23,27 +23,22 @@ one; a `tools` column is kept for the chat template.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from snugtune.errors import ConfigError
 from snugtune.data import turns
-from snugtune.data.detect import MEDIA_KEYS, FormatChoice, ROWS_LOOKED_AT, plain_keys
-from snugtune.data.rows import Row
+from snugtune.data.rows import MEDIA_KEYS, Row, plain_keys
 from snugtune.data.formats import alpaca
 
+PAIRS, LABELLED = "pairs", "labelled"  # the kinds of preference data (format_registry's `produces`)
 CHOSEN_KEYS, REJECTED_KEYS = ("chosen", "chosen_response"), ("rejected", "rejected_response")
 LABEL_KEYS = ("label", "kto_tag")
 CONVERSATION_KEYS = ("messages", "conversations")
 PROMPT_TEXT_KEYS = ("prompt", "question", "input")
 COMPLETION_KEYS = ("completion", "output")
-_PROMPT_EXTRAS = {"system", "tools", "instruction", "input", "history"}
-FIELDS_READ = {  # the row fields each kind reads; any other column is reported as not used
-    "pairs": {*CHOSEN_KEYS, *REJECTED_KEYS, *CONVERSATION_KEYS, *PROMPT_TEXT_KEYS, *_PROMPT_EXTRAS},
-    "labelled": {*LABEL_KEYS, *COMPLETION_KEYS, *CONVERSATION_KEYS, *PROMPT_TEXT_KEYS, *_PROMPT_EXTRAS},
-}
-KIND_NAMES = {"pairs": "preference pairs (chosen/rejected)", "labelled": "labelled completions (KTO)",
+KIND_NAMES = {PAIRS: "preference pairs (chosen/rejected)", LABELLED: "labelled completions (KTO)",
               "sft": "supervised fine-tuning data (no chosen/rejected answers, no true/false label)"}
-OBJECTIVES_OF_KIND = {"pairs": ("dpo", "orpo", "kto"), "labelled": ("kto",), "sft": ("sft",)}
+OBJECTIVES_OF_KIND = {PAIRS: ("dpo", "orpo", "kto"), LABELLED: ("kto",), "sft": ("sft",)}
 
 
 @dataclass(frozen=True)
@@ -65,32 +60,9 @@ class LabelledCompletion:
     tools: list[dict] | None = None
 
 
-def _first(keys: dict, names: tuple[str, ...]) -> str | None:
+def first_key(keys: dict, names: tuple[str, ...]) -> str | None:
+    """The first of `names` that the row's fields (by plain name) hold a value for."""
     return next((name for name in names if keys.get(name) is not None), None)
-
-
-def preference_kind(value: dict) -> str:
-    """'pairs', 'labelled' or 'sft' (no preference data) for one row's fields."""
-    keys = plain_keys(value)
-    if _first(keys, CHOSEN_KEYS) and _first(keys, REJECTED_KEYS):
-        return "pairs"
-    if _first(keys, LABEL_KEYS) and _first(keys, COMPLETION_KEYS + CONVERSATION_KEYS):
-        return "labelled"
-    return "sft"
-
-
-def detect_preference(rows: list[Row]) -> FormatChoice:
-    """The kind of preference data the first rows hold, and why ('sft' when they hold none)."""
-    kinds = {preference_kind(row.value) if isinstance(row.value, dict) else "sft" for row in rows[:ROWS_LOOKED_AT]}
-    if len(kinds) > 1:
-        where = rows[0].where.rsplit(":", 1)[0]
-        raise ConfigError(f"{where}: the first rows mix {' and '.join(sorted(KIND_NAMES[k] for k in kinds))}; "
-                          f"one file holds one kind")
-    kind = kinds.pop() if kinds else "sft"
-    reasons = {"pairs": "rows have 'chosen' and 'rejected' answers",
-               "labelled": "rows have a completion and a true/false 'label' (or 'kto_tag')",
-               "sft": "rows have no chosen/rejected answers and no label"}
-    return FormatChoice(kind, reasons[kind])
 
 
 def check_objective(kind: str, objective: str, where: str) -> None:
@@ -133,12 +105,12 @@ def _turn_list(value, row: Row, key: str, default_role: str) -> list[dict]:
 
 def _explicit_prompt(row: Row, keys: dict) -> list[dict] | None:
     """The prompt turns a row names outright (None: the prompt is implicit in its answers)."""
-    conversation = _first(keys, CONVERSATION_KEYS)
+    conversation = first_key(keys, CONVERSATION_KEYS)
     if conversation:
         return turns.conversation(keys[conversation], row.where, conversation)
     if keys.get("instruction") is not None:  # alpaca: instruction + input (+ history) as formats reads them
         return alpaca.read(row, {**keys, "system": None, "output": ""})[:-1]
-    text = _first(keys, PROMPT_TEXT_KEYS)
+    text = first_key(keys, PROMPT_TEXT_KEYS)
     if text is None:
         return None
     hh = _hh_turns(keys[text]) if isinstance(keys[text], str) else None
@@ -239,7 +211,7 @@ def to_pair(row: Row, system_prompt: str | None = None) -> PreferencePair:
         raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
     keys = plain_keys(row.value)
     _refuse_media(row, keys)
-    chosen_key, rejected_key = _first(keys, CHOSEN_KEYS), _first(keys, REJECTED_KEYS)
+    chosen_key, rejected_key = first_key(keys, CHOSEN_KEYS), first_key(keys, REJECTED_KEYS)
     if not (chosen_key and rejected_key):
         raise ConfigError(f"{row.where}: a preference pair needs 'chosen' and 'rejected' answers")
     named = _explicit_prompt(row, keys)
@@ -261,16 +233,24 @@ def to_pair(row: Row, system_prompt: str | None = None) -> PreferencePair:
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
-def _label(keys: dict, row: Row) -> bool:
-    """true/false as JSON writes it, or as CSV text (true/false, yes/no, 1/0)."""
-    key = _first(keys, LABEL_KEYS)
-    value = keys.get(key)
+def _as_bool(value) -> bool | None:
+    """true/false as JSON writes it, or as CSV text (true/false, yes/no, 1/0); None for anything else."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower() if isinstance(value, (str, int)) else None
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ConfigError(f"{row.where}: field '{key}' should be true or false, got {value!r}")
+    return text in _TRUE if text in _TRUE + _FALSE else None
+
+
+def is_true_or_false(value) -> bool:
+    return _as_bool(value) is not None
+
+
+def _label(keys: dict, row: Row) -> bool:
+    key = first_key(keys, LABEL_KEYS)
+    value = _as_bool(keys.get(key))
+    if value is None:
+        raise ConfigError(f"{row.where}: field '{key}' should be true or false, got {keys.get(key)!r}")
+    return value
 
 
 def _split_last_answer(messages: list[dict], row: Row, key: str) -> tuple[list[dict], list[dict]]:
@@ -289,11 +269,11 @@ def to_labelled(row: Row, system_prompt: str | None = None) -> LabelledCompletio
         raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
     keys = plain_keys(row.value)
     _refuse_media(row, keys)
-    if not _first(keys, LABEL_KEYS):
+    if not first_key(keys, LABEL_KEYS):
         raise ConfigError(f"{row.where}: a KTO row needs a true/false 'label' (or 'kto_tag')")
     desirable = _label(keys, row)
-    completion_key = _first(keys, COMPLETION_KEYS)
-    conversation = _first(keys, CONVERSATION_KEYS)
+    completion_key = first_key(keys, COMPLETION_KEYS)
+    conversation = first_key(keys, CONVERSATION_KEYS)
     if completion_key:
         prompt = _explicit_prompt(row, keys)
         if prompt is None:
@@ -308,6 +288,13 @@ def to_labelled(row: Row, system_prompt: str | None = None) -> LabelledCompletio
                           f"'instruction') or a 'messages' conversation")
     prompt = _check_prompt(_with_system(prompt, keys, row, system_prompt), row)
     return LabelledCompletion(prompt, completion, desirable, turns.tools(keys.get("tools"), row.where))
+
+
+def with_system_prompt(example: PreferencePair | LabelledCompletion, system_prompt: str | None):
+    """The example with data.system_prompt as the first turn of a prompt that has no system turn."""
+    if not system_prompt or example.prompt[0]["role"] == "system":
+        return example
+    return replace(example, prompt=[{"role": "system", "content": system_prompt}] + example.prompt)
 
 
 def unpair(pair: PreferencePair) -> tuple[LabelledCompletion, LabelledCompletion]:

@@ -22,22 +22,52 @@ from snugtune.data.tokenize import IGNORE, TokenizedSample, tokenize_sample
 from snugtune.data.turns import untrained
 
 
+def _scored(labels: list[int]) -> int:
+    return sum(1 for label in labels if label != IGNORE)
+
+
 @dataclass
 class TokenizedPair:
-    """The shared prompt's ids, and each answer's ids with their labels (IGNORE: not scored)."""
+    """The shared prompt's ids, and each answer's ids with their labels (IGNORE: not scored). `reference_logps`:
+    the reference model's log-probabilities of (chosen, rejected), where they are computed before training."""
     prompt_ids: list[int]
     chosen_ids: list[int]
     chosen_labels: list[int]
     rejected_ids: list[int]
     rejected_labels: list[int]
+    reference_logps: tuple[float, float] | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of both sequences (prompt + chosen, prompt + rejected)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens scored: both answers'."""
+        return _scored(self.chosen_labels) + _scored(self.rejected_labels)
 
 
 @dataclass
 class TokenizedCompletion:
+    """A KTO row: its prompt and scored completion, its label, and the mismatched completion (another row's)
+    that KTO's reference point pairs its prompt with (kl_partners). `reference_logps`: the reference model's
+    log-probabilities of (completion, mismatched completion), where they are computed before training."""
     prompt_ids: list[int]
     completion_ids: list[int]
     completion_labels: list[int]
     desirable: bool
+    kl_ids: list[int] | None = None
+    kl_labels: list[int] | None = None
+    reference_logps: tuple[float, float] | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return _scored(self.completion_labels)
 
 
 def answer_sample(prompt: list[dict], answer: list[dict], tools: list[dict] | None) -> dict:
@@ -78,7 +108,7 @@ def tokenize_labelled(row: LabelledCompletion, tokenizer, where: str) -> Tokeniz
 
 
 def _scores_some(labels: list[int]) -> bool:
-    return any(label != IGNORE for label in labels)
+    return _scored(labels) > 0
 
 
 def fit_pair(pair: TokenizedPair, max_len: int, too_long: str) -> TokenizedPair | None:
@@ -102,3 +132,14 @@ def fit_completion(row: TokenizedCompletion, max_len: int, too_long: str) -> Tok
         return None
     cut = TokenizedCompletion(row.prompt_ids, row.completion_ids[:room], row.completion_labels[:room], row.desirable)
     return cut if _scores_some(cut.completion_labels) else None
+
+
+def kl_partners(rows: list[TokenizedCompletion], max_len: int) -> list[TokenizedCompletion]:
+    """The rows, each given the completion of the row before it (the last row's for the first), cut to fit
+    max_len after its prompt: the mismatched pairs KTO's reference point is estimated from. TRL's KTOTrainer
+    rotates completions this way within each batch; fixed here once, in the data's order, the mismatched
+    pairs do not depend on how a step's rows are split into micro-batches."""
+    for row, other in zip(rows, rows[-1:] + rows[:-1]):
+        room = max(max_len - len(row.prompt_ids), 0)  # TRL cuts the KL sequences to max_length too
+        row.kl_ids, row.kl_labels = other.completion_ids[:room], other.completion_labels[:room]
+    return rows

@@ -12,6 +12,19 @@ class Row:
     value: object
 
 
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")  # fields of multimodal rows
+
+
+def plain_key(key) -> str:
+    """A column name in lower case without a leading '###' (ChatDoctor's `### Instruction`)."""
+    return str(key).lower().lstrip("#").strip()
+
+
+def plain_keys(value: dict) -> dict[str, object]:
+    """The row's fields by plain name."""
+    return {plain_key(k): v for k, v in value.items()}
+
+
 @dataclass
 class Skipped:
     """Rows skipped under data.skip_bad_rows, by reason."""

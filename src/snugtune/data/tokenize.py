@@ -26,6 +26,10 @@ class TokenizedSample:
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
 
 DOCUMENT_BLOCK_CHARS = 1 << 20  # a text document is tokenized a block at a time (the tokenizer's memory is bounded)
 

@@ -6,9 +6,8 @@ said out loud here, so that nothing is dropped silently.
 
 from __future__ import annotations
 
-from snugtune.data.detect import plain_keys
 from snugtune.data.format_registry import FORMATS
-from snugtune.data.rows import Row
+from snugtune.data.rows import Row, plain_keys
 from snugtune.data.turns import REASONING_KEYS, REASONING_PARTS
 
 USES = {

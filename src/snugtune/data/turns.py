@@ -119,6 +119,7 @@ def parts(content, where: str, at: str) -> tuple[str, list[str], list[dict]]:
     texts, reasoning, calls = [], [], []
     for i, part in enumerate(content):
         kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+        kind = kind if isinstance(kind, str) else type(kind).__name__  # a part's type that is no name
         value = next((part[k] for k in ("text", "value", kind) if isinstance(part.get(k), str)), None) \
             if isinstance(part, dict) else None
         if kind in MEDIA_PARTS:

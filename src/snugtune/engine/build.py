@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from snugtune.config import Config
-from snugtune.data.batches import collate_micro_batch, eval_batches
 from snugtune.data.prepare import PreparedData
+from snugtune.engine import reference
 from snugtune.engine.distributed import DistContext, local_bytes, shard_with_fsdp
 from snugtune.engine.graphs import StepGraphs
 from snugtune.engine.offload import ActivationOffload, WeightStreamer, keep_embeddings_on_host
@@ -26,6 +26,7 @@ from snugtune.engine.speedups import Speedups, apply_speedups
 from snugtune.engine.tiling import tile_for_long_rows
 from snugtune.loss import LossModule, token_loss_sum
 from snugtune.models.load import check_vocab, count_parameters, decoder_layers, load_base_model, prepare_for_training
+from snugtune.objectives import TrainingObjective
 from snugtune.planner.inventory import Inventory
 from snugtune.planner.plan import Plan
 from snugtune.precision import Precision
@@ -43,6 +44,7 @@ class Job:
     base_path: Path              # the base model's local folder
     tokenizer: object
     data: PreparedData
+    objective: TrainingObjective  # how the run trains (sft, dpo, orpo, kto), without a reference copy
     inventory: Inventory         # what the base model's memory depends on (the planner's input)
     packed_len: int | None       # rows packed to this many tokens (None: padded batches)
     first_epoch_rows: list
@@ -73,6 +75,7 @@ class Run:
     total_steps: int
     rows_per_step: int
     held_out: list
+    objective: TrainingObjective  # the job's, with the reference copy where the plan holds one
     started: float = field(default_factory=time.perf_counter)
     earlier_seconds: float = 0.0  # training time of the invocations before this one, to their last checkpoint
 
@@ -87,8 +90,8 @@ class Run:
     def batch_of(self, rows: list) -> dict[str, torch.Tensor]:
         """A micro-batch of rows, collated as the run trains them."""
         job = self.job
-        return collate_micro_batch(rows, pad_id=job.tokenizer.pad_token_id, packed=self.config.data.packing,
-                                   pad_multiple=job.pad_multiple, max_len=self.config.max_seq_len)
+        return self.objective.collate(rows, job.tokenizer.pad_token_id, self.config.data.packing, job.pad_multiple,
+                                      self.config.max_seq_len)
 
 
 def build_run(job: Job, plan: Plan) -> Run:
@@ -109,10 +112,24 @@ def build_run(job: Job, plan: Plan) -> Run:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         scaler = ShardedGradScaler(job.precision.device_type)
     graphs = new_graphs(job, model, scaler) if plan.decisions.cuda_graphs else None
+    objective = build_reference(job, plan, model)  # before the held-out batches: they carry its log-probabilities
     return Run(job, plan, model, fsdp_root, stepper, speedups,
                ActivationOffload() if plan.decisions.offload_activations else None, counts, params, optimizer,
                build_scheduler(optimizer, tc, total_steps), scaler, graphs, total_steps, rows_per_step,
-               held_out_batches(job, plan.config))
+               held_out_batches(job, plan.config), objective)
+
+
+def build_reference(job: Job, plan: Plan, model: torch.nn.Module) -> TrainingObjective:
+    """The job's objective with the reference the plan says (memory_rules.reference_for): a frozen copy of the
+    base, or the examples' reference log-probabilities computed now, by the model just built (the base). An
+    adapter's reference needs nothing built: the model with its adapter disabled."""
+    if plan.decisions.reference == "copy":
+        return replace(job.objective, reference_model=reference.frozen_copy(
+            job.base_path, plan.config, job.device, job.precision.compute_dtype))
+    if plan.decisions.reference == "precomputed":
+        reference.precompute(job.objective, model, job.data, job.run_dir, job.base_path, job.tokenizer.pad_token_id,
+                             job.precision, job.device, job.notify)
+    return job.objective
 
 
 def build_model(job: Job, plan: Plan) -> tuple:
@@ -156,5 +173,6 @@ def new_graphs(job: Job, model: torch.nn.Module, scaler) -> StepGraphs:
 
 def held_out_batches(job: Job, config: Config) -> list:
     """The held-out batches, none larger in tokens than a training micro-batch (what the plan fits)."""
-    return eval_batches(job.data.eval, config.eval.batch_size, job.tokenizer.pad_token_id, job.pad_multiple,
-                        config.max_seq_len, max_tokens=config.micro_batch_tokens)[: config.eval.max_batches]
+    return job.objective.held_out_batches(job.data.eval, config.eval.batch_size, job.tokenizer.pad_token_id,
+                                          job.pad_multiple, config.max_seq_len, config.micro_batch_tokens
+                                          )[: config.eval.max_batches]

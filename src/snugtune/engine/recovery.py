@@ -13,7 +13,7 @@ import torch
 
 from snugtune.engine.build import Job, Run, build_run, held_out_batches, new_graphs
 from snugtune.engine.step import accumulate_gradients
-from snugtune.loss import mean_loss
+from snugtune.objectives import held_out_loss
 from snugtune.planner.apply import step_down as next_plan
 from snugtune.planner.plan import Plan, needs_new_model
 
@@ -45,18 +45,18 @@ def probe(run: Run) -> None:
     batch, then everything put back: late OOMs come from exactly these, so they surface now."""
     optimizer, scaler = run.optimizer, run.scaler
     rows = run.job.first_epoch_rows
-    longest = sorted(rows, key=lambda row: -sum(len(s.input_ids) for s in row))[: run.config.train.micro_batch]
+    longest = sorted(rows, key=lambda row: -sum(example.length for example in row))[: run.config.train.micro_batch]
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
     lrs = [group["lr"] for group in optimizer.param_groups]
     try:
         accumulate_gradients(run.model, [run.batch_of(longest)], run.job.precision, scaler, run.job.device,
-                             offload=run.offload)
+                             offload=run.offload, objective=run.objective)
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         scaler.step(optimizer)
         if run.held_out:
-            mean_loss(run.model, [max(run.held_out, key=lambda b: b["input_ids"].numel())], run.job.precision,
-                      run.job.device)
+            held_out_loss(run.objective, run.model, [max(run.held_out, key=lambda b: b["input_ids"].numel())],
+                          run.job.precision, run.job.device)
     finally:
         optimizer.zero_grad(set_to_none=False)
         optimizer.state.clear()  # the first real step starts from fresh moments, as it would without a probe

@@ -1,7 +1,9 @@
 """One optimizer step, in two halves: every micro-batch's forward and backward, then the optimizer.
 
 The training loop, the probe step, the CUDA-graph capture (engine.graphs records forward_backward itself)
-and the benchmarks all run these functions, so a change to the step is made here once.
+and the benchmarks all run these functions, so a change to the step is made here once. What the loss is
+comes in as the objective (snugtune.objectives: sft, dpo, orpo, kto): its loss terms for a micro-batch, and
+what each is normalised by over the whole step.
 """
 
 from __future__ import annotations
@@ -13,56 +15,64 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from snugtune.data.tokenize import IGNORE
 from snugtune.engine.distributed import SINGLE, DistContext, full_tensor, sum_across
-from snugtune.loss import LossModule, token_loss_sum
-
-
-def trained_positions(batch: dict[str, torch.Tensor]) -> int:
-    """Positions the loss scores in a batch (labels shifted by one)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+from snugtune.loss import LossModule
+from snugtune.objectives import SUPERVISED, Metrics, TrainingObjective, trained_positions  # noqa: F401 (re-exported)
 
 
 def forward_backward(model, batch: dict[str, torch.Tensor], loss_weight, precision, scaler, *,
-                     fixed_shape: bool = False, offload=None, autocast_cache: bool = True) -> torch.Tensor:
-    """Add loss_weight x the gradient of the micro-batch's summed token loss (times the fp16 loss scale) to
-    the trainable parameters' .grad; returns the summed loss, detached. `batch` is on the model's device.
+                     fixed_shape: bool = False, offload=None, autocast_cache: bool = True,
+                     objective: TrainingObjective = SUPERVISED, metrics: Metrics | None = None) -> torch.Tensor:
+    """Add the gradient of the micro-batch's loss terms, each times its loss_weight (times the fp16 loss
+    scale), to the trainable parameters' .grad; returns the terms' sums, detached (a scalar where the
+    objective has one term: sft's summed token loss). `batch` is on the model's device; the objective's metric sums are added to `metrics`.
 
-    `model` is the model, or a module that returns (loss sum, count) for a batch (DDP / the FSDP root).
-    `loss_weight` may be a tensor (a CUDA graph fills it before each replay); fixed_shape runs every
-    position through the head (engine.graphs); `offload` keeps what backward needs in host memory."""
+    `model` is the model, or a module that returns (loss sum, count) for a batch (DDP / the FSDP root: the
+    token loss). `loss_weight` may be a tensor (a CUDA graph fills it before each replay); fixed_shape runs
+    every position through the head (engine.graphs); `offload` keeps what backward needs in host memory."""
     wrapped = isinstance(model, (DDP, LossModule))
     with precision.autocast(cache_enabled=autocast_cache), offload or contextlib.nullcontext():
-        loss_sum, _ = model(batch) if wrapped else token_loss_sum(model, batch, fixed_shape=fixed_shape)
-    scaler.scale(loss_sum * loss_weight).backward()
-    return loss_sum.detach()
+        if wrapped:
+            sums = model(batch)[0]
+        else:
+            sums = objective.loss_sums(model, batch, metrics, fixed_shape)
+    scaler.scale((sums * loss_weight).sum()).backward()
+    return sums.detach()
 
 
 def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision, scaler, device: torch.device,
-                         ctx: DistContext = SINGLE, offload=None, graphs=None, padding: int = 0) -> float:
-    """Forward/backward every micro-batch of one optimizer step; returns the step's mean token loss.
+                         ctx: DistContext = SINGLE, offload=None, graphs=None, padding: int = 0,
+                         objective: TrainingObjective = SUPERVISED, metrics: Metrics | None = None) -> float:
+    """Forward/backward every micro-batch of one optimizer step; returns the step's loss (sft: the mean token
+    loss), and adds the objective's metric sums to `metrics`.
 
-    The loss is normalised by the trained tokens of the whole accumulated batch, over all processes, so
-    micro-batch 1 x accumulation 8 gives the same gradient as 8 x 1 on variable-length data, and N processes
-    the same as one; DDP and FSDP average gradients over processes, the world size turns that back into the
-    sum. Under DDP or FSDP gradients are synchronised on the last micro-batch only. `graphs`
-    (engine.graphs.StepGraphs) replays each micro-batch as a CUDA graph (one process). The last `padding`
-    micro-batches run with weight 0 (engine.distributed.step_share: every process runs the same count)."""
+    Each loss term is normalised by its count over the whole accumulated batch, over all processes (sft: the
+    trained tokens; dpo: the pairs; snugtune.objectives), so micro-batch 1 x accumulation 8 gives the same
+    gradient as 8 x 1 on variable-length data, and N processes the same as one; DDP and FSDP average
+    gradients over processes, the world size turns that back into the sum. Under DDP or FSDP gradients are
+    synchronised on the last micro-batch only. `graphs` (engine.graphs.StepGraphs) replays each micro-batch
+    as a CUDA graph (one process). The last `padding` micro-batches run with weight 0
+    (engine.distributed.step_share: every process runs the same count)."""
     real = len(group) - padding
-    n_scored = max(1, int(sum_across(ctx, sum(trained_positions(b) for b in group[:real]))))
+    counts = [objective.counts(b) for b in group[:real]]
+    totals = [max(1, int(sum_across(ctx, sum(term)))) for term in zip(*counts)] or [1]
+    with precision.autocast():  # what every micro-batch reads (KTO's reference point), without gradient
+        state = objective.step_state(model, group[:real], device, lambda value: sum_across(ctx, value))
     step_loss = 0.0
     for i, batch in enumerate(group):
         last = i == len(group) - 1
-        weight = (ctx.world_size if i < real else 0.0) / n_scored
+        weights = [(ctx.world_size if i < real else 0.0) / total for total in totals]
         if graphs is not None:
-            loss_sum = graphs.forward_backward(batch, weight)
+            sums = graphs.forward_backward(batch, weights[0])
         else:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **state}
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP
                 model.set_requires_gradient_sync(last)
+            weight = weights[0] if len(weights) == 1 else torch.tensor(weights, device=device)
             with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
-                loss_sum = forward_backward(model, batch, weight, precision, scaler, offload=offload)
-        step_loss += float(loss_sum) * weight / ctx.world_size
+                sums = forward_backward(model, batch, weight, precision, scaler, offload=offload,
+                                        objective=objective, metrics=metrics)
+        step_loss += sum(float(term) * w for term, w in zip(sums.reshape(-1).tolist(), weights)) / ctx.world_size
     return sum_across(ctx, step_loss)
 
 

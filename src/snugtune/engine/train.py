@@ -20,7 +20,7 @@ import torch
 
 from snugtune.attention import varlen_usable
 from snugtune.config import RESUME_LENGTH_FIELDS, RESUME_SAFE_FIELDS, Config, changed_fields, config_to_yaml
-from snugtune.data.batches import GPU_PAD_MULTIPLE, epoch_rows, real_tokens, trained_tokens_per_row
+from snugtune.data.batches import GPU_PAD_MULTIPLE, real_tokens
 from snugtune.data.prepare import prepare_data
 from snugtune.data.prep_report import report_lines
 from snugtune.engine.build import Job, Run
@@ -35,14 +35,15 @@ from snugtune.engine.signals import StopRequests
 from snugtune.engine.step import StepResult, accumulate_gradients, optimizer_step
 from snugtune.errors import TrainingDiverged, TrainingInterrupted, UserError
 from snugtune.lora_dropout import start_lora_dropout_step
-from snugtune.loss import mean_loss
-from snugtune.memory_rules import rows_masked
+from snugtune.memory_rules import SEQUENCES_PER_ROW, rows_masked
 from snugtune.models.cache import default_cache_dir
 from snugtune.models.load import load_tokenizer
 from snugtune.models.resolve import resolve_model
+from snugtune.objectives import held_out_loss as objective_held_out_loss, training_objective
 from snugtune.planner.apply import plan_run, planned_figures
 from snugtune.planner.inventory import inventory_of_folder
 from snugtune.precision import resolve_device, resolve_precision
+from snugtune.preference_loss import metric_means
 from snugtune.rundir import (CHECKPOINTS, MetricsLog, RunFolder, hold_run_lock, plot_losses, prepare_run_folder,
                              save_model_artifacts)
 from snugtune.trackers import open_trackers
@@ -74,7 +75,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
             run = build_that_fits(job, plan)
             run.started = started
             position, log, resumed_from = resume(run)
-            eval_loss_before = held_out_loss_before(run, log)
+            eval_before = held_out_before(run, log)
             stopped = train_steps(run, position, log, show_progress and ctx.is_main)
             if stopped != REBUILD:
                 break
@@ -86,13 +87,16 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
         if stopped and position.step < run.total_steps:
             raise TrainingInterrupted(f"{stopped} at step {position.step}: checkpoint saved in "
                                       f"{job.run_dir / CHECKPOINTS}; run the same command to resume")
-        return finish(run, position, log, eval_loss_before, resumed_from)
+        return finish(run, position, log, eval_before, resumed_from)
 
 
 # --- set up --------------------------------------------------------------------------------------
 
 def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_data: bool = False) -> Job:
     """The device (capped to the budget), the base model's tokenizer and inventory, and the data."""
+    if ctx.enabled and config.objective != "sft":
+        raise UserError(f"objective: {config.objective} trains in one process for now (torchrun started "
+                        f"{ctx.world_size}); run `snugtune train` without torchrun")
     device = _device_for(config, ctx)
     # before the process group: once there is one, transformers' save_pretrained writes on global rank 0 only,
     # and a shape or GGUF model another process builds into its cache would lack its weights
@@ -103,21 +107,23 @@ def set_up(config: Config, notify, ctx: DistContext, started: float, accept_new_
         torch.cuda.reset_peak_memory_stats(device)
     tokenizer = load_tokenizer(resolved.path, config.trust_remote_code)
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.train.seed,
-                        cache_dir=default_cache_dir() / "data")
+                        cache_dir=default_cache_dir() / "data", objective=config.objective)
     for line in report_lines(data.report):
         notify(line)
-    packed_len = config.max_seq_len if config.data.packing else None
-    first_epoch_rows = epoch_rows(data.train, config.train.seed, 0, packed_len)
+    objective = training_objective(config)
+    packed_len = config.max_seq_len if config.data.packing and objective.objective.packs_rows else None
+    first_epoch_rows = objective.epoch_rows(data.train, config.train.seed, 0, packed_len)
     capped = cap_memory(device, config.budget)
     if capped:
         notify(capped)
     return Job(asked=config, ctx=ctx, device=device, precision=resolve_precision(config.train.precision, device),
                notify=notify, run_dir=Path(config.output_dir), base_path=resolved.path, tokenizer=tokenizer,
-               data=data, inventory=inventory_of_folder(resolved.path, config.trust_remote_code),
+               data=data, objective=objective, inventory=inventory_of_folder(resolved.path, config.trust_remote_code),
                packed_len=packed_len, first_epoch_rows=first_epoch_rows,
-               trained_per_row=trained_tokens_per_row(first_epoch_rows),
+               trained_per_row=[objective.scored_tokens(row) for row in first_epoch_rows],
                masked=rows_masked(config.data.packing, varlen_usable(device, config.train.attention_kernels),
-                                  any(len(row) > 1 for row in first_epoch_rows)),
+                                  # a pair's two sequences: one row
+                                  any(len(row) > 1 for row in first_epoch_rows) or SEQUENCES_PER_ROW[config.objective] > 1),
                pad_multiple=GPU_PAD_MULTIPLE if device.type == "cuda" else 1,  # lengths exact on the CPU
                started=started, accept_new_data=accept_new_data)
 
@@ -189,41 +195,46 @@ def _check_resume_data(checkpoint: Path, position: TrainPosition, job: Job) -> N
     position.data_digest = now
 
 
-def held_out_loss_before(run: Run, log: MetricsLog) -> float:
-    """The held-out loss before training: logged as step 0 once, read back from the log on a resume."""
-    before = [m["eval_loss"] for m in log.rows if m["step"] == 0 and "eval_loss" in m]
+def held_out_before(run: Run, log: MetricsLog) -> dict:
+    """The held-out row before training (eval_loss and the objective's eval_ metrics): logged as step 0 once,
+    read back from the log on a resume."""
+    before = [m for m in log.rows if m["step"] == 0 and "eval_loss" in m]
     if before:
         return before[0]
-    loss = held_out_loss(run)[0]
-    log.write({"step": 0, "epoch": 0.0, "eval_loss": loss})
-    return loss
+    row = {"step": 0, "epoch": 0.0, **held_out_row(run)}
+    log.write(row)
+    return row
 
 
-def held_out_loss(run: Run) -> tuple[float, int]:
-    """Mean loss on the held-out batches, and their tokens. Under torchrun each process scores its share
+def held_out_row(run: Run) -> dict:
+    """The objective's loss on the held-out batches (eval_loss), what it is a mean over (eval_count: tokens,
+    pairs or rows) and its metrics (eval_rewards/margins, ...). Under torchrun each process scores its share
     (batches r, r+N, ...: no process evaluates alone while the others wait) and the sums are added; under
-    FSDP a process short of a batch runs one unscored, so the gathers pair up."""
+    FSDP a process short of a batch runs one unscored, so the gathers pair up. (The metrics are one
+    process's: the preference objectives train in one.)"""
     ctx = run.job.ctx
     shares, padding = step_share(run.held_out, ctx, 1)
     mine = [share[0] for share in shares]
-    loss, count = _mean_loss_beside_graphs(run, mine[:len(mine) - padding])
+    loss, count, metrics = _held_out_beside_graphs(run, mine[:len(mine) - padding])
     if padding and run.fsdp_root is not None:
-        _mean_loss_beside_graphs(run, mine[len(mine) - padding:])
+        _held_out_beside_graphs(run, mine[len(mine) - padding:])
     total, count = sum_across(ctx, loss * count if count else 0.0), int(sum_across(ctx, count))
-    return (total / count if count else nan), count
+    return {"eval_loss": total / count if count else nan, "eval_count": count,
+            **{f"eval_{name}": value for name, value in metrics.items()}}
 
 
-def _mean_loss_beside_graphs(run: Run, batches: list) -> tuple[float, int]:
-    """mean_loss; if the CUDA graphs' memory pool leaves evaluation too little, the graphs are dropped."""
+def _held_out_beside_graphs(run: Run, batches: list) -> tuple[float, int, dict]:
+    """The objective's held-out loss; if the CUDA graphs' memory pool leaves evaluation too little, the graphs
+    are dropped."""
     job = run.job
     try:
-        return mean_loss(run.evaluator, batches, job.precision, job.device)
+        return objective_held_out_loss(run.objective, run.evaluator, batches, job.precision, job.device)
     except torch.OutOfMemoryError:
         if run.graphs is None or not run.graphs.graphs:
             raise
         run.graphs.release("released: evaluation ran out of memory beside the graphs' memory pool")
         job.notify("CUDA graphs released to make room for evaluation; training continues without them")
-        return mean_loss(run.evaluator, batches, job.precision, job.device)
+        return objective_held_out_loss(run.objective, run.evaluator, batches, job.precision, job.device)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -246,16 +257,18 @@ def train_steps(run: Run, position: TrainPosition, log: MetricsLog, show_progres
     try:
         with stop.installed():
             while position.step < run.total_steps and not stop.agreed:
-                rows = epoch_rows(job.data.train, run.config.train.seed, position.epoch, job.packed_len)
+                rows = job.objective.epoch_rows(job.data.train, run.config.train.seed, position.epoch, job.packed_len)
                 while position.rows_in_epoch < len(rows) and position.step < run.total_steps:
                     tc = run.config.train
                     step_rows = rows[position.rows_in_epoch:][: run.rows_per_step]
                     shares, padding = step_share(step_rows, job.ctx, tc.micro_batch)
                     group = [run.batch_of(share) for share in shares]
                     start_lora_dropout_step(run.model, position.step)  # masks keyed by the step: resume redraws them
+                    step_metrics = {}  # the objective's, summed over the step's micro-batches
                     try:
                         step_loss = accumulate_gradients(run.stepper, group, job.precision, run.scaler, job.device,
-                                                         job.ctx, run.offload, run.graphs, padding)
+                                                         job.ctx, run.offload, run.graphs, padding, run.objective,
+                                                         step_metrics)
                     except torch.OutOfMemoryError:
                         if job.ctx.enabled:
                             raise
@@ -275,7 +288,8 @@ def train_steps(run: Run, position: TrainPosition, log: MetricsLog, show_progres
                     position.step += 1
                     position.rows_in_epoch += len(step_rows)
                     position.tokens_trained += step_tokens
-                    _log_step(run, position, len(rows), log, progress, window, step_loss, result)
+                    _log_step(run, position, len(rows), log, progress, window, step_loss, result,
+                              metric_means(step_metrics))
                     if window.nonfinite_in_a_row >= tc.max_nonfinite_steps:
                         _raise_diverged(run, position, window.nonfinite_in_a_row)
                     stop.agree(job.ctx)  # a signal to any process stops every process after this same step
@@ -294,8 +308,9 @@ def train_steps(run: Run, position: TrainPosition, log: MetricsLog, show_progres
 
 
 def _log_step(run: Run, position: TrainPosition, epoch_rows_count: int, log: MetricsLog, progress: TrainProgress,
-              window: Window, step_loss: float, result: StepResult) -> None:
-    """A metrics row every log_every steps, at the last step, at a non-finite step and where evaluation is due."""
+              window: Window, step_loss: float, result: StepResult, metrics: dict) -> None:
+    """A metrics row every log_every steps, at the last step, at a non-finite step and where evaluation is due;
+    with the objective's metrics of the step (rewards/margins, ...)."""
     every = run.config.eval.every_steps
     eval_due = bool(every) and position.step % every == 0
     if not (position.step % run.config.train.log_every == 0 or position.step == run.total_steps
@@ -305,9 +320,9 @@ def _log_step(run: Run, position: TrainPosition, epoch_rows_count: int, log: Met
     row = {"step": position.step, "epoch": round(position.epoch + position.rows_in_epoch / epoch_rows_count, 4),
            "loss": step_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
            "tokens_per_s": window.tokens / max(now - window.since, 1e-9),
-           "memory_bytes": _current_memory(run.job.device), "skipped_steps": position.skipped_steps}
+           "memory_bytes": _current_memory(run.job.device), "skipped_steps": position.skipped_steps, **metrics}
     if eval_due and position.step < run.total_steps and run.held_out:
-        row["eval_loss"] = held_out_loss(run)[0]
+        row.update(held_out_row(run))
     log.write(row)
     progress.update(position.step, step_loss, row["tokens_per_s"], row["memory_bytes"])
     window.tokens, window.since = 0, now
@@ -341,17 +356,17 @@ def _current_memory(device: torch.device) -> int:
 
 # --- finish --------------------------------------------------------------------------------------
 
-def finish(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_before: float,
+def finish(run: Run, position: TrainPosition, log: MetricsLog, eval_before: dict,
            resumed_from: Path | None) -> dict:
     """Held-out loss after training, the adapter (or trained model), summary.json and loss.png."""
     job = run.job
-    eval_loss_after, eval_tokens = held_out_loss(run)
-    log.write({"step": position.step, "epoch": float(position.epoch), "eval_loss": eval_loss_after})
+    eval_after = held_out_row(run)
+    log.write({"step": position.step, "epoch": float(position.epoch), **eval_after})
     log.close()
     whole = trainable_state(run.model) if run.fsdp_root is not None else None  # FSDP: every process gathers
     if job.ctx.is_main:
         save_model_artifacts(job.run_dir, run.model, job.tokenizer, job.base_path, run.config.uses_lora, whole)
-    summary = _summary(run, position, log, eval_loss_before, (eval_loss_after, eval_tokens), resumed_from)
+    summary = _summary(run, position, log, eval_before, eval_after, resumed_from)
     if job.ctx.is_main:
         RunFolder(job.run_dir).write_summary(summary)
         plot_losses(job.run_dir, log.rows)
@@ -359,15 +374,20 @@ def finish(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_before:
     return summary
 
 
-def _summary(run: Run, position: TrainPosition, log: MetricsLog, eval_loss_before: float,
-             after: tuple[float, int], resumed_from: Path | None) -> dict:
+def _summary(run: Run, position: TrainPosition, log: MetricsLog, before: dict, after: dict,
+             resumed_from: Path | None) -> dict:
     job, config, graphs = run.job, run.config, run.graphs
     losses = [m["loss"] for m in log.rows if "loss" in m]
+    metrics = lambda row: {k[5:]: v for k, v in row.items() if k.startswith("eval_") and k not in  # noqa: E731
+                           ("eval_loss", "eval_count")}
     return {
         "model": config.model, "base_model_path": str(job.base_path), "method": config.method,
+        "objective": config.objective, "reference": run.plan.decisions.reference,
         "train_loss_final": losses[-1] if losses else None,
         "train_loss_final_mean10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "eval_loss_before": eval_loss_before, "eval_loss_after": after[0], "eval_tokens": after[1],
+        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+        "eval_tokens": after.get("eval_count", 0),  # sft: tokens; preference: pairs (kto: rows)
+        "eval_metrics_before": metrics(before), "eval_metrics_after": metrics(after),
         "peak_memory_bytes": peak_memory_bytes(job.device),
         "peak_memory_kind": "cuda max_memory_reserved" if job.device.type == "cuda" else "process peak RSS",
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(job.device)) if job.device.type == "cuda" else None,

@@ -12,8 +12,8 @@ from itertools import product
 
 from snugtune.config import Config
 from snugtune.memory_rules import (ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS, compiles_blocks, holds_dense_copy,
-                                   fuses_lora, keeps_dense_weights, leans_norms, optimizer_for, replays_cuda_graphs,
-                                   rows_masked, tiles_attention)
+                                   fuses_lora, keeps_dense_weights, leans_norms, optimizer_for, reference_for,
+                                   replays_cuda_graphs, rows_masked, tiles_attention)
 from snugtune.methods import METHODS
 from snugtune.planner.cards import budget_bytes, has_varlen_attention
 from snugtune.planner.inventory import Inventory, inventory_for
@@ -34,11 +34,13 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                   method: str | None = None, checkpointed_layers: int | None = None,
                   trained: list[int] | None = None, offload: Offload = NO_OFFLOAD, shards: int = 1, gpus: int = 1,
                   masked: bool = True, tiled_mlp: bool = False, graphs: bool = True,
-                  dense_copy: bool = False, cuda: bool = True) -> Decisions:
-    """Every decision of one candidate: compilation, kept dense weights, lean norms, head groups and CUDA
-    graphs follow from its settings by memory_rules. graphs=False: eager steps even where graphs could run.
-    dense_copy: a dense copy of the 4-bit block weights asked for (held where memory_rules.holds_dense_copy
-    allows it). cuda: the run has a CUDA GPU (else nothing compiles unless asked, and no step replays)."""
+                  dense_copy: bool = False, cuda: bool = True, reference_copy: bool = False) -> Decisions:
+    """Every decision of one candidate: compilation, kept dense weights, lean norms, head groups, CUDA
+    graphs and a preference objective's reference follow from its settings by memory_rules. graphs=False:
+    eager steps even where graphs could run. dense_copy: a dense copy of the 4-bit block weights asked for
+    (held where memory_rules.holds_dense_copy allows it). cuda: the run has a CUDA GPU (else nothing compiles
+    unless asked, and no step replays). reference_copy: a frozen copy of the base as the reference (where
+    memory_rules.reference_for takes one: full and freeze under dpo or kto)."""
     from snugtune.registry import block_linear_names
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
@@ -61,9 +63,11 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                      head_groups=ATTENTION_HEAD_GROUPS if tiles_attention(tiled_mlp, compiling) else 1,
                      cuda_graphs=graphs and replays_cuda_graphs(
                          cfg.train.cuda_graphs, compiling, cuda, one_process, offload.weights, replays,
-                         offload.activations, tiled_mlp, draws),
+                         offload.activations, tiled_mlp, draws, cfg.objective),
                      compiled_blocks=compiling,
-                     fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits))
+                     fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits),
+                     objective=cfg.objective,
+                     reference=reference_for(cfg.objective, METHODS[method].adapters, reference_copy))
 
 
 def levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, Offload]]:
@@ -114,7 +118,7 @@ def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, ma
     docs/benchmarks.md), so the planner does not choose it there until a run shows otherwise."""
     tiled = cfg.train.tiled_mlp
     if tiled == "auto":  # last of the recomputation options: every block, and each MLP in tiles
-        tiled = (bool(cfg.train.grad_checkpointing) and mb * cfg.max_seq_len > MLP_TILE_TOKENS
+        tiled = (bool(cfg.train.grad_checkpointing) and make(True).tokens > MLP_TILE_TOKENS
                  and peak(estimate(inv, make(True))) > limit)
     if make(True).stream_weights:
         return [make(True, tiled_mlp=tiled)]
@@ -138,6 +142,14 @@ def dense_copy_options(cfg: Config, offload: Offload) -> tuple[bool, ...]:
     if cfg.quant.dense_copy != "auto":
         return (cfg.quant.dense_copy,)
     return (False, True) if offload == NO_OFFLOAD else (False,)
+
+
+def reference_copy_options(cfg: Config, offload: Offload) -> tuple[bool, ...]:
+    """Whether a candidate holds a frozen copy of the base as its preference reference: weighed where
+    memory_rules.reference_for takes one, and only where nothing is offloaded (offload means memory is
+    short); the other candidates compute the reference log-probabilities before training."""
+    takes_copy = reference_for(cfg.objective, METHODS[cfg.method].adapters, True) == "copy"
+    return (True, False) if takes_copy and offload == NO_OFFLOAD else (False,)
 
 
 def micro_batches(cfg: Config, most: int | None = None) -> list[int]:
@@ -172,9 +184,11 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     found: dict[Decisions, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
     compiling = compiles_blocks(cfg.train.compile, facts.cuda, offload.weights)
-    for graphs, mb, dense in product(graph_options, micro, dense_copy_options(cfg, offload)):
+    for graphs, mb, dense, copy in product(graph_options, micro, dense_copy_options(cfg, offload),
+                                           reference_copy_options(cfg, offload)):
         make = partial(decisions_for, cfg, inv, mb, trained=facts.trained, offload=offload, shards=shards,
-                       gpus=facts.gpus, masked=facts.masked, graphs=graphs, dense_copy=dense, cuda=facts.cuda)
+                       gpus=facts.gpus, masked=facts.masked, graphs=graphs, dense_copy=dense, cuda=facts.cuda,
+                       reference_copy=copy)
         for d in checkpointing_options(cfg, inv, mb, limit, make, compiling):
             if d not in found:
                 parts = estimate(inv, d)
@@ -192,8 +206,8 @@ def search(cfg: Config, inv: Inventory, budget: int, card: str, facts: RunFacts,
         level = candidates(cfg, inv, limit, shards, offload, micro, facts, card)
         weighed += level
         fitting = [c for c in level if peak(c.parts) <= limit and host_bytes(c.parts) <= HOST_SAFETY * host_available]
-        if fitting:
-            best = min(fitting, key=lambda c: c.seconds)
+        if fitting:  # as fast with a preference reference copy as without: the copy (memory_rules.reference_for)
+            best = min(fitting, key=lambda c: (c.seconds, c.decisions.reference != "copy"))
             return _plan(cfg, inv, best, budget, card, True, host_available, facts), weighed
     return None, weighed
 

@@ -39,7 +39,9 @@ def settings_text(plan: Plan) -> str:
             f"max_seq_len={s.max_seq_len} grad_checkpointing={_checkpointing_text(s)} optimizer={s.optimizer} "
             f"lora r={s.lora_r} on {','.join(s.lora_targets)} offload={offload_text(plan.offload)} "
             f"cuda_graphs={s.cuda_graphs}" + (" tiled_mlp=True" if s.tiled_mlp else "")
-            + (" dense_copy=True" if s.dense_copy else ""))
+            + (" dense_copy=True" if s.dense_copy else "")
+            + (f" objective={s.objective} ({s.row_tokens} tokens a row) reference={s.reference}"
+               if s.objective != "sft" else ""))
 
 
 def format_plan(plan: Plan) -> str:

@@ -52,6 +52,8 @@ class Part(Enum):
     RECOMPUTED_BLOCK = ("one block recomputed + its gradients", "gpu", "transient")
     BLOCK_GRADIENTS = ("one block's gradients", "gpu", "transient")
     LOSS = ("logits and loss (chunked)", "gpu", "transient")
+    REFERENCE_COPY = ("frozen 16-bit copy of the base (the preference reference)", "gpu", "step")
+    REFERENCE_PASS = ("forward without gradient (preference reference, KTO's mismatched rows)", "gpu", "transient")
     GRAPH_POOL = ("CUDA graphs' memory pool (reserved beyond use)", "gpu", "overhead")
     ALLOCATOR = ("allocator overhead and fragmentation", "gpu", "overhead")
     CUDA_CONTEXT = ("CUDA context", "gpu", "overhead")
@@ -162,7 +164,7 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Decisions) -> int:
     c = s.compute_bytes
     a = _mlp_value_bytes(inv, s)
     norms = inv.norms_per_block * (c if s.lean_norms else 4) * inv.hidden
-    attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.max_seq_len if s.attention_mask else 0)
+    attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.row_tokens if s.attention_mask else 0)
     if attention_groups(inv, s) > 1:  # attention._HeadGroupedAttention saves q, k and v, nothing else
         attention = c * (inv.q_dim + 2 * inv.kv_dim)
     mlp_input = 0 if inv.norms_per_block == 1 else inv.hidden  # parallel blocks share the attention's input
@@ -238,7 +240,7 @@ def checkpointed_blocks(inv: Inventory, s: Decisions) -> int:
 
 def _activation_parts(inv: Inventory, s: Decisions) -> Breakdown:
     """What the forward keeps for backward, and the transient of backward's one block at a time."""
-    tokens = s.micro_batch * s.max_seq_len
+    tokens = s.tokens
     per_layer = activation_bytes_per_token_layer(inv, s) * tokens
     layers = blocks_with_gradients(inv, s)
     recomputed = checkpointed_blocks(inv, s)
@@ -265,7 +267,7 @@ def _activation_parts(inv: Inventory, s: Decisions) -> Breakdown:
 def attention_backward_bytes(inv: Inventory, s: Decisions) -> int:
     """The flash kernels' transient in attention's backward (memory_rules.ATTENTION_GRAD_BYTES per query
     value), one group's share when attention is tiled by heads."""
-    return ATTENTION_GRAD_BYTES * inv.q_dim * s.micro_batch * s.max_seq_len // attention_groups(inv, s)
+    return ATTENTION_GRAD_BYTES * inv.q_dim * s.tokens // attention_groups(inv, s)
 
 
 def attention_groups(inv: Inventory, s: Decisions) -> int:
@@ -274,14 +276,33 @@ def attention_groups(inv: Inventory, s: Decisions) -> int:
 
 
 def _loss_bytes(inv: Inventory, s: Decisions) -> int:
-    tokens = s.micro_batch * s.max_seq_len
+    tokens = s.tokens
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
     chunk = min(logits_chunk_tokens(inv.vocab), trained_tokens)
+    # a preference loss gathers the scored rows of the hidden states once more, answer by answer (group_logps)
+    copies = 1 if s.objective != "sft" else 0
     if METHODS[s.method].trains_base == "all":  # trained head: fp32 logits, log-softmax and their gradient
-        return chunk * inv.vocab * (s.compute_bytes + 4 + 4) + trained_tokens * inv.hidden * (s.compute_bytes + 4)
+        return (chunk * inv.vocab * (s.compute_bytes + 4 + 4)
+                + trained_tokens * inv.hidden * (s.compute_bytes + 4 + copies * s.compute_bytes))
     # frozen head: fp32 logits become probabilities in place, + their 16-bit copy; the trained rows of the
     # hidden states and their gradient
-    return chunk * inv.vocab * (4 + s.compute_bytes) + 2 * trained_tokens * inv.hidden * s.compute_bytes
+    return chunk * inv.vocab * (4 + s.compute_bytes) + (2 + copies) * trained_tokens * inv.hidden * s.compute_bytes
+
+
+def reference_bytes(inv: Inventory, s: Decisions) -> Breakdown:
+    """A preference objective's reference: a frozen 16-bit copy of the base (reference 'copy'), and the
+    forwards without gradient (the reference's, and KTO's mismatched rows' through the policy): one block's
+    working set at a time over the micro-batch's tokens (its input and output, attention's q, k, v and
+    output, the MLP's gate, up and activation), the final hidden states and one chunk of logits."""
+    c, tokens = s.compute_bytes, s.tokens
+    parts = {}
+    if s.reference in ("adapter", "copy") or s.objective == "kto":  # precomputed: read from the batch
+        block = tokens * (2 * inv.hidden + 2 * inv.q_dim + 2 * inv.kv_dim + 3 * inv.intermediate) * c
+        head = tokens * inv.hidden * c + min(logits_chunk_tokens(inv.vocab), tokens) * inv.vocab * (4 + c)
+        parts[Part.REFERENCE_PASS] = block + head
+    if s.reference == "copy":
+        parts[Part.REFERENCE_COPY] = c * inv.total_params
+    return parts
 
 
 def _held_parts(inv: Inventory, s: Decisions) -> Breakdown:
@@ -298,18 +319,19 @@ def _held_parts(inv: Inventory, s: Decisions) -> Breakdown:
 
 def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     """Peak memory breakdown (Part -> bytes) for one training step; see peak()."""
-    tokens = s.micro_batch * s.max_seq_len
+    tokens = s.tokens
     acts = _activation_parts(inv, s)
     if s.offload_activations:  # what the forward keeps waits in host memory; one block input comes back at a time
         acts = {ON_HOST_WHEN_OFFLOADED.get(k, k): v for k, v in acts.items()}
         acts[Part.OFFLOADED_INPUT_BACK] = inv.hidden * s.compute_bytes * tokens
     if s.attention_mask:
-        acts[Part.ATTENTION_MASK] = s.micro_batch * s.max_seq_len ** 2  # block-diagonal, 1 byte each
+        acts[Part.ATTENTION_MASK] = s.micro_batch * s.row_tokens ** 2  # block-diagonal, 1 byte each
     biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
     mlp_tokens = min(tokens, MLP_TILE_TOKENS) if s.tiled_mlp else tokens  # the MLP's matmuls run a tile at a time
     workspace = (2 * biggest * s.compute_bytes
                  + 2 * max(tokens * inv.hidden, mlp_tokens * inv.intermediate) * s.compute_bytes)
-    parts = {**_held_parts(inv, s), **acts, Part.LOSS: _loss_bytes(inv, s), Part.WORKSPACE: workspace}
+    parts = {**_held_parts(inv, s), **acts, Part.LOSS: _loss_bytes(inv, s), Part.WORKSPACE: workspace,
+             **reference_bytes(inv, s)}
     allocated = peak_allocated(parts)
     if s.cuda_graphs:  # the pool serves the step's activations, transients and workspace
         working = allocated - sum(v for k, v in _held_parts(inv, s).items() if not k.on_host)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from snugtune.config import PLANNED_FIELDS, Config
+from snugtune.memory_rules import SEQUENCES_PER_ROW
 
 SAFETY = 0.92               # plan to at most this share of the budget
 
@@ -50,6 +51,18 @@ class Decisions:
     compiled_blocks: bool = False      # memory_rules.compiles_blocks: each block compiled with torch.compile
     fused_lora: bool = False           # memory_rules.fuses_lora: each LoRA layer one autograd function
     grad_accum: int = 1                # micro-batches per optimizer step in each process
+    objective: str = "sft"             # sft | dpo | orpo | kto: dpo and orpo rows hold two sequences (a pair)
+    reference: str = "none"            # memory_rules.reference_for: none | adapter | copy | precomputed
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens a row holds at most: max_seq_len for each of its sequences (a preference pair's two)."""
+        return self.max_seq_len * SEQUENCES_PER_ROW[self.objective]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a micro-batch holds at most."""
+        return self.micro_batch * self.row_tokens
 
     @property
     def data_parallel(self) -> str:

@@ -1,0 +1,65 @@
+"""prepare_data under the preference objectives: pairs for dpo and orpo, labelled completions for kto (pairs
+unpaired, each half on the same side of the split), the objective in the cache key, drops counted."""
+
+import pytest
+
+from conftest import pair_rows, write_jsonl
+from snugtune.config import DataConfig
+from snugtune.data.prepare import prepare_data
+from snugtune.data.preference_tokenize import TokenizedCompletion, TokenizedPair
+from snugtune.errors import ConfigError
+
+
+def _config(path, **data):
+    return DataConfig(path=str(path), **{"eval_fraction": 0.25, **data})
+
+
+def test_pairs_are_prepared_for_dpo_and_orpo_and_cached_per_objective(tmp_path, tokenizer, monkeypatch):
+    import snugtune.data.prepare as prepare_module
+    path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    first = prepare_data(_config(path), tokenizer, 96, 0, cache_dir=tmp_path / "cache", objective="dpo")
+    assert first.report.format == "preference" and first.report.cache == "miss"
+    assert len(first.train) == 6 and len(first.eval) == 2 and all(isinstance(p, TokenizedPair) for p in first.train)
+    assert first.report.train_tokens == sum(p.length for p in first.train)
+    monkeypatch.setattr(prepare_module, "tokenize_pair", lambda *a, **k: pytest.fail("tokenized again"))
+    again = prepare_data(_config(path), tokenizer, 96, 0, cache_dir=tmp_path / "cache", objective="dpo")
+    assert again.report.cache == "hit" and again.train == first.train and again.eval == first.eval
+    monkeypatch.undo()
+    orpo = prepare_data(_config(path), tokenizer, 96, 0, cache_dir=tmp_path / "cache", objective="orpo")
+    assert orpo.report.cache == "miss" and orpo.train == first.train  # the same pairs, another key
+    kto = prepare_data(_config(path), tokenizer, 96, 0, cache_dir=tmp_path / "cache", objective="kto")
+    cached = prepare_data(_config(path), tokenizer, 96, 0, cache_dir=tmp_path / "cache", objective="kto")
+    assert cached.report.cache == "hit" and cached.train == kto.train
+
+
+def test_kto_unpairs_each_pair_keeps_its_halves_on_one_side_and_pairs_prompts_with_other_answers(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    pairs = prepare_data(_config(path), tokenizer, 96, 0, objective="dpo")
+    rows = prepare_data(_config(path), tokenizer, 96, 0, objective="kto")
+    assert all(isinstance(r, TokenizedCompletion) for r in rows.train + rows.eval)
+    for side_pairs, side_rows in ((pairs.train, rows.train), (pairs.eval, rows.eval)):
+        n = len(side_pairs)
+        assert [r.desirable for r in side_rows] == [True] * n + [False] * n  # TRL's unpaired order
+        assert {tuple(r.prompt_ids) for r in side_rows} == {tuple(p.prompt_ids) for p in side_pairs}
+        for row, before in zip(side_rows, side_rows[-1:] + side_rows[:-1]):  # the previous row's completion
+            assert row.kl_ids == before.completion_ids and row.kl_labels == before.completion_labels
+            assert row.prompt_ids != before.prompt_ids  # a mismatched pair, as KTO's reference point needs
+
+
+def test_a_kto_file_trains_kto_only_and_rows_longer_than_max_seq_len_are_cut_or_dropped(tmp_path, tokenizer):
+    rows = [{"prompt": "Q" * (i + 1), "completion": " word" * (4 + 30 * i), "label": i % 2 == 0} for i in range(4)]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"holds labelled completions \(KTO\), but objective: dpo trains on "
+                                          r"preference pairs; set objective to one of kto"):
+        prepare_data(_config(path), tokenizer, 64, 0, objective="dpo")
+    cut = prepare_data(_config(path, eval_fraction=0.0), tokenizer, 64, 0, objective="kto")
+    assert cut.report.truncated == 3 and all(r.length <= 64 for r in cut.train)
+    dropped = prepare_data(_config(path, eval_fraction=0.0, too_long="drop"), tokenizer, 64, 0, objective="kto")
+    assert len(dropped.train) == 1 and dropped.report.dropped == {"longer than max_seq_len=64": 3}
+
+
+def test_the_config_system_prompt_becomes_the_system_turn_of_pairs_without_one(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(2))
+    pair = prepare_data(_config(path, eval_fraction=0.0, system_prompt="Answer in digits."), tokenizer, 96, 0,
+                        objective="dpo").train[0]
+    assert tokenizer.decode(pair.prompt_ids).startswith("<|im_start|>system\nAnswer in digits.<|im_end|>")
