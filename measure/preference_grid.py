@@ -55,10 +55,10 @@ GRID = [
 ]
 RECIPES = {"tinyllama-1.1b": "examples/tinyllama-1.1b_qlora-dpo_t4.yaml",
            "llama3-8b": "examples/llama3-8b_qlora-orpo_t4.yaml"}
-PAIRS: list[str] = []  # the overrides that point at the pairs, set in main()
+PAIRS: dict[int, Path] = {}  # tokens a sequence -> pairs whose prompt leaves answer tokens at that length
 SMOKE = os.environ.get("SMOKE") == "1"
 SMOKE_GRID = [("tiny", "lora", "dpo", 64, 2, "off", []), ("tiny", "qlora", "orpo", 64, 2, "on", []),
-              ("tiny", "full", "dpo", 64, 2, "on", []), ("tiny", "freeze", "kto", 64, 2, "off", [])]
+              ("tiny", "full", "dpo", 64, 2, "on", []), ("tiny", "freeze", "kto", 96, 2, "off", [])]
 # piece -> (shape, seconds it is expected to take on an H100, bench arguments beyond the common ones)
 BENCHES = {"bench-tinyllama": ("tinyllama-1.1b", 150, []), "bench-8b": ("llama3-8b", 240, []),
            "longest-tinyllama": ("tinyllama-1.1b", 400, ["--max-context", "16384", "--steps", "3"]),
@@ -66,9 +66,14 @@ BENCHES = {"bench-tinyllama": ("tinyllama-1.1b", 150, []), "bench-8b": ("llama3-
 DEFAULT_PIECES = ["bench-tinyllama", "bench-8b", "grid"]
 
 
+def pair_overrides(seq: int) -> list[str]:
+    return [f"data.path={PAIRS[seq]}", "data.format=preference", "data.eval_fraction=0.05"]
+
+
 def grid_job(i: int, config: tuple, context: int) -> dict:
     shape, method, objective, seq, mb, ckpt, extra = config
-    overrides = grid.grid_overrides(shape, method, seq, mb, ckpt, extra) + [f"objective={objective}", *PAIRS]
+    overrides = grid.grid_overrides(shape, method, seq, mb, ckpt, extra) + [f"objective={objective}",
+                                                                            *pair_overrides(seq)]
     row = grid.run_one(grid.BASE_CFG, overrides, Path(f"/tmp/preference-grid/g{i}"), grid.TIMEOUT_S, context)
     return {"kind": "grid", "model": shape, "method": method, "objective": objective, "seq": seq,
             "micro_batch_asked": mb, "checkpointing": ckpt, "extra": extra, **row}
@@ -78,7 +83,8 @@ def recipe_job(shape: str, context: int) -> dict:
     """The recipe as shipped (micro_batch: auto, its card's budget) on its model's shape and the pairs."""
     cfg = RECIPES[shape]
     smoke = ["model=shape:tiny", "train.optimizer=adamw_8bit"] if SMOKE else []  # paged optimizers need a GPU
-    overrides = [f"model=shape:{shape}", f"train.max_steps={grid.STEPS}", *grid.COMMON, *PAIRS, *smoke]
+    overrides = [f"model=shape:{shape}", f"train.max_steps={grid.STEPS}", *grid.COMMON,
+                 *pair_overrides(max(PAIRS)), *smoke]
     row = grid.run_one(cfg, overrides, Path(f"/tmp/preference-grid/r-{shape}"), grid.TIMEOUT_S, context)
     if "measured_peak" in row:
         row["used_fraction"] = row["measured_peak"] / row["budget_bytes"]
@@ -115,8 +121,8 @@ def bench(piece: str, out_dir: Path) -> None:
 def grid_piece(out_dir: Path, jobs: int, only: str, context: int) -> None:
     """The grid rows and the recipes, smallest model first, until the deadline."""
     rows = SMOKE_GRID if SMOKE else GRID
-    pairs = long_pairs(out_dir.resolve() / "pairs", max(g[3] for g in rows))
-    PAIRS.extend([f"data.path={pairs}", "data.format=preference", "data.eval_fraction=0.05"])
+    for seq in sorted({g[3] for g in rows}):  # one set a length: a 4,096-token row's prompt would fill 512
+        PAIRS[seq] = long_pairs(out_dir.resolve() / "pairs" / str(seq), seq)
     with (out_dir / "preference_grid.jsonl").open("a") as log:
         log.write(json.dumps({"kind": "context", "cuda_context_bytes": context, "smoke": SMOKE, "torch": grid.torch.__version__,
                               "gpu": grid.torch.cuda.get_device_name() if grid.torch.cuda.is_available() else None}) + "\n")
