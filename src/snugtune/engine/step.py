@@ -55,7 +55,8 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
     (engine.distributed.step_share: every process runs the same count)."""
     real = len(group) - padding
     counts = [objective.counts(b) for b in group[:real]]
-    terms = len(objective.counts(group[0]))  # a process whose share is all padding sums as many terms as the rest
+    # a process whose share is all padding sums as many terms as the rest (counted on a padding batch)
+    terms = len(counts[0]) if counts else len(objective.counts(group[0]))
     totals = [max(1, int(sum_across(ctx, sum(c[t] for c in counts)))) for t in range(terms)]
     with precision.autocast():  # what every micro-batch reads (KTO's reference point), without gradient
         state = objective.step_state(model, group[:real], device, lambda value: sum_across(ctx, value))
