@@ -205,6 +205,34 @@ def test_ctrl_c_in_chat_exits_130(finished_run, monkeypatch):
     assert result.exit_code == 130 and "Traceback" not in output
 
 
+# A Ctrl-C that lands while a library imports passes through the exec() dataclasses run; CPython 3.11 then
+# ended `python -m snugtune` by SIGINT (returncode -2) although the command had caught it and exited 130.
+INTERRUPTED_IN_EXEC = """
+import typer
+import snugtune.cli as cli
+app = typer.Typer()
+@app.command()
+def command():
+    {body}
+cli.app = app
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("body", ['cli._run(False, exec, "raise KeyboardInterrupt")',  # a command catches it
+                                  'exec("raise KeyboardInterrupt")'])  # it lands before a command handles it
+def test_a_ctrl_c_that_passed_through_exec_still_exits_130(tmp_path, body):
+    import subprocess
+    import sys
+    package = tmp_path / "interrupted_cli"
+    package.mkdir()
+    (package / "__main__.py").write_text(INTERRUPTED_IN_EXEC.format(body=body))
+    source = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{source}:{tmp_path}"}, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_out_of_memory_outside_the_step_loop_exits_3(finished_run, tmp_path, monkeypatch):
     import torch
 

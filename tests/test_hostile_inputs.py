@@ -280,11 +280,7 @@ def test_ctrl_c_while_loading_the_model_and_data_is_exit_130_without_a_traceback
     assert proc.stdout.readline().startswith("snugtune: training")  # the command runs: config read, torch loaded
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # the first Ctrl-C was lost while loading (seen in 2 of ~6 CI runs): a
-        proc.send_signal(signal.SIGINT)  # user presses it again; docs/reliability.md lists this as open
-        _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert "checkpoint saved" in stderr or not complete_checkpoints(work / "runs" / "x")
 

@@ -448,7 +448,19 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # Ctrl-C while the libraries load, before a command handles it
         err.print("[yellow]interrupted[/]")
-        raise SystemExit(130) from None
+        _exit_interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:
+            _exit_interrupted()
+        raise
+
+
+def _exit_interrupted() -> None:
+    # CPython 3.11 remembers a KeyboardInterrupt that passed through exec() (dataclasses run exec while a
+    # library imports) and, under `python -m`, ends the process by SIGINT even though it was caught: exit now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

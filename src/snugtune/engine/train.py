@@ -85,6 +85,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
             free_device_memory(job.device)
         save_checkpoint_now(run, position, log)
         if stopped and position.step < run.total_steps:
+            log.close()  # trackers finish their run here: the command then ends without interpreter shutdown
             raise TrainingInterrupted(f"{stopped} at step {position.step}: checkpoint saved in "
                                       f"{job.run_dir / CHECKPOINTS}; run the same command to resume")
         return finish(run, position, log, eval_before, resumed_from)
