@@ -5,7 +5,8 @@ than 3% under): DPO, ORPO and KTO rows of the planner grid, predicted vs measure
 the two preference recipes on their own card's budget, until the deadline. Grid rows run as
 measure/planner_grid.py runs them (its run_one: `snugtune train` in its own process, every setting explicit).
 
-  python measure/preference_grid.py OUT_DIR [PIECE ...] [--deadline 520] [--jobs 4] [--only SUBSTRING]
+  python measure/preference_grid.py OUT_DIR [PIECE ...] [--deadline 520] [--jobs 4] [--big-jobs 5]
+                                    [--only SUBSTRING]
     bench-tinyllama bench-8b   snugtune bench --objective dpo --seq 1024 --cap 15 --against trl,unsloth
     grid                       the grid rows and the recipes (--only: those whose row names SUBSTRING)
     longest-tinyllama longest-8b   (not in the default list: a second call) each stack's longest pair under the
@@ -152,6 +153,7 @@ def main() -> None:
     grid.END[0] = time.time() + float(option("--deadline", "520")) + grid.GRACE_S
     if SMOKE:
         grid.STEPS = 2
+    grid.BIG_JOBS = int(option("--big-jobs", str(grid.BIG_JOBS)))  # fewer when another piece shares the card
     context = 0 if SMOKE else grid.cuda_context_bytes()
     for piece in pieces:
         if piece == "grid":
