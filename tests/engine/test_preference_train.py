@@ -109,8 +109,10 @@ def _cli(config: Path):
                           text=True)
 
 
+# mid-third only: the kill inside the third step's checkpoint; a kill between steps is the SFT tests' second case
+# (tests/engine/test_reliability.py), through the same resume code
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["after-second", "mid-third"])
+@pytest.mark.parametrize("mode", ["mid-third"])
 def test_a_dpo_run_killed_then_resumed_equals_an_uninterrupted_one(tmp_path, mode):
     from test_reliability import COMPARED, KILLER  # the SFT harness: SIGKILL after or inside a checkpoint
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(64))
