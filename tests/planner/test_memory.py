@@ -1,5 +1,7 @@
 """planner.memory: each component's arithmetic on a hand-checkable two-block model, and the peak."""
 
+from dataclasses import replace
+
 from transformers import LlamaConfig
 
 from conftest import planner_decisions, tiny_config
@@ -37,11 +39,18 @@ def test_lora_and_optimizer_bytes(tiny_llama_inventory):
 def test_activations_with_and_without_checkpointing(tiny_llama_inventory):
     inv = tiny_llama_inventory
     per_token = activation_bytes_per_token_layer(inv, planner_decisions())
-    # norms: 2 x fp32 copy of 64; attention: q, k, v (repeated to 4 heads), output 4*2*64, fp32 lse per head,
-    # mask bias 2 bytes x 100 positions; SwiGLU: gate, up, act(gate) 3*2*128;
+    # norms: 2 x fp32 copy of 64 and an fp32 rstd; attention: q, k, v (repeated to 4 heads), output 4*2*64, fp32
+    # lse per head, mask bias 2 bytes x 100 positions; SwiGLU: gate, up, act(gate) 3*2*128;
     # LoRA: each linear's rank-4 output, and the 16-bit inputs they multiply: q, k and v read one, gate and up
     # one, o_proj its own (64 each), down_proj 128
-    assert per_token == 2 * 4 * 64 + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (7 * 8 + 3 * 2 * 64 + 2 * 128)
+    assert per_token == 2 * (4 * 64 + 4) + (4 * 2 * 64 + 4 * 4 + 2 * 100) + 3 * 2 * 128 + (7 * 8 + 3 * 2 * 64 + 2 * 128)
+    # compiled blocks (tests/planner/test_compiled_saves.py traces them): 16-bit norm inputs, gate and up only,
+    # o_proj multiplying attention's output itself
+    compiled = activation_bytes_per_token_layer(inv, planner_decisions(compiled_blocks=True))
+    assert per_token - compiled == 2 * 2 * 64 + 2 * 128 + 2 * 64
+    # ... counted as eager where not traced: LoRA dropout, MLP tiling
+    assert activation_bytes_per_token_layer(inv, planner_decisions(compiled_blocks=True, lora_dropout=0.05)) == \
+        activation_bytes_per_token_layer(inv, planner_decisions(lora_dropout=0.05))
     # dropout keeps a 1-byte mask per adapted input; LLM.int8 layers keep their inputs (hidden x2, q, MLP)
     assert activation_bytes_per_token_layer(inv, planner_decisions(lora_dropout=0.05)) == per_token + 6 * 64 + 128
     assert activation_bytes_per_token_layer(inv, planner_decisions(method="lora-8bit")) == \
@@ -134,6 +143,44 @@ def test_layernorm_models_under_quantization_keep_fp32_mlp_tensors():
     lora16 = activation_bytes_per_token_layer(phi, planner_decisions(lora_targets=targets, method="lora"))
     # gelu_new keeps 4 tensors of the 256-wide MLP: fp32 (4 bytes) behind 4-bit layers, 2 bytes otherwise
     assert q4 - lora16 == 4 * 256 * (4 - 2)
+
+
+def test_each_transient_is_counted_beside_the_activations_alive_at_its_moment(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    # the first block recomputes, the top one kept its activations: its backward comes first (BLOCK_GRADIENTS
+    # beside them), and once it is done they are freed before the first block is recomputed
+    parts = estimate(inv, planner_decisions(checkpointed_layers=1, trained_tokens=10))
+    kept, inputs = parts[Part.KEPT_ACTIVATIONS], parts[Part.CHECKPOINTED_INPUTS]
+    held = sum(v for k, v in parts.items() if not (k.transient or k.kept_for_backward or k.overhead))
+    assert peak_allocated(parts) == held + max(inputs + kept + parts[Part.BLOCK_GRADIENTS],
+                                               inputs + parts[Part.RECOMPUTED_BLOCK], inputs + kept + parts[Part.LOSS])
+    assert parts[Part.BLOCK_GRADIENTS] < parts[Part.RECOMPUTED_BLOCK]  # no gradient beside it to recompute
+    at_peak = alive_at_peak(parts)
+    assert Part.KEPT_ACTIVATIONS in at_peak and Part.RECOMPUTED_BLOCK not in at_peak
+    assert sum(at_peak.values()) == peak(parts)
+    # a long loss chunk with little kept: the loss's moment is the peak, with everything the forward kept
+    big_vocab = replace(inv, vocab=200_000)
+    loss_peak = alive_at_peak(estimate(big_vocab, planner_decisions(checkpointed_layers=1)))
+    assert {Part.LOSS, Part.KEPT_ACTIVATIONS, Part.CHECKPOINTED_INPUTS} <= set(loss_peak)
+
+
+def test_workspace_is_cublas_and_one_dequantized_weight_for_compiled_fused_blocks(tiny_llama_inventory):
+    from snugtune.planner.memory import CUBLAS_WORKSPACES, workspace_bytes
+    inv = tiny_llama_inventory
+    biggest = 64 * 128
+    fast = planner_decisions(compiled_blocks=True)  # fused QLoRA layers: one weight dequantized at a time
+    assert workspace_bytes(inv, fast) == CUBLAS_WORKSPACES + 2 * biggest
+    assert workspace_bytes(inv, replace(fast, dense_copy=True)) == CUBLAS_WORKSPACES  # nothing dequantized
+    # eager blocks (and peft's layers) also allocate their ops' outputs one by one: 2 x tokens x intermediate
+    assert workspace_bytes(inv, planner_decisions()) == CUBLAS_WORKSPACES + 2 * 2 * biggest + 2 * 2 * 200 * 128
+
+
+def test_the_allocators_fixed_reserve_is_smaller_for_compiled_blocks(tiny_llama_inventory):
+    from snugtune.planner.memory import ALLOCATOR_FIXED, ALLOCATOR_FIXED_COMPILED, allocator_fixed
+    assert allocator_fixed(planner_decisions(compiled_blocks=True)) == ALLOCATOR_FIXED_COMPILED < ALLOCATOR_FIXED
+    assert allocator_fixed(planner_decisions()) == ALLOCATOR_FIXED
+    # LLM.int8 layers allocate int8 copies and int32 products at every call: the eager reserve
+    assert allocator_fixed(planner_decisions(compiled_blocks=True, method="lora-8bit")) == ALLOCATOR_FIXED
 
 
 def test_partial_checkpointing_sits_between_none_and_all(tiny_llama_inventory):

@@ -3,9 +3,12 @@ doubles the tokens of a row, the reference pass and copy are counted, and the pl
 
 from dataclasses import replace
 
+import pytest
+import torch
+
 from conftest import planner_decisions, tiny_config, write_jsonl, pair_rows
 from snugtune.memory_rules import logits_chunk_tokens
-from snugtune.planner.memory import Part, estimate, peak
+from snugtune.planner.memory import Part, alive_at_peak, estimate, peak, peak_allocated
 
 C = 2  # bytes of a 16-bit value
 
@@ -20,11 +23,15 @@ def test_a_pair_doubles_the_activations_and_adds_the_reference_pass(tiny_llama_i
     assert masked[Part.ATTENTION_MASK] == 4 * estimate(inv, replace(sft, attention_mask=True))[Part.ATTENTION_MASK]
     assert two[Part.ALL_ACTIVATIONS] == 2 * one[Part.ALL_ACTIVATIONS]
     assert two[Part.BLOCK_GRADIENTS] == 2 * one[Part.BLOCK_GRADIENTS]
-    # the scored hidden states are gathered once more, answer by answer
-    assert two[Part.LOSS] - one[Part.LOSS] == 120 * inv.hidden * C
-    # a forward without gradient: one block's working set over the pair's tokens, the final hidden states, a chunk
+    # the head runs answer by answer (an answer has at most max_seq_len positions), and the scored hidden
+    # states are gathered once more
+    chunk = min(logits_chunk_tokens(inv.vocab), 120)
+    assert one[Part.LOSS] == chunk * inv.vocab * (4 + C) + 2 * 120 * inv.hidden * C
+    assert two[Part.LOSS] == 100 * inv.vocab * (4 + C) + 3 * 120 * inv.hidden * C
+    # a forward without gradient: one block's working set over the pair's tokens, the final hidden states, an
+    # answer's chunk of fp32 logits and their log-softmax
     block = 400 * (2 * inv.hidden + 2 * inv.q_dim + 2 * inv.kv_dim + 3 * inv.intermediate) * C
-    head = 400 * inv.hidden * C + min(logits_chunk_tokens(inv.vocab), 400) * inv.vocab * (4 + C)
+    head = 400 * inv.hidden * C + 100 * inv.vocab * (4 + 4)
     assert two[Part.REFERENCE_PASS] == block + head and Part.REFERENCE_PASS not in one
     assert peak(two) > peak(one)
     for part in (Part.QUANTIZED_4BIT, Part.ADAPTER_PARAMS, Part.OPTIMIZER_STATE):  # what is held does not change
@@ -57,3 +64,58 @@ def test_the_planner_plans_preference_runs_and_holds_a_copy_only_where_it_fits(t
     assert roomy.decisions.reference == "copy" and Part.REFERENCE_COPY in roomy.breakdown
     assert tight.fits and tight.decisions.reference == "precomputed"
     assert tight.peak_bytes <= 0.92 * 3.6 * 2**30 < roomy.peak_bytes
+
+
+def test_the_reference_pass_is_counted_beside_what_is_held_not_beside_the_activations(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    dpo = planner_decisions(grad_checkpointing=False, objective="dpo", reference="adapter", attention_mask=False)
+    parts = estimate(inv, dpo)
+    held = sum(v for k, v in parts.items() if not (k.transient or k.kept_for_backward or k.overhead))
+    others = max(parts[k] for k in (Part.LOSS, Part.BLOCK_GRADIENTS))
+    assert peak_allocated(parts) == held + max(parts[Part.ALL_ACTIVATIONS] + others, parts[Part.REFERENCE_PASS])
+    # where it is the largest moment (a long vocabulary, little kept), the table shows it without activations
+    wide = estimate(replace(inv, vocab=400_000), replace(dpo, grad_checkpointing=True))
+    at_peak = alive_at_peak(wide)
+    assert Part.REFERENCE_PASS in at_peak and Part.CHECKPOINTED_INPUTS not in at_peak
+    assert sum(at_peak.values()) == peak(wide)
+
+
+def test_a_trained_head_holds_its_16bit_cast_and_that_casts_gradient_in_the_loss(tiny_llama_inventory):
+    inv = tiny_llama_inventory
+    full = planner_decisions(method="full", trained_tokens=50)
+    chunk = min(logits_chunk_tokens(inv.vocab), 50)
+    head = 2 * C * inv.vocab * inv.hidden
+    assert estimate(inv, full)[Part.LOSS] == chunk * inv.vocab * (C + 4 + 4) + head + 50 * inv.hidden * (C + 4)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_the_reference_pass_runs_before_the_step_keeps_anything_for_backward(tmp_path, objective):
+    """What the planner's reference moment rests on: the step runs each reference forward (and KTO's pass over
+    its mismatched rows) before the policy's forward has saved a tensor for backward."""
+    from conftest import CPU, FP32
+    from snugtune.data.prepare import prepare_data
+    from snugtune.engine.step import accumulate_gradients
+    from snugtune.models.load import load_base_model, load_tokenizer, prepare_for_training
+    from snugtune.models.resolve import resolve_model
+    from snugtune.objectives import training_objective
+    cfg = tiny_config(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8)), objective=objective)
+    path = resolve_model(cfg.model).path
+    tokenizer = load_tokenizer(path)
+    data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, 0, objective=objective)
+    model = prepare_for_training(load_base_model(path, cfg, CPU, torch.float32), cfg)
+    t = training_objective(cfg)
+    saved, at_reference = [0], []
+    disable = model.disable_adapter
+
+    def recording():
+        at_reference.append(saved[0])
+        return disable()
+    model.disable_adapter = recording
+
+    def pack(tensor):
+        saved[0] += 1
+        return tensor
+    batch = t.collate([[e] for e in data.train[:4]], tokenizer.pad_token_id, True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        accumulate_gradients(model, [batch], FP32, FP32.grad_scaler(), CPU, objective=t)
+    assert at_reference and set(at_reference) == {0} and saved[0] > 0

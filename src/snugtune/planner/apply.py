@@ -12,7 +12,7 @@ from snugtune.planner.cards import GIB
 from snugtune.planner.choose import decisions_for, plan_config, plan_for_budget
 from snugtune.planner.explain import refusal, settings_text
 from snugtune.planner.inventory import Inventory
-from snugtune.planner.memory import ALLOCATOR_FIXED
+from snugtune.planner.memory import allocator_fixed
 from snugtune.planner.plan import SAFETY, Offload, Plan, planned_differences, resolved_config
 
 STEP_DOWN = 0.95       # after an OOM, the next plan's predicted peak, less the fixed CUDA context and allocator
@@ -82,7 +82,7 @@ def step_down(asked: Config, failed: Plan, where: str, inv: Inventory, trained_p
     predicted that low."""
     if failed.card is None:  # no card planned for: only the split can change
         return _split_smaller(failed, where)
-    fixed = CUDA_CONTEXT_BYTES + ALLOCATOR_FIXED
+    fixed = CUDA_CONTEXT_BYTES + allocator_fixed(failed.decisions)
     budget = int((fixed + STEP_DOWN * (failed.peak_bytes - fixed)) / SAFETY)
     card = f"{failed.card.split(HELD_BELOW)[0]}{HELD_BELOW}{failed.peak_bytes / GIB:.2f} GiB plan that ran out"
     plan = plan_for_budget(asked, budget, card, inv, trained_per_row=trained_per_row, gpus=failed.gpus,

@@ -60,7 +60,7 @@ def format_plan(plan: Plan) -> str:
               f"{'headroom':<{width}}{(plan.budget_bytes - plan.peak_bytes) / GIB:>9.2f}"]
     apart = [k for k in plan.breakdown if k not in at_peak and not k.on_host]
     if apart:
-        lines.append("\nnot alive at the peak (other moments of the step; the largest such row is counted above):")
+        lines.append("\nnot alive at the peak (other moments of the step; its largest moment is counted above):")
         lines += [f"{label(k, s):<{width}}{plan.breakdown[k] / GIB:>9.2f}" for k in apart]
     if plan.gpus > 1:
         lines.append(f"\nper GPU, {plan.gpus} GPUs: " + (f"FSDP, weights sharded {s.shards} ways" if s.shards > 1

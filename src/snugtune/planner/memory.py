@@ -15,16 +15,27 @@ from snugtune.methods import METHODS
 from snugtune.planner.inventory import Inventory, Linear
 from snugtune.planner.plan import Decisions
 
-ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.25-0.43 GiB over the H100 grid
+ALLOCATOR_FIXED = 280 * MIB       # reserved minus allocated, measured 0.15-0.69 GiB over the H100 grid of eager
+                                  # blocks (2026-11-24), and kept for LLM.int8 layers, which allocate int8
+                                  # copies and int32 products at every call; ...
+ALLOCATOR_FIXED_COMPILED = 128 * MIB  # ... 0.02-0.29 GiB with compiled blocks of fused LoRA or plain linears,
+                                      # whose forward and backward allocate a few large buffers each (2026-11-30
+                                      # and 2026-12-06 grids)
 ALLOCATOR_FRACTION = 0.015        # ... growing slowly with the allocated peak (expandable segments on)
-GRAPH_POOL_FRACTION = 0.65        # CUDA graphs' private pool reserves this share of the step's working memory
-                                  # beyond it (no expandable segments there): fitted to Llama-3.1-8B 1x4096,
-                                  # 10.68 GiB reserved for 7.96 allocated; 1x2048 is then over-predicted
+ATTENTION_OUTPUT = "attention output"
+# torch allocates a 32 MiB cuBLAS workspace per handle on Hopper (CublasHandlePool.cpp, 8 MiB on older cards;
+# cuBLASLt shares it), and handles are per thread: the forward's and autograd's device thread's
+CUBLAS_WORKSPACES = 2 * 32 * MIB
+GRAPH_POOL_FRACTION = 1.2         # CUDA graphs' private pool reserves up to this share of the step's working
+                                  # memory beyond it (no expandable segments there): Llama-3.1-8B 1x4096 on the
+                                  # H100, 10.68 GiB reserved for 7.96 allocated (1.2), and the 16-bit LoRA rows
+                                  # of the 2026-11-30 grid (1.1-1.3); other rows used less (0 to 0.9)
 
 
 class Part(Enum):
-    """A row of the breakdown: (label, where: gpu | host, alive: step | transient | overhead).
-    Transients are alive at different moments of a step: the peak holds only the largest."""
+    """A row of the breakdown: (label, where: gpu | host, alive: step | forward | transient | overhead).
+    'forward' rows are what the forward keeps until its backward; transients are alive at different moments
+    of a step, each beside the forward rows ALIVE_BESIDE gives it: the peak is the largest such moment."""
     QUANTIZED_4BIT = ("quantized weights (4-bit + block scales)", "gpu", "step")
     QUANTIZED_8BIT = ("quantized weights (8-bit + row scales)", "gpu", "step")
     DENSE_COPY = ("16-bit copy of the 4-bit block weights", "gpu", "step")
@@ -40,15 +51,15 @@ class Part(Enum):
     TRAINED_GRADS = ("trained gradients (fp32)", "gpu", "step")
     OPTIMIZER_STATE = ("optimizer state", "gpu", "step")
     FSDP_GATHERED = ("FSDP gathered weights (root unit + 2 blocks)", "gpu", "step")
-    CHECKPOINTED_INPUTS = ("checkpointed block inputs", "gpu", "step")
-    KEPT_ACTIVATIONS = ("activations (blocks not checkpointed)", "gpu", "step")
-    ALL_ACTIVATIONS = ("activations (blocks with gradients)", "gpu", "step")
+    CHECKPOINTED_INPUTS = ("checkpointed block inputs", "gpu", "forward")
+    KEPT_ACTIVATIONS = ("activations (blocks not checkpointed)", "gpu", "forward")
+    ALL_ACTIVATIONS = ("activations (blocks with gradients)", "gpu", "forward")
     HOST_CHECKPOINTED_INPUTS = ("checkpointed block inputs", "host", "step")
     HOST_KEPT_ACTIVATIONS = ("activations (blocks not checkpointed)", "host", "step")
     HOST_ALL_ACTIVATIONS = ("activations (blocks with gradients)", "host", "step")
-    OFFLOADED_INPUT_BACK = ("one offloaded input copied back", "gpu", "step")
+    OFFLOADED_INPUT_BACK = ("one offloaded input copied back", "gpu", "forward")
     ATTENTION_MASK = ("attention mask (packed rows)", "gpu", "step")
-    WORKSPACE = ("dequantize / matmul workspace", "gpu", "step")
+    WORKSPACE = ("cuBLAS / dequantize / matmul workspace", "gpu", "step")
     RECOMPUTED_BLOCK = ("one block recomputed + its gradients", "gpu", "transient")
     BLOCK_GRADIENTS = ("one block's gradients", "gpu", "transient")
     LOSS = ("logits and loss (chunked)", "gpu", "transient")
@@ -74,11 +85,23 @@ class Part(Enum):
     def overhead(self) -> bool:
         return self.value[2] == "overhead"
 
+    @property
+    def kept_for_backward(self) -> bool:
+        return self.value[2] == "forward"
+
 
 Breakdown = dict[Part, int]
 WEIGHT_PARTS = (Part.QUANTIZED_4BIT, Part.QUANTIZED_8BIT, Part.FROZEN_WEIGHTS, Part.TRAINED_WEIGHTS)
 SHARDED_PARTS = (*WEIGHT_PARTS, Part.KEPT_WEIGHTS, Part.ADAPTER_PARAMS, Part.ADAPTER_GRADS, Part.TRAINED_GRADS,
                  Part.OPTIMIZER_STATE)  # under FSDP each process keeps 1/N of these
+# each transient, and the forward rows still alive beside it: the loss ends the forward; the top block's
+# backward comes first; a checkpointed block is recomputed once the blocks above it, which kept their
+# activations, are done; the reference pass (KTO's mismatched rows too) runs before the forward
+ALIVE_BESIDE = {Part.LOSS: (Part.CHECKPOINTED_INPUTS, Part.KEPT_ACTIVATIONS, Part.ALL_ACTIVATIONS),
+                Part.BLOCK_GRADIENTS: (Part.CHECKPOINTED_INPUTS, Part.KEPT_ACTIVATIONS, Part.ALL_ACTIVATIONS,
+                                       Part.OFFLOADED_INPUT_BACK),
+                Part.RECOMPUTED_BLOCK: (Part.CHECKPOINTED_INPUTS, Part.OFFLOADED_INPUT_BACK),
+                Part.REFERENCE_PASS: ()}
 ON_HOST_WHEN_OFFLOADED = {Part.CHECKPOINTED_INPUTS: Part.HOST_CHECKPOINTED_INPUTS,
                           Part.KEPT_ACTIVATIONS: Part.HOST_KEPT_ACTIVATIONS,
                           Part.ALL_ACTIVATIONS: Part.HOST_ALL_ACTIVATIONS}
@@ -153,17 +176,20 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Decisions) -> int:
     """Bytes one transformer block keeps for backward, per token, when it is not checkpointed.
 
     What autograd saves on the GPU (bitsandbytes 4-bit layers keep no input, 8-bit layers do; RoPE keeps
-    only cos/sin): each norm an fp32 copy of its input (lean norms: the 16-bit input); attention q, k and v
-    (k, v repeated to all heads) and its output, an fp32 log-sum-exp per head and the packed rows'
-    block-diagonal mask as a bias (by groups of heads: q, k and v unrepeated, nothing else)
-    (seq bytes x 2 per token); the MLP the activation's saved tensors and, gated, up and act(gate). Each
-    adapted linear: the autocast copy of its input for the fp32 LoRA A, the dropout mask (1 byte), and the
-    rank-r output. Under autocast LayerNorm runs in fp32 and bitsandbytes returns its input's dtype, so in
-    quantized LayerNorm models (Phi, StableLM) the MLP's tensors are fp32.
+    only cos/sin): each norm an fp32 copy of its input (lean norms, and compiled RMSNorm blocks: the 16-bit
+    input) and its fp32 reciprocal deviation (LayerNorm: and mean); attention q, k and v (k, v repeated to
+    all heads) and its output, an fp32 log-sum-exp per head and the packed rows' block-diagonal mask as a
+    bias (by groups of heads: q, k and v unrepeated, nothing else) (seq bytes x 2 per token); the MLP the
+    activation's saved tensors (compiled blocks: its input only, the rest recomputed in backward) and, gated,
+    up and act(gate) (compiled: up). Each adapted linear: the autocast copy of its input for the fp32 LoRA A
+    (fused layers in compiled blocks: the input itself, so o_proj's is attention's output), the dropout mask
+    (1 byte), and the rank-r output. Under autocast LayerNorm runs in fp32 and bitsandbytes returns its
+    input's dtype, so in quantized LayerNorm models (Phi, StableLM) the MLP's tensors are fp32.
     """
     c = s.compute_bytes
     a = _mlp_value_bytes(inv, s)
-    norms = inv.norms_per_block * (c if s.lean_norms else 4) * inv.hidden
+    norm_input = c if s.lean_norms or _compiled_rms(inv, s) else 4
+    norms = inv.norms_per_block * (norm_input * inv.hidden + (8 if inv.layer_norm else 4))  # + fp32 rstd (mean)
     attention = 4 * c * inv.q_dim + 4 * inv.heads + (c * s.row_tokens if s.attention_mask else 0)
     if attention_groups(inv, s) > 1:  # attention._HeadGroupedAttention saves q, k and v, nothing else
         attention = c * (inv.q_dim + 2 * inv.kv_dim)
@@ -174,15 +200,32 @@ def activation_bytes_per_token_layer(inv: Inventory, s: Decisions) -> int:
         inputs = a * (inv.hidden + mlp_input + inv.intermediate) + c * inv.q_dim
     elif m.trains_base != "none":  # trained weights need their inputs, trained norms their output
         inputs = c * (inv.hidden + mlp_input + inv.intermediate + inv.q_dim) + c * inv.norms_per_block * inv.hidden
-    lora = _lora_bytes_per_token(inv, s, lambda l: not in_mlp(inv, l))
+    # fused layers in compiled blocks keep the attention output itself for o_proj (traced on the CPU; eager
+    # long-context rows on the GPU measured more than that count, so eager blocks count their own copy)
+    shares_output = s.fused_lora and _compiled_rms(inv, s) and attention_groups(inv, s) == 1
+    counted = (ATTENTION_OUTPUT,) if shares_output else ()
+    lora = _lora_bytes_per_token(inv, s, lambda l: not in_mlp(inv, l), counted)
     return norms + attention + inputs + lora + mlp_bytes_per_token(inv, s)
 
 
 def mlp_bytes_per_token(inv: Inventory, s: Decisions) -> int:
     """The part of activation_bytes_per_token_layer that the MLP keeps: its activation's and gate's tensors
     and, for its adapted linears, the LoRA inputs and rank-r outputs (what MLP tiling bounds)."""
-    mlp = (ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)) * _mlp_value_bytes(inv, s)
-    return mlp * inv.intermediate + _lora_bytes_per_token(inv, s, lambda l: in_mlp(inv, l))
+    if _compiled_rms(inv, s):  # the activation's input and, gated, up; act(gate) is recomputed
+        values = 2 if inv.gated_mlp else 1
+    else:
+        values = ACTIVATION_SAVES.get(inv.hidden_act, 4) + (2 if inv.gated_mlp else 0)
+    lora = _lora_bytes_per_token(inv, s, lambda l: in_mlp(inv, l))
+    return values * _mlp_value_bytes(inv, s) * inv.intermediate + lora
+
+
+def _compiled_rms(inv: Inventory, s: Decisions) -> bool:
+    """Compiled blocks of an RMSNorm model: inductor's partitioner saves a norm's 16-bit input and the
+    activation's input and recomputes the pointwise work between them in backward (traced on the CPU,
+    tests/planner/test_compiled_saves.py; the GPU rows agree, docs/planner.md). Counted as eager where not
+    traced: LayerNorm models, MLP tiling (its tiles are checkpoints of their own) and LoRA dropout (the GPU
+    row with it kept more than the eager count)."""
+    return s.compiled_blocks and not s.tiled_mlp and not inv.layer_norm and s.lora_dropout == 0
 
 
 def _mlp_value_bytes(inv: Inventory, s: Decisions) -> int:
@@ -195,16 +238,16 @@ def in_mlp(inv: Inventory, linear: Linear) -> bool:
     return inv.intermediate in (linear.in_features, linear.out_features)
 
 
-# linears that read one tensor: the block's normed input to attention, or to the MLP
+# linears that read one tensor: the block's normed input to attention or to the MLP, or attention's output
 SHARED_INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp",
-                 "up_proj": "mlp"}
+                 "up_proj": "mlp", "o_proj": ATTENTION_OUTPUT, "dense": ATTENTION_OUTPUT}
 
 
-def _lora_bytes_per_token(inv: Inventory, s: Decisions, which) -> int:
+def _lora_bytes_per_token(inv: Inventory, s: Decisions, which, counted: tuple[str, ...] = ()) -> int:
     """Per token, for the adapted linears of one block that `which` selects: the input LoRA A multiplies
     (one tensor for the linears in SHARED_INPUTS that read the same one, where it is the same tensor: engine.
-    fused_lora's layers, which redraw dropout in backward, or no dropout), the dropout mask (1 byte) and
-    the rank-r output."""
+    fused_lora's layers, which redraw dropout in backward, or no dropout; none for the inputs in `counted`,
+    kept by what produced them), the dropout mask (1 byte) and the rank-r output."""
     m = METHODS[s.method]
     if not m.adapters:
         return 0
@@ -214,7 +257,7 @@ def _lora_bytes_per_token(inv: Inventory, s: Decisions, which) -> int:
     inputs = {}
     for l in top_block:
         shared = SHARED_INPUTS.get(l.short) if fused or s.lora_dropout == 0 else None
-        inputs[shared or l.short] = c * l.in_features
+        inputs[shared or l.short] = 0 if shared in counted else c * l.in_features
     return sum(inputs.values()) + sum(mask * l.in_features + c * s.lora_r for l in top_block)
 
 
@@ -260,8 +303,11 @@ def _activation_parts(inv: Inventory, s: Decisions) -> Breakdown:
         for l in _adapted(inv, s):
             per_block[l.layer] = per_block.get(l.layer, 0) + l.in_features * l.out_features
         recompute += max(per_block.values(), default=0) * s.compute_bytes
-    return {Part.CHECKPOINTED_INPUTS: recomputed * inv.hidden * s.compute_bytes * tokens,
-            Part.KEPT_ACTIVATIONS: kept * per_layer, Part.RECOMPUTED_BLOCK: recompute}
+    parts = {Part.CHECKPOINTED_INPUTS: recomputed * inv.hidden * s.compute_bytes * tokens,
+             Part.RECOMPUTED_BLOCK: recompute}
+    if kept:
+        parts.update({Part.KEPT_ACTIVATIONS: kept * per_layer, Part.BLOCK_GRADIENTS: per_layer + attention})
+    return parts
 
 
 def attention_backward_bytes(inv: Inventory, s: Decisions) -> int:
@@ -275,14 +321,23 @@ def attention_groups(inv: Inventory, s: Decisions) -> int:
     return head_group_count(inv.kv_dim // (inv.q_dim // inv.heads), s.head_groups)
 
 
+def head_chunk_tokens(inv: Inventory, s: Decisions, scored: int) -> int:
+    """Positions whose logits the output head holds at once: a chunk (memory_rules.logits_chunk_tokens) of the
+    `scored` positions; a preference objective runs the head answer by answer (preference_loss.group_logps),
+    and an answer has at most max_seq_len positions."""
+    most = scored if s.objective == "sft" else min(scored, s.max_seq_len)
+    return min(logits_chunk_tokens(inv.vocab), most)
+
+
 def _loss_bytes(inv: Inventory, s: Decisions) -> int:
     tokens = s.tokens
     trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
-    chunk = min(logits_chunk_tokens(inv.vocab), trained_tokens)
+    chunk = head_chunk_tokens(inv, s, trained_tokens)
     # a preference loss gathers the scored rows of the hidden states once more, answer by answer (group_logps)
     copies = 1 if s.objective != "sft" else 0
-    if METHODS[s.method].trains_base == "all":  # trained head: fp32 logits, log-softmax and their gradient
-        return (chunk * inv.vocab * (s.compute_bytes + 4 + 4)
+    if METHODS[s.method].trains_base == "all":  # trained head: fp32 logits, log-softmax and their gradient; its
+        # weight cast to 16 bits by autocast and that cast's gradient, before it joins the fp32 one
+        return (chunk * inv.vocab * (s.compute_bytes + 4 + 4) + 2 * s.compute_bytes * inv.vocab * inv.hidden
                 + trained_tokens * inv.hidden * (s.compute_bytes + 4 + copies * s.compute_bytes))
     # frozen head: fp32 logits become probabilities in place, + their 16-bit copy; the trained rows of the
     # hidden states and their gradient
@@ -293,12 +348,13 @@ def reference_bytes(inv: Inventory, s: Decisions) -> Breakdown:
     """A preference objective's reference: a frozen 16-bit copy of the base (reference 'copy'), and the
     forwards without gradient (the reference's, and KTO's mismatched rows' through the policy): one block's
     working set at a time over the micro-batch's tokens (its input and output, attention's q, k, v and
-    output, the MLP's gate, up and activation), the final hidden states and one chunk of logits."""
+    output, the MLP's gate, up and activation), the final hidden states and one chunk of logits (fp32, and
+    their log-softmax: loss.head_loss_sum without gradient)."""
     c, tokens = s.compute_bytes, s.tokens
     parts = {}
     if s.reference in ("adapter", "copy") or s.objective == "kto":  # precomputed: read from the batch
         block = tokens * (2 * inv.hidden + 2 * inv.q_dim + 2 * inv.kv_dim + 3 * inv.intermediate) * c
-        head = tokens * inv.hidden * c + min(logits_chunk_tokens(inv.vocab), tokens) * inv.vocab * (4 + c)
+        head = tokens * inv.hidden * c + head_chunk_tokens(inv, s, tokens) * inv.vocab * (4 + 4)
         parts[Part.REFERENCE_PASS] = block + head
     if s.reference == "copy":
         parts[Part.REFERENCE_COPY] = c * inv.total_params
@@ -317,6 +373,25 @@ def _held_parts(inv: Inventory, s: Decisions) -> Breakdown:
     return held
 
 
+def allocator_fixed(s: Decisions) -> int:
+    """The part of the allocator's reserve beyond use that does not grow with the step."""
+    few_buffers = s.compiled_blocks and not METHODS[s.method].linears_keep_input
+    return ALLOCATOR_FIXED_COMPILED if few_buffers else ALLOCATOR_FIXED
+
+
+def workspace_bytes(inv: Inventory, s: Decisions) -> int:
+    """cuBLAS's workspaces; a 4-bit weight dequantized for its matmul (two for peft's layers); and, unless
+    compiled blocks with fused LoRA layers fuse them away (their GPU rows measured none, docs/planner.md),
+    the outputs eager ops allocate one by one beyond what is saved (the norms' fp32 temporaries, act(gate)
+    and its product with up, peft's copies of its layers' outputs): two tokens x max(hidden, intermediate)."""
+    c = s.compute_bytes
+    biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
+    if s.fused_lora and s.compiled_blocks and not s.tiled_mlp:
+        return CUBLAS_WORKSPACES + (biggest * c if METHODS[s.method].base_bits == 4 and not s.dense_copy else 0)
+    mlp_tokens = min(s.tokens, MLP_TILE_TOKENS) if s.tiled_mlp else s.tokens  # the MLP runs a tile at a time
+    return CUBLAS_WORKSPACES + 2 * biggest * c + 2 * max(s.tokens * inv.hidden, mlp_tokens * inv.intermediate) * c
+
+
 def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     """Peak memory breakdown (Part -> bytes) for one training step; see peak()."""
     tokens = s.tokens
@@ -326,34 +401,38 @@ def estimate(inv: Inventory, s: Decisions) -> Breakdown:
         acts[Part.OFFLOADED_INPUT_BACK] = inv.hidden * s.compute_bytes * tokens
     if s.attention_mask:
         acts[Part.ATTENTION_MASK] = s.micro_batch * s.row_tokens ** 2  # block-diagonal, 1 byte each
-    biggest = max((l.in_features * l.out_features for l in inv.linears), default=0)
-    mlp_tokens = min(tokens, MLP_TILE_TOKENS) if s.tiled_mlp else tokens  # the MLP's matmuls run a tile at a time
-    workspace = (2 * biggest * s.compute_bytes
-                 + 2 * max(tokens * inv.hidden, mlp_tokens * inv.intermediate) * s.compute_bytes)
-    parts = {**_held_parts(inv, s), **acts, Part.LOSS: _loss_bytes(inv, s), Part.WORKSPACE: workspace,
-             **reference_bytes(inv, s)}
+    parts = {**_held_parts(inv, s), **acts, Part.LOSS: _loss_bytes(inv, s),
+             Part.WORKSPACE: workspace_bytes(inv, s), **reference_bytes(inv, s)}
     allocated = peak_allocated(parts)
     if s.cuda_graphs:  # the pool serves the step's activations, transients and workspace
         working = allocated - sum(v for k, v in _held_parts(inv, s).items() if not k.on_host)
         parts[Part.GRAPH_POOL] = int(GRAPH_POOL_FRACTION * working)
     # FSDP's all-gathered units come and go each step and leave about their size reserved beyond what is
     # allocated (2 x H200, Llama-3.1-8B QLoRA: 2.22 GiB reserved-allocated for 2.17 GiB gathered)
-    parts[Part.ALLOCATOR] = int(ALLOCATOR_FIXED + ALLOCATOR_FRACTION * allocated + parts.get(Part.FSDP_GATHERED, 0))
+    parts[Part.ALLOCATOR] = int(allocator_fixed(s) + ALLOCATOR_FRACTION * allocated + parts.get(Part.FSDP_GATHERED, 0))
     parts[Part.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     return {k: int(v) for k, v in parts.items() if v}
 
 
+def _moment(parts: Breakdown, transient: Part) -> Breakdown:
+    """The GPU rows of the step's moment where `transient` is alive: the forward rows alive beside it, and it."""
+    return {k: v for k, v in parts.items() if k is transient or (k in ALIVE_BESIDE[transient] and not k.on_host)}
+
+
 def largest_transient(parts: Breakdown) -> Part | None:
-    """The transient alive at the step's peak (the largest of them)."""
+    """The transient whose moment of the step is the peak (the most bytes alive with it)."""
     transients = [k for k in parts if k.transient]
-    return max(transients, key=lambda k: parts[k]) if transients else None
+    return max(transients, key=lambda k: sum(_moment(parts, k).values())) if transients else None
 
 
 def alive_at_peak(parts: Breakdown) -> Breakdown:
-    """The GPU rows that make up the peak: everything held through the step, the largest transient and
-    the overheads. The other transients are alive at other moments, host rows not on the GPU at all."""
+    """The GPU rows that make up the peak: everything held through the step and the overheads, and the peak
+    moment's transient with the forward rows alive beside it. The other rows are alive at other moments,
+    host rows not on the GPU at all."""
     top = largest_transient(parts)
-    return {k: v for k, v in parts.items() if not k.on_host and (not k.transient or k is top)}
+    moment = _moment(parts, top) if top else {k: v for k, v in parts.items() if k.kept_for_backward}
+    return {k: v for k, v in parts.items()
+            if not k.on_host and (k in moment or not (k.transient or k.kept_for_backward))}
 
 
 def peak_allocated(parts: Breakdown) -> int:
