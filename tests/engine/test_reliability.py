@@ -117,6 +117,30 @@ def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path):
     assert position["step"] == max(r["step"] for r in _metric_rows(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_swallowed_while_loading_still_stops_the_run_before_its_first_step(tmp_path, alpaca_file,
+                                                                                    monkeypatch, signum):
+    # a library that catches every exception (a bare except, a finalizer) while the model loads
+    import os
+    from snugtune.engine import train as train_module
+    from snugtune.errors import TrainingInterrupted
+    real_plan_run = train_module.plan_run
+
+    def plan_run_in_a_library_that_swallows_it(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(1)  # the handler runs here
+        except BaseException:
+            pass
+        return real_plan_run(*args, **kwargs)
+    monkeypatch.setattr(train_module, "plan_run", plan_run_in_a_library_that_swallows_it)
+    cfg = tiny_config(tmp_path, alpaca_file, train={"max_steps": 50})
+    with pytest.raises(TrainingInterrupted, match="at step 0"):
+        train(cfg, show_progress=False)
+    assert not [r for r in _metric_rows(tmp_path / "run") if "loss" in r]  # no step trained
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers put back
+
+
 def test_a_truncated_checkpoint_is_skipped_on_resume(tmp_path, alpaca_file):
     cfg = tiny_config(tmp_path, alpaca_file, train={"max_steps": 4}, save={"every_steps": 2, "keep": 3})
     train(cfg, show_progress=False)

@@ -1,7 +1,10 @@
 """Stop requests: SIGINT/SIGTERM let the current optimizer step finish, then the loop saves and exits.
 
-A second SIGINT while a stop is pending interrupts at once (the default behaviour). Under torchrun a
-signal may reach one process only; the processes agree once per step, so all stop after the same step.
+A second SIGINT while a stop is pending interrupts at once (the default behaviour), and so does a signal
+outside the step loop (while the model and data load, while the run finishes); that one is recorded too, so a
+library that swallows the KeyboardInterrupt (a bare except, a finalizer) cannot lose it: the loop then stops
+before its first step. Under torchrun a signal may reach one process only; the processes agree once per step,
+so all stop after the same step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class StopRequests:
     def __init__(self) -> None:
         self.requested: str | None = None
         self.agreed: str | None = None
+        self.stepping = False  # inside the step loop: the first signal waits for the step's end
 
     def agree(self, ctx: DistContext) -> None:
         """Share the stop request with every process (collective: all call it once per optimizer step);
@@ -28,9 +32,10 @@ class StopRequests:
         self.agreed = signal.Signals(number).name if number else None
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        pending = self.requested is not None
         self.requested = signal.Signals(signum).name
+        if not self.stepping or (pending and signum == signal.SIGINT):
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self):

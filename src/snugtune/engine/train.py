@@ -66,7 +66,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     started = time.perf_counter()
     run_dir = Path(config.output_dir)
     prepare_run_folder(run_dir)  # every process judges the folder alike; one writes into it and holds it
-    with hold_run_lock(run_dir) if ctx.is_main else nullcontext(), \
+    stop = StopRequests()
+    with stop.installed(), hold_run_lock(run_dir) if ctx.is_main else nullcontext(), \
             failures_named(ctx, config.train.collective_timeout_s):
         job = set_up(config, notify if ctx.is_main else (lambda message: None), ctx, started, accept_new_data)
         plan = plan_run(config, job.inventory, job.trained_per_row, ctx.world_size, job.masked,
@@ -76,7 +77,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
             run.started = started
             position, log, resumed_from = resume(run)
             eval_before = held_out_before(run, log)
-            stopped = train_steps(run, position, log, show_progress and ctx.is_main)
+            stopped = train_steps(run, position, log, stop, show_progress and ctx.is_main)
             if stopped != REBUILD:
                 break
             log.close()
@@ -248,62 +249,66 @@ class Window:
     nonfinite_in_a_row: int = 0
 
 
-def train_steps(run: Run, position: TrainPosition, log: MetricsLog, show_progress: bool) -> str | None:
-    """Optimizer steps, epoch after epoch, until the run's last. Returns why it stopped early: a signal's name,
-    or REBUILD when an out-of-memory error stepped down to a plan that needs another model (this step is
-    then checkpointed, and the new model resumes from it)."""
-    job, stop = run.job, StopRequests()
+def train_steps(run: Run, position: TrainPosition, log: MetricsLog, stop: StopRequests,
+                show_progress: bool) -> str | None:
+    """Optimizer steps, epoch after epoch, until the run's last. Returns why it stopped early: a signal's name
+    (one that came while loading and was swallowed stops it before the first step), or REBUILD when an
+    out-of-memory error stepped down to a plan that needs another model (this step is then checkpointed, and
+    the new model resumes from it)."""
+    job = run.job
     progress = TrainProgress(run.total_steps, position.step, enabled=show_progress)
     window = Window()
+    stop.agree(job.ctx)
+    stop.stepping = True
     try:
-        with stop.installed():
-            while position.step < run.total_steps and not stop.agreed:
-                rows = job.objective.epoch_rows(job.data.train, run.config.train.seed, position.epoch, job.packed_len)
-                while position.rows_in_epoch < len(rows) and position.step < run.total_steps:
-                    tc = run.config.train
-                    step_rows = rows[position.rows_in_epoch:][: run.rows_per_step]
-                    shares, padding = step_share(step_rows, job.ctx, tc.micro_batch)
-                    group = [run.batch_of(share) for share in shares]
-                    start_lora_dropout_step(run.model, position.step)  # masks keyed by the step: resume redraws them
-                    step_metrics = {}  # the objective's, summed over the step's micro-batches
-                    try:
-                        step_loss = accumulate_gradients(run.stepper, group, job.precision, run.scaler, job.device,
-                                                         job.ctx, run.offload, run.graphs, padding, run.objective,
-                                                         step_metrics)
-                    except torch.OutOfMemoryError:
-                        if job.ctx.enabled:
-                            raise
-                        group.clear()  # free the batches before stepping down
-                        trained_with = config_to_yaml(run.config)
-                        if step_down(run, f"step {position.step + 1}"):
-                            save_checkpoint_now(run, position, log, trained_with)
-                            return REBUILD
-                        RunFolder(job.run_dir).write_config(config_to_yaml(run.config))
-                        continue  # the same rows again, split as the new plan says
-                    step_tokens = int(sum_across(job.ctx, sum(real_tokens(b) for b in group[:len(group) - padding])))
-                    result = optimizer_step(run.optimizer, run.scheduler, run.scaler, run.params, tc.max_grad_norm,
-                                            step_loss, job.precision.loss_scaling)
-                    window.nonfinite_in_a_row = 0 if result.finite else window.nonfinite_in_a_row + 1
-                    window.tokens += step_tokens
-                    position.skipped_steps += not result.finite
-                    position.step += 1
-                    position.rows_in_epoch += len(step_rows)
-                    position.tokens_trained += step_tokens
-                    _log_step(run, position, len(rows), log, progress, window, step_loss, result,
-                              metric_means(step_metrics))
-                    if window.nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                        _raise_diverged(run, position, window.nonfinite_in_a_row)
-                    stop.agree(job.ctx)  # a signal to any process stops every process after this same step
-                    if stop.agreed:
-                        break
-                    # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
-                    if result.finite and position.step % run.config.save.every_steps == 0 \
-                            and position.step < run.total_steps:
-                        save_checkpoint_now(run, position, log)
-                if position.rows_in_epoch >= len(rows):
-                    position.epoch += 1
-                    position.rows_in_epoch = 0
+        while position.step < run.total_steps and not stop.agreed:
+            rows = job.objective.epoch_rows(job.data.train, run.config.train.seed, position.epoch, job.packed_len)
+            while position.rows_in_epoch < len(rows) and position.step < run.total_steps:
+                tc = run.config.train
+                step_rows = rows[position.rows_in_epoch:][: run.rows_per_step]
+                shares, padding = step_share(step_rows, job.ctx, tc.micro_batch)
+                group = [run.batch_of(share) for share in shares]
+                start_lora_dropout_step(run.model, position.step)  # masks keyed by the step: resume redraws them
+                step_metrics = {}  # the objective's, summed over the step's micro-batches
+                try:
+                    step_loss = accumulate_gradients(run.stepper, group, job.precision, run.scaler, job.device,
+                                                     job.ctx, run.offload, run.graphs, padding, run.objective,
+                                                     step_metrics)
+                except torch.OutOfMemoryError:
+                    if job.ctx.enabled:
+                        raise
+                    group.clear()  # free the batches before stepping down
+                    trained_with = config_to_yaml(run.config)
+                    if step_down(run, f"step {position.step + 1}"):
+                        save_checkpoint_now(run, position, log, trained_with)
+                        return REBUILD
+                    RunFolder(job.run_dir).write_config(config_to_yaml(run.config))
+                    continue  # the same rows again, split as the new plan says
+                step_tokens = int(sum_across(job.ctx, sum(real_tokens(b) for b in group[:len(group) - padding])))
+                result = optimizer_step(run.optimizer, run.scheduler, run.scaler, run.params, tc.max_grad_norm,
+                                        step_loss, job.precision.loss_scaling)
+                window.nonfinite_in_a_row = 0 if result.finite else window.nonfinite_in_a_row + 1
+                window.tokens += step_tokens
+                position.skipped_steps += not result.finite
+                position.step += 1
+                position.rows_in_epoch += len(step_rows)
+                position.tokens_trained += step_tokens
+                _log_step(run, position, len(rows), log, progress, window, step_loss, result,
+                          metric_means(step_metrics))
+                if window.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                    _raise_diverged(run, position, window.nonfinite_in_a_row)
+                stop.agree(job.ctx)  # a signal to any process stops every process after this same step
+                if stop.agreed:
+                    break
+                # no periodic checkpoint inside a run of non-finite steps: the last one kept stays a good one
+                if result.finite and position.step % run.config.save.every_steps == 0 \
+                        and position.step < run.total_steps:
+                    save_checkpoint_now(run, position, log)
+            if position.rows_in_epoch >= len(rows):
+                position.epoch += 1
+                position.rows_in_epoch = 0
     finally:
+        stop.stepping = False
         progress.close()
     return stop.agreed
 
