@@ -112,13 +112,17 @@ def train(
         moved = _run(debug, set_aside_run, Path(cfg.output_dir))
         if moved:
             err.print(f"moved the previous run to {moved}", highlight=False, markup=False)
-    if ctx.is_main:
-        out.print(f"snugtune: training [bold]{escape(cfg.model)}[/] ({cfg.method}) -> {escape(cfg.output_dir)}"
-                  + (f" on {ctx.world_size} processes" if ctx.enabled else ""), highlight=False)
+    from snugtune.engine.signals import StopRequests
+    stop = StopRequests()  # from here a signal is recorded, even one a library swallows while it imports
     try:
-        summary = _run(debug, _train_or_plan, cfg, show_progress=not quiet,
-                       notify=lambda message: err.print(message, highlight=False), ctx=ctx,
-                       accept_new_data=accept_new_data)
+        with stop.installed():
+            if ctx.is_main:
+                out.print(f"snugtune: training [bold]{escape(cfg.model)}[/] ({cfg.method}) -> "
+                          f"{escape(cfg.output_dir)}" + (f" on {ctx.world_size} processes" if ctx.enabled else ""),
+                          highlight=False)
+            summary = _run(debug, _train_or_plan, cfg, show_progress=not quiet,
+                           notify=lambda message: err.print(message, highlight=False), ctx=ctx,
+                           accept_new_data=accept_new_data, stop=stop)
     finally:
         distributed.stop(ctx)
     if ctx.is_main:

@@ -52,7 +52,7 @@ REBUILD = "rebuild"  # train_steps' answer when an OOM stepped down to a plan th
 
 
 def train(config: Config, show_progress: bool = True, notify=lambda message: None, ctx: DistContext = SINGLE,
-          accept_new_data: bool = False) -> dict:
+          accept_new_data: bool = False, stop: StopRequests | None = None) -> dict:
     """Fine-tune per `config`, resuming from output_dir's newest complete checkpoint. Returns summary.json's dict.
 
     `notify(str)` receives one-line notices (resuming, the planner's choices, step downs). SIGINT/SIGTERM finish
@@ -66,7 +66,7 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
     started = time.perf_counter()
     run_dir = Path(config.output_dir)
     prepare_run_folder(run_dir)  # every process judges the folder alike; one writes into it and holds it
-    stop = StopRequests()
+    stop = stop or StopRequests()  # the CLI's, installed before the libraries load: a signal then is kept too
     with stop.installed(), hold_run_lock(run_dir) if ctx.is_main else nullcontext(), \
             failures_named(ctx, config.train.collective_timeout_s):
         job = set_up(config, notify if ctx.is_main else (lambda message: None), ctx, started, accept_new_data)
