@@ -135,10 +135,11 @@ def test_a_signal_swallowed_while_loading_still_stops_the_run_before_its_first_s
         return real_plan_run(*args, **kwargs)
     monkeypatch.setattr(train_module, "plan_run", plan_run_in_a_library_that_swallows_it)
     cfg = tiny_config(tmp_path, alpaca_file, train={"max_steps": 50})
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(TrainingInterrupted, match="at step 0"):
         train(cfg, show_progress=False)
     assert not [r for r in _metric_rows(tmp_path / "run") if "loss" in r]  # no step trained
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers put back
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # put back
 
 
 def test_a_truncated_checkpoint_is_skipped_on_resume(tmp_path, alpaca_file):
