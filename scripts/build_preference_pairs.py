@@ -1,16 +1,21 @@
 """Build the preference demo's pairs from the quickstart dataset (src/snugtune/bundled/stdlib_functions.jsonl):
-for each "write this function" task, the real function (chosen) against a plausible wrong one (rejected).
+for each "write this function" task, the real function (chosen) against an unfinished or buggy one (rejected).
 
-The wrong answer keeps the task's own `def` line, so the two differ only in the body:
-  - even rows: another function's body (from half the file away, the first there from another module),
-  - odd rows: the real body with a bug planted: a comparison, an arithmetic operator, a boolean or a None test
-    turned around, or else its last statement dropped.
-Deterministic (no randomness): the same input gives the same pairs. Run:  python scripts/build_preference_pairs.py
-(writes src/snugtune/bundled/stdlib_pairs.jsonl; docs/preference.md describes it).
+The prompt is the quickstart's instruction cut to the docstring's first paragraph, so that more prompts and
+answers fit the demo's 192 tokens. The wrong answer keeps the task's own `def` line and differs only in the body:
+  - its last statement dropped (a function that stops one statement early, most often before its `return`),
+    where the body has two statements or more;
+  - else a bug planted: a comparison, an arithmetic operator, a boolean or a None test turned around.
+The embedded SmolLM2 prefers the unfinished body on most pairs (fewer tokens, fewer log-probabilities summed),
+so the demo has room to move; another function's body under the def line, which the base model already
+rejected on most pairs, taught little. Deterministic (no randomness): the same input gives the same pairs.
+Run:  python scripts/build_preference_pairs.py
+(writes src/snugtune/bundled/stdlib_pairs.jsonl; docs/preference.md describes it and measures the demo).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -25,50 +30,50 @@ OUT = BUNDLED / "stdlib_pairs.jsonl"
 BUGS = [(r" < ", " >= "), (r" <= ", " > "), (r" > ", " <= "), (r" >= ", " < "), (r" == ", " != "),
         (r" != ", " == "), (r" is None", " is not None"), (r" is not None", " is None"), (r" \+ 1\b", " - 1"),
         (r" - 1\b", " + 1"), (r"\bTrue\b", "False"), (r"\bFalse\b", "True"), (r" \+ ", " - "), (r" and ", " or ")]
+DOCSTRING = " Its docstring says:\n\n"  # how build_stdlib_dataset.py joins the task and the docstring
+
+
+def short_prompt(instruction: str) -> str:
+    """The task with only the docstring's first paragraph."""
+    task, _, docstring = instruction.partition(DOCSTRING)
+    first = docstring.split("\n\n")[0]
+    return f"{task} Its docstring begins:\n\n{first}" if first else task
 
 
 def split_function(code: str) -> tuple[str, str]:
-    """(the def line(s) up to the body, the body)."""
+    """(the def line(s) up to the body, the body; empty for a one-line function)."""
     lines = code.splitlines()
-    first_body = next(i for i, line in enumerate(lines) if i > 0 and not lines[i - 1].rstrip().endswith(","))
+    first_body = next((i for i in range(1, len(lines)) if not lines[i - 1].rstrip().endswith(",")), len(lines))
     return "\n".join(lines[:first_body]), "\n".join(lines[first_body:])
 
 
-def planted_bug(body: str) -> str | None:
-    """The body with its first matching operator turned around (only its first occurrence), or None."""
+def without_last_line(code: str) -> str | None:
+    """The function up to the end of its body's second-to-last statement (comments after it dropped too), where
+    the body's last statement is one line; else None."""
+    body = ast.parse(code).body[0].body
+    if len(body) < 2 or body[-1].lineno != body[-1].end_lineno:
+        return None
+    return "\n".join(code.splitlines()[:body[-2].end_lineno])
+
+
+def planted_bug(code: str) -> str | None:
+    """The function with the first matching operator of its body turned around (its first occurrence), or None."""
+    header, body = split_function(code)
     for pattern, replacement in BUGS:
         changed = re.sub(pattern, replacement, body, count=1)
         if changed != body:
-            return changed
+            return f"{header}\n{changed}"
     return None
 
 
-def without_last_statement(body: str) -> str | None:
-    lines = body.splitlines()
-    return "\n".join(lines[:-1]) if len(lines) > 2 else None
-
-
-def module_of(row: dict) -> str:
-    return re.search(r"module `([^`]+)`", row["instruction"]).group(1)
-
-
-def rejected_answer(rows: list[dict], i: int) -> str:
-    header, body = split_function(rows[i]["output"])
-    if i % 2:
-        wrong = planted_bug(body) or without_last_statement(body)
-        if wrong is not None:
-            return f"{header}\n{wrong}"
-    half = i + len(rows) // 2
-    others = [j for j in range(half, half + len(rows)) if module_of(rows[j % len(rows)]) != module_of(rows[i])]
-    other = rows[(others[0] if others else i + 1) % len(rows)]
-    return f"{header}\n{split_function(other['output'])[1]}"
-
-
 def build_pairs(rows: list[dict]) -> list[dict]:
-    """The quickstart's rows as pairs (those whose wrong answer came out identical left out)."""
-    pairs = [{"prompt": row["instruction"], "chosen": row["output"], "rejected": rejected_answer(rows, i)}
-             for i, row in enumerate(rows)]
-    return [p for p in pairs if p["chosen"] != p["rejected"]]
+    """The quickstart's rows as pairs (those with no wrong answer that differs from the real one left out)."""
+    pairs = []
+    for row in rows:
+        wrong = without_last_line(row["output"]) or planted_bug(row["output"])
+        if wrong is not None and wrong != row["output"]:
+            pairs.append({"prompt": short_prompt(row["instruction"]), "chosen": row["output"], "rejected": wrong})
+    return pairs
 
 
 def main() -> None:

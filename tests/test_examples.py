@@ -1,6 +1,7 @@
 """Every shipped config validates, names a model the registry knows, and trains two steps on a tiny twin; the
 preference demo's pairs are what their script builds, and the demo itself raises held-out preference accuracy."""
 
+import ast
 import json
 import sys
 from pathlib import Path
@@ -75,26 +76,70 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def test_the_shipped_pairs_are_what_the_script_builds_from_the_bundled_functions(monkeypatch):
+@pytest.fixture
+def pairs_script(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
-    import build_preference_pairs as script
-    functions, pairs = _jsonl(script.SOURCE), _jsonl(script.OUT)
-    assert script.build_pairs(functions) == pairs and len(pairs) > 0.95 * len(functions)
-    for pair in pairs:  # the same def line, another body: only the body tells a right answer from a wrong one
-        header = script.split_function(pair["chosen"])[0]
-        assert pair["rejected"].startswith(header + "\n") and pair["rejected"] != pair["chosen"]
+    import build_preference_pairs
+    yield build_preference_pairs
     sys.modules.pop("build_preference_pairs")
+
+
+def test_the_shipped_pairs_are_what_the_script_builds_from_the_bundled_functions(pairs_script):
+    functions, pairs = _jsonl(pairs_script.SOURCE), _jsonl(pairs_script.OUT)
+    assert pairs_script.build_pairs(functions) == pairs and len(pairs) > 0.9 * len(functions)
+    tasks = {pairs_script.short_prompt(f["instruction"]): f["output"] for f in functions}
+    for pair in pairs:  # the real function for its task, and a wrong one under the same def line that still parses
+        assert tasks[pair["prompt"]] == pair["chosen"] != pair["rejected"]
+        header = pairs_script.split_function(pair["chosen"])[0]
+        assert pair["rejected"].startswith(header + "\n")
+        ast.parse(pair["rejected"])
+
+
+WRONG_ANSWERS = [  # (function, the rejected answer the script makes of it, or None: no pair)
+    ("def f(a):\n    b = a + 1\n    return b", "def f(a):\n    b = a + 1"),
+    ("def f(a):\n    b = a\n    # why\n\n    return b", "def f(a):\n    b = a"),  # comments before the line go too
+    ("def f(a,\n      b):\n    c = a\n    return c", "def f(a,\n      b):\n    c = a"),  # a def over two lines
+    ("def f(a):\n    if a:\n        a = 1\n    return a", "def f(a):\n    if a:\n        a = 1"),
+    ("def f(a):\n    a = 1\n    return (a +\n            a) < 2",  # a last statement over two lines stays
+     "def f(a):\n    a = 1\n    return (a +\n            a) >= 2"),
+    ("def f(a):\n    for x in a:\n        if x < 0:\n            return x",  # one statement: a bug planted
+     "def f(a):\n    for x in a:\n        if x >= 0:\n            return x"),
+    ("def f(a):\n    a = 1; return a", None),  # one line holds both statements: dropping it leaves no body
+    ("def f(a):\n    return g(a)", None),  # one statement, no operator to turn around
+    ("def f(a): return a is None", None),  # a one-line function has no body line of its own
+]
+
+
+@pytest.mark.parametrize("function, wrong", WRONG_ANSWERS)
+def test_the_wrong_answer_is_the_function_one_line_short_or_with_a_bug_planted(pairs_script, function, wrong):
+    row = {"instruction": "Write the Python function `f(a)` from the standard library module `m`.", "output": function}
+    pairs = pairs_script.build_pairs([row])
+    assert [p["rejected"] for p in pairs] == ([wrong] if wrong else [])
+    for pair in pairs:
+        ast.parse(pair["rejected"])
+        assert pair["prompt"] == row["instruction"] and pair["chosen"] == function
+
+
+@pytest.mark.parametrize("instruction, prompt", [
+    ("Write `f(a)` from `m`. Its docstring says:\n\nFirst line.\nSecond.\n\nMore.",
+     "Write `f(a)` from `m`. Its docstring begins:\n\nFirst line.\nSecond."),
+    ("Write `f(a)` from `m`. Its docstring says:\n\nOnly one paragraph.",
+     "Write `f(a)` from `m`. Its docstring begins:\n\nOnly one paragraph."),
+    ("Write `f(a)` from `m`.", "Write `f(a)` from `m`."),
+])
+def test_the_prompt_keeps_the_task_and_the_docstrings_first_paragraph(pairs_script, instruction, prompt):
+    assert pairs_script.short_prompt(instruction) == prompt
 
 
 @pytest.mark.slow
 def test_the_preference_demo_moves_held_out_pairs_toward_the_chosen_answer(tmp_path):
     """The demo as its header runs it: DPO on the embedded SmolLM2 and the shipped pairs, then eval --task preference
-    (docs/preference.md records one run: 18 held-out pairs, DPO loss 0.693 -> 0.625, 11 moved toward the chosen)."""
+    (docs/preference.md records the run: 41 held-out pairs, preference accuracy 34.1% base, 78.0% tuned)."""
     from snugtune.evaluate.tasks import evaluate_run
     summary = train(EXAMPLES_DIR / "smollm2-135m_lora-dpo_cpu.yaml", [f"output_dir={tmp_path / 'run'}"],
                     show_progress=False)
     assert summary["objective"] == "dpo" and summary["reference"] == "adapter"
-    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.03
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.1
     result = evaluate_run(tmp_path / "run", ["preference"])["preference"]
-    assert result["reward_accuracy"] > 0.5 and result["reward_margin"] > 0
-    assert result["tuned_margin"] > result["base_margin"] and result["tuned_accuracy"] >= result["base_accuracy"]
+    assert result["pairs"] >= 40 and result["reward_accuracy"] > 0.75
+    assert result["tuned_accuracy"] >= result["base_accuracy"] + 0.2 and result["tuned_margin"] > result["base_margin"]
