@@ -142,7 +142,7 @@ def _before(checkout: str, count: int) -> list[int]:
     return before
 
 
-def _describe(r: dict) -> list[str]:
+def describe(r: dict) -> list[str]:
     s = _decisions(r["settings"])
     ckpt = ("off" if not s.grad_checkpointing else "on" if s.checkpointed_layers is None
             else f"first {s.checkpointed_layers}")
@@ -182,7 +182,7 @@ def main() -> None:
             if _group(r) != group:
                 continue
             errors.append(now[i] / r["measured"] - 1)
-            cells = [*_describe(r), f"{r['measured'] / GIB:.2f}"]
+            cells = [*describe(r), f"{r['measured'] / GIB:.2f}"]
             if before:
                 old_errors.append(before[i] / r["measured"] - 1)
                 cells += [f"{before[i] / GIB:.2f}", f"{old_errors[-1]:+.1%}"]

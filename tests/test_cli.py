@@ -207,26 +207,36 @@ def test_ctrl_c_in_chat_exits_130(finished_run, monkeypatch):
 
 # A Ctrl-C that lands while a library imports passes through the exec() dataclasses run; CPython 3.11 then
 # ended `python -m snugtune` by SIGINT (returncode -2) although the command had caught it and exited 130.
-INTERRUPTED_IN_EXEC = """
+INTERRUPTED_IN_EXEC = {
+    # the train command catches it: its config is read through exec()
+    "in a command": """
+import sys
+import snugtune.config
+def load_config(*args):
+    exec("raise KeyboardInterrupt")
+snugtune.config.load_config = load_config
+sys.argv = ["snugtune", "train", "config.yaml"]
+""",
+    # it lands before any command handles it
+    "before a command": """
 import typer
-import snugtune.cli as cli
 app = typer.Typer()
 @app.command()
 def command():
-    {body}
-cli.app = app
-cli.main()
-"""
+    exec("raise KeyboardInterrupt")
+import snugtune.cli
+snugtune.cli.app = app
+""",
+}
 
 
-@pytest.mark.parametrize("body", ['cli._run(False, exec, "raise KeyboardInterrupt")',  # a command catches it
-                                  'exec("raise KeyboardInterrupt")'])  # it lands before a command handles it
-def test_a_ctrl_c_that_passed_through_exec_still_exits_130(tmp_path, body):
+@pytest.mark.parametrize("where", list(INTERRUPTED_IN_EXEC))
+def test_a_ctrl_c_that_passed_through_exec_still_exits_130(tmp_path, where):
     import subprocess
     import sys
     package = tmp_path / "interrupted_cli"
     package.mkdir()
-    (package / "__main__.py").write_text(INTERRUPTED_IN_EXEC.format(body=body))
+    (package / "__main__.py").write_text(INTERRUPTED_IN_EXEC[where] + "from snugtune.cli import main\nmain()\n")
     source = Path(__file__).resolve().parents[1] / "src"
     proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{source}:{tmp_path}"}, timeout=120)

@@ -12,7 +12,7 @@ spec.loader.exec_module(recorded)
 
 
 def _errors(rows: list[dict]) -> dict[str, float]:
-    return {" ".join(recorded._describe(r)): p / r["measured"] - 1 for r, p in zip(rows, recorded.predictions(rows))}
+    return {" ".join(recorded.describe(r)): p / r["measured"] - 1 for r, p in zip(rows, recorded.predictions(rows))}
 
 
 def test_every_recorded_preference_row_is_within_ten_percent_and_never_three_under():
