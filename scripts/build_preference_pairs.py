@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from build_stdlib_dataset import write_rows  # scripts/build_stdlib_dataset.py
+from build_stdlib_dataset import DOCSTRING_FOLLOWS, write_rows  # scripts/build_stdlib_dataset.py
 
 BUNDLED = Path(__file__).resolve().parent.parent / "src" / "snugtune" / "bundled"
 SOURCE = BUNDLED / "stdlib_functions.jsonl"
@@ -30,12 +30,11 @@ OUT = BUNDLED / "stdlib_pairs.jsonl"
 BUGS = [(r" < ", " >= "), (r" <= ", " > "), (r" > ", " <= "), (r" >= ", " < "), (r" == ", " != "),
         (r" != ", " == "), (r" is None", " is not None"), (r" is not None", " is None"), (r" \+ 1\b", " - 1"),
         (r" - 1\b", " + 1"), (r"\bTrue\b", "False"), (r"\bFalse\b", "True"), (r" \+ ", " - "), (r" and ", " or ")]
-DOCSTRING = " Its docstring says:\n\n"  # how build_stdlib_dataset.py joins the task and the docstring
 
 
 def short_prompt(instruction: str) -> str:
     """The task with only the docstring's first paragraph."""
-    task, _, docstring = instruction.partition(DOCSTRING)
+    task, _, docstring = instruction.partition(DOCSTRING_FOLLOWS)
     first = docstring.split("\n\n")[0]
     return f"{task} Its docstring begins:\n\n{first}" if first else task
 

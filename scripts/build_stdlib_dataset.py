@@ -14,6 +14,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+DOCSTRING_FOLLOWS = " Its docstring says:\n\n"  # between a task and its docstring (the pairs script splits there)
+
 MODULES = ["bisect", "heapq", "textwrap", "shlex", "fnmatch", "posixpath", "ntpath", "genericpath", "colorsys",
            "calendar", "statistics", "difflib", "base64", "quopri", "html/__init__", "urllib/parse", "ipaddress",
            "fractions", "glob", "string", "keyword", "operator", "copy", "shutil", "tempfile", "pprint",
@@ -59,7 +61,7 @@ def functions(path: Path, module: str):
             continue
         signature = header.strip().removeprefix("def ").rstrip(":")
         yield {"instruction": f"Write the Python function `{signature}` from the standard library module "
-                              f"`{module.replace('/__init__', '').replace('/', '.')}`. Its docstring says:\n\n{doc}",
+                              f"`{module.replace('/__init__', '').replace('/', '.')}`.{DOCSTRING_FOLLOWS}{doc}",
                "input": "", "output": code}
 
 
