@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import snugtune.loss as loss_module
 from snugtune.data.tokenize import IGNORE
-from snugtune.loss import head_loss_sum, logits_chunk_tokens
+from snugtune.loss import head_group_loss_sums, head_loss_sum, logits_chunk_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -44,3 +44,31 @@ def test_chunked_loss_matches_full_logits_cross_entropy(monkeypatch, dtype, head
         assert float(head_loss_sum(head, hidden, targets)) == pytest.approx(float(
             F.cross_entropy(head(hidden).float(), targets, reduction="sum", ignore_index=IGNORE)), rel=1e-5)
     assert not torch.isnan(grad).any() and float(grad[::7].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("head_trained", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_group_sums_are_each_groups_cross_entropy_with_its_gradient(monkeypatch, head_trained, grad):
+    # every row through the head, each to its group's sum: what a preference step captured as a CUDA graph runs
+    torch.manual_seed(0)
+    vocab, width, n, groups = 500, 16, 150, 4
+    monkeypatch.setattr(loss_module, "LOGITS_CHUNK_BYTES", 32 * 4 * vocab)  # chunks of 32 rows, a ragged last
+    head = torch.nn.Linear(width, vocab, bias=False)
+    head.weight.requires_grad_(head_trained)
+    hidden = torch.randn(n, width, requires_grad=grad)
+    targets = torch.randint(0, vocab, (n,))
+    targets[::5] = IGNORE
+    owners = torch.randint(0, groups, (n,))
+    weights = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    with torch.set_grad_enabled(grad):
+        sums = head_group_loss_sums(head, hidden, targets, owners, groups)
+        full = F.cross_entropy(head(hidden).float(), targets, reduction="none", ignore_index=IGNORE)
+        expected = torch.stack([full[owners == k].sum() for k in range(groups)])
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-5)
+    if grad:
+        (sums * weights).sum().backward()
+        got = hidden.grad.clone()
+        hidden.grad = None
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(got, hidden.grad, rtol=1e-4, atol=1e-6)
+        assert float(got[::5].abs().max()) == 0.0  # unscored rows: no gradient

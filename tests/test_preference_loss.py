@@ -259,14 +259,42 @@ def test_group_logps_sums_each_groups_tokens_as_full_logits_would(tmp_path, alpa
     owners[:, :] = torch.where(owners == 2, 3, owners)  # group 2 scores nothing: its sum is 0
     batch = {"input_ids": ids, "labels": labels, "label_groups": owners}
     model.eval()
-    with torch.no_grad():
-        sums, counts = group_logps(model, batch, 5)
     expected = _full_logit_group_sums(model, batch, 5)
-    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-4)
-    assert counts.tolist() == [int(((labels[:, 1:] != -100) & (owners[:, 1:] == k)).sum()) for k in range(5)]
-    assert float(sums[2]) == 0.0 and float(sums[4]) == 0.0
+    unscored = torch.where(labels == -100, torch.randint(-100, 5, (3, 20), generator=g), owners)
+    for fixed_shape in (False, True):  # fixed: every position through the head (a CUDA graph's step)
+        with torch.no_grad():  # an unscored position's group is anything: it adds nothing
+            sums, counts = group_logps(model, {**batch, "label_groups": unscored}, 5, fixed_shape)
+        torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-4)
+        assert counts.tolist() == [int(((labels[:, 1:] != -100) & (owners[:, 1:] == k)).sum()) for k in range(5)]
+        assert float(sums[2]) == 0.0 and float(sums[4]) == 0.0
     with pytest.raises(ValueError, match="outside 0..2"):
         group_logps(model, batch, 3)
+
+
+def test_fixed_shape_group_logps_give_the_lora_gradients_of_the_gathered_path(tmp_path, alpaca_file, monkeypatch):
+    import snugtune.loss as loss_module
+    from conftest import tiny_model, trainable_grads
+    monkeypatch.setattr(loss_module, "LOGITS_CHUNK_BYTES", 7 * 4 * 49152)
+    _, model, _, _ = tiny_model(tmp_path, alpaca_file)
+    for name, p in model.named_parameters():  # a moved adapter: every LoRA weight has a gradient
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 24), generator=g)
+    labels = torch.where(torch.rand(2, 24, generator=g) < 0.6, ids, torch.full_like(ids, -100))
+    owners = torch.where(labels == -100, -100, torch.randint(0, 3, (2, 24), generator=g))
+    batch = {"input_ids": ids, "labels": labels, "label_groups": owners}
+    weights = torch.tensor([0.5, -2.0, 1.5])  # each group's sum weighted apart, as a DPO loss weighs them
+    results = []
+    for fixed_shape in (False, True):
+        model.zero_grad(set_to_none=True)
+        sums, _ = group_logps(model, batch, 3, fixed_shape)
+        (sums * weights).sum().backward()
+        results.append((sums.detach(), trainable_grads(model)))
+    (sums, grads), (fixed_sums, fixed_grads) = results
+    torch.testing.assert_close(fixed_sums, sums, rtol=1e-5, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fixed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --- against TRL's trainers on a tiny LoRA model: tokenization, batches, loss and LoRA gradients ----------------

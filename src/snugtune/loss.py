@@ -38,10 +38,10 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     gradient for `hidden` is computed in forward, chunk by chunk, and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, owners=None, groups=0):
         weight = weight.to(dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros(() if owners is None else (groups,), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
@@ -53,18 +53,23 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                 top = logits.amax(dim=-1, keepdim=True)
                 probs = logits.sub_(top).exp_()                      # in place: no second [c, V] fp32 tensor
                 norm = probs.sum(dim=-1, keepdim=True)
-                total += ((top.squeeze(1) + norm.log().squeeze(1) - picked) * scored).sum()
+                row_loss = (top.squeeze(1) + norm.log().squeeze(1) - picked) * scored
+                if owners is None:
+                    total += row_loss.sum()
+                else:  # each row's loss to its group's sum: a fixed shape, no host synchronisation
+                    total.index_add_(0, owners[start:start + chunk], row_loss)
                 probs.div_(norm.div_(scored.unsqueeze(1)))           # ignored rows: inf norm, zero gradient
                 probs[rows, t] -= scored                             # softmax - onehot
                 grad_hidden[start:start + chunk] = probs.to(dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
+        ctx.save_for_backward(grad_hidden, owners)
         ctx.hidden_dtype = hidden.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_total).to(ctx.hidden_dtype), None, None, None, None
+        grad_hidden, owners = ctx.saved_tensors
+        scale = grad_total if owners is None else grad_total[owners].unsqueeze(1)  # each row its group's
+        return (grad_hidden.float() * scale).to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
 def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,6 +117,32 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return backbone(input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
                     attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
                     use_cache=False, **document_bounds(batch)).last_hidden_state
+
+
+def _chunk_group_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
+                      groups: int) -> torch.Tensor:
+    losses = F.cross_entropy(head(hidden).float(), targets, reduction="none", ignore_index=IGNORE)
+    return losses.new_zeros(groups).index_add(0, owners, losses)
+
+
+def head_group_loss_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
+                         groups: int) -> torch.Tensor:
+    """Sums [groups] of next-token cross-entropy of `hidden` [N, H] against `targets` [N] through `head`, each
+    row adding to the group `owners` [N] names (0 <= owner < groups; rows whose target is IGNORE add nothing,
+    whatever their owner). Every row goes through the head, in chunks as head_loss_sum: shapes do not depend
+    on the data and nothing waits on the GPU (a preference step captured as a CUDA graph)."""
+    chunk = logits_chunk_tokens(head.weight.shape[0])
+    if _frozen_plain_head(head) and torch.is_grad_enabled() and hidden.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden), owners,
+                                             groups)
+    total = hidden.new_zeros(groups, dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t, o = hidden[start:start + chunk], targets[start:start + chunk], owners[start:start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_group_sums, head, h, t, o, groups, use_reentrant=False)
+        else:
+            total = total + _chunk_group_sums(head, h, t, o, groups)
+    return total
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = False) -> tuple[torch.Tensor, int]:

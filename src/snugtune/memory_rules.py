@@ -101,12 +101,12 @@ SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "kto": 1}
 
 
 def objective_replays(objective: str) -> bool:
-    """Whether a micro-batch of this objective can be captured as a CUDA graph: sft only. A preference step
-    sums each answer's scored tokens apart (preference_loss.group_logps gathers them by answer: shapes that
-    depend on the data, known only after a host synchronisation), runs the reference forward under
-    disable_adapter beside the policy's, and, for KTO, reads a reference point computed over the whole step
-    before its micro-batches: a graph would bake in one batch's answer lengths."""
-    return objective == "sft"
+    """Whether a micro-batch of this objective can be captured as a CUDA graph: sft, dpo and orpo. Their
+    losses run every position through the head and add it to its answer's sum with a fixed-size index
+    (preference_loss.group_logps, fixed_shape), and DPO's reference forward (the adapter disabled) is recorded
+    beside the policy's. Not KTO: its reference point is computed over the whole step before its micro-batches,
+    and its metrics split rows by label (shapes that depend on the data)."""
+    return objective in ("sft", "dpo", "orpo")
 
 
 def reference_for(objective: str, adapters: bool, copy_fits: bool) -> str:
@@ -128,7 +128,7 @@ def replays_cuda_graphs(setting: bool | str, compiling: bool, cuda: bool, one_pr
                         draws_random_numbers: bool, objective: str = "sft") -> bool:
     """train.cuda_graphs resolved: possible on a CUDA device in one process for methods whose step a graph can
     hold (methods.Method.replays_graphs: LoRA on a base that never waits on the GPU; a frozen head: the loss
-    needs no data-dependent shapes) and objectives whose step one can (objective_replays: sft), without
+    needs no data-dependent shapes) and objectives whose step one can (objective_replays), without
     weight streaming, activation offload (its copies to host memory are made per step) or MLP tiling, and
     when no block draws random numbers (checkpointing cannot restore the generator in a graph). auto: where
     possible and blocks are compiled.

@@ -78,20 +78,21 @@ def _sft_held_out(t, model, batches, precision, device):
 
 # --- preference -----------------------------------------------------------------------------------
 
-def _reference_logps(t: "TrainingObjective", model, batch: dict, groups: int) -> torch.Tensor:
+def _reference_logps(t: "TrainingObjective", model, batch: dict, groups: int,
+                     fixed_shape: bool = False) -> torch.Tensor:
     """The reference model's summed log-probabilities of each group: computed before training, from the
     frozen copy, or from the model with its adapter disabled (no gradient either way)."""
     if "reference_logps" in batch:
         return batch["reference_logps"]
     with torch.no_grad():
         if t.reference_model is not None:
-            return group_logps(t.reference_model, batch, groups)[0]
+            return group_logps(t.reference_model, batch, groups, fixed_shape)[0]
         with model.disable_adapter():
-            return group_logps(model, batch, groups)[0]
+            return group_logps(model, batch, groups, fixed_shape)[0]
 
 
 def _examples(batch: dict) -> int:
-    return int(batch["examples"])
+    return int(batch["examples"])  # a host tensor where the step is captured (engine.graphs)
 
 
 def _pair_collate(t, rows, pad_id, packed, pad_multiple, max_len):
@@ -108,8 +109,9 @@ def _orpo_scored(t, pair) -> int:
 
 def _dpo_sums(t, model, batch, metrics, fixed_shape):
     n, p = _examples(batch), t.preference
-    ref = _reference_logps(t, model, batch, 2 * n)  # first: its activations are gone before the policy's forward
-    sums, tokens = group_logps(model, batch, 2 * n)
+    # the reference first: its activations are gone before the policy's forward
+    ref = _reference_logps(t, model, batch, 2 * n, fixed_shape)
+    sums, tokens = group_logps(model, batch, 2 * n, fixed_shape)
     loss = dpo_loss(sums[:n], sums[n:], ref[:n], ref[n:], tokens[:n], tokens[n:], p.beta, p.loss_type,
                     p.label_smoothing)
     add_metrics(metrics, loss.metrics)
@@ -127,7 +129,7 @@ def _orpo_counts(t, batch):
 
 def _orpo_sums(t, model, batch, metrics, fixed_shape):
     n, p = _examples(batch), t.preference
-    sums, tokens = group_logps(model, batch, 3 * n if p.prompt_nll else 2 * n)
+    sums, tokens = group_logps(model, batch, 3 * n if p.prompt_nll else 2 * n, fixed_shape)
     prompt = (sums[2 * n:], tokens[2 * n:]) if p.prompt_nll else (None, None)
     loss = orpo_loss(sums[:n], sums[n:2 * n], tokens[:n], tokens[n:2 * n], p.beta, *prompt)
     add_metrics(metrics, loss.metrics)

@@ -25,21 +25,32 @@ import torch
 import torch.nn.functional as F
 
 from snugtune.data.tokenize import IGNORE
-from snugtune.loss import final_hidden, head_loss_sum
+from snugtune.loss import final_hidden, head_group_loss_sums, head_loss_sum
 from snugtune.models.load import causal_lm_parts
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def group_logps(model, batch: dict[str, torch.Tensor], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_logps(model, batch: dict[str, torch.Tensor], groups: int,
+                fixed_shape: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probabilities [groups], number of scored tokens [groups]) of each group's tokens.
 
     The batch is what final_hidden reads, plus labels (IGNORE: not scored) and label_groups [B, T]: at each
-    scored position, the group its token belongs to (0 <= group < groups)."""
+    scored position, the group its token belongs to (0 <= group < groups).
+
+    fixed_shape: every position goes through the head and adds to its group's sum (unscored ones nothing),
+    with no host synchronisation or data-dependent shape (a step captured as a CUDA graph); else only the
+    scored positions, gathered answer by answer."""
     hidden = final_hidden(model, batch)
     head = causal_lm_parts(model)[1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
+    if fixed_shape:
+        owners = torch.where(keep, batch["label_groups"][:, 1:], 0).reshape(-1)
+        sums = -head_group_loss_sums(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1),
+                                     owners, groups)
+        return sums, torch.zeros(groups, dtype=torch.long, device=owners.device).index_add_(
+            0, owners, keep.reshape(-1).long())
     owners = batch["label_groups"][:, 1:][keep]
     if owners.numel() and not 0 <= int(owners.min()) <= int(owners.max()) < groups:
         raise ValueError(f"label_groups holds a group outside 0..{groups - 1}")
@@ -81,8 +92,9 @@ def metric_means(metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[
 
 
 def _over(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the values' sum, their count): the count a host tensor, which a CUDA graph's capture cannot copy over."""
     values = values.detach()
-    return values.sum(), torch.tensor(values.numel(), device=values.device)
+    return values.sum(), torch.tensor(values.numel())
 
 
 def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:

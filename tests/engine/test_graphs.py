@@ -5,6 +5,7 @@ same micro-batch (its last warm-up, so that compilation and autotuning never hap
 Llama-2-7B recipe's capture failed when a recompiled block benchmarked a kernel there); and a failed capture
 leaves the run eager and correct."""
 
+import pytest
 import torch
 
 from conftest import CPU, FP32, tiny_model, trainable_grads
@@ -24,22 +25,29 @@ def shape_key(inputs: dict) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in inputs.items())
 
 
-def recording_graphs(model, events: list, fail: bool = False) -> StepGraphs:
-    """StepGraphs on the CPU with captures on: each capture (or, with fail, an error) and each eager run logged."""
-    graphs = StepGraphs(model, CPU, FP32, FP32.grad_scaler())
+def recording_graphs(model, events: list, fail: bool = False, objective=None) -> StepGraphs:
+    """StepGraphs on the CPU with captures on: each capture (or, with fail, an error) and each eager run logged.
+    A replay refills the capture's outputs (the loss, the objective's metrics) as a graph's would."""
+    graphs = StepGraphs(model, CPU, FP32, FP32.grad_scaler(), **({"objective": objective} if objective else {}))
     graphs.captures = True
     eager = graphs._eager
 
-    def logged_eager(on_device, key):
+    def logged_eager(on_device, key, metrics=None):
         events.append(("eager", key))
-        return eager(on_device, key)
+        return eager(on_device, key, metrics)
 
     def capture(static):
-        events.append(("capture", shape_key(static)))
+        events.append(("capture", shape_key({k: v for k, v in static.items() if k != "examples"})))
         if fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        loss = torch.zeros(())
-        return RecordedWork(lambda: loss.copy_(graphs._forward_backward(static))), static, loss
+        loss, outputs = torch.zeros(()), {}
+
+        def replay():
+            outputs.clear()
+            sums = graphs._forward_backward(static, outputs)
+            loss.resize_(sums.shape).copy_(sums)
+
+        return RecordedWork(replay), static, loss, outputs
 
     graphs._eager, graphs._capture = logged_eager, capture
     return graphs
@@ -91,3 +99,33 @@ def test_a_failed_capture_leaves_the_run_eager_with_the_same_gradients(tmp_path,
     assert len([e for e in events if e[0] == "eager"]) == 9 and not graphs.graphs
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("objective,sections", [("dpo", {}), ("orpo", {}), ("orpo", {"preference": {"prompt_nll": True}})])
+def test_a_preference_step_through_graphs_equals_the_eager_step(tmp_path, objective, sections):
+    # DPO (its reference forward with the adapter disabled recorded beside the policy's) and ORPO (two loss
+    # terms, two weights): captured micro-batches replayed give the eager step's loss, metrics and gradients
+    from snugtune.engine.step import accumulate_gradients
+    from snugtune.preference_loss import metric_means
+    from test_preference_step import preference_model
+    t, model, tokenizer, data = preference_model(tmp_path, objective, lora={"dropout": 0.0}, **sections)
+    pad = tokenizer.pad_token_id
+    a = t.collate([[e] for e in data.train[:2]], pad, packed=False)
+    b = t.collate([[e] for e in data.train[2:5]], pad, packed=False)
+    group = [a, a, a, b, a]  # a captured at its third run, replayed at its fourth
+    results = []
+    for graphs in (None, "recording"):
+        model.zero_grad(set_to_none=True)
+        events, metrics = [], {}
+        stepper = recording_graphs(model, events, objective=t) if graphs else None
+        loss = accumulate_gradients(model, group, FP32, FP32.grad_scaler(), CPU, graphs=stepper, objective=t,
+                                    metrics=metrics)
+        results.append((loss, metric_means(metrics), trainable_grads(model), events))
+    (loss, metrics, grads, _), (graph_loss, graph_metrics, graph_grads, events) = results
+    assert [kind for kind, _ in events] == ["eager", "eager", "eager", "capture", "eager"]  # then one replay
+    assert graph_loss == pytest.approx(loss, rel=1e-5)
+    assert graph_metrics.keys() == metrics.keys() and "rewards/margins" in metrics
+    for name, value in metrics.items():
+        assert graph_metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for name, grad in grads.items():
+        torch.testing.assert_close(graph_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -58,7 +58,7 @@ def test_the_planner_plans_preference_runs_and_holds_a_copy_only_where_it_fits(t
     lora = plan_config(tiny_config(tmp_path, data, model="smollm2-135m-instruct", objective="dpo",
                                    max_seq_len=1024), "t4")
     assert lora.fits and lora.decisions.reference == "adapter" and lora.decisions.objective == "dpo"
-    assert not lora.decisions.cuda_graphs  # memory_rules.objective_replays: sft only
+    assert lora.decisions.cuda_graphs  # a DPO step with the adapter as its reference replays as a CUDA graph
     full = tiny_config(tmp_path, data, model="smollm2-135m-instruct", objective="kto", method="full", max_seq_len=512)
     roomy, tight = plan_config(full, "24GiB"), plan_config(full, "3.6GiB")
     assert roomy.decisions.reference == "copy" and Part.REFERENCE_COPY in roomy.breakdown

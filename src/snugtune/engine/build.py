@@ -111,8 +111,8 @@ def build_run(job: Job, plan: Plan) -> Run:
     if fsdp_root is not None and job.precision.loss_scaling:  # fp16 (T4): every process must agree on skipping
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         scaler = ShardedGradScaler(job.precision.device_type)
-    graphs = new_graphs(job, model, scaler) if plan.decisions.cuda_graphs else None
     objective = build_reference(job, plan, model)  # before the held-out batches: they carry its log-probabilities
+    graphs = new_graphs(job, model, scaler, objective) if plan.decisions.cuda_graphs else None
     return Run(job, plan, model, fsdp_root, stepper, speedups,
                ActivationOffload() if plan.decisions.offload_activations else None, counts, params, optimizer,
                build_scheduler(optimizer, tc, total_steps), scaler, graphs, total_steps, rows_per_step,
@@ -167,8 +167,8 @@ def build_model(job: Job, plan: Plan) -> tuple:
     return model, root, stepper, speedups, counts
 
 
-def new_graphs(job: Job, model: torch.nn.Module, scaler) -> StepGraphs:
-    return StepGraphs(model, job.device, job.precision, scaler)
+def new_graphs(job: Job, model: torch.nn.Module, scaler, objective: TrainingObjective) -> StepGraphs:
+    return StepGraphs(model, job.device, job.precision, scaler, objective=objective)
 
 
 def held_out_batches(job: Job, config: Config) -> list:

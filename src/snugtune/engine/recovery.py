@@ -86,7 +86,7 @@ def step_down(run: Run, where: str) -> bool:
     run.held_out = held_out_batches(job, plan.config)
     if run.graphs is not None:  # drop the old shapes' graphs and their memory pool
         run.graphs.release("stepped down after running out of memory")
-        run.graphs = new_graphs(job, run.model, run.scaler) if plan.decisions.cuda_graphs else None
+        run.graphs = new_graphs(job, run.model, run.scaler, run.objective) if plan.decisions.cuda_graphs else None
     return False
 
 

@@ -50,8 +50,8 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
     trained tokens; dpo: the pairs; snugtune.objectives), so micro-batch 1 x accumulation 8 gives the same
     gradient as 8 x 1 on variable-length data, and N processes the same as one; DDP and FSDP average
     gradients over processes, the world size turns that back into the sum. Under DDP or FSDP gradients are
-    synchronised on the last micro-batch only. `graphs` (engine.graphs.StepGraphs) replays each micro-batch
-    as a CUDA graph (one process). The last `padding` micro-batches run with weight 0
+    synchronised on the last micro-batch only. `graphs` (engine.graphs.StepGraphs, built for the same
+    objective) replays each micro-batch as a CUDA graph (one process). The last `padding` micro-batches run with weight 0
     (engine.distributed.step_share: every process runs the same count)."""
     real = len(group) - padding
     counts = [objective.counts(b) for b in group[:real]]
@@ -65,7 +65,7 @@ def accumulate_gradients(model, group: list[dict[str, torch.Tensor]], precision,
         last = i == len(group) - 1
         weights = [(ctx.world_size if i < real else 0.0) / total for total in totals]
         if graphs is not None:
-            sums = graphs.forward_backward(batch, weights[0])
+            sums = graphs.forward_backward(batch, weights, metrics)
         else:
             batch = {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **state}
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP

@@ -324,14 +324,15 @@ def attention_groups(inv: Inventory, s: Decisions) -> int:
 def head_chunk_tokens(inv: Inventory, s: Decisions, scored: int) -> int:
     """Positions whose logits the output head holds at once: a chunk (memory_rules.logits_chunk_tokens) of the
     `scored` positions; a preference objective runs the head answer by answer (preference_loss.group_logps),
-    and an answer has at most max_seq_len positions."""
-    most = scored if s.objective == "sft" else min(scored, s.max_seq_len)
+    and an answer has at most max_seq_len positions, unless its step is a CUDA graph (every position at once)."""
+    most = scored if s.objective == "sft" or s.cuda_graphs else min(scored, s.max_seq_len)
     return min(logits_chunk_tokens(inv.vocab), most)
 
 
 def _loss_bytes(inv: Inventory, s: Decisions) -> int:
     tokens = s.tokens
-    trained_tokens = tokens if s.trained_tokens is None else min(tokens, s.trained_tokens)
+    # a step captured as a CUDA graph runs every position through the head (loss.token_loss_sum, fixed_shape)
+    trained_tokens = tokens if s.trained_tokens is None or s.cuda_graphs else min(tokens, s.trained_tokens)
     chunk = head_chunk_tokens(inv, s, trained_tokens)
     # a preference loss gathers the scored rows of the hidden states once more, answer by answer (group_logps)
     copies = 1 if s.objective != "sft" else 0
