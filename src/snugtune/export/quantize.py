@@ -102,6 +102,26 @@ def header_tensor_types(path: str | Path, data: mmap.mmap) -> Counter:
     return kinds
 
 
+def _plain_cpu_model(llama_cpp, **settings):
+    """llama_cpp.Llama(**settings) with its weights in plain CPU buffers (llama_model_params.use_extra_bufts
+    off, which Llama() does not take): on a CPU with AMX, llama.cpp repacks Q4_K weights for its AMX matmul,
+    which crashed the process (SIGSEGV in ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36, a Sapphire Rapids
+    CPU); the plain kernels score the same tokens, a little slower."""
+    low = llama_cpp.llama_cpp
+    defaults = low.llama_model_default_params
+
+    def plain_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = plain_params  # read once, by Llama() as it loads the model
+    try:
+        return llama_cpp.Llama(**settings)
+    finally:
+        low.llama_model_default_params = defaults
+
+
 def gguf_perplexity(path: str | Path, text: str, context: int = 512) -> tuple[float, int]:
     """(perplexity, tokens scored) of `text` under the GGUF model at `path`, run by llama.cpp on the CPU.
 
@@ -109,8 +129,8 @@ def gguf_perplexity(path: str | Path, text: str, context: int = 512) -> tuple[fl
     and only each window's second half is scored, so every scored token has at least context/2 before it.
     """
     llama_cpp = llama_cpp_bindings("GGUF perplexity (llama.cpp)")
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
-                            n_threads=os.cpu_count() or 1)
+    model = _plain_cpu_model(llama_cpp, model_path=str(path), n_ctx=context, n_batch=context, logits_all=True,
+                             verbose=False, n_threads=os.cpu_count() or 1)
     tokens = model.tokenize(text.encode(), add_bos=False)
     bos = model.token_bos()
     total, scored = 0.0, 0
