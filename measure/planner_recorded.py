@@ -45,7 +45,8 @@ from snugtune.registry import block_linear_names
 
 RUNS = Path(__file__).resolve().parent.parent / "docs" / "runs"
 H100_CONTEXT = 718_077_952  # device memory in use outside torch's allocator, measured alone (H100, CUDA 13)
-PREFERENCE = ("preference_grid_h100_2026-12-06.jsonl", "preference_grid_h200_2026-12-06.jsonl")
+PREFERENCE = ("preference_grid_h100_2026-12-06.jsonl", "preference_grid_h200_2026-12-06.jsonl",
+              "preference_grid_h100_2026-12-07.jsonl")
 SFT_RECORDED = "planner_grid_h200_2026-11-30.jsonl"
 SFT_REBUILT = ("planner_grid_h100_v1.jsonl", "planner_grid_h100_v2.jsonl")
 WITHIN, UNDER = 0.10, -0.03  # the design's target: within 10%, never more than 3% under

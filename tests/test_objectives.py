@@ -37,3 +37,17 @@ def test_held_out_preference_batches_hold_at_most_a_micro_batch_of_examples(tmp_
     assert [int(b["examples"]) for b in batches] == [3, 3, 3, 1]
     assert [int(b["examples"]) for b in t.held_out_batches(pairs, 4, tokenizer.pad_token_id)] == [4, 4, 2]
     assert all(b["input_ids"].shape[0] == 2 * int(b["examples"]) for b in batches)  # chosen rows, rejected rows
+
+
+def test_lengths_vary_where_the_datas_sequences_pad_to_several_lengths(tmp_path, tokenizer):
+    # what the planner sizes a preference step's CUDA graphs by: one shape, or shapes that run beside the pool
+    config = DataConfig(path=str(write_jsonl(tmp_path / "p.jsonl", pair_rows(8))), eval_fraction=0.0)
+    t = training_objective(Config(data=config, objective="dpo"))
+    examples = prepare_data(config, tokenizer, 96, 0, objective="dpo").train
+    rows = [[e] for e in examples]
+    lengths = {n for e in examples for n in (len(e.prompt_ids) + len(e.chosen_ids),
+                                             len(e.prompt_ids) + len(e.rejected_ids))}
+    assert len(lengths) > 1 and t.lengths_vary(rows, 1)
+    assert not t.lengths_vary(rows, 4096)  # every sequence pads to one multiple
+    sft = training_objective(Config(data=config))
+    assert not sft.lengths_vary([["packed row"]], 1)  # packed rows: counted as full

@@ -190,6 +190,14 @@ def _scored(t, example) -> int:
     return example.trained_tokens
 
 
+def sequence_lengths(example) -> list[int]:
+    """The tokens of each sequence a preference example lays out: a pair's prompt + chosen and prompt +
+    rejected; a KTO row's prompt + completion."""
+    if hasattr(example, "chosen_ids"):
+        return [len(example.prompt_ids) + len(example.chosen_ids), len(example.prompt_ids) + len(example.rejected_ids)]
+    return [len(example.prompt_ids) + len(example.completion_ids)]
+
+
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective("sft", packs_rows=True, by_length=True,
                      collate=_sft_collate, counts=lambda t, batch: (trained_positions(batch),), loss_sums=_sft_sums,
@@ -249,6 +257,14 @@ class TrainingObjective:
         size = max(1, min(batch_size, max_tokens // max_len if max_tokens and max_len else batch_size))
         return [self.collate([[e] for e in examples[k:k + size]], pad_id, False, pad_multiple, max_len)
                 for k in range(0, len(examples), size)]
+
+    def lengths_vary(self, rows: list[list], pad_multiple: int) -> bool:
+        """Whether the rows' sequences pad to more than one length (micro-batches of several shapes). Packed
+        rows are counted as full."""
+        if self.objective.packs_rows:
+            return False
+        lengths = {-(-n // pad_multiple) for row in rows for example in row for n in sequence_lengths(example)}
+        return len(lengths) > 1
 
     def scored_tokens(self, row: list) -> int:
         """Positions of a row whose log-probabilities go through the output head (what the planner sizes

@@ -119,3 +119,18 @@ def test_the_reference_pass_runs_before_the_step_keeps_anything_for_backward(tmp
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         accumulate_gradients(model, [batch], FP32, FP32.grad_scaler(), CPU, objective=t)
     assert at_reference and set(at_reference) == {0} and saved[0] > 0
+
+
+def test_a_preference_graphs_pool_is_a_small_reserve_unless_lengths_vary(tiny_llama_inventory):
+    # one shape: the pool holds the step's working memory in place of the allocator (2026-12-07 grid); several
+    # lengths: a shape not captured runs eagerly beside the pool, its working memory once more
+    from snugtune.planner.memory import PREFERENCE_GRAPH_POOL_FIXED
+    inv = tiny_llama_inventory
+    dpo = planner_decisions(objective="dpo", reference="adapter", cuda_graphs=True)
+    one_shape, varied = estimate(inv, dpo), estimate(inv, replace(dpo, lengths_vary=True))
+    working = one_shape[Part.GRAPH_POOL] - PREFERENCE_GRAPH_POOL_FIXED
+    assert 0 < working < 0.1 * one_shape[Part.GRAPH_POOL]
+    assert varied[Part.GRAPH_POOL] > one_shape[Part.GRAPH_POOL] + 10 * working
+    assert peak(varied) > peak(one_shape)
+    sft = planner_decisions(cuda_graphs=True)
+    assert estimate(inv, replace(sft, lengths_vary=True)) == estimate(inv, sft)  # sft's pool: its own rule

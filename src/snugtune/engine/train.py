@@ -71,7 +71,8 @@ def train(config: Config, show_progress: bool = True, notify=lambda message: Non
             failures_named(ctx, config.train.collective_timeout_s):
         job = set_up(config, notify if ctx.is_main else (lambda message: None), ctx, started, accept_new_data)
         plan = plan_run(config, job.inventory, job.trained_per_row, ctx.world_size, job.masked,
-                        job.device.type == "cuda", job.notify)
+                        job.device.type == "cuda", job.notify,
+                        job.objective.lengths_vary(job.first_epoch_rows, job.pad_multiple))
         while True:
             run = build_that_fits(job, plan)
             run.started = started

@@ -40,14 +40,14 @@ def plan_without_card(asked: Config, inv: Inventory, gpus: int = 1) -> Plan:
 
 
 def plan_run(asked: Config, inv: Inventory, trained_per_row: list[int], world_size: int = 1, masked: bool = True,
-             cuda: bool = True, notify=lambda message: None) -> Plan:
-    """The plan a run starts with, knowing each row's trained positions and whether batches carry an attention
-    mask; without a card to plan for (the CPU under budget: auto) the config as asked. DoesNotFit, with the
-    refusal's numbers, when nothing fits."""
+             cuda: bool = True, notify=lambda message: None, lengths_vary: bool = True) -> Plan:
+    """The plan a run starts with, knowing each row's trained positions, whether batches carry an attention
+    mask and whether the data's sequences pad to several lengths; without a card to plan for (the CPU under
+    budget: auto) the config as asked. DoesNotFit, with the refusal's numbers, when nothing fits."""
     if not cuda and asked.budget == "auto":
         return plan_without_card(asked, inv, world_size)
     plan = plan_config(asked, trained_per_row=trained_per_row, gpus=max(1, world_size), masked=masked, inv=inv,
-                       cuda=cuda)
+                       cuda=cuda, lengths_vary=lengths_vary)
     if not plan.fits:
         raise DoesNotFit(f"{refusal(plan)} (see `snugtune plan`)")
     for key, (was, chosen) in plan.changes.items():
@@ -87,7 +87,8 @@ def step_down(asked: Config, failed: Plan, where: str, inv: Inventory, trained_p
     card = f"{failed.card.split(HELD_BELOW)[0]}{HELD_BELOW}{failed.peak_bytes / GIB:.2f} GiB plan that ran out"
     plan = plan_for_budget(asked, budget, card, inv, trained_per_row=trained_per_row, gpus=failed.gpus,
                            masked=masked, host_available=failed.host_available_bytes,
-                           most_micro=failed.decisions.micro_batch, suggest_cards=False, cuda=failed.cuda)
+                           most_micro=failed.decisions.micro_batch, suggest_cards=False, cuda=failed.cuda,
+                           lengths_vary=failed.decisions.lengths_vary)
     if not plan.fits:
         raise DoesNotFit(f"{where} ran out of memory with {settings_text(failed)}; {refusal(plan)}")
     changed = {k: v[1] for k, v in planned_differences(failed.config, plan.config).items()}

@@ -34,13 +34,15 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                   method: str | None = None, checkpointed_layers: int | None = None,
                   trained: list[int] | None = None, offload: Offload = NO_OFFLOAD, shards: int = 1, gpus: int = 1,
                   masked: bool = True, tiled_mlp: bool = False, graphs: bool = True,
-                  dense_copy: bool = False, cuda: bool = True, reference_copy: bool = False) -> Decisions:
+                  dense_copy: bool = False, cuda: bool = True, reference_copy: bool = False,
+                  lengths_vary: bool = True) -> Decisions:
     """Every decision of one candidate: compilation, kept dense weights, lean norms, head groups, CUDA
     graphs and a preference objective's reference follow from its settings by memory_rules. graphs=False:
     eager steps even where graphs could run. dense_copy: a dense copy of the 4-bit block weights asked for
     (held where memory_rules.holds_dense_copy allows it). cuda: the run has a CUDA GPU (else nothing compiles
     unless asked, and no step replays). reference_copy: a frozen copy of the base as the reference (where
-    memory_rules.reference_for takes one: full and freeze under dpo or kto)."""
+    memory_rules.reference_for takes one: full and freeze under dpo or kto). lengths_vary: the data's sequences
+    pad to several lengths (a preference step's graphs then meet shapes they did not capture)."""
     from snugtune.registry import block_linear_names
     method = method or cfg.method
     targets = cfg.lora.targets if cfg.lora.targets != "all-linear" else block_linear_names(inv.model_type)
@@ -64,6 +66,7 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                      cuda_graphs=graphs and replays_cuda_graphs(
                          cfg.train.cuda_graphs, compiling, cuda, one_process, offload.weights, replays,
                          offload.activations, tiled_mlp, draws, cfg.objective),
+                     lengths_vary=lengths_vary,
                      compiled_blocks=compiling,
                      fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits),
                      objective=cfg.objective,
@@ -175,6 +178,7 @@ class RunFacts:
     gpus: int = 1                       # processes under torchrun, one GPU each
     masked: bool = True                 # batches carry a dense attention mask (memory_rules.rows_masked)
     cuda: bool = True                   # the run has a CUDA GPU (False: planned for a card, trained on the CPU)
+    lengths_vary: bool = True           # the data's sequences pad to several lengths (True: not known)
 
 
 def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: Offload, micro: list[int],
@@ -188,7 +192,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
                                            reference_copy_options(cfg, offload)):
         make = partial(decisions_for, cfg, inv, mb, trained=facts.trained, offload=offload, shards=shards,
                        gpus=facts.gpus, masked=facts.masked, graphs=graphs, dense_copy=dense, cuda=facts.cuda,
-                       reference_copy=copy)
+                       reference_copy=copy, lengths_vary=facts.lengths_vary)
         for d in checkpointing_options(cfg, inv, mb, limit, make, compiling):
             if d not in found:
                 parts = estimate(inv, d)
@@ -223,7 +227,7 @@ def _plan(cfg: Config, inv: Inventory, c: Candidate, budget: int, card: str, fit
 def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | None = None,
                     trained_per_row: list[int] | None = None, host_available: int | None = None,
                     gpus: int = 1, masked: bool = True, most_micro: int | None = None,
-                    suggest_cards: bool = True, cuda: bool = True) -> Plan:
+                    suggest_cards: bool = True, cuda: bool = True, lengths_vary: bool = True) -> Plan:
     """The fastest settings that fit `budget` bytes of GPU memory (see the module's docstring). Offload is
     used only when nothing fits without it, and only within the host's available memory. fits=False
     with a suggestion (explain.suggest) when nothing fits.
@@ -237,12 +241,13 @@ def plan_for_budget(cfg: Config, budget: int, card: str = "", inv: Inventory | N
     suggest_cards: whether a refusal may name a bigger card (not after a step down: the budget is then a
     limit below the card the run has).
     cuda: the run has a CUDA GPU; False plans the card's memory for a run on the CPU (no compilation unless
-    asked, no CUDA graphs)."""
+    asked, no CUDA graphs). lengths_vary: whether the data's sequences pad to several lengths (so batches
+    of several shapes), unless known not to."""
     from snugtune.planner.explain import refusal_suggestion
     inv = inv or inventory_for(cfg)
     host_available = host_memory_available() if host_available is None else host_available
     trained = sorted(trained_per_row, reverse=True) if trained_per_row else None
-    facts = RunFacts(trained, gpus, masked, cuda)
+    facts = RunFacts(trained, gpus, masked, cuda, lengths_vary)
     plan, weighed = search(cfg, inv, budget, card, facts, host_available, SAFETY * budget, most_micro)
     if plan is not None:
         return plan
@@ -287,7 +292,8 @@ def graphs_possible(cfg: Config, inv: Inventory, d: Decisions, facts: RunFacts) 
 
 
 def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] | None = None,
-                gpus: int = 1, masked: bool | None = None, inv: Inventory | None = None, cuda: bool = True) -> Plan:
+                gpus: int = 1, masked: bool | None = None, inv: Inventory | None = None, cuda: bool = True,
+                lengths_vary: bool = True) -> Plan:
     """Plan for --gpu, else for the config's budget; 'auto' means the GPU present (or an H100 profile).
     gpus: processes (one GPU each) under torchrun. masked: see plan_for_budget; None (the data not read):
     packed rows on a card without varlen flash attention (memory_rules.rows_masked). cuda: see plan_for_budget."""
@@ -300,9 +306,10 @@ def plan_config(cfg: Config, gpu: str | None = None, trained_per_row: list[int] 
             varlen = varlen_usable(torch.device("cuda"), cfg.train.attention_kernels)
             masked = rows_masked(cfg.data.packing, varlen) if masked is None else masked
             return plan_for_budget(cfg, total, torch.cuda.get_device_name(), inv, trained_per_row, gpus=gpus,
-                                   masked=masked, cuda=cuda)
+                                   masked=masked, cuda=cuda, lengths_vary=lengths_vary)
         name = "h100"
     size, _, card = budget_bytes(name)
     varlen = has_varlen_attention(card) and cfg.train.attention_kernels == "auto"
     masked = rows_masked(cfg.data.packing, varlen) if masked is None else masked
-    return plan_for_budget(cfg, size, card, inv, trained_per_row, gpus=gpus, masked=masked, cuda=cuda)
+    return plan_for_budget(cfg, size, card, inv, trained_per_row, gpus=gpus, masked=masked, cuda=cuda,
+                           lengths_vary=lengths_vary)

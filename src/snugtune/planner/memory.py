@@ -30,6 +30,13 @@ GRAPH_POOL_FRACTION = 1.2         # CUDA graphs' private pool reserves up to thi
                                   # memory beyond it (no expandable segments there): Llama-3.1-8B 1x4096 on the
                                   # H100, 10.68 GiB reserved for 7.96 allocated (1.2), and the 16-bit LoRA rows
                                   # of the 2026-11-30 grid (1.1-1.3); other rows used less (0 to 0.9)
+# a preference step's graph (DPO, ORPO), every micro-batch one shape, kept far less beyond its working memory,
+# and no share of it that held across rows: 0.23-0.89 GiB on 10 rows of the H100 grid of 2026-12-07 (135M to 8B,
+# 512 to 4,096 tokens, working memory 0.4 to 6 GiB: 7% to 127% of it), so a fixed reserve and a small share
+# (fitted on those rows); where lengths vary, a shape not captured runs eagerly beside the pool: its working
+# memory once more
+PREFERENCE_GRAPH_POOL_FIXED = 512 * MIB
+PREFERENCE_GRAPH_POOL_FRACTION = 0.05
 
 
 class Part(Enum):
@@ -393,6 +400,15 @@ def workspace_bytes(inv: Inventory, s: Decisions) -> int:
     return CUBLAS_WORKSPACES + 2 * biggest * c + 2 * max(s.tokens * inv.hidden, mlp_tokens * inv.intermediate) * c
 
 
+def graph_pool_bytes(s: Decisions, working: int) -> int:
+    """What the CUDA graphs' private pool reserves beyond the step's working memory (`working`: the peak less
+    what is held through the step)."""
+    if s.objective == "sft":
+        return int(GRAPH_POOL_FRACTION * working)
+    beside = working if s.lengths_vary else 0
+    return int(PREFERENCE_GRAPH_POOL_FIXED + PREFERENCE_GRAPH_POOL_FRACTION * working + beside)
+
+
 def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     """Peak memory breakdown (Part -> bytes) for one training step; see peak()."""
     tokens = s.tokens
@@ -407,7 +423,7 @@ def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     allocated = peak_allocated(parts)
     if s.cuda_graphs:  # the pool serves the step's activations, transients and workspace
         working = allocated - sum(v for k, v in _held_parts(inv, s).items() if not k.on_host)
-        parts[Part.GRAPH_POOL] = int(GRAPH_POOL_FRACTION * working)
+        parts[Part.GRAPH_POOL] = graph_pool_bytes(s, working)
     # FSDP's all-gathered units come and go each step and leave about their size reserved beyond what is
     # allocated (2 x H200, Llama-3.1-8B QLoRA: 2.22 GiB reserved-allocated for 2.17 GiB gathered)
     parts[Part.ALLOCATOR] = int(allocator_fixed(s) + ALLOCATOR_FRACTION * allocated + parts.get(Part.FSDP_GATHERED, 0))

@@ -45,6 +45,8 @@ class Decisions:
     dense_weights_kept: bool = False   # memory_rules.keeps_dense_weights: a compiled, recomputed 4-bit block
                                        # keeps its LoRA layers' dequantized weights until its backward
     cuda_graphs: bool = False          # memory_rules.replays_cuda_graphs: the step replays from a private pool
+    lengths_vary: bool = False         # the data's sequences pad to several lengths: micro-batches of shapes not
+                                       # captured run eagerly beside the graphs' pool (preference objectives)
     dense_copy: bool = False           # engine.dense_copy: 4-bit block weights also held dequantized
     lean_norms: bool = False           # memory_rules.leans_norms: norms keep their 16-bit input, not fp32
     head_groups: int = 1               # memory_rules.tiles_attention: attention differentiated by groups of heads
