@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import snugtune.loss as loss_module
 from snugtune.data.tokenize import IGNORE
-from snugtune.loss import head_group_loss_sums, head_loss_sum, logits_chunk_tokens
+from snugtune.loss import head_loss_sum, logits_chunk_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -61,7 +61,7 @@ def test_group_sums_are_each_groups_cross_entropy_with_its_gradient(monkeypatch,
     owners = torch.randint(0, groups, (n,))
     weights = torch.tensor([1.0, -0.5, 2.0, 0.25])
     with torch.set_grad_enabled(grad):
-        sums = head_group_loss_sums(head, hidden, targets, owners, groups)
+        sums = head_loss_sum(head, hidden, targets, owners, groups)
         full = F.cross_entropy(head(hidden).float(), targets, reduction="none", ignore_index=IGNORE)
         expected = torch.stack([full[owners == k].sum() for k in range(groups)])
     torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-5)

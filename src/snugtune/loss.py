@@ -72,9 +72,13 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return (grad_hidden.float() * scale).to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
-def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    owners: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
+    if owners is None:
+        return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
+    losses = F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE)
+    return losses.new_zeros(groups).index_add(0, owners, losses)
 
 
 def _frozen_plain_head(head: torch.nn.Module) -> bool:
@@ -82,19 +86,26 @@ def _frozen_plain_head(head: torch.nn.Module) -> bool:
             and not head._forward_hooks and not head._forward_pre_hooks)
 
 
-def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  owners: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
     """Sum of next-token cross-entropy of `hidden` [N, H] against `targets` [N] through `head`, in chunks
-    of logits_chunk_tokens() positions (fp32 logits); targets equal to IGNORE count nothing."""
+    of logits_chunk_tokens() positions (fp32 logits); targets equal to IGNORE count nothing.
+
+    With owners [N] (0 <= owner < groups): sums [groups], each row adding to the group it names (rows whose
+    target is IGNORE add nothing, whatever their owner). Every row still goes through the head: shapes do
+    not depend on the data and nothing waits on the GPU (a preference step captured as a CUDA graph)."""
     chunk = logits_chunk_tokens(head.weight.shape[0])
     if _frozen_plain_head(head) and torch.is_grad_enabled() and hidden.requires_grad:
-        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden))
-    total = hidden.new_zeros((), dtype=torch.float32)
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden), owners,
+                                             groups)
+    total = hidden.new_zeros(() if owners is None else groups, dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        o = None if owners is None else owners[start:start + chunk]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, head, h, t, o, groups, use_reentrant=False)
         else:
-            total = total + _chunk_loss_sum(head, h, t)
+            total = total + _chunk_loss_sum(head, h, t, o, groups)
     return total
 
 
@@ -117,32 +128,6 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return backbone(input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
                     attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
                     use_cache=False, **document_bounds(batch)).last_hidden_state
-
-
-def _chunk_group_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
-                      groups: int) -> torch.Tensor:
-    losses = F.cross_entropy(head(hidden).float(), targets, reduction="none", ignore_index=IGNORE)
-    return losses.new_zeros(groups).index_add(0, owners, losses)
-
-
-def head_group_loss_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
-                         groups: int) -> torch.Tensor:
-    """Sums [groups] of next-token cross-entropy of `hidden` [N, H] against `targets` [N] through `head`, each
-    row adding to the group `owners` [N] names (0 <= owner < groups; rows whose target is IGNORE add nothing,
-    whatever their owner). Every row goes through the head, in chunks as head_loss_sum: shapes do not depend
-    on the data and nothing waits on the GPU (a preference step captured as a CUDA graph)."""
-    chunk = logits_chunk_tokens(head.weight.shape[0])
-    if _frozen_plain_head(head) and torch.is_grad_enabled() and hidden.requires_grad:
-        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk, _compute_dtype(hidden), owners,
-                                             groups)
-    total = hidden.new_zeros(groups, dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        h, t, o = hidden[start:start + chunk], targets[start:start + chunk], owners[start:start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_group_sums, head, h, t, o, groups, use_reentrant=False)
-        else:
-            total = total + _chunk_group_sums(head, h, t, o, groups)
-    return total
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], fixed_shape: bool = False) -> tuple[torch.Tensor, int]:

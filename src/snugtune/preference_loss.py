@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from snugtune.data.tokenize import IGNORE
-from snugtune.loss import final_hidden, head_group_loss_sums, head_loss_sum
+from snugtune.loss import final_hidden, head_loss_sum
 from snugtune.models.load import causal_lm_parts
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -47,8 +47,8 @@ def group_logps(model, batch: dict[str, torch.Tensor], groups: int,
     keep = targets != IGNORE
     if fixed_shape:
         owners = torch.where(keep, batch["label_groups"][:, 1:], 0).reshape(-1)
-        sums = -head_group_loss_sums(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1),
-                                     owners, groups)
+        sums = -head_loss_sum(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1), owners,
+                              groups)
         return sums, torch.zeros(groups, dtype=torch.long, device=owners.device).index_add_(
             0, owners, keep.reshape(-1).long())
     owners = batch["label_groups"][:, 1:][keep]
