@@ -100,6 +100,19 @@ def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded:
 SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "kto": 1}
 
 
+def forwards_without_gradient(objective: str, reference: str) -> int:
+    """Forward passes without gradient over a micro-batch's rows that an objective's loss needs beside the
+    trained one: DPO the reference's; KTO the reference's over its rows and over the mismatched rows, and the
+    policy's over the mismatched rows (its reference point). A precomputed reference counts too: its pass over
+    the rows before training is the same work (once, where a one-epoch run does it once anyway)."""
+    references = 0 if reference == "none" else 1
+    if objective == "dpo":
+        return references
+    if objective == "kto":
+        return 2 * references + 1
+    return 0
+
+
 def objective_replays(objective: str) -> bool:
     """Whether a micro-batch of this objective can be captured as a CUDA graph: sft, dpo and orpo. Their
     losses run every position through the head and add it to its answer's sum with a fixed-size index

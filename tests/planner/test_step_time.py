@@ -2,6 +2,7 @@
 card), splits the model's FLOPs from the recomputation's, and stays within 25% of every recorded step time."""
 
 import json
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
@@ -118,3 +119,22 @@ def test_every_recorded_step_time_is_predicted_within_25_percent_or_says_why_not
         if abs(predicted / row["measured_step_s"] - 1) > 0.25:
             outside.append((row["source"], round(predicted / row["measured_step_s"], 2)))
     assert not outside, outside
+
+
+def test_a_pair_counts_both_sequences_and_dpo_and_kto_their_forwards_without_gradient():
+    big = _big()
+    sft = planner_decisions(micro_batch=1, max_seq_len=512, attention_mask=False, grad_checkpointing=True)
+    n = 2 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 1024) + 1000 * 256
+    forward_attention = 2 * 2 * 256 * 512  # per token, causal over one 512-token sequence
+    one = step_flops(big, sft)
+    orpo = step_flops(big, replace(sft, objective="orpo"))
+    assert orpo.model == 2 * one.model and orpo.recompute == 2 * one.recompute  # chosen and rejected
+    for reference in ("adapter", "copy", "precomputed"):  # precomputed: the same pass, before training
+        dpo = step_flops(big, replace(sft, objective="dpo", reference=reference))
+        assert dpo.model == orpo.model + 1024 * (2 * n + forward_attention)
+    kto = step_flops(big, replace(sft, objective="kto", reference="adapter"))  # reference twice, policy once
+    assert kto.model == one.model + 3 * 512 * (2 * n + forward_attention)
+    inv = big
+    slower = [seconds_per_step(inv, d, 1, estimate(inv, d), "h100")
+              for d in (replace(sft, objective="orpo"), replace(sft, objective="dpo", reference="adapter"))]
+    assert slower[1] > slower[0]

@@ -28,6 +28,7 @@ import yaml
 from snugtune.bench.mfu import utilisation
 from snugtune.config import apply_overrides
 from snugtune.errors import ConfigError
+from snugtune.memory_rules import SEQUENCES_PER_ROW
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
@@ -284,7 +285,8 @@ def planned_lines(result: dict) -> list[str]:
         return []
     settings = plan.get("settings", {})
     predicted = plan["predicted_step_seconds"]
-    tokens = settings.get("max_seq_len", 0) * settings.get("micro_batch", 0) * plan.get("grad_accum", 1)
+    sequences = SEQUENCES_PER_ROW[settings.get("objective", "sft")]  # a pair's two
+    tokens = settings.get("max_seq_len", 0) * sequences * settings.get("micro_batch", 0) * plan.get("grad_accum", 1)
     line = (f"\nplanned for {plan['card']}: predicted {predicted:.3f} s a step ({tokens / predicted:,.0f} tok/s at "
             f"full rows), on {result['device']}")
     return [line + f"; {result['model_flops_per_token'] / 1e9:.2f} GFLOP a token for the model, "

@@ -1,7 +1,8 @@
 """Model FLOP utilisation beside every bench figure: the model's FLOPs per token (planner.step_time.step_flops:
 forward, input gradients, weight gradients of what is trained, causal attention; no recomputation) times the
 measured tokens/s, over the dense 16-bit datasheet rate of the card the stack ran on (H100 and H200 989 TFLOP/s,
-T4 65). Recomputation is counted apart: what each stack's checkpointing adds, which MFU does not credit.
+T4 65). Recomputation is counted apart: what each stack's checkpointing adds, which MFU does not credit. A
+preference objective's forwards without gradient (DPO's reference) are work its loss needs: the model's.
 
 The model's FLOPs are the same for every stack on one config: attention counted causal over the whole row
 whatever kernel a stack runs (a dense mask or per-document kernels change the work done, not the model's).
@@ -35,7 +36,7 @@ def utilisation(config: dict, stack: str, result: dict) -> dict:
     """The FLOPs per token a stack's result stands for, and its model FLOP utilisation where its card is known."""
     d = replace(stack_decisions(config, stack, result), attention_mask=False)
     flops = step_flops(inventory_for(config_from_dict(config)), d)
-    tokens = d.micro_batch * d.max_seq_len
+    tokens = d.tokens
     peak = card_tflops(result.get("device", ""), default=None)
     found = {"model_flops_per_token": flops.model / tokens, "recompute_flops_per_token": flops.recompute / tokens,
              "peak_tflops": peak}

@@ -9,7 +9,8 @@ a CUDA graph) and host copies (offload, on their own stream) run beside it: the 
 of the three. Per step the optimizer, a pass over the trained parameters and their state.
 
 FLOPs are split into the model's (what training the model needs: forward, input gradients, weight gradients of
-what is trained, attention) and the recomputation's (checkpointed blocks' second forward, the tiles' and
+what is trained, attention, and the forwards without gradient a preference objective's loss reads: DPO's
+reference, KTO's) and the recomputation's (checkpointed blocks' second forward, the tiles' and
 head groups' extra forwards, flash attention's recomputed scores in backward). Constants: docs/planner.md
 ("The step-time model"), fitted on every step time recorded in docs/runs.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from snugtune.memory_rules import forwards_without_gradient
 from snugtune.methods import METHODS
 from snugtune.planner.cards import card_bandwidth, card_tflops
 from snugtune.planner.inventory import Inventory
@@ -72,29 +74,32 @@ def attention_forward_flops_per_token(inv: Inventory, s: Decisions) -> float:
 
 
 def step_flops(inv: Inventory, s: Decisions) -> Flops:
-    """FLOPs of one micro-batch. Model: 2 forward + 2 input-gradient (+2 weight-gradient for trained weights) per
-    multiplying parameter and token, LoRA's low-rank products likewise, and attention (backward twice its
-    forward). Recompute: one more forward of each checkpointed block, of each tiled MLP and of attention by
-    groups of heads, and the scores flash attention recomputes in backward (half a forward)."""
-    tokens = s.micro_batch * s.max_seq_len
+    """FLOPs of one micro-batch (every sequence of its rows: a pair's two). Model: 2 forward + 2 input-gradient
+    (+2 weight-gradient for trained weights) per multiplying parameter and token, LoRA's low-rank products
+    likewise, attention (backward twice its forward), and each forward without gradient the objective runs
+    (memory_rules.forwards_without_gradient). Recompute: one more forward of each checkpointed block, of each
+    tiled MLP and of attention by groups of heads, and the scores flash attention recomputes in backward (half
+    a forward)."""
+    tokens = s.tokens
     n = multiplying_params(inv)
     method = METHODS[s.method]
     trained = {"all": n, "last_layers": trainable_params(inv, s)}.get(method.trains_base, 0)
     low_rank = trainable_params(inv, s) if method.adapters else 0  # r x (in + out) per adapted linear
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)
     block = inv.linear_params
-    matmul = tokens * (4 * n + 2 * trained + 6 * low_rank)
+    extra = forwards_without_gradient(s.objective, s.reference)
+    matmul = tokens * (4 * n + 2 * trained + 6 * low_rank + extra * 2 * n)
     recompute = tokens * share * 2 * (block + low_rank)
     if s.tiled_mlp:  # each tile's MLP runs forward once more, in its own recomputation
         recompute += tokens * 2 * sum(l.in_features * l.out_features for l in inv.linears if in_mlp(inv, l))
     forward = tokens * attention_forward_flops_per_token(inv, s)
     regrouped = 1 if attention_groups(inv, s) > 1 else 0
-    return Flops(matmul, 3 * forward, recompute, forward * (0.5 + share + regrouped))
+    return Flops(matmul, (3 + extra) * forward, recompute, forward * (0.5 + share + regrouped))
 
 
 def model_flops_per_token(inv: Inventory, s: Decisions) -> float:
     """The model's FLOPs per token (no recomputation): what model FLOP utilisation counts."""
-    return step_flops(inv, s).model / (s.micro_batch * s.max_seq_len)
+    return step_flops(inv, s).model / s.tokens
 
 
 def activation_values_per_token(inv: Inventory, s: Decisions) -> float:
@@ -107,22 +112,23 @@ def activation_values_per_token(inv: Inventory, s: Decisions) -> float:
 
 
 def dequantize_bytes(inv: Inventory, s: Decisions) -> float:
-    """Memory traffic of dequantizing the 4-bit block weights in one micro-batch: each forward, each recomputed
-    forward, and backward unless the block kept the forward's (Decisions.dense_weights_kept); none with a dense
-    copy or a 16-bit base."""
+    """Memory traffic of dequantizing the 4-bit block weights in one micro-batch: each forward (the objective's
+    without gradient too), each recomputed forward, and backward unless the block kept the forward's
+    (Decisions.dense_weights_kept); none with a dense copy or a 16-bit base."""
     if METHODS[s.method].base_bits != 4 or s.dense_copy:
         return 0.0
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)
-    passes = 1 + share + (0 if s.dense_weights_kept else 1)
+    extra = forwards_without_gradient(s.objective, s.reference)
+    passes = 1 + extra + share + (0 if s.dense_weights_kept else 1)
     return passes * inv.linear_params * DEQUANTIZE_BYTES_PER_WEIGHT
 
 
 def activation_bytes(inv: Inventory, s: Decisions) -> float:
-    """Memory traffic of the activations' low-rank and element-wise passes in one micro-batch: forward, each
-    recomputed forward, and backward (twice a forward's)."""
+    """Memory traffic of the activations' low-rank and element-wise passes in one micro-batch: forward (the
+    objective's without gradient too), each recomputed forward, and backward (twice a forward's)."""
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)
-    tokens = s.micro_batch * s.max_seq_len
-    return tokens * (3 + share) * activation_values_per_token(inv, s) * ACTIVATION_BYTES_PER_VALUE
+    extra = forwards_without_gradient(s.objective, s.reference)
+    return s.tokens * (3 + extra + share) * activation_values_per_token(inv, s) * ACTIVATION_BYTES_PER_VALUE
 
 
 def memory_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
@@ -144,12 +150,14 @@ def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card
     """The longest of the GPU's work, the CPU's launches and the host copies (each on its own stream)."""
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)
     per_block = GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK
-    launches = inv.layers * per_block * (3 + share) / 4  # forward, recompute, backward (twice a forward's)
+    extra = forwards_without_gradient(s.objective, s.reference)
+    # forward, recompute, backward (twice a forward's), the objective's forwards without gradient
+    launches = inv.layers * per_block * (3 + share + extra) / 4
     # out and back (activations), forward and recompute (weights); of the embedding table only the batch's rows
     copied = host_bytes(parts) - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
     copies = 2 * copied / HOST_COPY_BYTES_S
     if s.embeddings_on_host:
-        copies += s.micro_batch * s.max_seq_len * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
+        copies += s.tokens * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
     return max(gpu_seconds(inv, s, card), launches, copies)
 
 
