@@ -37,8 +37,12 @@ WHY_NOT = {  # bench records the model is not held to, and why (docs/benchmarks.
     "bench_llama2-7b_guanaco_recipe_1x512x8_vs_plain_h200_2026-12-01.json":
         "6 steps of 3 shapes, each warmed up twice before its capture: about half the timed micro-batches eager",
     "bench_llama3-8b_2048_cap15_partial_checkpointing_h200_2026-12-01.json":
-        "partial checkpointing of compiled blocks ran slower than recomputing every block (cause not found); "
-        "the planner does not choose it for compiled blocks",
+        "partial checkpointing of compiled blocks ran slower than recomputing every block there (cause not found; "
+        "before the in-place LoRA add and the graph pool changes); on 2026-12-07 (H100) every partial run was faster",
+    **{f"bench_llama3-8b_{name}_planned_offload_h100_2026-12-07b.json":
+       "activation offload over the GPU machine's host link ran 2.4-2.8x faster than the model's 12 GB/s (PCIe 4 x16, "
+       "a desktop card's link), which the planner keeps for the cards it plans for"
+       for name in ("2048_cap15_16_of_32_graphs", "4096_cap15_20_of_32", "4096_cap15_14_of_32")},
 }
 PROBES = [  # (source, tokens, first-step tokens/s, device): llama3-8b QLoRA, one document, weight streaming
     ("probe98304_cap15_h100_2026-12-05.txt", 98304, 2527, "NVIDIA H100 80GB HBM3"),
@@ -93,8 +97,8 @@ def bench_rows() -> list[dict]:
         setting, plan = record["setting"], result["plan"]
         d = decisions(plan["settings"], result.get("speedups"))
         rows_per_step = d.micro_batch * plan["grad_accum"]
-        if setting.get("one_document"):
-            tokens = float(d.max_seq_len * rows_per_step)
+        if setting.get("one_document") or setting.get("objective") == "dpo":  # every sequence full (long_pairs)
+            tokens = float(d.tokens * plan["grad_accum"])
         else:
             tokens = warm_step_tokens(d.max_seq_len, rows_per_step, setting["steps"], setting.get("recipe"))
         name = Path(path).name

@@ -360,7 +360,7 @@ def bench(
     steps: int = typer.Option(8, "--steps", help="Optimizer steps per stack (the first 3 are warm-up)."),
     cap: Optional[float] = typer.Option(None, "--cap", help="Cap GPU memory at this many GiB (both stacks)."),
     against: Optional[str] = typer.Option(None, "--against", help="Comma-separated: plain, unsloth (when installed); "
-                                          "under --objective dpo: trl, unsloth. Default: plain (dpo: trl)."),
+                                          "under --objective dpo: trl, unsloth; empty: none. Default: plain (dpo: trl)."),
     objective: str = typer.Option("sft", "--objective", help="sft, or dpo: pairs whose every sequence is --seq tokens "
                                   "(--batch pairs a micro-batch), beside TRL's and Unsloth's DPO."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Also find each stack's longest single "
@@ -381,7 +381,8 @@ def bench(
     from snugtune.bench.compare import format_table, run_bench
     if objective not in ("sft", "dpo"):
         _fail(f"--objective: {objective} is not benched (sft, dpo)")
-    against = against or ("trl" if objective == "dpo" else "plain")
+    if against is None:  # an empty --against (or ",") benches snugtune alone
+        against = "trl" if objective == "dpo" else "plain"
     stacks = tuple(s.strip() for s in against.split(",") if s.strip())
     results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
                    tuple(set_), one_document, emulate, objective)

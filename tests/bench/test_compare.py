@@ -124,3 +124,22 @@ def test_bench_emulating_a_t4_plans_for_it_and_trains_in_fp16_with_its_kernels(t
     assert snugtune["precision"] == "fp16" and snugtune["plan"]["card"] == "Tesla T4 16 GB"
     assert results["setting"]["emulate"] == "t4" and "train.attention_kernels=sm75" in results["setting"]["overrides"]
     assert "planned for Tesla T4 16 GB: predicted" in format_table(results)
+
+
+@pytest.mark.parametrize("given,objective,stacks", [(None, "sft", ("plain",)), (None, "dpo", ("trl",)),
+                                                     ("", "sft", ()), (",", "dpo", ()),
+                                                     ("plain, unsloth", "sft", ("plain", "unsloth"))])
+def test_against_names_the_other_stacks_and_empty_benches_snugtune_alone(monkeypatch, given, objective, stacks):
+    from typer.testing import CliRunner
+    from snugtune import cli
+    from snugtune.bench import compare
+    asked = {}
+
+    def run_bench(shape, seq, batch, steps, against, *rest):
+        asked["against"] = against
+        return {"setting": {}}
+    monkeypatch.setattr(compare, "run_bench", run_bench)
+    args = ["bench", "--shape", "tiny", "--device", "cpu", "--objective", objective]
+    result = CliRunner().invoke(cli.app, args + ([] if given is None else ["--against", given]))
+    assert result.exit_code == 0, result.output
+    assert asked["against"] == stacks

@@ -101,9 +101,10 @@ def test_the_plans_dense_copy_is_the_run_configs_and_dropping_it_builds_a_new_mo
     from snugtune.planner.cards import GIB
     from snugtune.planner.inventory import inventory_for
     from snugtune.planner.plan import needs_new_model
-    # eager steps asked: else releasing the graphs' pool is the cheaper step down (the step is bound by the GPU)
+    # eager steps asked: else releasing the graphs' pool is the cheaper step down (the step is bound by the GPU);
+    # no recomputation: else recomputing a few blocks beside the copy is
     asked = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=2048,
-                        train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto", "cuda_graphs": False})
+                        train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": False, "cuda_graphs": False})
     plan = plan_for_budget(asked, 80 * GIB, "h100", host_available=64 * GIB)
     run = plan.config
     assert plan.decisions.dense_copy and run.quant.dense_copy is True and asked.quant.dense_copy == "auto"

@@ -109,16 +109,16 @@ def offload_levels(cfg: Config, inv: Inventory) -> list[Offload]:
     return allowed
 
 
-def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, make,
-                          compiling: bool = False) -> list[Decisions]:
+def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, make) -> list[Decisions]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
     recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
     recomputes every block. `make(checkpointing, **more)` builds the Decisions.
 
-    compiling: blocks are compiled (memory_rules.compiles_blocks); then 'auto' weighs none or all only.
-    Partial checkpointing of compiled blocks ran slower than recomputing all of them on an H200
-    (Llama-3.1-8B shape, 1 x 2048 under 15 GiB: 26 of 32 blocks 6,889 tok/s, every block 8,685-9,919;
-    docs/benchmarks.md), so the planner does not choose it there until a run shows otherwise."""
+    Compiled blocks are recomputed partially too: on an H100 under a 15 GiB cap (Llama-3.1-8B shape,
+    2026-12-07, docs/benchmarks.md) 20 of 32 blocks at 1 x 2048 ran 10,520-10,621 tok/s against 9,683 with
+    all 32, 28 of 32 at 1 x 4096 10,758 against 9,497, and a DPO pair of 2 x 1,024 with 10-16 of 32 blocks
+    8,192-8,335 against 7,347 (graphs replayed in each). An earlier run (2026-12-01, H200: 26 of 32 slower
+    than 32) predates the engine's in-place LoRA add and graph pool changes."""
     tiled = cfg.train.tiled_mlp
     if tiled == "auto":  # last of the recomputation options: every block, and each MLP in tiles
         tiled = (bool(cfg.train.grad_checkpointing) and make(True).tokens > MLP_TILE_TOKENS
@@ -130,8 +130,6 @@ def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, ma
                      tiled_mlp=tiled)]
     if tiled:
         return [make(True, tiled_mlp=True)]
-    if compiling:
-        return [make(False), make(True)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
         s = make(True, checkpointed_layers=blocks)
         if peak(estimate(inv, s)) <= limit:
@@ -187,13 +185,12 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
     dense copy or not."""
     found: dict[Decisions, Candidate] = {}
     graph_options = (True, False) if cfg.train.cuda_graphs == "auto" else (True,)  # else as asked
-    compiling = compiles_blocks(cfg.train.compile, facts.cuda, offload.weights)
     for graphs, mb, dense, copy in product(graph_options, micro, dense_copy_options(cfg, offload),
                                            reference_copy_options(cfg, offload)):
         make = partial(decisions_for, cfg, inv, mb, trained=facts.trained, offload=offload, shards=shards,
                        gpus=facts.gpus, masked=facts.masked, graphs=graphs, dense_copy=dense, cuda=facts.cuda,
                        reference_copy=copy, lengths_vary=facts.lengths_vary)
-        for d in checkpointing_options(cfg, inv, mb, limit, make, compiling):
+        for d in checkpointing_options(cfg, inv, mb, limit, make):
             if d not in found:
                 parts = estimate(inv, d)
                 found[d] = Candidate(seconds_per_step(inv, d, cfg.train.step_rows // mb, parts, card), d, parts)

@@ -32,13 +32,16 @@ ATTENTION_EFFICIENCY = 0.55   # flash attention's share (H200 profile at 28,672 
 MASKED_ATTENTION_EFFICIENCY = 0.25  # SDPA's memory-efficient kernel with a dense mask (sm75's path): not measured
 MEMORY_EFFICIENCY = 0.80      # streaming kernels' share of the datasheet bandwidth
 DEQUANTIZE_BYTES_PER_WEIGHT = 4.5   # nf4 read (0.5 + scales), 16-bit written, read again by the matmul
-ACTIVATION_BYTES_PER_VALUE = 6.0    # per pass, per value of an adapted linear's input and output and of a
+ACTIVATION_BYTES_PER_VALUE = 5.0    # per pass, per value of an adapted linear's input and output and of a
                                     # block's element-wise tensors (fitted, docs/planner.md)
 BLOCK_KERNELS_S = 0.6e-3          # GPU time of a block's hundreds of small kernels (forward + backward) at
                                     # any size: each takes a few microseconds however little it does (fitted)
 EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled, recomputed block's forward, recompute and
                                     # backward, eager (TinyLlama 4 x 512, H100); a pass not recomputed: a quarter less
 GRAPH_LAUNCH_S_PER_BLOCK = 0.3e-3   # ... replayed as a CUDA graph (the copies in and the replay call)
+LAUNCH_STALL_SHARE = 0.1            # of the shorter of GPU work and launches, time the two do not overlap (the
+                                    # GPU idles while a launch-heavy stretch catches up; H100, llama3-8b DPO
+                                    # with 12 of 32 blocks recomputed: eager 0.278 s, replayed 0.247 s; fitted)
 OPTIMIZER_BYTES_PER_PARAM = 100.0   # unscale, clip, 8-bit AdamW over one flat tensor: 1.2 ms for 42M on an H200
 HOST_COPY_BYTES_S = 12e9            # pinned host <-> GPU copies (PCIe 4 x16 in practice)
 
@@ -147,7 +150,8 @@ def gpu_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
 
 
 def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card: str = "") -> float:
-    """The longest of the GPU's work, the CPU's launches and the host copies (each on its own stream)."""
+    """The longest of the GPU's work, the CPU's launches and the host copies (each on its own stream), and the
+    share of the launches the GPU waits for."""
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)
     per_block = GRAPH_LAUNCH_S_PER_BLOCK if s.cuda_graphs else EAGER_LAUNCH_S_PER_BLOCK
     extra = forwards_without_gradient(s.objective, s.reference)
@@ -158,7 +162,8 @@ def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card
     copies = 2 * copied / HOST_COPY_BYTES_S
     if s.embeddings_on_host:
         copies += s.tokens * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
-    return max(gpu_seconds(inv, s, card), launches, copies)
+    gpu = gpu_seconds(inv, s, card)
+    return max(gpu, launches, copies) + LAUNCH_STALL_SHARE * min(gpu, launches)
 
 
 def optimizer_seconds(inv: Inventory, s: Decisions, card: str = "") -> float:
