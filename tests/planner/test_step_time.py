@@ -50,6 +50,9 @@ def test_dequantizing_costs_a_pass_per_forward_and_backward_and_nothing_with_a_d
     assert dequantize_bytes(inv, planner_decisions(grad_checkpointing=True)) == 3 * one_pass
     # backward reuses the recomputed forward's
     assert dequantize_bytes(inv, planner_decisions(grad_checkpointing=True, dense_weights_kept=True)) == 2 * one_pass
+    # ... only in the blocks that recompute: the others dequantize in forward and again in backward
+    half = planner_decisions(grad_checkpointing=True, dense_weights_kept=True, checkpointed_layers=inv.layers // 2)
+    assert dequantize_bytes(inv, half) == pytest.approx(2 * one_pass)
     assert dequantize_bytes(inv, planner_decisions(dense_copy=True)) == 0
     assert dequantize_bytes(inv, planner_decisions(method="lora")) == 0  # 16-bit base: nothing to do
     assert _seconds(inv, 1, dense_copy=True, cuda_graphs=True) < _seconds(inv, 1, cuda_graphs=True)

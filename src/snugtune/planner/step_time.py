@@ -30,16 +30,16 @@ from snugtune.planner.plan import Decisions
 MATMUL_EFFICIENCY = 0.75      # 16-bit matmuls' share of the datasheet rate (H200 step profiles: 630-750 TFLOP/s)
 ATTENTION_EFFICIENCY = 0.55   # flash attention's share (H200 profile at 28,672 tokens: 575 forward, 490 backward)
 MASKED_ATTENTION_EFFICIENCY = 0.25  # SDPA's memory-efficient kernel with a dense mask (sm75's path): not measured
-MEMORY_EFFICIENCY = 0.80      # streaming kernels' share of the datasheet bandwidth
+MEMORY_EFFICIENCY = 0.90      # streaming kernels' share of the datasheet bandwidth
 DEQUANTIZE_BYTES_PER_WEIGHT = 4.5   # nf4 read (0.5 + scales), 16-bit written, read again by the matmul
-ACTIVATION_BYTES_PER_VALUE = 5.0    # per pass, per value of an adapted linear's input and output and of a
+ACTIVATION_BYTES_PER_VALUE = 4.5    # per pass, per value of an adapted linear's input and output and of a
                                     # block's element-wise tensors (fitted, docs/planner.md)
 BLOCK_KERNELS_S = 0.6e-3          # GPU time of a block's hundreds of small kernels (forward + backward) at
                                     # any size: each takes a few microseconds however little it does (fitted)
 EAGER_LAUNCH_S_PER_BLOCK = 6.7e-3   # CPU time launching one compiled, recomputed block's forward, recompute and
                                     # backward, eager (TinyLlama 4 x 512, H100); a pass not recomputed: a quarter less
 GRAPH_LAUNCH_S_PER_BLOCK = 0.3e-3   # ... replayed as a CUDA graph (the copies in and the replay call)
-LAUNCH_STALL_SHARE = 0.1            # of the shorter of GPU work and launches, time the two do not overlap (the
+LAUNCH_STALL_SHARE = 0.05           # of the shorter of GPU work and launches, time the two do not overlap (the
                                     # GPU idles while a launch-heavy stretch catches up; H100, llama3-8b DPO
                                     # with 12 of 32 blocks recomputed: eager 0.278 s, replayed 0.247 s; fitted)
 OPTIMIZER_BYTES_PER_PARAM = 100.0   # unscale, clip, 8-bit AdamW over one flat tensor: 1.2 ms for 42M on an H200
@@ -116,13 +116,15 @@ def activation_values_per_token(inv: Inventory, s: Decisions) -> float:
 
 def dequantize_bytes(inv: Inventory, s: Decisions) -> float:
     """Memory traffic of dequantizing the 4-bit block weights in one micro-batch: each forward (the objective's
-    without gradient too), each recomputed forward, and backward unless the block kept the forward's
-    (Decisions.dense_weights_kept); none with a dense copy or a 16-bit base."""
+    without gradient too), each recomputed forward, and backward unless a recomputed block kept its
+    recomputation's (Decisions.dense_weights_kept; blocks not recomputed dequantize again in backward); none
+    with a dense copy or a 16-bit base."""
     if METHODS[s.method].base_bits != 4 or s.dense_copy:
         return 0.0
     share = checkpointed_blocks(inv, s) / max(1, inv.layers)
     extra = forwards_without_gradient(s.objective, s.reference)
-    passes = 1 + extra + share + (0 if s.dense_weights_kept else 1)
+    backward = 1 - share if s.dense_weights_kept else 1
+    passes = 1 + extra + share + backward
     return passes * inv.linear_params * DEQUANTIZE_BYTES_PER_WEIGHT
 
 
