@@ -59,12 +59,12 @@ def inventory(shape: str):
 
 def decisions(settings: dict, speedups: dict | None):
     """The recorded Decisions, with the fields recorded only later filled from the run's speedups."""
-    from snugtune.planner.plan import Decisions
-    known = dict(settings, lora_targets=tuple(settings["lora_targets"]))
+    from snugtune.bench.mfu import planned_decisions
+    known = dict(settings)
     if speedups:
         known.setdefault("compiled_blocks", speedups.get("compiled_blocks", 0) > 0)
         known.setdefault("fused_lora", speedups.get("fused_lora_layers", 0) > 0)
-    return Decisions(**{k: v for k, v in known.items() if k in Decisions.__dataclass_fields__})
+    return planned_decisions(known)
 
 
 @lru_cache(maxsize=None)

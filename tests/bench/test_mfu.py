@@ -64,3 +64,7 @@ def test_the_table_prints_utilisation_and_the_planners_prediction():
     table = format_table({"setting": {}, "snugtune": result, "plain": {"error": "out of memory"}})
     assert f"{result['mfu']:.1%} ({result['mfu_with_recompute']:.1%})" in table
     assert "planned for H100 80 GB: predicted 0.500 s a step (1,024 tok/s at full rows)" in table
+    # a DPO plan's rows are pairs: both sequences count
+    result["plan"]["settings"]["objective"] = "dpo"
+    pairs = format_table({"setting": {}, "snugtune": result})
+    assert "planned for H100 80 GB: predicted 0.500 s a step (2,048 tok/s at full rows)" in pairs

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from snugtune.bench.mfu import utilisation
+from snugtune.bench.mfu import planned_decisions, utilisation
 from snugtune.config import apply_overrides
 from snugtune.errors import ConfigError
-from snugtune.memory_rules import SEQUENCES_PER_ROW
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
@@ -283,10 +282,8 @@ def planned_lines(result: dict) -> list[str]:
     plan = result.get("plan") or {}
     if not plan.get("predicted_step_seconds") or "error" in result:
         return []
-    settings = plan.get("settings", {})
     predicted = plan["predicted_step_seconds"]
-    sequences = SEQUENCES_PER_ROW[settings.get("objective", "sft")]  # a pair's two
-    tokens = settings.get("max_seq_len", 0) * sequences * settings.get("micro_batch", 0) * plan.get("grad_accum", 1)
+    tokens = planned_decisions(plan["settings"]).tokens * plan.get("grad_accum", 1)  # a pair's both sequences
     line = (f"\nplanned for {plan['card']}: predicted {predicted:.3f} s a step ({tokens / predicted:,.0f} tok/s at "
             f"full rows), on {result['device']}")
     return [line + f"; {result['model_flops_per_token'] / 1e9:.2f} GFLOP a token for the model, "

@@ -20,13 +20,18 @@ from snugtune.planner.plan import Decisions
 from snugtune.planner.step_time import step_flops
 
 
+def planned_decisions(settings: dict) -> Decisions:
+    """The Decisions a snugtune result's plan recorded (`plan.settings` of its summary)."""
+    known = {k: v for k, v in settings.items() if k in Decisions.__dataclass_fields__}
+    return Decisions(**{**known, "lora_targets": tuple(known["lora_targets"])})
+
+
 def stack_decisions(config: dict, stack: str, result: dict) -> Decisions:
     """What a stack computes on `config`: snugtune its plan's Decisions; plain and Unsloth the config as asked
     (every block recomputed when it checkpoints, as both do)."""
     settings = (result.get("plan") or {}).get("settings")
     if stack == "snugtune" and settings:
-        known = {k: v for k, v in settings.items() if k in Decisions.__dataclass_fields__}
-        return Decisions(**{**known, "lora_targets": tuple(known["lora_targets"])})
+        return planned_decisions(settings)
     cfg = config_from_dict(config)
     micro = cfg.train.micro_batch if cfg.train.micro_batch != "auto" else cfg.train.step_rows
     return decisions_for(cfg, inventory_for(cfg), micro, cfg.train.grad_checkpointing is not False, cuda=False)
