@@ -69,6 +69,29 @@ def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp
     assert config.budget == "t4" and "stdlib_functions" in str(config.data.path)
 
 
+@pytest.mark.parametrize("recipe, objective", [("llama3-8b_qlora-orpo_t4.yaml", "orpo"),
+                                                ("tinyllama-1.1b_qlora-dpo_t4.yaml", "dpo")])
+def test_a_preference_recipe_benches_on_pairs_with_its_own_objective(tmp_path, recipe, objective):
+    # the bench's rows are SFT samples, which a preference objective refuses: its recipe trains the bench's pairs
+    from snugtune.bench.compare import long_pairs, recipe_config, recipe_objective
+    from snugtune.config import config_from_dict
+    assert recipe_objective(EXAMPLES_DIR / recipe) == objective
+    pairs = long_pairs(tmp_path, 64, count=3)
+    config = config_from_dict(recipe_config(EXAMPLES_DIR / recipe, "tiny", 4, "cpu", (), pairs))
+    assert (config.objective, config.data.format, config.data.path) == (objective, "preference", str(pairs))
+    assert config.budget == "t4" and config.train.max_steps == 4
+
+
+def test_a_kto_recipe_is_refused_by_the_bench_with_its_name(tmp_path):
+    from snugtune.bench.compare import run_bench
+    from snugtune.errors import ConfigError
+    recipe = tmp_path / "kto.yaml"
+    recipe.write_text((EXAMPLES_DIR / "tinyllama-1.1b_qlora-dpo_t4.yaml").read_text().replace("objective: dpo",
+                                                                                           "objective: kto"))
+    with pytest.raises(ConfigError, match="kto.yaml"):
+        run_bench("tiny", recipe=recipe, device="cpu", against=())
+
+
 def test_unsloth_rows_are_the_runs_tokens_in_order_at_one_length(tmp_path):
     from snugtune.bench.unsloth_stack import fixed_length_rows
     from snugtune.data.batches import epoch_rows

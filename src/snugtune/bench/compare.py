@@ -107,13 +107,20 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
             "budget": f"{cap_gib}GiB" if cap_gib else "auto", "device": device}
 
 
-def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = ()) -> dict:
+def recipe_objective(recipe: Path) -> str:
+    """What a config file trains: sft, or its preference objective."""
+    return yaml.safe_load(Path(recipe).read_text()).get("objective") or "sft"
+
+
+def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = (),
+                  pairs: Path | None = None) -> dict:
     """A shipped recipe as the bench runs it: its method, LoRA, quantization, micro-batch, accumulation,
-    optimizer, schedule, length and budget as written (then `overrides`, key=value), on the random-weight
-    `shape` and the bench's rows, for `steps` optimizer steps. `micro_batch: auto` becomes the recipe's
-    rows_per_step (the other stacks have no planner to split it; --set train.micro_batch=N splits it)."""
+    optimizer, schedule, length, objective and budget as written (then `overrides`, key=value), on the
+    random-weight `shape` and the bench's rows (a preference recipe: `pairs`, from long_pairs), for `steps`
+    optimizer steps. `micro_batch: auto` becomes the recipe's rows_per_step (the other stacks have no planner
+    to split it; --set train.micro_batch=N splits it)."""
     raw = yaml.safe_load(Path(recipe).read_text())
-    base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device)
+    base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device, pairs=pairs)
     raw.pop("output_dir", None)
     raw["train"] = {**raw.get("train", {}), "max_steps": steps}
     raw["train"].pop("epochs", None)
@@ -225,6 +232,10 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
     objective dpo: pairs (long_pairs) of `seq` tokens a sequence, `batch` pairs a micro-batch; max_context
     then finds each stack's longest pair."""
     overrides = emulated(emulate, overrides)
+    if recipe and recipe_objective(recipe) != "sft":  # a preference recipe: pairs of its own length
+        objective, seq = recipe_objective(recipe), yaml.safe_load(Path(recipe).read_text()).get("max_seq_len", 2048)
+        if objective == "kto":
+            raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context, "recipe": str(recipe) if recipe else None,
                                  "overrides": list(overrides), "one_document": one_document, "emulate": emulate,
@@ -236,14 +247,14 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
         resolve_model(f"shape:{shape}")
         stacks = ("snugtune", *against)
         documents = long_documents(work / "documents", seq) if one_document else None
-        pairs = long_pairs(work / "pairs", seq) if objective == "dpo" else None
-        config = recipe_config(recipe, shape, steps, device, overrides) if recipe else \
+        pairs = long_pairs(work / "pairs", seq) if objective != "sft" else None
+        config = recipe_config(recipe, shape, steps, device, overrides, pairs) if recipe else \
             apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, documents, pairs), list(overrides))
         for stack in stacks:
             results[stack] = run_stack(stack, config, work)
         if max_context:
             documents = long_documents(work / "long", max_context) if objective == "sft" else None
-            pairs = long_pairs(work / "long-pairs", max_context) if objective == "dpo" else None
+            pairs = long_pairs(work / "long-pairs", max_context) if objective != "sft" else None
             for stack in stacks:
                 if results[stack].get("unavailable"):  # a stack that cannot run here has no longest sequence
                     continue
