@@ -541,15 +541,21 @@ def _read_config_text(path: Path) -> str:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); pass the YAML config") from None
 
 
+def read_config_mapping(path: Path) -> dict:
+    """A config file's top-level mapping, unvalidated; ConfigError naming the file when it is not one."""
+    raw = safe_yaml(_read_config_text(path), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides, validate. Relative data paths resolve against the file.
 
     Raises ConfigError with a one-line message on any problem.
     """
     path = Path(path).expanduser()
-    raw = safe_yaml(_read_config_text(path), str(path)) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    raw = read_config_mapping(path)
     apply_overrides(raw, overrides or [])
     check_expansion(raw, f"{path} with the overrides")
     config = config_from_dict(raw, source=str(path))

@@ -82,13 +82,15 @@ def test_a_preference_recipe_benches_on_pairs_with_its_own_objective(tmp_path, r
     assert config.budget == "t4" and config.train.max_steps == 4
 
 
-def test_a_kto_recipe_is_refused_by_the_bench_with_its_name(tmp_path):
+@pytest.mark.parametrize("text, says", [(None, "not found"), ("- a list\n", "mapping"), ("objective: [1\n", "YAML"),
+                                        ("objective: kto\n", "kto recipe is not benched")])
+def test_a_recipe_the_bench_cannot_run_is_refused_naming_the_file(tmp_path, text, says):
     from snugtune.bench.compare import run_bench
     from snugtune.errors import ConfigError
-    recipe = tmp_path / "kto.yaml"
-    recipe.write_text((EXAMPLES_DIR / "tinyllama-1.1b_qlora-dpo_t4.yaml").read_text().replace("objective: dpo",
-                                                                                           "objective: kto"))
-    with pytest.raises(ConfigError, match="kto.yaml"):
+    recipe = tmp_path / "recipe.yaml"
+    if text is not None:
+        recipe.write_text(text)
+    with pytest.raises(ConfigError, match=f"recipe.yaml.*{says}"):
         run_bench("tiny", recipe=recipe, device="cpu", against=())
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from snugtune.bench.mfu import planned_decisions, utilisation
-from snugtune.config import apply_overrides
+from snugtune.config import apply_overrides, read_config_mapping
 from snugtune.errors import ConfigError
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
@@ -109,7 +109,7 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
 
 def recipe_objective(recipe: Path) -> str:
     """What a config file trains: sft, or its preference objective."""
-    return yaml.safe_load(Path(recipe).read_text()).get("objective") or "sft"
+    return read_config_mapping(Path(recipe)).get("objective") or "sft"
 
 
 def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = (),
@@ -119,7 +119,7 @@ def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: 
     random-weight `shape` and the bench's rows (a preference recipe: `pairs`, from long_pairs), for `steps`
     optimizer steps. `micro_batch: auto` becomes the recipe's rows_per_step (the other stacks have no planner
     to split it; --set train.micro_batch=N splits it)."""
-    raw = yaml.safe_load(Path(recipe).read_text())
+    raw = read_config_mapping(Path(recipe))
     base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device, pairs=pairs)
     raw.pop("output_dir", None)
     raw["train"] = {**raw.get("train", {}), "max_steps": steps}
@@ -233,7 +233,7 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
     then finds each stack's longest pair."""
     overrides = emulated(emulate, overrides)
     if recipe and recipe_objective(recipe) != "sft":  # a preference recipe: pairs of its own length
-        objective, seq = recipe_objective(recipe), yaml.safe_load(Path(recipe).read_text()).get("max_seq_len", 2048)
+        objective, seq = recipe_objective(recipe), read_config_mapping(Path(recipe)).get("max_seq_len", 2048)
         if objective == "kto":
             raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
