@@ -53,7 +53,7 @@ test: $(EXTRAS)
 
 # the tests marked slow (the embedded model, multi-process runs): CI runs them after `make test` passes
 test-slow: $(EXTRAS)
-	$(PY) -m pytest -q -m slow $(TEST_WORKERS) || [ $$? -eq 5 ]  # 5: no test is marked slow
+	$(PY) -m pytest -q -m slow $(TEST_WORKERS) --no-loadscope-reorder || [ $$? -eq 5 ]  # 5: no test is marked slow
 
 clean:
 	rm -rf $(VENV) runs

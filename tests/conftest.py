@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -14,6 +15,21 @@ from snugtune.data.prepare import prepare_data
 from snugtune.models.load import load_base_model, load_tokenizer, prepare_for_training
 from snugtune.models.resolve import resolve_model
 from snugtune.precision import Precision
+
+# xdist workers share the cores: each worker, and every process a test starts (it inherits the environment),
+# gets its share of threads; 2 workers x 2 threads on 2 cores made gloo ranks and trainings wait on each other
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+
+# files xdist hands out first (`make test-slow` keeps collection order): the slow stage's longest test, the DPO demo
+# on the embedded model (~3.5 min on one thread), which xdist's largest-file-first order otherwise left to run alone last
+LONGEST_FIRST = ("tests/test_examples.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)  # stable: the rest keep their order
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
