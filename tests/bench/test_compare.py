@@ -83,7 +83,8 @@ def test_a_preference_recipe_benches_on_pairs_with_its_own_objective(tmp_path, r
 
 
 @pytest.mark.parametrize("text, says", [(None, "not found"), ("- a list\n", "mapping"), ("objective: [1\n", "YAML"),
-                                        ("objective: kto\n", "kto recipe is not benched")])
+                                        ("objective: kto\n", "kto recipe is not benched"),
+                                        ("objective: dpo\nmax_seq_len: long\n", "positive whole number")])
 def test_a_recipe_the_bench_cannot_run_is_refused_naming_the_file(tmp_path, text, says):
     from snugtune.bench.compare import run_bench
     from snugtune.errors import ConfigError

@@ -108,8 +108,8 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
 
 
 def recipe_objective(recipe: Path) -> str:
-    """What a config file trains: sft, or its preference objective."""
-    return read_config_mapping(Path(recipe)).get("objective") or "sft"
+    """What a config file trains: sft, or its preference objective (a recipe is a few lines: read again)."""
+    return str(read_config_mapping(Path(recipe)).get("objective") or "sft")
 
 
 def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = (),
@@ -236,6 +236,8 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
         objective, seq = recipe_objective(recipe), read_config_mapping(Path(recipe)).get("max_seq_len", 2048)
         if objective == "kto":
             raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ConfigError(f"{recipe}: max_seq_len must be a positive whole number of tokens, not {seq!r}")
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context, "recipe": str(recipe) if recipe else None,
                                  "overrides": list(overrides), "one_document": one_document, "emulate": emulate,
