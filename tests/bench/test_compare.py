@@ -82,6 +82,17 @@ def test_a_preference_recipe_benches_on_pairs_with_its_own_objective(tmp_path, r
     assert config.budget == "t4" and config.train.max_steps == 4
 
 
+def test_a_supervised_recipe_benches_its_own_objective_whatever_objective_the_bench_was_given(tmp_path, monkeypatch):
+    from snugtune.bench import compare
+    seen = []
+    monkeypatch.setattr(compare, "run_stack", lambda stack, config, work: seen.append(config) or {"error": "stub"})
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", lambda name: None)
+    results = compare.run_bench("tiny", recipe=EXAMPLES_DIR / "tinyllama-1.1b_qlora_t4.yaml", device="cpu",
+                                against=(), objective="dpo")
+    assert results["setting"]["objective"] == "sft" and "objective" not in seen[0]
+    assert "stdlib_functions" in seen[0]["data"]["path"]
+
+
 @pytest.mark.parametrize("text, says", [(None, "not found"), ("- a list\n", "mapping"), ("objective: [1\n", "YAML"),
                                         ("objective: kto\n", "kto recipe is not benched"),
                                         ("objective: dpo\nmax_seq_len: long\n", "positive whole number")])

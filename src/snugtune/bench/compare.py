@@ -108,7 +108,7 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
 
 
 def recipe_objective(recipe: Path) -> str:
-    """What a config file trains: sft, or its preference objective (a recipe is a few lines: read again)."""
+    """What a config file trains: sft, or its preference objective."""
     return str(read_config_mapping(Path(recipe)).get("objective") or "sft")
 
 
@@ -232,8 +232,10 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
     objective dpo: pairs (long_pairs) of `seq` tokens a sequence, `batch` pairs a micro-batch; max_context
     then finds each stack's longest pair."""
     overrides = emulated(emulate, overrides)
-    if recipe and recipe_objective(recipe) != "sft":  # a preference recipe: pairs of its own length
-        objective, seq = recipe_objective(recipe), read_config_mapping(Path(recipe)).get("max_seq_len", 2048)
+    if recipe:
+        objective = recipe_objective(recipe)  # the recipe's own, as its length, micro-batch and cap are
+    if recipe and objective != "sft":  # a preference recipe: pairs of its own length
+        seq = read_config_mapping(Path(recipe)).get("max_seq_len", 2048)
         if objective == "kto":
             raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
