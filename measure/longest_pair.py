@@ -31,13 +31,16 @@ def trials(out_dir: Path, shape: str, cap: float | None, device: str, plan: dict
     with tempfile.TemporaryDirectory(prefix="longest-pair-") as tmp, \
             (out_dir / "longest_pair.jsonl").open("a") as log:
         work = Path(tmp)
+        pairs_at: dict[int, Path] = {}  # one pairs file a length, whichever stacks try it
         for stack, lengths in plan.items():
             longest[stack] = None
             for tokens in lengths:
                 if time.time() > deadline:
                     print(f"{stack} {tokens}: skipped (deadline)", flush=True)
                     break
-                pairs = long_pairs(work / f"pairs-{tokens}", tokens)
+                if tokens not in pairs_at:
+                    pairs_at[tokens] = long_pairs(work / f"pairs-{tokens}", tokens)
+                pairs = pairs_at[tokens]
                 config = apply_overrides(bench_config(shape, tokens, 1, steps, cap, device, pairs=pairs), overrides)
                 result = run_stack(stack, config, work)
                 row = {"stack": stack, "shape": shape, "cap_gib": cap, "tokens_a_sequence": tokens,
