@@ -109,10 +109,13 @@ def offload_levels(cfg: Config, inv: Inventory) -> list[Offload]:
     return allowed
 
 
-def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, make) -> list[Decisions]:
+def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, host_limit: float,
+                          make) -> list[Decisions]:
     """Checkpointing options for one micro-batch: as asked, or under 'auto' none, else the fewest
-    recomputed blocks (from the first) that fit `limit` bytes, else all of them. Weight streaming
-    recomputes every block. `make(checkpointing, **more)` builds the Decisions.
+    recomputed blocks (from the first) that fit `limit` bytes of GPU memory and `host_limit` of host memory,
+    else all of them. Weight streaming recomputes every block. With activations offloaded every count from
+    that fewest to all is weighed: each block recomputed copies less to the host and back, so the fastest
+    may recompute more. `make(checkpointing, **more)` builds the Decisions.
 
     Compiled blocks are recomputed partially too: on an H100 under a 15 GiB cap (Llama-3.1-8B shape,
     2026-12-07, docs/benchmarks.md) 20 of 32 blocks at 1 x 2048 ran 10,520-10,621 tok/s against 9,683 with
@@ -132,8 +135,12 @@ def checkpointing_options(cfg: Config, inv: Inventory, mb: int, limit: float, ma
         return [make(True, tiled_mlp=True)]
     for blocks in range(1, inv.layers):  # peak falls and step time rises with each recomputed block
         s = make(True, checkpointed_layers=blocks)
-        if peak(estimate(inv, s)) <= limit:
-            return [make(False), s]
+        parts = estimate(inv, s)
+        if peak(parts) <= limit and host_bytes(parts) <= host_limit:
+            if not s.offload_activations:
+                return [make(False), s]
+            more = [make(True, checkpointed_layers=k) for k in range(blocks + 1, inv.layers)]
+            return [make(False), s, *more, make(True)]
     return [make(False), make(True)]
 
 
@@ -179,8 +186,8 @@ class RunFacts:
     lengths_vary: bool = True           # the data's sequences pad to several lengths (True: not known)
 
 
-def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: Offload, micro: list[int],
-               facts: RunFacts, card: str) -> list[Candidate]:
+def candidates(cfg: Config, inv: Inventory, limit: float, host_limit: float, shards: int, offload: Offload,
+               micro: list[int], facts: RunFacts, card: str) -> list[Candidate]:
     """Every setting the search weighs at one level: each micro-batch, checkpointing option, graphs or not,
     dense copy or not."""
     found: dict[Decisions, Candidate] = {}
@@ -190,7 +197,7 @@ def candidates(cfg: Config, inv: Inventory, limit: float, shards: int, offload: 
         make = partial(decisions_for, cfg, inv, mb, trained=facts.trained, offload=offload, shards=shards,
                        gpus=facts.gpus, masked=facts.masked, graphs=graphs, dense_copy=dense, cuda=facts.cuda,
                        reference_copy=copy, lengths_vary=facts.lengths_vary)
-        for d in checkpointing_options(cfg, inv, mb, limit, make):
+        for d in checkpointing_options(cfg, inv, mb, limit, host_limit, make):
             if d not in found:
                 parts = estimate(inv, d)
                 found[d] = Candidate(seconds_per_step(inv, d, cfg.train.step_rows // mb, parts, card), d, parts)
@@ -204,7 +211,7 @@ def search(cfg: Config, inv: Inventory, budget: int, card: str, facts: RunFacts,
     weighed = []
     micro = micro_batches(cfg, most_micro)
     for shards, offload in levels(cfg, facts.gpus, inv):
-        level = candidates(cfg, inv, limit, shards, offload, micro, facts, card)
+        level = candidates(cfg, inv, limit, HOST_SAFETY * host_available, shards, offload, micro, facts, card)
         weighed += level
         fitting = [c for c in level if peak(c.parts) <= limit and host_bytes(c.parts) <= HOST_SAFETY * host_available]
         if fitting:  # as fast with a preference reference copy as without: the copy (memory_rules.reference_for)
