@@ -95,15 +95,38 @@ def test_a_supervised_recipe_benches_its_own_objective_whatever_objective_the_be
 
 @pytest.mark.parametrize("text, says", [(None, "not found"), ("- a list\n", "mapping"), ("objective: [1\n", "YAML"),
                                         ("objective: kto\n", "kto recipe is not benched"),
-                                        ("objective: dpo\nmax_seq_len: long\n", "positive whole number")])
-def test_a_recipe_the_bench_cannot_run_is_refused_naming_the_file(tmp_path, text, says):
+                                        ("objective: dpo\nmax_seq_len: long\n", "max_seq_len"),
+                                        ("objective: dpo\nmax_seq_len: 1000000000\n", "8 to 262,144 tokens"),
+                                        ("train: {lr: fast}\n", "train.lr")])
+def test_a_recipe_the_bench_cannot_run_is_refused_naming_the_file(tmp_path, text, says, monkeypatch):
     from snugtune.bench.compare import run_bench
     from snugtune.errors import ConfigError
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", _nothing_built)
     recipe = tmp_path / "recipe.yaml"
     if text is not None:
         recipe.write_text(text)
     with pytest.raises(ConfigError, match=f"recipe.yaml.*{says}"):
         run_bench("tiny", recipe=recipe, device="cpu", against=())
+
+
+def _nothing_built(name):
+    raise AssertionError("a checkpoint was built for settings the bench refuses")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seq", "0"], "max_seq_len: Input should be greater than or equal to 8"),
+    (["--seq", "300000"], "max_seq_len must be 8 to 262,144 tokens"),
+    (["--objective", "dpo", "--seq", "1000000000"], "max_seq_len must be 8 to 262,144 tokens"),
+    (["--steps", "0"], "train.max_steps"), (["--batch", "0"], "train.micro_batch"),
+    (["--max-context", "3"], "--max-context must be 8 to"), (["--cap", "0"], "--cap must be a number of GiB above 0"),
+    (["--cap", "nan"], "--cap must be"), (["--set", "train.lr=abc"], "train.lr"),
+    (["--set", "nonsense=1"], "unknown key 'nonsense'")])
+def test_bench_settings_a_run_cannot_have_exit_2_before_anything_is_built(args, says, monkeypatch, capsys):
+    from snugtune.cli import app
+    from typer.testing import CliRunner
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", _nothing_built)
+    result = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--device", "cpu", "--against", "", *args])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
 
 
 def test_unsloth_rows_are_the_runs_tokens_in_order_at_one_length(tmp_path):

@@ -26,12 +26,13 @@ from pathlib import Path
 import yaml
 
 from snugtune.bench.mfu import planned_decisions, utilisation
-from snugtune.config import apply_overrides, read_config_mapping
+from snugtune.config import apply_overrides, config_from_dict, read_config_mapping
 from snugtune.errors import ConfigError
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
 CHARS_PER_TOKEN_BOUND = 8  # Python source tokenizes at 3-4 characters a token: 8 leaves a wide margin
+LONGEST_BENCH_TOKENS = 262_144  # twice the longest context of a registry shape; the data for it is ~0.2 GB of text
 # --emulate CARD: the config fields that make any GPU run that card's path (its precision, attention kernels and
 # memory), for every stack; snugtune also plans for the card (its budget)
 EMULATIONS = {
@@ -219,6 +220,25 @@ def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> 
     return best, best_result
 
 
+def checked_settings(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
+                     recipe: Path | None, overrides: tuple[str, ...], max_context: int | None):
+    """The benched run's Config, validated before any checkpoint or data is built (ConfigError naming the
+    recipe, or the bench's options, otherwise); lengths the bench would build data for are bounded."""
+    if recipe:
+        raw, source = recipe_config(recipe, shape, steps, device, overrides), f"{recipe} with the bench's settings"
+    else:
+        if cap_gib is not None and not cap_gib > 0:
+            raise ConfigError(f"bench: --cap must be a number of GiB above 0, not {cap_gib}")
+        raw = apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device), list(overrides))
+        source = "bench (--seq is max_seq_len, --batch train.micro_batch, --steps train.max_steps)"
+    settings = config_from_dict(raw, source=source)
+    for name, tokens in (("max_seq_len", settings.max_seq_len), ("--max-context", max_context)):
+        if tokens is not None and not 8 <= tokens <= LONGEST_BENCH_TOKENS:
+            raise ConfigError(f"{source}: {name} must be 8 to {LONGEST_BENCH_TOKENS:,} tokens for the bench, "
+                              f"not {tokens:,}")
+    return settings
+
+
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
               against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
               max_context: int | None = None, recipe: Path | None = None, overrides: tuple[str, ...] = (),
@@ -234,12 +254,10 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
     overrides = emulated(emulate, overrides)
     if recipe:
         objective = recipe_objective(recipe)  # the recipe's own, as its length, micro-batch and cap are
-    if recipe and objective != "sft":  # a preference recipe: pairs of its own length
-        seq = read_config_mapping(Path(recipe)).get("max_seq_len", 2048)
         if objective == "kto":
             raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-            raise ConfigError(f"{recipe}: max_seq_len must be a positive whole number of tokens, not {seq!r}")
+    settings = checked_settings(shape, seq, batch, steps, cap_gib, device, recipe, overrides, max_context)
+    seq = settings.max_seq_len  # a recipe's own length
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context, "recipe": str(recipe) if recipe else None,
                                  "overrides": list(overrides), "one_document": one_document, "emulate": emulate,
