@@ -5,7 +5,6 @@ holds the fitted rows to +-25%).
 
   python measure/step_time_fit.py collect     # rewrite docs/runs/step_time_rows.jsonl from the run records
   python measure/step_time_fit.py table       # predicted vs measured per row, with today's model
-  python measure/step_time_fit.py add FILE    # append the rows of a step_time_grid.py or bench JSON run
 
 Where the rows come from:
 - `snugtune bench` JSONs whose snugtune result recorded its plan's Decisions (`plan.settings`): measured seconds
@@ -14,6 +13,7 @@ Where the rows come from:
   from the run's `speedups` (compiled blocks, fused LoRA) or the field's default (what the engine then did).
 - the 2026-12-05 probes (first step, eager weight streaming: nothing to compile), transcribed from their logs.
 - the 2026-11-30 planner grid: listed but not fitted: its configurations ran 8 at a time on one GPU.
+- measure/step_time_grid.py runs (docs/runs/step_time_grid_*.jsonl): one configuration at a time on one card.
 A row is held to +-25% unless its `reason` says why its measurement is not the step the model describes.
 """
 
@@ -43,6 +43,19 @@ WHY_NOT = {  # bench records the model is not held to, and why (docs/benchmarks.
        "activation offload over the GPU machine's host link ran 2.4-2.8x faster than the model's 12 GB/s (PCIe 4 x16, "
        "a desktop card's link), which the planner keeps for the cards it plans for"
        for name in ("2048_cap15_16_of_32_graphs", "4096_cap15_20_of_32", "4096_cap15_14_of_32")},
+}
+STEP_GRID_WHY_NOT = {  # step_time_grid.py rows outside the model, and why as far as known
+    ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: smollm2 2048x8"):
+        "not explained: 3.2x the prediction, 1.6x even the eager one (smollm2-135m's only GPU row; tied embeddings, "
+        "a 49,152-token vocabulary over 576 hidden); needs a GPU profile",
+    ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: smollm2 2048x8 (runner-up)"):
+        "not explained: as the chosen plan's row (4.5x the prediction)",
+    ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: tinyllama 512x4 t4"):
+        "outside by 1 point (0.74): the T4 profile's fp16 step (loss scaling, sm75 kernels) at 2,000 tokens a step, "
+        "not explained",
+    ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: tinyllama 2048x8 t4 (runner-up)"):
+        "outside by 3 points (0.78): 8 micro-batches of one 2,048-token row ran slower than the model's rate for "
+        "the same tokens in 4 of two rows (0.95); the model has no term for a matmul's size",
 }
 PROBES = [  # (source, tokens, first-step tokens/s, device): llama3-8b QLoRA, one document, weight streaming
     ("probe98304_cap15_h100_2026-12-05.txt", 98304, 2527, "NVIDIA H100 80GB HBM3"),
@@ -140,6 +153,20 @@ def grid_rows() -> list[dict]:
     return rows
 
 
+def step_grid_rows() -> list[dict]:
+    """Rows of step_time_grid.py runs (one configuration at a time on one card), held unless STEP_GRID_WHY_NOT."""
+    rows = []
+    for path in sorted(glob.glob(str(RUNS / "step_time_grid_*.jsonl"))):
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if row.get("kind") != "step_time_row" or not row.get("measured_step_s"):
+                continue
+            why = STEP_GRID_WHY_NOT.get((Path(path).name, row["source"]))
+            rows.append({**{k: v for k, v in row.items() if k != "kind"}, "source": f"{Path(path).name}: {row['source']}",
+                         "held": why is None, "reason": why})
+    return rows
+
+
 def _json(d) -> dict:
     return {**asdict(d), "lora_targets": list(d.lora_targets)}
 
@@ -192,16 +219,9 @@ def main() -> None:
     if command == "collect":
         benches = bench_rows()
         template = next(r for r in benches if r["source"].startswith("bench_llama3-8b_96256"))
-        rows = benches + probe_rows(template) + grid_rows()
+        rows = benches + probe_rows(template) + grid_rows() + step_grid_rows()
         ROWS.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(rows)} rows -> {ROWS}")
-    elif command == "add":
-        from_file = [json.loads(line) for line in Path(sys.argv[2]).read_text().splitlines() if line.strip()]
-        added = [r for r in from_file if r.get("kind") == "step_time_row" and "measured_step_s" in r]
-        with ROWS.open("a") as handle:
-            for row in added:
-                handle.write(json.dumps({k: v for k, v in row.items() if k != "kind"}) + "\n")
-        print(f"{len(added)} rows added")
     else:
         print(table(read_rows()))
 

@@ -13,7 +13,8 @@ all its planned fields set, so the two measured step times say whether `auto` pi
 Out (OUT_DIR/step_time_grid.jsonl, one JSON line per run as it finishes):
 - kind "step_time_row": the measured seconds per optimizer step (real tokens of each warm step, after the
   eager warm-ups and captures, over its tokens/s; the median) beside its Decisions, in the rows format of
-  docs/runs/step_time_rows.jsonl (`python measure/step_time_fit.py add OUT_DIR/step_time_grid.jsonl`);
+  docs/runs/step_time_rows.jsonl (copy it to docs/runs/step_time_grid_<card>_<date>.jsonl, then
+  `python measure/step_time_fit.py collect`);
 - kind "runner_up": chosen vs runner-up, predicted and measured, and whether the chosen was the faster.
 The last lines printed: each row's predicted / measured, how many within +-25%, and auto's score.
 """
