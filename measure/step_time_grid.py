@@ -108,6 +108,7 @@ def planned(cfg, card: tuple[str, int] | None):
     """(chosen plan, runner-up Decisions or None): the planner's search on the facts `train` plans from."""
     from snugtune.data.batches import trained_tokens_per_row
     from snugtune.memory_rules import rows_masked
+    from snugtune.objectives import SUPERVISED
     from snugtune.planner.cards import budget_bytes, has_varlen_attention
     from snugtune.planner.choose import RunFacts, host_memory_available, search
     from snugtune.planner.inventory import inventory_for
@@ -120,7 +121,8 @@ def planned(cfg, card: tuple[str, int] | None):
         size, _, name = budget_bytes(cfg.budget)
     varlen = card is not None and has_varlen_attention(card[0]) and cfg.train.attention_kernels == "auto"
     facts = RunFacts(sorted(trained_tokens_per_row(rows), reverse=True),
-                     masked=rows_masked(cfg.data.packing, varlen, any(len(r) > 1 for r in rows)), cuda=card is not None)
+                     masked=rows_masked(cfg.data.packing, varlen, any(len(r) > 1 for r in rows)), cuda=card is not None,
+                     lengths_vary=SUPERVISED.lengths_vary(rows, 8))  # as `train` judges its rows (grid rows are SFT)
     inv = inventory_for(cfg)
     host = host_memory_available()
     plan, weighed = search(cfg, inv, size, name, facts, host, SAFETY * size)
@@ -169,7 +171,10 @@ def measured_row(entry_name: str, cfg, result: dict, tokens: list[int]) -> dict 
     return {"kind": "step_time_row", "source": f"step_time_grid: {entry_name}", "device": result["summary"]["device"],
             "model": cfg.model.removeprefix("shape:"), "decisions": plan["settings"], "grad_accum": plan["grad_accum"],
             "tokens_per_step": statistics.median(tokens[min(WARM_FROM, len(tokens) - 1):]), "measured_step_s": seconds,
-            "held": True, "reason": None}
+            "held": True, "reason": None,
+            # what a row far from its prediction needs looked at: every step's rate, and whether graphs replayed
+            "tokens_per_s": result["rates"], "cuda_graphs": result["summary"].get("cuda_graphs"),
+            "speedups": result["summary"].get("speedups")}
 
 
 def one_entry(entry: tuple, args, card, documents: Path | None, out: Path, log, index: int) -> None:
