@@ -378,17 +378,19 @@ def bench(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Speed and memory of snugtune beside the plain transformers+peft+bitsandbytes recipe, same run."""
-    from snugtune.bench.compare import format_table, run_bench
+    from snugtune.bench.compare import check_json_target, format_table, run_bench
+    from snugtune.rundir import write_text_atomic
     if objective not in ("sft", "dpo"):
         _fail(f"--objective: {objective} is not benched (sft, dpo)")
-    if against is None:  # an empty --against (or ",") benches snugtune alone
-        against = "trl" if objective == "dpo" else "plain"
-    stacks = tuple(s.strip() for s in against.split(",") if s.strip())
+    # None: the objective's default stack; an empty --against (or ",") benches snugtune alone
+    stacks = None if against is None else tuple(s.strip() for s in against.split(",") if s.strip())
+    if out_json:
+        _run(debug, check_json_target, out_json)
     results = _run(debug, run_bench, shape, seq, batch, steps, stacks, cap, device, max_context, recipe,
                    tuple(set_), one_document, emulate, objective)
     print(format_table(results))
     if out_json:
-        out_json.write_text(json.dumps(results, indent=2))
+        _run(debug, write_text_atomic, out_json, json.dumps(results, indent=2))
 
 
 def _print_example(example, tokenizer) -> None:

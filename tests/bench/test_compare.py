@@ -188,18 +188,51 @@ def test_bench_emulating_a_t4_plans_for_it_and_trains_in_fp16_with_its_kernels(t
 
 @pytest.mark.parametrize("given,objective,stacks", [(None, "sft", ("plain",)), (None, "dpo", ("trl",)),
                                                      ("", "sft", ()), (",", "dpo", ()),
-                                                     ("plain, unsloth", "sft", ("plain", "unsloth"))])
+                                                     ("plain, unsloth", "sft", ("plain", "unsloth")),
+                                                     ("trl,unsloth", "dpo", ("trl", "unsloth"))])
 def test_against_names_the_other_stacks_and_empty_benches_snugtune_alone(monkeypatch, given, objective, stacks):
     from typer.testing import CliRunner
     from snugtune import cli
     from snugtune.bench import compare
-    asked = {}
-
-    def run_bench(shape, seq, batch, steps, against, *rest):
-        asked["against"] = against
-        return {"setting": {}}
-    monkeypatch.setattr(compare, "run_bench", run_bench)
-    args = ["bench", "--shape", "tiny", "--device", "cpu", "--objective", objective]
+    ran = []
+    monkeypatch.setattr(compare, "run_stack", lambda stack, config, work: ran.append(stack) or {"error": "stub"})
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", lambda name: None)
+    args = ["bench", "--shape", "tiny", "--seq", "64", "--device", "cpu", "--objective", objective]
     result = CliRunner().invoke(cli.app, args + ([] if given is None else ["--against", given]))
     assert result.exit_code == 0, result.output
-    assert asked["against"] == stacks
+    assert tuple(ran) == ("snugtune", *stacks)
+
+
+@pytest.mark.parametrize("args, says", [(["--against", "foo"], "'foo' is not a stack the bench runs under sft"),
+                                        (["--against", "trl"], "'trl' is not a stack the bench runs under sft"),
+                                        (["--objective", "dpo", "--against", "plain"], "under dpo (trl, unsloth"),
+                                        (["--recipe", str(EXAMPLES_DIR / "llama3-8b_qlora-orpo_t4.yaml"),
+                                          "--against", "trl"], "under orpo (none")])
+def test_a_stack_the_bench_does_not_run_exits_2_before_anything_runs(monkeypatch, args, says):
+    from typer.testing import CliRunner
+    from snugtune import cli
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", _nothing_built)
+    result = CliRunner().invoke(cli.app, ["bench", "--shape", "tiny", "--device", "cpu", *args])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
+
+
+def test_json_results_replace_only_an_earlier_benchs_file_and_are_checked_before_the_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from snugtune import cli
+    from snugtune.bench import compare
+    monkeypatch.setattr(compare, "run_stack", lambda stack, config, work: {"error": "stub"})
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", lambda name: None)
+    bench = ["bench", "--shape", "tiny", "--seq", "64", "--device", "cpu", "--against", "", "--json"]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    for target, says in [(tmp_path, "a folder"), (tmp_path / "missing" / "r.json", "does not exist"),
+                         (notes, "not a bench's results")]:
+        result = CliRunner().invoke(cli.app, bench + [str(target)])
+        assert result.exit_code == 2 and says in result.output
+    assert notes.read_text() == '{"mine": 1}'
+    out = tmp_path / "r.json"
+    for _ in range(2):  # a new file, then the earlier bench's replaced
+        result = CliRunner().invoke(cli.app, bench + [str(out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["setting"]["seq"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json", "r.json"]  # no temporary file left

@@ -239,8 +239,39 @@ def checked_settings(shape: str, seq: int, batch: int, steps: int, cap_gib: floa
     return settings
 
 
+# the stacks benched beside snugtune under each objective, the default first (ORPO: none has its bench here)
+STACKS = {"sft": ("plain", "unsloth"), "dpo": ("trl", "unsloth"), "orpo": ()}
+
+
+def checked_stacks(against: tuple[str, ...] | None, objective: str) -> tuple[str, ...]:
+    """The stacks to bench beside snugtune: `against`, or the objective's default; ConfigError naming an unknown one."""
+    if against is None:
+        return STACKS[objective][:1]
+    for stack in against:
+        if stack not in STACKS[objective]:
+            raise ConfigError(f"--against: '{stack}' is not a stack the bench runs under {objective} "
+                              f"({', '.join(STACKS[objective]) or 'none'}; empty: snugtune alone)")
+    return against
+
+
+def check_json_target(path: Path) -> None:
+    """Refuse (ConfigError) a --json path the results could not be written to, or a file there that is not an
+    earlier bench's results (the bench replaces only what a bench wrote)."""
+    if path.is_dir():
+        raise ConfigError(f"--json {path}: a folder; give a file path")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--json {path}: the folder {path.parent} does not exist")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "setting" in earlier):
+            raise ConfigError(f"--json {path}: the file exists and is not a bench's results; it is left as it is")
+
+
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
-              against: tuple[str, ...] = ("plain",), cap_gib: float | None = None, device: str = "auto",
+              against: tuple[str, ...] | None = None, cap_gib: float | None = None, device: str = "auto",
               max_context: int | None = None, recipe: Path | None = None, overrides: tuple[str, ...] = (),
               one_document: bool = False, emulate: str | None = None, objective: str = "sft") -> dict:
     """{stack: result} for snugtune and each stack in `against` (plain, unsloth), each in its own process
@@ -256,6 +287,7 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
         objective = recipe_objective(recipe)  # the recipe's own, as its length, micro-batch and cap are
         if objective == "kto":
             raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
+    against = checked_stacks(against, objective)
     settings = checked_settings(shape, seq, batch, steps, cap_gib, device, recipe, overrides, max_context)
     seq = settings.max_seq_len  # a recipe's own length
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
