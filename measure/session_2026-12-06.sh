@@ -11,6 +11,9 @@
 #     cap15-2048 cap15-4096              packed rows, --cap 15, against Unsloth (grad_checkpointing: auto)
 #     cap15-16384 cap15-28672            one document a row, --cap 15, against Unsloth
 #     grid                               measure/step_time_grid.py until the deadline
+#     t4-orpo-8b t4-dpo-tinyllama        (not in the default list) issue 38's two preference recipes as shipped,
+#                                        --emulate t4, snugtune alone (no peer benches ORPO; TRL and Unsloth DPO
+#                                        are benched on the 8B's pairs elsewhere)
 #     partial                            (not in the default list) 2048 with 26 of 32 blocks recomputed, under
 #                                        the 15 GiB cap and under a 30 GiB one: is the allocator under the cap
 #                                        why partial checkpointing ran slower than full?
@@ -91,6 +94,10 @@ for piece in "${PIECES[@]}"; do
                     --emulate t4 --steps 20 --against plain ;;
     t4-llama2) bench "$piece" 150 --shape llama2-7b --recipe examples/llama2-7b_qlora_t4.yaml --emulate t4 \
                  --steps 10 --against plain ;;
+    t4-orpo-8b) bench "$piece" 200 --shape llama3-8b --recipe examples/llama3-8b_qlora-orpo_t4.yaml --emulate t4 \
+                  --steps 6 --against "" ;;
+    t4-dpo-tinyllama) bench "$piece" 120 --shape tinyllama-1.1b --recipe examples/tinyllama-1.1b_qlora-dpo_t4.yaml \
+                        --emulate t4 --steps 10 --against "" ;;
     cap15-2048|cap15-4096)
       bench "$piece" 120 --shape llama3-8b --seq "$(seq_of "${piece#cap15-}")" --cap 15 --steps 10 \
         --against unsloth --set train.grad_checkpointing=auto ;;
