@@ -73,9 +73,8 @@ def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp
                                                 ("tinyllama-1.1b_qlora-dpo_t4.yaml", "dpo")])
 def test_a_preference_recipe_benches_on_pairs_with_its_own_objective(tmp_path, recipe, objective):
     # the bench's rows are SFT samples, which a preference objective refuses: its recipe trains the bench's pairs
-    from snugtune.bench.compare import long_pairs, recipe_config, recipe_objective
+    from snugtune.bench.compare import long_pairs, recipe_config
     from snugtune.config import config_from_dict
-    assert recipe_objective(EXAMPLES_DIR / recipe) == objective
     pairs = long_pairs(tmp_path, 64, count=3)
     config = config_from_dict(recipe_config(EXAMPLES_DIR / recipe, "tiny", 4, "cpu", (), pairs))
     assert (config.objective, config.data.format, config.data.path) == (objective, "preference", str(pairs))
@@ -97,7 +96,8 @@ def test_a_supervised_recipe_benches_its_own_objective_whatever_objective_the_be
                                         ("objective: kto\n", "kto recipe is not benched"),
                                         ("objective: dpo\nmax_seq_len: long\n", "max_seq_len"),
                                         ("objective: dpo\nmax_seq_len: 1000000000\n", "8 to 262,144 tokens"),
-                                        ("train: {lr: fast}\n", "train.lr")])
+                                        ("train: {lr: fast}\n", "train.lr"), ("train: [1]\n", "train must be a mapping"),
+                                        ("objective: simpo\n", "objective"), ("budget: foo\n", "budget: 'foo'")])
 def test_a_recipe_the_bench_cannot_run_is_refused_naming_the_file(tmp_path, text, says, monkeypatch):
     from snugtune.bench.compare import run_bench
     from snugtune.errors import ConfigError
@@ -120,7 +120,13 @@ def _nothing_built(name):
     (["--steps", "0"], "train.max_steps"), (["--batch", "0"], "train.micro_batch"),
     (["--max-context", "3"], "--max-context must be 8 to"), (["--cap", "0"], "--cap must be a number of GiB above 0"),
     (["--cap", "nan"], "--cap must be"), (["--set", "train.lr=abc"], "train.lr"),
-    (["--set", "nonsense=1"], "unknown key 'nonsense'")])
+    (["--set", "nonsense=1"], "unknown key 'nonsense'"), (["--cap", "inf"], "budget: 'infGiB'"),
+    (["--set", "budget=20000GiB"], "budget: '20000GiB'"),
+    (["--set", "objective=kto"], "--set objective=kto: the bench's objective is --objective (sft)"),
+    (["--recipe", str(EXAMPLES_DIR / "tinyllama-1.1b_qlora_t4.yaml"), "--set", "objective=kto"], "kto recipe"),
+    (["--recipe", str(EXAMPLES_DIR / "tinyllama-1.1b_qlora_t4.yaml"), "--cap", "10"], "--cap: a recipe's budget"),
+    (["--emulate", "t4", "--cap", "10"], "--emulate plans for the card's memory"),
+    (["--recipe", str(EXAMPLES_DIR / "tinyllama-1.1b_qlora_t4.yaml"), "--max-context", "4096"], "--max-context")])
 def test_bench_settings_a_run_cannot_have_exit_2_before_anything_is_built(args, says, monkeypatch, capsys):
     from snugtune.cli import app
     from typer.testing import CliRunner
@@ -223,16 +229,41 @@ def test_json_results_replace_only_an_earlier_benchs_file_and_are_checked_before
     monkeypatch.setattr(compare, "run_stack", lambda stack, config, work: {"error": "stub"})
     monkeypatch.setattr("snugtune.models.resolve.resolve_model", lambda name: None)
     bench = ["bench", "--shape", "tiny", "--seq", "64", "--device", "cpu", "--against", "", "--json"]
-    notes = tmp_path / "notes.json"
+    notes, settings = tmp_path / "notes.json", tmp_path / "settings.json"
     notes.write_text('{"mine": 1}')
+    settings.write_text('{"setting": 1}')
+    (tmp_path / "link.json").symlink_to(notes)
     for target, says in [(tmp_path, "a folder"), (tmp_path / "missing" / "r.json", "does not exist"),
-                         (notes, "not a bench's results")]:
+                         (notes, "not a bench's results"), (settings, "not a bench's results"),
+                         (tmp_path / "link.json", "a link")]:
         result = CliRunner().invoke(cli.app, bench + [str(target)])
         assert result.exit_code == 2 and says in result.output
-    assert notes.read_text() == '{"mine": 1}'
+    assert notes.read_text() == '{"mine": 1}' and settings.read_text() == '{"setting": 1}'
     out = tmp_path / "r.json"
     for _ in range(2):  # a new file, then the earlier bench's replaced
         result = CliRunner().invoke(cli.app, bench + [str(out)])
         assert result.exit_code == 0, result.output
         assert json.loads(out.read_text())["setting"]["seq"] == 64
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json", "r.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "notes.json", "r.json", "settings.json"]
+
+
+def test_a_recipe_without_a_length_benches_at_the_configs_default_and_stacks_run_once(monkeypatch, tmp_path):
+    from snugtune.bench import compare
+    seen = []
+    monkeypatch.setattr(compare, "run_stack", lambda stack, config, work: seen.append((stack, config)) or {})
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", lambda name: None)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n")
+    results = compare.run_bench("tiny", recipe=recipe, device="cpu", against=("plain", "plain"))
+    assert [stack for stack, _ in seen] == ["snugtune", "plain"] and results["setting"]["seq"] == 512
+    assert all(config["max_seq_len"] == 512 for _, config in seen)  # every stack reads its length from the config
+
+
+def test_max_context_trials_train_each_length_whatever_the_overrides_say(monkeypatch):
+    from snugtune.bench import compare
+    lengths = []
+    monkeypatch.setattr(compare, "run_stack", lambda stack, config, work: lengths.append(config["max_seq_len"]) or {})
+    monkeypatch.setattr("snugtune.models.resolve.resolve_model", lambda name: None)
+    compare.run_bench("tiny", seq=64, steps=2, device="cpu", against=(), max_context=256,
+                      overrides=("max_seq_len=64",))
+    assert lengths[0] == 64 and 256 in lengths[1:]

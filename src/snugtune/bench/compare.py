@@ -26,8 +26,9 @@ from pathlib import Path
 import yaml
 
 from snugtune.bench.mfu import planned_decisions, utilisation
-from snugtune.config import apply_overrides, config_from_dict, read_config_mapping
+from snugtune.config import Config, apply_overrides, config_from_dict, read_config_mapping
 from snugtune.errors import ConfigError
+from snugtune.planner.cards import budget_bytes
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
@@ -108,11 +109,6 @@ def bench_config(shape: str, seq: int, batch: int, steps: int, cap_gib: float | 
             "budget": f"{cap_gib}GiB" if cap_gib else "auto", "device": device}
 
 
-def recipe_objective(recipe: Path) -> str:
-    """What a config file trains: sft, or its preference objective."""
-    return str(read_config_mapping(Path(recipe)).get("objective") or "sft")
-
-
 def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: tuple[str, ...] = (),
                   pairs: Path | None = None) -> dict:
     """A shipped recipe as the bench runs it: its method, LoRA, quantization, micro-batch, accumulation,
@@ -121,9 +117,13 @@ def recipe_config(recipe: Path, shape: str, steps: int, device: str, overrides: 
     optimizer steps. `micro_batch: auto` becomes the recipe's rows_per_step (the other stacks have no planner
     to split it; --set train.micro_batch=N splits it)."""
     raw = read_config_mapping(Path(recipe))
-    base = bench_config(shape, raw.get("max_seq_len", 2048), 1, steps, None, device, pairs=pairs)
+    train = raw.get("train") or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{recipe}: train must be a mapping of keys, not a {type(train).__name__}")
+    base = bench_config(shape, 2048, 1, steps, None, device, pairs=pairs)
     raw.pop("output_dir", None)
-    raw["train"] = {**raw.get("train", {}), "max_steps": steps}
+    raw.setdefault("max_seq_len", Config.model_fields["max_seq_len"].default)  # every stack reads the length
+    raw["train"] = {**train, "max_steps": steps}
     raw["train"].pop("epochs", None)
     if raw["train"].get("micro_batch") == "auto":  # every stack trains the same micro-batches: one a step
         raw["train"]["micro_batch"] = raw["train"].get("rows_per_step") or 1
@@ -221,22 +221,42 @@ def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> 
 
 
 def checked_settings(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
-                     recipe: Path | None, overrides: tuple[str, ...], max_context: int | None):
+                     recipe: Path | None, overrides: tuple[str, ...], max_context: int | None, objective: str):
     """The benched run's Config, validated before any checkpoint or data is built (ConfigError naming the
-    recipe, or the bench's options, otherwise); lengths the bench would build data for are bounded."""
+    recipe, or the bench's options, otherwise): its budget a card or a size, and the lengths the bench would
+    build data for bounded."""
     if recipe:
         raw, source = recipe_config(recipe, shape, steps, device, overrides), f"{recipe} with the bench's settings"
     else:
         if cap_gib is not None and not cap_gib > 0:
             raise ConfigError(f"bench: --cap must be a number of GiB above 0, not {cap_gib}")
-        raw = apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device), list(overrides))
-        source = "bench (--seq is max_seq_len, --batch train.micro_batch, --steps train.max_steps)"
+        pairs = Path("pairs.jsonl") if objective != "sft" else None  # not read: the config names its objective
+        raw = apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, pairs=pairs), list(overrides))
+        source = "bench (--seq is max_seq_len, --batch train.micro_batch, --steps train.max_steps, --cap budget)"
     settings = config_from_dict(raw, source=source)
+    if settings.budget != "auto":
+        try:
+            budget_bytes(settings.budget)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     for name, tokens in (("max_seq_len", settings.max_seq_len), ("--max-context", max_context)):
         if tokens is not None and not 8 <= tokens <= LONGEST_BENCH_TOKENS:
             raise ConfigError(f"{source}: {name} must be 8 to {LONGEST_BENCH_TOKENS:,} tokens for the bench, "
                               f"not {tokens:,}")
     return settings
+
+
+def benched_objective(settings: Config, recipe: Path | None, asked: str) -> str:
+    """What the bench trains: a recipe's own objective (after --set), else --objective; ConfigError for one it
+    does not bench, or a --set objective= that contradicts --objective."""
+    if recipe:
+        if settings.objective not in STACKS:
+            raise ConfigError(f"{recipe}: the bench trains SFT rows or preference pairs; a {settings.objective} "
+                              f"recipe is not benched")
+        return settings.objective
+    if settings.objective != asked:
+        raise ConfigError(f"--set objective={settings.objective}: the bench's objective is --objective ({asked})")
+    return asked
 
 
 # the stacks benched beside snugtune under each objective, the default first (ORPO: none has its bench here)
@@ -251,12 +271,14 @@ def checked_stacks(against: tuple[str, ...] | None, objective: str) -> tuple[str
         if stack not in STACKS[objective]:
             raise ConfigError(f"--against: '{stack}' is not a stack the bench runs under {objective} "
                               f"({', '.join(STACKS[objective]) or 'none'}; empty: snugtune alone)")
-    return against
+    return tuple(dict.fromkeys(against))  # each once
 
 
 def check_json_target(path: Path) -> None:
-    """Refuse (ConfigError) a --json path the results could not be written to, or a file there that is not an
-    earlier bench's results (the bench replaces only what a bench wrote)."""
+    """Refuse (ConfigError) a --json path the results could not be written to, a link, or a file there that is
+    not an earlier bench's results (the bench replaces only what a bench wrote)."""
+    if path.is_symlink():
+        raise ConfigError(f"--json {path}: a link; give the file's own path")
     if path.is_dir():
         raise ConfigError(f"--json {path}: a folder; give a file path")
     if not path.parent.is_dir():
@@ -266,8 +288,14 @@ def check_json_target(path: Path) -> None:
             earlier = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             earlier = None
-        if not (isinstance(earlier, dict) and "setting" in earlier):
+        if not (isinstance(earlier, dict) and isinstance(earlier.get("setting"), dict) and "snugtune" in earlier):
             raise ConfigError(f"--json {path}: the file exists and is not a bench's results; it is left as it is")
+    probe = path.with_name(f".{path.name}.probe-{os.getpid()}")  # the results are written beside it, then renamed
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--json {path}: cannot write in {path.parent} ({err.strerror})") from None
 
 
 def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: int = 8,
@@ -283,13 +311,15 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
     objective dpo: pairs (long_pairs) of `seq` tokens a sequence, `batch` pairs a micro-batch; max_context
     then finds each stack's longest pair."""
     overrides = emulated(emulate, overrides)
-    if recipe:
-        objective = recipe_objective(recipe)  # the recipe's own, as its length, micro-batch and cap are
-        if objective == "kto":
-            raise ConfigError(f"{recipe}: the bench trains preference pairs; a kto recipe is not benched")
+    if cap_gib is not None and (recipe or emulate):
+        raise ConfigError("--cap: a recipe's budget is its own and --emulate plans for the card's memory "
+                          "(--set budget=... changes either)")
+    if max_context and recipe:
+        raise ConfigError("--max-context searches the bench's own settings, not a recipe's")
+    settings = checked_settings(shape, seq, batch, steps, cap_gib, device, recipe, overrides, max_context, objective)
+    objective = benched_objective(settings, recipe, objective)  # a recipe's own, as its length and budget are
     against = checked_stacks(against, objective)
-    settings = checked_settings(shape, seq, batch, steps, cap_gib, device, recipe, overrides, max_context)
-    seq = settings.max_seq_len  # a recipe's own length
+    seq = settings.max_seq_len
     results: dict = {"setting": {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "cap_gib": cap_gib,
                                  "max_context": max_context, "recipe": str(recipe) if recipe else None,
                                  "overrides": list(overrides), "one_document": one_document, "emulate": emulate,
@@ -312,8 +342,8 @@ def run_bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 1, steps: 
             for stack in stacks:
                 if results[stack].get("unavailable"):  # a stack that cannot run here has no longest sequence
                     continue
-                trial = lambda n: run_stack(stack, apply_overrides(bench_config(shape, n, 1, 3, cap_gib, device,  # noqa: E731
-                                                                                documents, pairs), list(overrides)), work)
+                trial = lambda n: run_stack(stack, {**apply_overrides(bench_config(  # noqa: E731
+                    shape, n, 1, 3, cap_gib, device, documents, pairs), list(overrides)), "max_seq_len": n}, work)
                 length, at_length = longest_context(trial, min(seq, max_context), max_context,
                                                     granularity=min(1024, seq))
                 results[stack]["longest_context_tokens"] = length

@@ -9,7 +9,7 @@ from dataclasses import replace
 from snugtune.config import Config
 from snugtune.methods import METHODS
 from snugtune.planner.cards import CARDS, GIB
-from snugtune.planner.choose import RunFacts, search
+from snugtune.planner.choose import HOST_SAFETY, RunFacts, search
 from snugtune.planner.inventory import Inventory
 from snugtune.planner.memory import SHARDED_PARTS, Part, alive_at_peak
 from snugtune.planner.plan import SAFETY, Decisions, Plan, offload_text
@@ -126,8 +126,8 @@ def refusal_suggestion(cfg: Config, inv: Inventory, plan: Plan, facts: RunFacts,
     budget, host = plan.budget_bytes, plan.host_available_bytes
     ideas = []
     if plan.peak_bytes <= SAFETY * budget:  # the GPU would do; the host lacks the memory the offload needs
-        ideas.append(f"free host memory: this plan needs {plan.host_bytes / GIB:.1f} GiB of it for offload and "
-                     f"{host / GIB:.1f} GiB is available")
+        ideas.append(f"free host memory: this plan needs {plan.host_bytes / GIB:.1f} GiB of it for offload, and "
+                     f"plans keep to {HOST_SAFETY:.0%} of what is available ({host / GIB:.1f} GiB)")
     seq = longest_seq(cfg, inv, budget, host, facts)
     if seq:
         fitting = _fits(cfg.model_copy(update={"max_seq_len": seq}), inv, budget, replace(facts, trained=None), host)
