@@ -75,6 +75,25 @@ def test_weight_streaming_keeps_two_blocks_fetches_in_run_order_and_leaves_weigh
         assert not home.requires_grad
 
 
+def test_offloading_the_activations_of_blocks_not_recomputed_gives_the_same_gradients():
+    # the planner's long-row plan (2026-12-07): the first k blocks recomputed, every other block's activations
+    # offloaded whole (planner.choose.checkpointing_options)
+    from snugtune.models.load import decoder_layers
+    plain = _lora_llama()
+    plain.gradient_checkpointing_disable()
+    expected = _step(plain, IDS)
+    partial = _lora_llama()
+    for layer in list(decoder_layers(partial))[1:]:
+        layer.gradient_checkpointing = False
+    offload = ActivationOffload(device_types=("cpu",), min_bytes=0)
+    got = _step(partial, IDS, offload)
+    everything = ActivationOffload(device_types=("cpu",), min_bytes=0)
+    _step(_lora_llama(), IDS, everything)
+    assert offload.offloaded_bytes > 2 * everything.offloaded_bytes  # three blocks' activations, not only inputs
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-7), name
+
+
 def test_training_with_both_offloads_on_cpu_gives_the_same_qlora_adapter(tmp_path, alpaca_file):
     from safetensors.torch import load_file
     common = {"method": "qlora", "train": {"max_steps": 2, "micro_batch": 4, "lr": 1e-2, "seed": 0,
