@@ -53,9 +53,6 @@ STEP_GRID_WHY_NOT = {  # step_time_grid.py rows outside the model, and why
     ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: smollm2 2048x8"): EAGER_MEDIAN,
     ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: smollm2 2048x8 (runner-up)"): EAGER_MEDIAN,
     ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: tinyllama 512x4 t4"): EAGER_MEDIAN,
-    ("step_time_grid_h100_2026-12-07d.jsonl", "step_time_grid: tinyllama 2048x8 t4 (runner-up)"):
-        "outside by 3 points (0.78): 8 micro-batches of one 2,048-token row ran slower than the model's rate for "
-        "the same tokens in 4 of two rows (0.95); the model has no term for a matmul's size",
 }
 PROBES = [  # (source, tokens, first-step tokens/s, device): llama3-8b QLoRA, one document, weight streaming
     ("probe98304_cap15_h100_2026-12-05.txt", 98304, 2527, "NVIDIA H100 80GB HBM3"),

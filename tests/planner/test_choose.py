@@ -13,9 +13,9 @@ from snugtune.config import load_config
 from snugtune.planner.choose import plan_for_budget
 from snugtune.planner.cards import GIB, budget_bytes
 from snugtune.planner.inventory import inventory_for
-from snugtune.planner.memory import Part, estimate, peak
+from snugtune.planner.memory import Part, estimate, host_bytes, peak
 from snugtune.planner.plan import Decisions
-from snugtune.planner.step_time import seconds_per_step
+from snugtune.planner.step_time import seconds_per_step, step_flops
 
 RECIPES = [p for p in sorted(EXAMPLES_DIR.glob("*.yaml")) if "cpu" not in p.stem]
 
@@ -68,17 +68,32 @@ def test_activation_offload_recomputes_what_the_hosts_memory_needs_and_no_more_t
     # with every block recomputed and its input offloaded, 2026-12-01)
     cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=28672,
                       train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
-    inv = inventory_for(cfg)
+    inv, card = inventory_for(cfg), "NVIDIA H100 80GB HBM3"
     for host_gib in (120, 24, 12):
-        plan = plan_for_budget(cfg, 15 * GIB, "NVIDIA H100 80GB HBM3", trained_per_row=[28672],
-                               host_available=host_gib * GIB, masked=False, lengths_vary=False)
+        plan = plan_for_budget(cfg, 15 * GIB, card, trained_per_row=[28672], host_available=host_gib * GIB,
+                               masked=False, lengths_vary=False)
         d = plan.decisions
         assert plan.fits and d.offload_activations and not d.stream_weights and d.compiled_blocks
         assert plan.host_bytes <= 0.9 * host_gib * GIB
-        every = replace(d, checkpointed_layers=None)
-        assert plan.step_seconds <= seconds_per_step(inv, every, 1, estimate(inv, every), "NVIDIA H100 80GB HBM3")
-    assert 0 < plan_for_budget(cfg, 15 * GIB, "NVIDIA H100 80GB HBM3", trained_per_row=[28672],
-                               host_available=120 * GIB, masked=False).decisions.checkpointed_layers < 32
+        # the fastest of every count of recomputed blocks whose offload fits the host
+        counts = [replace(d, checkpointed_layers=k) for k in range(1, 32)] + [replace(d, checkpointed_layers=None)]
+        fitting = [c for c in counts if host_bytes(estimate(inv, c)) <= 0.9 * host_gib * GIB]
+        assert plan.step_seconds == min(seconds_per_step(inv, c, 1, estimate(inv, c), card) for c in fitting)
+
+
+def test_offloaded_activations_cost_their_copy_back_in_the_step(tmp_path, alpaca_file):
+    # backward copies each offloaded tensor back on the compute stream when it reaches it (engine.offload):
+    # keeping 4 more blocks' activations (15 GiB more to copy back) costs more than recomputing them
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=28672,
+                      train={"micro_batch": 1, "grad_accum": 1, "grad_checkpointing": "auto"})
+    inv, card = inventory_for(cfg), "NVIDIA H100 80GB HBM3"
+    plan = plan_for_budget(cfg, 15 * GIB, card, trained_per_row=[28672], host_available=120 * GIB, masked=False)
+    every = plan.decisions
+    assert every.offload_activations and every.checkpointed_layers is None
+    four_kept = replace(every, checkpointed_layers=28)
+    assert seconds_per_step(inv, every, 1, estimate(inv, every), card) < \
+        seconds_per_step(inv, four_kept, 1, estimate(inv, four_kept), card)
+    assert step_flops(inv, four_kept).recompute < step_flops(inv, every).recompute
 
 
 def test_dense_copy_of_4bit_weights_is_held_only_where_it_fits_beside_the_fastest_settings(tmp_path, alpaca_file):

@@ -6,7 +6,8 @@ Per micro-batch the GPU's time is its matrix arithmetic (FLOPs at a measured sha
 (dequantizing 4-bit weights, the low-rank and element-wise work around every adapted linear; bytes at a share
 of the card's datasheet bandwidth). The CPU launching kernels (per block: far fewer when the step replays as
 a CUDA graph) and host copies (offload, on their own stream) run beside it: the micro-batch takes the longest
-of the three. Per step the optimizer, a pass over the trained parameters and their state.
+of the three; offloaded activations coming back are the GPU's time, since backward copies each one on the
+compute stream when it reaches it. Per step the optimizer, a pass over the trained parameters and their state.
 
 FLOPs are split into the model's (what training the model needs: forward, input gradients, weight gradients of
 what is trained, attention, and the forwards without gradient a preference objective's loss reads: DPO's
@@ -44,6 +45,7 @@ LAUNCH_STALL_SHARE = 0.05           # of the shorter of GPU work and launches, t
                                     # with 12 of 32 blocks recomputed: eager 0.278 s, replayed 0.247 s; fitted)
 OPTIMIZER_BYTES_PER_PARAM = 100.0   # unscale, clip, 8-bit AdamW over one flat tensor: 1.2 ms for 42M on an H200
 HOST_COPY_BYTES_S = 12e9            # pinned host <-> GPU copies (PCIe 4 x16 in practice)
+OFFLOADED_ACTIVATIONS = (Part.HOST_CHECKPOINTED_INPUTS, Part.HOST_KEPT_ACTIVATIONS, Part.HOST_ALL_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,14 @@ def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card
     extra = forwards_without_gradient(s.objective, s.reference)
     # forward, recompute, backward (twice a forward's), the objective's forwards without gradient
     launches = inv.layers * per_block * (3 + share + extra) / 4
-    # out and back (activations), forward and recompute (weights); of the embedding table only the batch's rows
-    copied = host_bytes(parts) - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
-    copies = 2 * copied / HOST_COPY_BYTES_S
+    # beside the GPU's work: activations out, block weights in for forward and recompute (prefetched), the
+    # embedding table's batch rows; in its way: activations back, each copied when backward reaches it
+    offloaded = sum(parts.get(part, 0) for part in OFFLOADED_ACTIVATIONS)
+    weights = host_bytes(parts) - offloaded - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
+    copies = (offloaded + 2 * weights) / HOST_COPY_BYTES_S
     if s.embeddings_on_host:
         copies += s.tokens * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
-    gpu = gpu_seconds(inv, s, card)
+    gpu = gpu_seconds(inv, s, card) + offloaded / HOST_COPY_BYTES_S
     return max(gpu, launches, copies) + LAUNCH_STALL_SHARE * min(gpu, launches)
 
 
