@@ -204,6 +204,18 @@ def test_empty_names_and_paths_are_refused(tmp_path, field, value):
         load_config(_write(tmp_path, "data: {path: x.jsonl}\n"), [f"{field}={value}"])
 
 
+@pytest.mark.parametrize("value", ["foo", "0GiB", "nanGiB", "infGiB", "1e-12GiB", "20000GiB", "-3GiB", "x" * 60])
+def test_a_budget_that_is_neither_a_card_nor_a_size_is_refused_when_the_config_is_read(tmp_path, value):
+    with pytest.raises(ConfigError, match="c.yaml: budget: .* is neither a card"):
+        load_config(_write(tmp_path, "data: {path: x.jsonl}\n"), [f"budget={value}"])
+
+
+@pytest.mark.parametrize("value", ["auto", "t4", "H100", "15GiB", "0.5gb", " 10GiB "])
+def test_a_card_or_a_size_is_a_budget(tmp_path, value):
+    assert load_config(_write(tmp_path, "data: {path: x.jsonl}\n"), [f"budget={value}"]).budget.strip() == \
+        value.strip()
+
+
 def test_a_tilde_means_the_home_folder_in_every_path(tmp_path, monkeypatch):
     home = tmp_path / "home"
     (home / "configs").mkdir(parents=True)

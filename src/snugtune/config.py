@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from snugtune.errors import ConfigError
 from snugtune.data.format_registry import FORMATS, column_fields
 from snugtune.methods import METHODS
+from snugtune.planner.cards import budget_bytes
 
 
 class _Section(BaseModel):
@@ -316,6 +317,16 @@ class Config(_Section):
                            "base as reference), orpo (pairs, no reference), kto (answers labelled good or bad).")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
                                          description="Parameters of objective dpo, orpo or kto (TRL's defaults).")
+
+    @field_validator("budget")
+    @classmethod
+    def _card_or_size(cls, value: str) -> str:
+        if value != "auto":  # every command that plans refuses the rest; refused here, before any work
+            try:
+                budget_bytes(value)
+            except ConfigError as err:
+                raise ValueError(str(err).removeprefix("budget: ")) from None
+        return value
 
     @field_validator("output_dir")
     @classmethod

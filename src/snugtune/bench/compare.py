@@ -28,7 +28,6 @@ import yaml
 from snugtune.bench.mfu import planned_decisions, utilisation
 from snugtune.config import Config, apply_overrides, config_from_dict, read_config_mapping
 from snugtune.errors import ConfigError
-from snugtune.planner.cards import budget_bytes
 from snugtune.rundir import METRICS, SUMMARY, read_jsonl
 
 
@@ -223,8 +222,7 @@ def longest_context(trains, start: int, limit: int, granularity: int = 1024) -> 
 def checked_settings(shape: str, seq: int, batch: int, steps: int, cap_gib: float | None, device: str,
                      recipe: Path | None, overrides: tuple[str, ...], max_context: int | None, objective: str):
     """The benched run's Config, validated before any checkpoint or data is built (ConfigError naming the
-    recipe, or the bench's options, otherwise): its budget a card or a size, and the lengths the bench would
-    build data for bounded."""
+    recipe, or the bench's options, otherwise), the lengths the bench would build data for bounded."""
     if recipe:
         raw, source = recipe_config(recipe, shape, steps, device, overrides), f"{recipe} with the bench's settings"
     else:
@@ -234,11 +232,6 @@ def checked_settings(shape: str, seq: int, batch: int, steps: int, cap_gib: floa
         raw = apply_overrides(bench_config(shape, seq, batch, steps, cap_gib, device, pairs=pairs), list(overrides))
         source = "bench (--seq is max_seq_len, --batch train.micro_batch, --steps train.max_steps, --cap budget)"
     settings = config_from_dict(raw, source=source)
-    if settings.budget != "auto":
-        try:
-            budget_bytes(settings.budget)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
     for name, tokens in (("max_seq_len", settings.max_seq_len), ("--max-context", max_context)):
         if tokens is not None and not 8 <= tokens <= LONGEST_BENCH_TOKENS:
             raise ConfigError(f"{source}: {name} must be 8 to {LONGEST_BENCH_TOKENS:,} tokens for the bench, "
