@@ -210,10 +210,11 @@ def search(cfg: Config, inv: Inventory, budget: int, card: str, facts: RunFacts,
     also every candidate weighed, for the refusal when none fits."""
     weighed = []
     micro = micro_batches(cfg, most_micro)
+    host_limit = HOST_SAFETY * host_available
     for shards, offload in levels(cfg, facts.gpus, inv):
-        level = candidates(cfg, inv, limit, HOST_SAFETY * host_available, shards, offload, micro, facts, card)
+        level = candidates(cfg, inv, limit, host_limit, shards, offload, micro, facts, card)
         weighed += level
-        fitting = [c for c in level if peak(c.parts) <= limit and host_bytes(c.parts) <= HOST_SAFETY * host_available]
+        fitting = [c for c in level if peak(c.parts) <= limit and host_bytes(c.parts) <= host_limit]
         if fitting:  # as fast with a preference reference copy as without: the copy (memory_rules.reference_for)
             best = min(fitting, key=lambda c: (c.seconds, c.decisions.reference != "copy"))
             return _plan(cfg, inv, best, budget, card, True, host_available, facts), weighed

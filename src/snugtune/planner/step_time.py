@@ -24,8 +24,8 @@ from snugtune.memory_rules import forwards_without_gradient
 from snugtune.methods import METHODS
 from snugtune.planner.cards import card_bandwidth, card_tflops
 from snugtune.planner.inventory import Inventory
-from snugtune.planner.memory import (Breakdown, Part, attention_groups, checkpointed_blocks, host_bytes, in_mlp,
-                                     trainable_params)
+from snugtune.planner.memory import (ON_HOST_WHEN_OFFLOADED, Breakdown, Part, attention_groups, checkpointed_blocks,
+                                     in_mlp, trainable_params)
 from snugtune.planner.plan import Decisions
 
 MATMUL_EFFICIENCY = 0.75      # 16-bit matmuls' share of the datasheet rate (H200 step profiles: 630-750 TFLOP/s)
@@ -45,7 +45,6 @@ LAUNCH_STALL_SHARE = 0.05           # of the shorter of GPU work and launches, t
                                     # with 12 of 32 blocks recomputed: eager 0.278 s, replayed 0.247 s; fitted)
 OPTIMIZER_BYTES_PER_PARAM = 100.0   # unscale, clip, 8-bit AdamW over one flat tensor: 1.2 ms for 42M on an H200
 HOST_COPY_BYTES_S = 12e9            # pinned host <-> GPU copies (PCIe 4 x16 in practice)
-OFFLOADED_ACTIVATIONS = (Part.HOST_CHECKPOINTED_INPUTS, Part.HOST_KEPT_ACTIVATIONS, Part.HOST_ALL_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -163,9 +162,8 @@ def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card
     launches = inv.layers * per_block * (3 + share + extra) / 4
     # beside the GPU's work: activations out, block weights in for forward and recompute (prefetched), the
     # embedding table's batch rows; in its way: activations back, each copied when backward reaches it
-    offloaded = sum(parts.get(part, 0) for part in OFFLOADED_ACTIVATIONS)
-    weights = host_bytes(parts) - offloaded - parts.get(Part.HOST_EMBEDDING_TABLE, 0)
-    copies = (offloaded + 2 * weights) / HOST_COPY_BYTES_S
+    offloaded = sum(parts.get(part, 0) for part in ON_HOST_WHEN_OFFLOADED.values())
+    copies = (offloaded + 2 * parts.get(Part.HOST_BLOCK_WEIGHTS, 0)) / HOST_COPY_BYTES_S
     if s.embeddings_on_host:
         copies += s.tokens * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
     gpu = gpu_seconds(inv, s, card) + offloaded / HOST_COPY_BYTES_S
