@@ -124,13 +124,13 @@ def test_offloading_the_activations_of_blocks_not_recomputed_gives_the_same_grad
         assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-7), name
 
 
-def test_training_with_both_offloads_on_cpu_gives_the_same_qlora_adapter(tmp_path, alpaca_file):
+def test_training_with_every_offload_on_cpu_gives_the_same_qlora_adapter(tmp_path, alpaca_file):
     from safetensors.torch import load_file
     common = {"method": "qlora", "train": {"max_steps": 2, "micro_batch": 4, "lr": 1e-2, "seed": 0,
                                            "grad_checkpointing": True}}
     plain = tiny_config(tmp_path / "a", alpaca_file, **common)
     offloaded = tiny_config(tmp_path / "b", alpaca_file, **common,
-                            offload={"activations": True, "weights": True})
+                            offload={"activations": True, "weights": True, "embeddings": True})
     train(plain, show_progress=False)
     train(offloaded, show_progress=False)
     a = load_file(Path(plain.output_dir) / "adapter_model.safetensors")
@@ -182,6 +182,20 @@ def test_host_embedding_looks_up_rows_on_the_cpu_and_refuses_tied_tables():
     assert not keep_embeddings_on_host(tied, torch.device("cpu"))
 
 
+def test_weight_streaming_leaves_a_host_embedding_table_in_host_memory():
+    from snugtune.engine.offload import keep_embeddings_on_host, resident_parameters
+    model = _lora_llama(layers=2)
+    inner = model.get_base_model()
+    layers = inner.model.layers
+    before = {id(p) for p in resident_parameters(model, layers)}
+    assert keep_embeddings_on_host(model, torch.device("cpu"))
+    resident = {id(p) for p in resident_parameters(model, layers)}
+    assert id(inner.get_input_embeddings().weight) not in resident
+    assert {id(inner.lm_head.weight), id(inner.model.norm.weight)} <= resident
+    assert len(resident) == len(before) - 1  # the table alone leaves; LoRA matrices and the rest stay
+    assert not resident & {id(p) for p in layers.parameters() if not p.requires_grad}
+
+
 def test_planner_keeps_embeddings_on_host_before_offloading_activations(tmp_path, alpaca_file):
     def plan(gib: int, embeddings="auto"):
         cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=4096,
@@ -196,6 +210,8 @@ def test_planner_keeps_embeddings_on_host_before_offloading_activations(tmp_path
     # 7 GiB: table and activations on the host; forbidden, the frozen weights must stream (slowest)
     assert plan(7).embeddings_on_host and plan(7).offload_activations and not plan(7).stream_weights
     assert plan(7, False).stream_weights
+    # 6 GiB: streamed weights, and the table stays on the host beside them
+    assert plan(6).stream_weights and plan(6).embeddings_on_host
     tight = plan_for_budget(tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora",
                                         max_seq_len=4096, train={"micro_batch": 1, "grad_checkpointing": "auto"}),
                             9 * GIB, "9 GiB", host_available=64 * GIB)

@@ -147,10 +147,10 @@ def build_model(job: Job, plan: Plan) -> tuple:
     check_vocab(model, job.tokenizer, config.model)
     model = prepare_for_training(model, config)
     layers = decoder_layers(model)
-    if d.stream_weights:  # frozen block weights stay in host memory, one block ahead on the device
-        WeightStreamer(layers, job.device).attach(model)
     if d.embeddings_on_host and not keep_embeddings_on_host(model, job.device):
         job.notify("offload.embeddings: the input embeddings are trained or tied to the output head; kept on the GPU")
+    if d.stream_weights:  # frozen block weights stay in host memory, one block ahead on the device
+        WeightStreamer(layers, job.device).attach(model)
     tile_for_long_rows(model, layers, d)  # long contexts: MLP tiles, one group of heads' gradients, lean norms
     model.train()
     trainable, total = count_parameters(model)

@@ -119,6 +119,14 @@ class ActivationOffload:
         return False
 
 
+def resident_parameters(model: torch.nn.Module, layers: torch.nn.ModuleList) -> list[torch.nn.Parameter]:
+    """The parameters weight streaming keeps on the device: all but the blocks' frozen weights and a
+    HostEmbedding's table."""
+    streamed = {id(p) for layer in layers for p in layer.parameters() if not p.requires_grad}
+    streamed |= {id(m.weight) for m in model.modules() if isinstance(m, HostEmbedding)}
+    return [p for p in model.parameters() if id(p) not in streamed]
+
+
 @dataclass
 class _Block:
     params: list[torch.nn.Parameter]
@@ -142,15 +150,13 @@ class WeightStreamer:
 
     def attach(self, model: torch.nn.Module) -> "WeightStreamer":
         """Place `model` (loaded on the CPU): every block's frozen parameters in (pinned) host memory, all
-        else — embeddings, head, norms outside blocks, LoRA matrices, buffers, 4-bit block scales — on
-        the device; then hook the blocks. Returns self."""
+        else — embeddings (unless a HostEmbedding's), head, norms outside blocks, LoRA matrices, buffers, 4-bit
+        block scales — on the device; then hook the blocks. Returns self."""
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        streamed = {id(p) for layer in self.layers for p in layer.parameters() if not p.requires_grad}
         quant_states_to(model, self.device)  # bitsandbytes 4-bit scales stay resident
+        for p in resident_parameters(model, self.layers):
+            p.data = p.data.to(self.device)
         for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) not in streamed:
-                    p.data = p.data.to(self.device)
             for name, buffer in module.named_buffers(recurse=False):
                 module._buffers[name] = buffer.to(self.device)
         for index, layer in enumerate(self.layers):

@@ -92,10 +92,10 @@ def levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, Offload]]:
 
 def offload_levels(cfg: Config, inv: Inventory) -> list[Offload]:
     """Offload combinations the config allows, cheapest first. The input embeddings stay in host memory
-    only when frozen and not tied to the output head, and not with weight streaming (which places every
-    non-block weight on the GPU)."""
+    only when frozen and not tied to the output head."""
     order = (Offload(), Offload(embeddings=True), Offload(activations=True),
-             Offload(embeddings=True, activations=True), Offload(weights=True), Offload(activations=True, weights=True))
+             Offload(embeddings=True, activations=True), Offload(weights=True), Offload(embeddings=True, weights=True),
+             Offload(activations=True, weights=True), Offload(embeddings=True, activations=True, weights=True))
     method = METHODS[cfg.method]
     allowed = []
     for offload in order:
