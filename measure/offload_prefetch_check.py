@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from snugtune.engine.offload import ActivationOffload
+from snugtune.models.load import gradients_reach_blocks
 
 GIB = 2**30
 
@@ -36,7 +37,7 @@ def build(layers: int) -> torch.nn.Module:
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
+    gradients_reach_blocks(model)
     model.train()
     return model
 

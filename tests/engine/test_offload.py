@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import tiny_config
 from snugtune.engine.offload import ActivationOffload, WeightStreamer
 from snugtune.engine.train import train
+from snugtune.models.load import gradients_reach_blocks
 from snugtune.planner.choose import plan_for_budget
 from snugtune.planner.cards import GIB
 from snugtune.planner.memory import Part
@@ -27,7 +28,7 @@ def _lora_llama(layers: int = 4):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # non-zero, so every LoRA matrix gets a gradient
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
+    gradients_reach_blocks(model)
     model.train()
     return model
 
@@ -52,6 +53,29 @@ def test_activation_offload_moves_saved_tensors_out_and_gives_the_same_gradients
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+def test_with_activations_offloaded_no_block_input_stays_on_the_device_through_backward():
+    # the embeddings' output used to be a leaf that requires grad (transformers' enable_input_require_grads),
+    # which autograd keeps until backward ends: one block input held on the GPU beside the offloaded ones
+    import gc
+    import weakref
+    model = _lora_llama()
+    inner = model.get_base_model()
+    alive = {}
+    inner.model.embed_tokens.register_forward_hook(lambda m, args, out: alive.__setitem__("embeddings", weakref.ref(out)))
+    for i, layer in enumerate(inner.model.layers):
+        layer.register_forward_hook(lambda m, args, out, i=i: alive.__setitem__(i, weakref.ref(out)))
+    expected = _step(model, IDS)
+    with ActivationOffload(device_types=("cpu",), min_bytes=0):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    gc.collect()
+    assert [name for name, ref in alive.items() if ref() is not None] == []
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, expected[name]), name
 
 
 def test_prefetch_brings_each_saved_tensor_back_before_backward_asks_and_gives_the_same_gradients():

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from snugtune.models.load import quant_states_to
+from snugtune.models.load import gradients_reach_blocks, quant_states_to
 
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors are not worth a copy
 
@@ -258,6 +258,6 @@ def keep_embeddings_on_host(model, device: torch.device) -> bool:
     if embedding.weight.requires_grad or (head is not None and head.weight is embedding.weight):
         return False
     inner.set_input_embeddings(HostEmbedding(embedding, device))
-    if getattr(inner, "is_gradient_checkpointing", False):  # the require-grad hook sat on the old module
-        inner.enable_input_require_grads()
+    if getattr(inner, "_snugtune_grad_path", None) is not None:  # the hook sat on the old module
+        gradients_reach_blocks(inner)
     return True

@@ -152,9 +152,38 @@ def prepare_for_training(model, config: Config):
         if keep is not None:
             for layer in list(decoder_layers(model))[keep:]:
                 layer.gradient_checkpointing = False
-        # Frozen embeddings give inputs without grad; checkpointed blocks still need a grad path for LoRA.
-        model.enable_input_require_grads()
+        gradients_reach_blocks(model)
     return model
+
+
+class _GradPath(torch.autograd.Function):
+    """Identity that makes its output require grad through `anchor`, a scalar leaf, without the output being
+    a leaf itself: autograd keeps a leaf that requires grad alive until backward ends (its AccumulateGrad node
+    holds it), and with activation offload that held the first block's input on the GPU the whole step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad if ctx.needs_input_grad[0] else None), None
+
+
+def _output_with_grad_path(module, args, output: torch.Tensor) -> torch.Tensor:
+    return _GradPath.apply(output, torch.zeros((), requires_grad=True))
+
+
+def gradients_reach_blocks(model) -> None:
+    """Frozen embeddings give the blocks inputs without grad, and a checkpointed block whose inputs need no
+    grad gives its LoRA (or trained) weights none: make the input embeddings' output require grad (again after
+    the embeddings module is replaced). transformers' enable_input_require_grads does it by making that output
+    a leaf; see _GradPath for why not here."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    old = getattr(inner, "_snugtune_grad_path", None)
+    if old is not None:
+        old.remove()
+    inner._snugtune_grad_path = inner.get_input_embeddings().register_forward_hook(_output_with_grad_path)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
