@@ -70,6 +70,19 @@ def test_each_lean_norm_is_the_rms_norm_class_the_family_uses(model_type):
     assert FAMILIES[model_type].lean_norm in classes and FAMILIES[model_type].lean_norm.endswith("RMSNorm")
 
 
+@pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if f.mlp_norm))
+def test_each_mlp_norm_is_the_norm_whose_output_only_the_mlp_reads(model_type):
+    import inspect
+    block = _small_model_of(model_type).model.layers[0]
+    norm = FAMILIES[model_type].mlp_norm
+    assert isinstance(getattr(block, norm), torch.nn.Module)
+    source = inspect.getsource(type(block).forward)  # engine.tiling moves the norm into the MLP's tiles
+    lines = [line.strip() for line in source.splitlines()]
+    at = lines.index(f"hidden_states = self.{norm}(hidden_states)")
+    assert lines[at + 1] == "hidden_states = self.mlp(hidden_states)"
+    assert source.count(f"self.{norm}") == 1
+
+
 def test_gguf_architectures_are_ones_llama_cpp_knows_and_the_writer_claims_only_families():
     import gguf
     from snugtune.export.gguf_file import ARCHES

@@ -20,6 +20,7 @@ ATTENTION_GRAD_BYTES = 8          # flash backward's transient per query value: 
                                   # tokens of Llama-3.1-8B: 3 GiB; measure/attention_memory.py)
 # model type -> its transformers RMSNorm class, whose forward engine.lean_norm computes keeping less
 LEAN_NORMS = {model_type: family.lean_norm for model_type, family in FAMILIES.items() if family.lean_norm}
+MLP_NORMS = {model_type: family.mlp_norm for model_type, family in FAMILIES.items() if family.mlp_norm}
 # a model config's fields that turn on dropout in its blocks (transformers' names across families)
 DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
                   "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
@@ -68,6 +69,13 @@ def leans_norms(tiled_mlp: bool, compiling: bool, model_type: str) -> bool:
     goes by groups of heads, for the families in LEAN_NORMS. Compiled blocks fuse the norm and save what
     inductor picks; short rows keep transformers' faster norm."""
     return tiles_attention(tiled_mlp, compiling) and model_type in LEAN_NORMS
+
+
+def norms_in_mlp_tiles(lean_norms: bool, model_type: str) -> bool:
+    """Whether the norm before each MLP runs inside the MLP's tiles (engine.tiling.tile_mlps): with lean norms
+    (the eager long-row path), for the families whose block names that norm (MLP_NORMS). The tiles then keep
+    their slice of the norm's input, which the norm kept anyway, instead of a second tensor, its output."""
+    return lean_norms and model_type in MLP_NORMS
 
 
 def holds_dense_copy(asked: bool, four_bit: bool, sharded: bool, streams_weights: bool) -> bool:

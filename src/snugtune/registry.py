@@ -106,15 +106,21 @@ class Family:
     gguf_pre_tokenizer: str | None = None  # llama.cpp's pre-tokenizer where the family fixes it; None: told by vocabulary
     lean_norm: str | None = None           # its transformers RMSNorm class, whose forward engine.lean_norm computes
                                            # keeping less; None: the family's norm is kept as it is
+    mlp_norm: str | None = None            # the block's norm whose output only the MLP reads (engine.tiling runs it
+                                           # inside the MLP's tiles); None: not moved
 
+
+_MLP_NORM = "post_attention_layernorm"  # Llama-style blocks: h + mlp(post_attention_layernorm(h))
 
 # model_type -> its family. A new family is one entry here; tests/test_registry.py checks each against
 # transformers (its block linears, its norm class) and llama.cpp (its architecture), and every shape has one.
 FAMILIES: dict[str, Family] = {
-    "llama": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="LlamaRMSNorm"),
-    "mistral": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="MistralRMSNorm"),  # as llama.cpp writes Mistral
-    "qwen2": Family(_LLAMA_BLOCK, gguf_arch="qwen2", gguf_pre_tokenizer="qwen2", lean_norm="Qwen2RMSNorm"),
-    "qwen3": Family(_LLAMA_BLOCK, lean_norm="Qwen3RMSNorm"),
+    "llama": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="LlamaRMSNorm", mlp_norm=_MLP_NORM),
+    "mistral": Family(_LLAMA_BLOCK, gguf_arch="llama", lean_norm="MistralRMSNorm",  # as llama.cpp writes Mistral
+                      mlp_norm=_MLP_NORM),
+    "qwen2": Family(_LLAMA_BLOCK, gguf_arch="qwen2", gguf_pre_tokenizer="qwen2", lean_norm="Qwen2RMSNorm",
+                    mlp_norm=_MLP_NORM),
+    "qwen3": Family(_LLAMA_BLOCK, lean_norm="Qwen3RMSNorm", mlp_norm=_MLP_NORM),
     "gemma": Family(_LLAMA_BLOCK),  # GemmaRMSNorm scales by 1 + weight, not the lean norm's formula
     "stablelm": Family(_LLAMA_BLOCK),  # LayerNorm
     "phi": Family(("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),  # LayerNorm, one per block

@@ -36,6 +36,45 @@ def test_tiled_mlps_give_the_same_gradients(tmp_path, alpaca_file):
             assert torch.allclose(tiled_grads[name], grad, atol=1e-6, rtol=1e-5), name
 
 
+def _tiny_with_lora(tmp_path, alpaca_file, **train):
+    _, model, tokenizer, data = tiny_model(tmp_path, alpaca_file, lora={"dropout": 0.0}, train=train)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the MLP's LoRA a part in the loss
+            torch.nn.init.normal_(p, std=0.1)
+    return model, collate(data.train[:4], tokenizer.pad_token_id)
+
+
+def test_the_norm_before_the_mlp_run_inside_its_tiles_gives_the_same_gradients_and_keeps_one_tensor_less(
+        tmp_path, alpaca_file):
+    from snugtune.engine.lean_norm import lean_norms
+    from snugtune.engine.tiling import tile_mlps
+    from snugtune.memory_rules import MLP_NORMS
+    results = {}
+    for inside in (False, True):
+        model, batch = _tiny_with_lora(tmp_path, alpaca_file, grad_checkpointing=True)
+        lean_norms(model)  # the long-row plan: lean norms, then tiles
+        layers = model.get_base_model().model.layers
+        assert tile_mlps(layers, 100, norm_name=MLP_NORMS["llama"] if inside else None) == 2
+        torch.manual_seed(3)
+        loss = accumulate_gradients(model, [batch], FP32, FP32.grad_scaler(), CPU)
+        # what the blocks keep for backward when not recomputed: distinct storages saved
+        model.gradient_checkpointing_disable()
+        saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        results[inside] = loss, trainable_grads(model), sum(saved.values())
+    (loss, grads, kept), (loss_in, grads_in, kept_in) = results[False], results[True]
+    assert loss_in == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grads_in[name], grad, atol=1e-6, rtol=1e-5), name
+    tokens, hidden = batch["input_ids"].numel(), model.config.hidden_size
+    # per block, not kept: the norm's output (fp32 in the tiny model), and what the norm saved besides its input
+    # (one fp32 value a row, its weight): the tiles' slices of the input hold what the norm held
+    assert kept - kept_in == 2 * (tokens * hidden * 4 + tokens * 4 + hidden * 4)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded rows", "packed rows"])
 def test_attention_over_head_groups_gives_the_same_gradients(tmp_path, alpaca_file, monkeypatch, packed):
     import snugtune.attention
@@ -81,6 +120,8 @@ def test_long_rows_group_attention_and_lean_norms_only_in_eager_blocks(tmp_path,
     changed = tile_for_long_rows(model, layers, decisions(tiled=True))
     grouped = 0 if compiling else 2  # compiled blocks cannot trace the grouped backward's recomputation
     assert changed == {"tiled_mlps": 2, "grouped_attention": grouped, "lean_norms": 0 if compiling else 5}
+    # eager long rows (lean norms): the norm before each MLP runs inside its tiles
+    assert all(("forward" in layer.post_attention_layernorm.__dict__) != compiling for layer in layers)
     assert all(hasattr(layer.self_attn, "snugtune_head_groups") != compiling for layer in layers)
     assert tile_for_long_rows(model, layers, decisions(tiled=False)) == {
         "tiled_mlps": 0, "grouped_attention": 0, "lean_norms": 0}

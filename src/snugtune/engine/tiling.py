@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from snugtune.engine.lean_norm import lean_norms
-from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_TILE_TOKENS
+from snugtune.memory_rules import ATTENTION_HEAD_GROUPS, MLP_NORMS, MLP_TILE_TOKENS, norms_in_mlp_tiles
 from snugtune.planner.plan import Decisions
 
 
@@ -33,16 +33,30 @@ def _tiled(forward, tile_tokens: int):
     return tiled_forward
 
 
-def tile_mlps(layers, tile_tokens: int | None = None) -> int:
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def tile_mlps(layers, tile_tokens: int | None = None, norm_name: str | None = None) -> int:
     """Run the MLP of every block in `layers` in checkpointed tiles of `tile_tokens` tokens (default
-    MLP_TILE_TOKENS), in place. Returns how many MLPs were tiled."""
+    MLP_TILE_TOKENS), in place. With `norm_name` (memory_rules.MLP_NORMS: the block's norm whose output only
+    the MLP reads) each tile also runs that norm, whose own forward becomes the identity: the tiles then keep
+    slices of the norm's input, not a second full-length tensor, its output. The norm's weight stays where it
+    is. Returns how many MLPs were tiled."""
     tile_tokens = tile_tokens or MLP_TILE_TOKENS
     tiled = 0
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
-        if mlp is not None and "forward" not in mlp.__dict__:
-            mlp.forward = _tiled(mlp.forward, tile_tokens)
-            tiled += 1
+        if mlp is None or "forward" in mlp.__dict__:
+            continue
+        forward = mlp.forward
+        norm = getattr(layer, norm_name) if norm_name else None
+        if norm is not None:
+            normalize, mlp_forward = norm.forward, mlp.forward  # the lean forward, where norms are lean
+            forward = lambda x, normalize=normalize, mlp_forward=mlp_forward: mlp_forward(normalize(x))  # noqa: E731
+            norm.forward = _identity
+        mlp.forward = _tiled(forward, tile_tokens)
+        tiled += 1
     return tiled
 
 
@@ -59,10 +73,15 @@ def tile_attention(layers, groups: int = ATTENTION_HEAD_GROUPS) -> int:
 
 
 def tile_for_long_rows(model: torch.nn.Module, layers, decisions: Decisions) -> dict[str, int]:
-    """The long-row memory policies the plan decided (memory_rules resolves them): MLP tiles, attention by groups
-    of heads and lean norms, in place. Returns how many modules each changed."""
+    """The long-row memory policies the plan decided (memory_rules resolves them): lean norms, MLP tiles (with
+    the norm before each MLP inside them) and attention by groups of heads, in place. Returns how many modules
+    each changed."""
+    leaned = lean_norms(model) if decisions.lean_norms else 0  # norms keep their 16-bit input; first, so that
+    # a norm run inside the MLP's tiles runs lean
+    model_type = model.config.model_type
+    norm_name = MLP_NORMS[model_type] if norms_in_mlp_tiles(decisions.lean_norms, model_type) else None
     return {
-        "tiled_mlps": tile_mlps(layers) if decisions.tiled_mlp else 0,
+        "tiled_mlps": tile_mlps(layers, norm_name=norm_name) if decisions.tiled_mlp else 0,
         "grouped_attention": tile_attention(layers, decisions.head_groups) if decisions.head_groups > 1 else 0,
-        "lean_norms": lean_norms(model) if decisions.lean_norms else 0,  # norms keep their 16-bit input
+        "lean_norms": leaned,
     }

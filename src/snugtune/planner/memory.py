@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 
 from snugtune.memory_rules import (ATTENTION_GRAD_BYTES, CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, head_group_count,
-                                   logits_chunk_tokens, prefetches_offloaded)
+                                   logits_chunk_tokens, norms_in_mlp_tiles, prefetches_offloaded)
 from snugtune.methods import METHODS
 from snugtune.planner.inventory import Inventory, Linear
 from snugtune.planner.plan import Decisions
@@ -303,8 +303,9 @@ def _activation_parts(inv: Inventory, s: Decisions) -> Breakdown:
     kept = min(inv.layers - recomputed, layers)
     recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens + attention
     if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
-        mlp = mlp_bytes_per_token(inv, s)
-        recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + inv.hidden * s.compute_bytes * tokens
+        mlp = mlp_bytes_per_token(inv, s)  # (with the norm inside the tiles, their input is what the norm kept)
+        tile_inputs = 0 if norms_in_mlp_tiles(s.lean_norms, inv.model_type) else inv.hidden * s.compute_bytes * tokens
+        recompute += mlp * (min(tokens, MLP_TILE_TOKENS) - tokens) + tile_inputs
     if s.dense_weights_kept and METHODS[s.method].base_bits == 4:
         per_block: dict[int, int] = {}
         for l in _adapted(inv, s):
