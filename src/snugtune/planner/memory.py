@@ -302,6 +302,8 @@ def _activation_parts(inv: Inventory, s: Decisions) -> Breakdown:
     # checkpointed blocks keep their input whether trained or not. Blocks above them keep everything.
     kept = min(inv.layers - recomputed, layers)
     recompute = per_layer + 2 * inv.hidden * s.compute_bytes * tokens + attention
+    if s.lean_norms:  # the first norm keeps the block's input itself, counted as a checkpointed input (or copied back)
+        recompute -= inv.hidden * s.compute_bytes * tokens
     if s.tiled_mlp:  # one tile's MLP tensors at a time, plus every tile's input kept for its recomputation
         mlp = mlp_bytes_per_token(inv, s)  # (with the norm inside the tiles, their input is what the norm kept)
         tile_inputs = 0 if norms_in_mlp_tiles(s.lean_norms, inv.model_type) else inv.hidden * s.compute_bytes * tokens
