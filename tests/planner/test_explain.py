@@ -47,8 +47,8 @@ def test_the_plan_table_adds_up_to_the_peak_it_reports(tmp_path):
 
 
 def test_a_refusal_names_the_longest_length_and_the_card_that_do_fit(tmp_path, alpaca_file):
-    # Llama-3.1-8B at 131,072 tokens under 15 GiB: the refusal's numbers must agree with the planner's own search
-    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=131072,
+    # Llama-3.1-8B at 196,608 tokens under 15 GiB: the refusal's numbers must agree with the planner's own search
+    cfg = tiny_config(tmp_path, alpaca_file, model="shape:llama3-8b", method="qlora", max_seq_len=196608,
                       lora={"r": 16, "alpha": 32, "dropout": 0.0},
                       train={"micro_batch": 1, "grad_checkpointing": "auto", "optimizer": "adamw_8bit"})
     plan = plan_for_budget(cfg, 15 * GIB, "15 GiB", host_available=64 * GIB, masked=False)
@@ -59,6 +59,6 @@ def test_a_refusal_names_the_longest_length_and_the_card_that_do_fit(tmp_path, a
     seq = int(re.search(r"max_seq_len=(\d+), the longest that fits", text).group(1))
     at = lambda n, gib=15: plan_for_budget(cfg.model_copy(update={"max_seq_len": n}), int(gib * GIB), "",  # noqa: E731
                                            host_available=64 * GIB, masked=False)
-    assert 98_304 < seq < 131_072 and at(seq).fits and not at(seq + 64).fits
+    assert 98_304 < seq < 196_608 and at(seq).fits and not at(seq + 64).fits
     card = float(re.search(r"a card with at least ([\d.]+) GiB usable", text).group(1))
-    assert at(131_072, card).fits and not at(131_072, card - 0.125).fits
+    assert at(196_608, card).fits and not at(196_608, card - 0.125).fits
