@@ -110,7 +110,6 @@ def main() -> None:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
     recovery.probe = watched_probe(recovery.probe, args.trace)
     recovery.accumulate_gradients = watched(recovery.accumulate_gradients, "the training step")
-    recovery.mean_loss = watched(recovery.mean_loss, "evaluation")
     if args.real_cap:
         engine.cap_memory = capped_at(args.real_cap)
     sys.argv = ["snugtune", "train", str(config_path), *overrides, "--fresh"]

@@ -103,15 +103,6 @@ def keeps_dense_weights(compiling: bool, checkpointed: bool, anything_offloaded:
     return compiling and checkpointed and not anything_offloaded and not dense_copy
 
 
-def prefetches_offloaded(streams_weights: bool, every_block_recomputed: bool) -> bool:
-    """Whether offloaded activations are fetched back one ahead of backward (engine.offload.ActivationOffload's
-    prefetch): where only block inputs wait on the host, the next block's input comes back during this
-    block's recomputation and backward, for one more block input on the GPU. Not with weight streaming (its
-    plans are the longest rows, where memory is what is short), nor where blocks kept whole are offloaded
-    (their tensors come back one by one, each used at once: one ahead would overlap little)."""
-    return every_block_recomputed and not streams_weights
-
-
 # sequences one row of an objective's data holds at most: a pair's chosen and rejected (packed into one row, or
 # laid out as two); KTO's mismatched rows run in a forward of their own, without gradient
 SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "kto": 1}

@@ -25,7 +25,6 @@ from snugtune.engine.optim import build_optimizer, build_scheduler, flatten_trai
 from snugtune.engine.speedups import Speedups, apply_speedups
 from snugtune.engine.tiling import tile_for_long_rows
 from snugtune.loss import LossModule, token_loss_sum
-from snugtune.memory_rules import prefetches_offloaded
 from snugtune.models.load import check_vocab, count_parameters, decoder_layers, load_base_model, prepare_for_training
 from snugtune.objectives import TrainingObjective
 from snugtune.planner.inventory import Inventory
@@ -114,11 +113,8 @@ def build_run(job: Job, plan: Plan) -> Run:
         scaler = ShardedGradScaler(job.precision.device_type)
     objective = build_reference(job, plan, model)  # before the held-out batches: they carry its log-probabilities
     graphs = new_graphs(job, model, scaler, objective) if plan.decisions.cuda_graphs else None
-    d = plan.decisions
-    every_block = d.grad_checkpointing and d.checkpointed_layers is None
-    offload = (ActivationOffload(prefetch=prefetches_offloaded(d.stream_weights, every_block))
-               if d.offload_activations else None)
-    return Run(job, plan, model, fsdp_root, stepper, speedups, offload, counts, params, optimizer,
+    return Run(job, plan, model, fsdp_root, stepper, speedups,
+               ActivationOffload() if plan.decisions.offload_activations else None, counts, params, optimizer,
                build_scheduler(optimizer, tc, total_steps), scaler, graphs, total_steps, rows_per_step,
                held_out_batches(job, plan.config), objective)
 

@@ -5,9 +5,7 @@ Three small policies, each usable alone, all chosen by the planner (config `offl
 
 - `ActivationOffload`: a saved-tensor hook around the training forward. What autograd keeps from the
   forward (with checkpointing: every block's input) is copied to pinned host memory on a side stream,
-  and copied back when backward reaches it; with `prefetch`, the next one backward will need (the last one
-  saved before it) starts copying back on another side stream meanwhile, so the copy overlaps the block's
-  backward at the cost of one more saved tensor on the GPU. Recomputation inside backward is not offloaded.
+  and copied back when backward reaches it. Recomputation inside backward is not offloaded.
 - `WeightStreamer`: each transformer block's frozen weights (4-bit packed or 16-bit; LoRA matrices stay
   on the GPU) live in pinned host memory; a forward pre-hook brings the block's weights to the GPU and
   starts copying the next block's (the next one in the order blocks run: up in forward, down in the
@@ -32,30 +30,15 @@ def _pinned_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
 
 
-@dataclass(eq=False)
-class _Saved:
-    """A tensor autograd saved, waiting in host memory; `back` its copy on `device` once fetched ahead."""
-    host: torch.Tensor
-    device: torch.device
-    back: torch.Tensor | None = None
-    ready: object = None  # CUDA event: `back` has arrived
-
-
 class ActivationOffload:
     """Context manager: tensors saved for backward on `device_types` move to host memory until used.
 
-    `offloaded_bytes` and `offloaded_tensors` count what went out during the last forward, `fetched_ahead`
-    how many of those tensors came back before backward asked for them (prefetch)."""
+    `offloaded_bytes` counts what went out during the last forward."""
 
-    def __init__(self, device_types: tuple[str, ...] = ("cuda",), min_bytes: int = MIN_OFFLOAD_BYTES,
-                 prefetch: bool = False):
-        self.device_types, self.min_bytes, self.prefetch = device_types, min_bytes, prefetch
-        self.offloaded_bytes = self.offloaded_tensors = self.fetched_ahead = 0
-        cuda = torch.cuda.is_available()
-        self._out_stream = torch.cuda.Stream() if cuda else None
-        self._in_stream = torch.cuda.Stream() if cuda and prefetch else None
-        self._waiting: list[_Saved] = []  # saved in forward, not yet unpacked, in the order saved
-        self._ahead: _Saved | None = None  # fetched ahead, not yet unpacked
+    def __init__(self, device_types: tuple[str, ...] = ("cuda",), min_bytes: int = MIN_OFFLOAD_BYTES):
+        self.device_types, self.min_bytes = device_types, min_bytes
+        self.offloaded_bytes = 0
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._hooks = None
 
     def _pack(self, tensor: torch.Tensor):
@@ -64,52 +47,25 @@ class ActivationOffload:
             return tensor
         host = _pinned_like(tensor)
         if tensor.is_cuda:  # copy on a side stream once the producing kernels are done; keep the memory
-            self._out_stream.wait_stream(torch.cuda.current_stream(tensor.device))  # alive until the copy ends
-            with torch.cuda.stream(self._out_stream):
+            self._stream.wait_stream(torch.cuda.current_stream(tensor.device))  # alive until the copy ends
+            with torch.cuda.stream(self._stream):
                 host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(self._out_stream)
+            tensor.record_stream(self._stream)
         else:
             host.copy_(tensor)
         self.offloaded_bytes += size
-        self.offloaded_tensors += 1
-        saved = _Saved(host, tensor.device)
-        self._waiting.append(saved)
-        return saved
+        return (host, tensor.device)
 
-    def _unpack(self, saved):
-        if not isinstance(saved, _Saved):
-            return saved
-        if saved in self._waiting:
-            self._waiting.remove(saved)
-        if saved.back is None:
-            if saved.device.type == "cuda":
-                torch.cuda.current_stream(saved.device).wait_stream(self._out_stream)
-            tensor = saved.host.to(saved.device, non_blocking=True)
-        else:
-            tensor, saved.back = saved.back, None
-            self._ahead, self.fetched_ahead = None, self.fetched_ahead + 1
-            if saved.ready is not None:  # made on the copy stream, used (and freed) on the compute stream
-                current = torch.cuda.current_stream(saved.device)
-                current.wait_event(saved.ready)
-                tensor.record_stream(current)
-        if self.prefetch and self._ahead is None and self._waiting:
-            self._fetch_ahead(self._waiting[-1])
-        return tensor
-
-    def _fetch_ahead(self, saved: _Saved) -> None:
-        self._ahead = saved
-        if saved.device.type != "cuda":
-            saved.back = saved.host.to(saved.device, copy=True)
-            return
-        self._in_stream.wait_stream(self._out_stream)  # its copy out has finished
-        with torch.cuda.stream(self._in_stream):
-            saved.back = saved.host.to(saved.device, non_blocking=True)
-            saved.ready = torch.cuda.Event()
-            saved.ready.record(self._in_stream)
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        host, device = packed
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).wait_stream(self._stream)
+        return host.to(device, non_blocking=True)
 
     def __enter__(self):
-        self.offloaded_bytes = self.offloaded_tensors = self.fetched_ahead = 0
-        self._waiting, self._ahead = [], None
+        self.offloaded_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 
 from snugtune.memory_rules import (ATTENTION_GRAD_BYTES, CUDA_CONTEXT_BYTES, MIB, MLP_TILE_TOKENS, head_group_count,
-                                   logits_chunk_tokens, norms_in_mlp_tiles, prefetches_offloaded)
+                                   logits_chunk_tokens, norms_in_mlp_tiles)
 from snugtune.methods import METHODS
 from snugtune.planner.inventory import Inventory, Linear
 from snugtune.planner.plan import Decisions
@@ -64,7 +64,7 @@ class Part(Enum):
     HOST_CHECKPOINTED_INPUTS = ("checkpointed block inputs", "host", "step")
     HOST_KEPT_ACTIVATIONS = ("activations (blocks not checkpointed)", "host", "step")
     HOST_ALL_ACTIVATIONS = ("activations (blocks with gradients)", "host", "step")
-    OFFLOADED_INPUT_BACK = ("offloaded input copied back (+ the next, fetched ahead)", "gpu", "forward")
+    OFFLOADED_INPUT_BACK = ("one offloaded input copied back", "gpu", "forward")
     ATTENTION_MASK = ("attention mask (packed rows)", "gpu", "step")
     WORKSPACE = ("cuBLAS / dequantize / matmul workspace", "gpu", "step")
     RECOMPUTED_BLOCK = ("one block recomputed + its gradients", "gpu", "transient")
@@ -418,8 +418,7 @@ def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     acts = _activation_parts(inv, s)
     if s.offload_activations:  # what the forward keeps waits in host memory; one block input comes back at a time
         acts = {ON_HOST_WHEN_OFFLOADED.get(k, k): v for k, v in acts.items()}
-        copies = 1 + offloaded_inputs_fetched_ahead(inv, s)  # the one in use and the next, fetched ahead
-        acts[Part.OFFLOADED_INPUT_BACK] = copies * inv.hidden * s.compute_bytes * tokens
+        acts[Part.OFFLOADED_INPUT_BACK] = inv.hidden * s.compute_bytes * tokens
     if s.attention_mask:
         acts[Part.ATTENTION_MASK] = s.micro_batch * s.row_tokens ** 2  # block-diagonal, 1 byte each
     parts = {**_held_parts(inv, s), **acts, Part.LOSS: _loss_bytes(inv, s),
@@ -433,12 +432,6 @@ def estimate(inv: Inventory, s: Decisions) -> Breakdown:
     parts[Part.ALLOCATOR] = int(allocator_fixed(s) + ALLOCATOR_FRACTION * allocated + parts.get(Part.FSDP_GATHERED, 0))
     parts[Part.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     return {k: int(v) for k, v in parts.items() if v}
-
-
-def offloaded_inputs_fetched_ahead(inv: Inventory, s: Decisions) -> bool:
-    """Whether engine.offload fetches the next block's input back ahead of backward (memory_rules.prefetches_offloaded)."""
-    every_block = checkpointed_blocks(inv, s) == inv.layers
-    return s.offload_activations and prefetches_offloaded(s.stream_weights, every_block)
 
 
 def _moment(parts: Breakdown, transient: Part) -> Breakdown:

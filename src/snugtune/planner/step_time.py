@@ -6,10 +6,8 @@ Per micro-batch the GPU's time is its matrix arithmetic (FLOPs at a measured sha
 (dequantizing 4-bit weights, the low-rank and element-wise work around every adapted linear; bytes at a share
 of the card's datasheet bandwidth). The CPU launching kernels (per block: far fewer when the step replays as
 a CUDA graph) and host copies (offload, on their own stream) run beside it: the micro-batch takes the longest
-of the three; offloaded block inputs coming back run beside it where each is fetched one block ahead of
-backward (memory_rules.prefetches_offloaded), else they are the GPU's time: backward copies each when it
-reaches it. Per step
-the optimizer, a pass over the trained parameters and their state.
+of the three; offloaded activations coming back are the GPU's time, since backward copies each one on the
+compute stream when it reaches it. Per step the optimizer, a pass over the trained parameters and their state.
 
 FLOPs are split into the model's (what training the model needs: forward, input gradients, weight gradients of
 what is trained, attention, and the forwards without gradient a preference objective's loss reads: DPO's
@@ -27,7 +25,7 @@ from snugtune.methods import METHODS
 from snugtune.planner.cards import card_bandwidth, card_tflops
 from snugtune.planner.inventory import Inventory
 from snugtune.planner.memory import (ON_HOST_WHEN_OFFLOADED, Breakdown, Part, attention_groups, checkpointed_blocks,
-                                     in_mlp, offloaded_inputs_fetched_ahead, trainable_params)
+                                     in_mlp, trainable_params)
 from snugtune.planner.plan import Decisions
 
 MATMUL_EFFICIENCY = 0.75      # 16-bit matmuls' share of the datasheet rate (H200 step profiles: 630-750 TFLOP/s)
@@ -162,15 +160,13 @@ def seconds_per_micro_batch(inv: Inventory, s: Decisions, parts: Breakdown, card
     extra = forwards_without_gradient(s.objective, s.reference)
     # forward, recompute, backward (twice a forward's), the objective's forwards without gradient
     launches = inv.layers * per_block * (3 + share + extra) / 4
-    # beside the GPU's work: activations out, and back where fetched ahead of backward; block weights in for
-    # forward and recompute (prefetched); the embedding table's batch rows. In its way: activations back
-    # where each is copied when backward reaches it
+    # beside the GPU's work: activations out, block weights in for forward and recompute (prefetched), the
+    # embedding table's batch rows; in its way: activations back, each copied when backward reaches it
     offloaded = sum(parts.get(part, 0) for part in ON_HOST_WHEN_OFFLOADED.values())
-    back_beside = offloaded_inputs_fetched_ahead(inv, s)
-    copies = ((1 + back_beside) * offloaded + 2 * parts.get(Part.HOST_BLOCK_WEIGHTS, 0)) / HOST_COPY_BYTES_S
+    copies = (offloaded + 2 * parts.get(Part.HOST_BLOCK_WEIGHTS, 0)) / HOST_COPY_BYTES_S
     if s.embeddings_on_host:
         copies += s.tokens * inv.hidden * s.compute_bytes / HOST_COPY_BYTES_S
-    gpu = gpu_seconds(inv, s, card) + (0 if back_beside else offloaded / HOST_COPY_BYTES_S)
+    gpu = gpu_seconds(inv, s, card) + offloaded / HOST_COPY_BYTES_S
     return max(gpu, launches, copies) + LAUNCH_STALL_SHARE * min(gpu, launches)
 
 
