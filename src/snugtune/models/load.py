@@ -159,7 +159,8 @@ def prepare_for_training(model, config: Config):
 class _GradPath(torch.autograd.Function):
     """Identity that makes its output require grad through `anchor`, a scalar leaf, without the output being
     a leaf itself: autograd keeps a leaf that requires grad alive until backward ends (its AccumulateGrad node
-    holds it), and with activation offload that held the first block's input on the GPU the whole step."""
+    holds it), and with activation offload that held the first block's input on the GPU the whole step. The
+    output is a view: a family that wrote into the embeddings' output in place would need a copy here."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
