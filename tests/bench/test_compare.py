@@ -10,15 +10,22 @@ import torch
 from conftest import EXAMPLES_DIR
 
 
-@pytest.mark.slow
-def test_bench_runs_snugtune_and_the_plain_recipe_on_the_same_data(tmp_path):
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """One `snugtune bench` of both stacks with --max-context (its stdout, its JSON), which the two tests below
+    read: each stack's bench run, then each stack's longest-sequence trials, in one process."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "snugtune", "bench", "--shape", "tiny", "--seq", "128", "--batch",
-                           "2", "--steps", "4", "--device", "cpu", "--against", "plain,unsloth", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                           "2", "--steps", "4", "--device", "cpu", "--against", "plain,unsloth", "--max-context",
+                           "192", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_runs_snugtune_and_the_plain_recipe_on_the_same_data(bench_run):
+    proc, results = bench_run
     assert "| snugtune |" in proc.stdout and "| plain |" in proc.stdout
-    results = json.loads(out.read_text())
     assert results["snugtune"]["tokens_per_s_median_step"] > 0 and results["plain"]["tokens_per_s_median_step"] > 0
     # same checkpoint, same rows, same learning rate: the two stacks end at nearly the same loss
     assert abs(results["snugtune"]["loss_last"] - results["plain"]["loss_last"]) < 0.01
@@ -41,17 +48,12 @@ def test_longest_context_doubles_then_bisects_to_the_granularity():
 
 
 @pytest.mark.slow
-def test_bench_max_context_reports_each_stacks_longest_sequence(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "snugtune", "bench", "--shape", "tiny", "--seq", "64", "--batch", "1",
-                           "--steps", "4", "--device", "cpu", "--max-context", "96", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())
-    # on a CPU nothing runs out of memory: both stacks reach the limit (one trial each: 64 tokens, then the
-    # doubling passes 96; test_longest_context_doubles_then_bisects... covers the search), on stdlib modules
-    assert results["snugtune"]["longest_context_tokens"] == 64 and results["plain"]["longest_context_tokens"] == 64
-    assert "64 (" in proc.stdout
+def test_bench_max_context_reports_each_stacks_longest_sequence(bench_run):
+    proc, results = bench_run
+    # on a CPU nothing runs out of memory: both stacks reach the limit (one trial each: 128 tokens, then the
+    # doubling passes 192; test_longest_context_doubles_then_bisects... covers the search), on stdlib modules
+    assert results["snugtune"]["longest_context_tokens"] == 128 and results["plain"]["longest_context_tokens"] == 128
+    assert "| 128 (" in proc.stdout
 
 
 def test_recipe_bench_keeps_the_recipes_settings_on_the_bench_model_and_rows(tmp_path):
