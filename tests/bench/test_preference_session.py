@@ -19,8 +19,8 @@ def test_the_preference_session_runs_a_longest_pair_bench_and_the_orpo_grid_rows
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     bench = json.loads((tmp_path / "longest-tinyllama.json").read_text())
-    assert bench["setting"]["objective"] == "dpo" and bench["setting"]["max_context"] == 128
-    assert bench["snugtune"]["longest_context_tokens"] == 128 and bench["trl"]["longest_context_tokens"] == 128
+    assert bench["setting"]["objective"] == "dpo" and bench["setting"]["max_context"] == 96
+    assert bench["snugtune"]["longest_context_tokens"] == 64 and bench["trl"]["longest_context_tokens"] == 64
     assert "| trl |" in (tmp_path / "bench.txt").read_text()
     rows = [json.loads(line) for line in (tmp_path / "preference_grid.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["kind"] in ("grid", "recipe")]
