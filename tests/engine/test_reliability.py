@@ -229,8 +229,9 @@ def test_resume_refuses_a_changed_config_but_allows_harmless_changes(tmp_path, a
 
 @pytest.mark.slow
 def test_fresh_moves_the_old_run_aside(tmp_path):
+    from snugtune.config import load_config
     config = _config_file(tmp_path, "run", steps=2, every=10)
-    assert _cli(config).returncode == 0
+    train(load_config(config), show_progress=False)  # the old run (in this process: only --fresh needs the CLI)
     again = _cli(config, "--fresh")
     assert again.returncode == 0 and "moved the previous run" in again.stderr
     assert (tmp_path / "run.old-1" / "adapter_model.safetensors").is_file()
