@@ -47,13 +47,17 @@ demo: $(CORE)
 # both stages run in two worker processes (pytest-xdist), each test file whole in one of them: on 2 CPU cores
 # the fast stage took 3 min 50 s instead of 5 min 30 s, the slow one 9 min instead of 11 min 50 s
 TEST_WORKERS := -n 2 --dist loadfile
+# pytest with Python's bytecode cache written even where the environment sets PYTHONDONTWRITEBYTECODE: the core
+# install is --no-compile, so otherwise every Python process the tests start (CLI runs, gloo ranks, bench stacks,
+# the workers themselves) compiles what it imports of torch, transformers and peft again, about 10 s of CPU each
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
 
 test: $(EXTRAS)
-	$(PY) -m pytest -q -m "not slow" $(TEST_WORKERS)
+	$(PYTEST) -q -m "not slow" $(TEST_WORKERS)
 
 # the tests marked slow (the embedded model, multi-process runs): CI runs them after `make test` passes
 test-slow: $(EXTRAS)
-	$(PY) -m pytest -q -m slow $(TEST_WORKERS) --no-loadscope-reorder || [ $$? -eq 5 ]  # 5: no test is marked slow
+	$(PYTEST) -q -m slow $(TEST_WORKERS) --no-loadscope-reorder || [ $$? -eq 5 ]  # 5: no test is marked slow
 
 clean:
 	rm -rf $(VENV) runs
