@@ -37,6 +37,10 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _then(first, second):
+    return lambda x: second(first(x))
+
+
 def tile_mlps(layers, tile_tokens: int | None = None, norm_name: str | None = None) -> int:
     """Run the MLP of every block in `layers` in checkpointed tiles of `tile_tokens` tokens (default
     MLP_TILE_TOKENS), in place. With `norm_name` (memory_rules.MLP_NORMS: the block's norm whose output only
@@ -50,10 +54,9 @@ def tile_mlps(layers, tile_tokens: int | None = None, norm_name: str | None = No
         if mlp is None or "forward" in mlp.__dict__:
             continue
         forward = mlp.forward
-        norm = getattr(layer, norm_name) if norm_name else None
-        if norm is not None:
-            normalize, mlp_forward = norm.forward, mlp.forward  # the lean forward, where norms are lean
-            forward = lambda x, normalize=normalize, mlp_forward=mlp_forward: mlp_forward(normalize(x))  # noqa: E731
+        if norm_name:
+            norm = getattr(layer, norm_name)
+            forward = _then(norm.forward, forward)  # the lean forward, where norms are lean
             norm.forward = _identity
         mlp.forward = _tiled(forward, tile_tokens)
         tiled += 1
