@@ -214,6 +214,6 @@ def keep_embeddings_on_host(model, device: torch.device) -> bool:
     if embedding.weight.requires_grad or (head is not None and head.weight is embedding.weight):
         return False
     inner.set_input_embeddings(HostEmbedding(embedding, device))
-    if getattr(inner, "_snugtune_grad_path", None) is not None:  # the hook sat on the old module
+    if getattr(inner, "is_gradient_checkpointing", False):  # the grad-path hook sat on the old module
         gradients_reach_blocks(inner)
     return True
