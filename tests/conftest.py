@@ -70,10 +70,11 @@ def alpaca_file(tmp_path: Path) -> Path:
 
 
 def tiny_config(tmp_path: Path, data_path: Path, **sections) -> Config:
-    """A shape:tiny config writing into tmp_path/run; keyword sections override the defaults."""
+    """A shape:tiny config writing into tmp_path/run; keyword sections override the defaults. fp32, not auto
+    (bf16 on a CPU that has it): the same numbers on every CPU, and paths compared to fp32 rounding."""
     raw = {"model": "shape:tiny", "data": {"path": str(data_path), "eval_fraction": 0.1}, "max_seq_len": 96,
            "method": "lora", "lora": {"r": 4, "alpha": 8, "targets": "all-linear"},
-           "train": {"max_steps": 3, "micro_batch": 4, "lr": 1e-2, "seed": 0},
+           "train": {"max_steps": 3, "micro_batch": 4, "lr": 1e-2, "seed": 0, "precision": "fp32"},
            "save": {"every_steps": 100}, "output_dir": str(tmp_path / "run"), "device": "cpu"}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

@@ -133,7 +133,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, le=1.0, allow_inf_nan=False, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="Clip the global gradient norm to this; null = no clipping.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4), fp32 on CPU.")
+        "auto", description="auto: bf16 where the GPU has it, fp16 + loss scaling where not (T4); on a CPU bf16 "
+                            "where it multiplies bf16 natively (AVX512-BF16 or AMX), else fp32.")
     attention_kernels: Literal["auto", "sm75"] = Field(
         "auto", description="Attention kernels training may use. auto: the fastest the GPU has (flash and cuDNN; "
                             "varlen flash for packed rows from compute capability 8.0). sm75: only what a T4 "

@@ -43,10 +43,18 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def cpu_has_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """auto: bf16 where the GPU supports it, fp16 where not (compute capability < 8), fp32 on CPU."""
+    """auto: bf16 where the GPU supports it, fp16 where not (compute capability < 8); on a CPU bf16 where it
+    multiplies bf16 natively, else fp32."""
     if device.type == "cpu":  # fp16 works on CPU (slowly): it lets the T4 loss-scaling path be tested anywhere
-        return Precision("fp32" if requested == "auto" else requested, "cpu")
+        if requested == "auto":
+            requested = "bf16" if cpu_has_bf16() else "fp32"
+        return Precision(requested, "cpu")
     if requested == "auto":
         requested = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if requested == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):

@@ -64,7 +64,7 @@ def test_peft_alone_reloads_base_and_adapter_with_the_same_loss(finished_run):
     data = prepare_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train.seed)
     batches = [collate(data.eval[i:i + cfg.eval.batch_size], tokenizer.pad_token_id)
                for i in range(0, len(data.eval), cfg.eval.batch_size)]
-    loss, _ = mean_loss(model, batches, Precision("fp32", "cpu"), torch.device("cpu"))
+    loss, _ = mean_loss(model, batches, Precision(summary["precision"], "cpu"), torch.device("cpu"))
     assert loss == pytest.approx(summary["eval_loss_after"], abs=1e-5)
     # and the logits agree with a plain forward through transformers
     out = model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits
