@@ -14,6 +14,12 @@ def test_auto_on_a_cpu_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monke
     assert precision.name == expected and not precision.loss_scaling
 
 
+def test_auto_on_a_cpu_is_fp32_where_torch_has_no_probe_for_bf16(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
+
+
 @pytest.mark.parametrize("asked", ["bf16", "fp16", "fp32"])
 def test_a_precision_asked_for_on_a_cpu_is_the_one_used(monkeypatch, asked):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)

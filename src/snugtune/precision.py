@@ -44,8 +44,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32.
+    The probes are torch's private functions: a torch without them gets fp32."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe() for probe in probes if probe is not None)
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
