@@ -95,7 +95,10 @@ def head_groups(heads: int, kv_heads: int, most: int) -> list[tuple[slice, slice
 
 class _HeadGroupedAttention(torch.autograd.Function):
     """`attend` (query [B, h, L, D], key/value [B, h_kv, L, D] -> [B, L, h, D]) computed and differentiated
-    one group of heads at a time (head_groups); keeps only query, key and value for backward."""
+    one group of heads at a time (head_groups); keeps only query, key and value for backward, which recomputes
+    each group under the forward's autocast (as torch.utils.checkpoint does): query and key may reach attention
+    in fp32 (rotary in the fp32 residual stream of a full run) beside a bf16 value, which only
+    autocast brings to one dtype."""
 
     @staticmethod
     def forward(ctx, query, key, value, attend, groups):
@@ -105,6 +108,9 @@ class _HeadGroupedAttention(torch.autograd.Function):
             out[:, :, qh] = attend(query[:, qh], key[:, kh], value[:, kh])
         ctx.save_for_backward(query, key, value)
         ctx.attend, ctx.groups = attend, groups
+        device = query.device.type
+        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device),
+                        "dtype": torch.get_autocast_dtype(device), "cache_enabled": torch.is_autocast_cache_enabled()}
         return out
 
     @staticmethod
@@ -112,7 +118,7 @@ class _HeadGroupedAttention(torch.autograd.Function):
         query, key, value = ctx.saved_tensors
         grads = [torch.empty_like(t) for t in (query, key, value)]
         for qh, kh in ctx.groups:
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 parts = [t.detach().requires_grad_(True) for t in (query[:, qh], key[:, kh], value[:, kh])]
                 got = torch.autograd.grad(ctx.attend(*parts), parts, grad_out[:, :, qh])
             for grad, part, heads in zip(grads, got, (qh, kh, kh)):

@@ -125,3 +125,23 @@ def test_long_rows_group_attention_and_lean_norms_only_in_eager_blocks(tmp_path,
     assert all(hasattr(layer.self_attn, "snugtune_head_groups") != compiling for layer in layers)
     assert tile_for_long_rows(model, layers, decisions(tiled=False)) == {
         "tiled_mlps": 0, "grouped_attention": 0, "lean_norms": 0}
+
+
+def test_attention_over_head_groups_in_bf16_autocast_trains_a_full_run_with_the_same_gradients(tmp_path, alpaca_file):
+    # a full run's residual stream is fp32: query and key leave rotary in fp32 beside a bf16 value, which autocast
+    # alone brings to one dtype; the grouped backward recomputes under it (bf16 is precision: auto on such a CPU)
+    from snugtune.engine.tiling import tile_attention
+    from snugtune.precision import Precision
+    bf16 = Precision("bf16", "cpu")
+    losses, grads = [], []
+    for tiled in (False, True):
+        _, model, tokenizer, data = tiny_model(tmp_path, alpaca_file, method="full")
+        if tiled:
+            assert tile_attention(model.model.layers) == 2
+        torch.manual_seed(3)
+        losses.append(accumulate_gradients(model, [collate(data.train[:4], tokenizer.pad_token_id)], bf16,
+                                           bf16.grad_scaler(), CPU))
+        grads.append(trainable_grads(model))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6, rtol=1e-5), name
