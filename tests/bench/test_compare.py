@@ -269,3 +269,27 @@ def test_max_context_trials_train_each_length_whatever_the_overrides_say(monkeyp
     compare.run_bench("tiny", seq=64, steps=2, device="cpu", against=(), max_context=256,
                       overrides=("max_seq_len=64",))
     assert lengths[0] == 64 and 256 in lengths[1:]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["cpu with native bf16", "older cpu"])
+def test_on_a_cpu_the_other_stacks_train_at_the_precision_of_snugtunes_run(tmp_path, monkeypatch, native_bf16):
+    # precision: auto is bf16 on a CPU that multiplies it natively: a plain or TRL stack left in fp32 beside it
+    # compared other arithmetic, not the same run
+    import yaml
+    from snugtune.bench.compare import bench_config
+    from snugtune.bench.plain import stack_precision
+    from snugtune.bench.trl_dpo import bench_setup, dpo_arguments
+    from snugtune.config import config_from_dict
+    from snugtune.precision import resolve_precision
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    raw = bench_config("tiny", 64, 2, 2, None, "cpu")
+    cpu, expected = torch.device("cpu"), "bf16" if native_bf16 else "fp32"
+    assert resolve_precision(config_from_dict(raw).train.precision, cpu).name == expected  # snugtune's run
+    assert stack_precision(config_from_dict(raw), cpu).name == expected  # the plain recipe's
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(sys, "argv", ["trl_dpo", str(path), "--out", str(tmp_path / "trl.json")])
+    _, cfg, _, device, dtype = bench_setup("TRL's DPOTrainer")  # TRL's: the model's dtype and Trainer's bf16
+    assert device == cpu and dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert dpo_arguments(cfg, tmp_path / "trl-out", False, bf16=dtype == torch.bfloat16).bf16 == native_bf16

@@ -27,17 +27,18 @@ def preference_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def dpo_arguments(cfg, out_dir: Path, cuda: bool):
+def dpo_arguments(cfg, out_dir: Path, cuda: bool, bf16: bool | None = None):
     """TRL's DPOConfig for the bench config: its beta, micro-batch, accumulation, learning rate (constant, no
-    warmup, as the bench's snugtune run), optimizer, steps and max_length; checkpointing; bf16 on a GPU."""
+    warmup, as the bench's snugtune run), optimizer, steps and max_length; checkpointing; bf16 on a GPU, and
+    on a CPU where snugtune's run is bf16 (`bf16`: bench_setup's dtype is bfloat16)."""
     from trl import DPOConfig
     tc = cfg.train
     return DPOConfig(output_dir=str(out_dir), beta=cfg.preference.beta, loss_type=[cfg.preference.loss_type],
                      per_device_train_batch_size=tc.micro_batch, gradient_accumulation_steps=tc.grad_accum,
                      learning_rate=tc.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=tc.max_steps,
                      optim=OPTIMIZERS[tc.optimizer], max_length=cfg.max_seq_len, gradient_checkpointing=True,
-                     bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to=[],
-                     seed=tc.seed, dataloader_drop_last=True, remove_unused_columns=False)
+                     bf16=cuda if bf16 is None else bf16, use_cpu=not cuda, logging_steps=1, save_strategy="no",
+                     report_to=[], seed=tc.seed, dataloader_drop_last=True, remove_unused_columns=False)
 
 
 def step_timer(device: torch.device):
@@ -81,17 +82,21 @@ def measure(trainer, cfg, device: torch.device, recipe: str) -> dict:
 
 
 def bench_setup(description: str):
-    """Parse `CONFIG [key=value ...] --out FILE`; (out, config, the model's folder, the device, its dtype)."""
+    """Parse `CONFIG [key=value ...] --out FILE`; (out, config, the model's folder, the device, its dtype: bf16 on
+    a GPU; on a CPU, bf16 where snugtune's run of the config is bf16 (precision: auto on a CPU with native bf16),
+    else fp32)."""
     from snugtune.bench.plain import bench_arguments
     from snugtune.engine.machine import cap_memory
     from snugtune.models.resolve import resolve_model
+    from snugtune.precision import resolve_precision
     out, cfg = bench_arguments(description)
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         cap_memory(device, cfg.budget)  # the cap the engine applies for the same budget
-    return out, cfg, resolve_model(cfg.model).path, device, torch.bfloat16 if cuda else torch.float32
+    bf16 = cuda or resolve_precision(cfg.train.precision, device).name == "bf16"
+    return out, cfg, resolve_model(cfg.model).path, device, torch.bfloat16 if bf16 else torch.float32
 
 
 def main() -> None:
@@ -111,11 +116,13 @@ def main() -> None:
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(targets), task_type="CAUSAL_LM")
     from datasets import Dataset
-    trainer = DPOTrainer(model=model, args=dpo_arguments(cfg, Path(out).parent / "trl-out", device.type == "cuda"),
+    trainer = DPOTrainer(model=model, args=dpo_arguments(cfg, Path(out).parent / "trl-out", device.type == "cuda",
+                                                         bf16=dtype == torch.bfloat16),
                          train_dataset=Dataset.from_list(preference_rows(cfg.data.path)), processing_class=tokenizer,
                          peft_config=lora)
-    write_result(out, measure(trainer, cfg, device, f"TRL {trl_version} DPOTrainer, transformers + peft + "
-                                                   f"bitsandbytes"))
+    write_result(out, {**measure(trainer, cfg, device, f"TRL {trl_version} DPOTrainer, transformers + peft + "
+                                                       f"bitsandbytes"),
+                       "precision": "bf16" if dtype == torch.bfloat16 else "fp32"})
 
 
 if __name__ == "__main__":
