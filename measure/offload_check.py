@@ -13,8 +13,11 @@ offloaded step, the ops that took the most CUDA and CPU time (where the 0.31 s g
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -92,6 +95,30 @@ def profile(model, ids) -> None:
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
     print(events.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        prof.export_chrome_trace(f"{folder}/trace.json")
+        trace = json.loads(Path(folder, "trace.json").read_text())
+    print("copy (stream): ms, of which ms beside kernels of other streams", flush=True)
+    for name, stream, duration, beside in copy_overlap(trace.get("traceEvents", [])):
+        print(f"{name} ({stream}): {duration:.2f}, {beside:.2f}", flush=True)
+
+
+def copy_overlap(events: list[dict]) -> list[tuple[str, object, float, float]]:
+    """For each copy of a chrome trace: (name, its stream, its ms, the ms of it during which a kernel of
+    another stream ran): whether the offload's copies overlap compute."""
+    kernels = [(e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("stream")) for e in events
+               if e.get("cat") == "kernel" and "dur" in e]
+    rows = []
+    for copy in (e for e in events if e.get("cat") == "gpu_memcpy" and "dur" in e):
+        start, end, stream = copy["ts"], copy["ts"] + copy["dur"], copy.get("args", {}).get("stream")
+        spans = sorted((max(a, start), min(b, end)) for a, b, s in kernels if s != stream and a < end and b > start)
+        beside, reach = 0.0, start
+        for a, b in spans:  # the union of the other streams' kernels within the copy
+            if b > reach:
+                beside += b - max(a, reach)
+                reach = b
+        rows.append((copy["name"], stream, copy["dur"] / 1000, beside / 1000))
+    return rows
 
 
 if __name__ == "__main__":
