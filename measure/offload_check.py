@@ -5,9 +5,10 @@
 A random Llama-3.1-8B-shaped stack cut to `--layers` blocks (bf16 weights, LoRA r16 on q/k/v/o, every block
 checkpointed as the engine does it), one row of `--tokens` tokens. Prints one line per variant: the median
 step time after a warm-up step, peak allocated memory and the largest gradient difference from no offload.
-On an H100 (2026-12-07, fifth session: docs/decisions.md) offload cost 0.31 s a step over none, and fetching
-each block input back ahead of backward (a variant since removed) none of it. `--profile` then prints, for one
-offloaded step, the ops that took the most CUDA and CPU time (where the 0.31 s goes).
+The loss is transformers' own on full logits, whose fp32 tensors the offload moves too: on an H100 (2026-12-07,
+docs/decisions.md) offload cost 0.31 s a step over none, about 0.27 s of it those logits, which a training step
+of the engine (chunked loss) never keeps. `--profile` then prints, for one offloaded step, the ops that took the
+most CUDA and CPU time and, for each copy, how much of it ran beside another stream's kernels.
 """
 
 from __future__ import annotations
