@@ -10,7 +10,7 @@ import pytest
 
 from conftest import EXAMPLES_DIR, tiny_config
 from snugtune.config import load_config
-from snugtune.planner.choose import plan_for_budget
+from snugtune.planner.choose import plan_for_budget, tail_share
 from snugtune.planner.cards import GIB, budget_bytes
 from snugtune.planner.inventory import inventory_for
 from snugtune.planner.memory import Part, estimate, host_bytes, peak
@@ -193,3 +193,10 @@ def test_plan_without_the_data_counts_a_dense_mask_only_for_packed_rows_on_cards
     assert Part.ATTENTION_MASK in plan_config(packed, "t4").breakdown  # compute 7.5: no varlen flash kernel
     assert Part.ATTENTION_MASK not in plan_config(packed, "l4").breakdown
     assert Part.ATTENTION_MASK not in plan_config(padded, "t4").breakdown  # right padding needs no mask
+
+
+@pytest.mark.parametrize("rows, micro_batch, gpus, share", [(23, 2, 1, 0.5), (24, 2, 1, 0.0), (10, 4, 1, 0.5),
+                                                            (23, 2, 2, 0.0), (25, 4, 2, 0.25), (5, 1, 1, 0.0)])
+def test_the_last_micro_batch_of_an_epoch_holds_what_the_rows_leave(rows, micro_batch, gpus, share):
+    assert tail_share([100] * rows, micro_batch, gpus) == share
+    assert tail_share(None, micro_batch, gpus) == 0.0  # the data not read

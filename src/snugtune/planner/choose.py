@@ -66,11 +66,19 @@ def decisions_for(cfg: Config, inv: Inventory, micro_batch: int, checkpointing: 
                      cuda_graphs=graphs and replays_cuda_graphs(
                          cfg.train.cuda_graphs, compiling, cuda, one_process, offload.weights, replays,
                          offload.activations, tiled_mlp, draws, cfg.objective),
-                     lengths_vary=lengths_vary,
+                     lengths_vary=lengths_vary, tail_share=tail_share(trained, micro_batch, gpus),
                      compiled_blocks=compiling,
                      fused_lora=fuses_lora(METHODS[method].adapters, METHODS[method].base_bits),
                      objective=cfg.objective,
                      reference=reference_for(cfg.objective, METHODS[method].adapters, reference_copy))
+
+
+def tail_share(trained: list[int] | None, micro_batch: int, gpus: int) -> float:
+    """The share of a full micro-batch's rows that an epoch's last micro-batch in each process holds (0: full,
+    or the data not read)."""
+    if not trained:
+        return 0.0
+    return (-(-len(trained) // gpus) % micro_batch) / micro_batch
 
 
 def levels(cfg: Config, gpus: int, inv: Inventory) -> list[tuple[int, Offload]]:

@@ -47,6 +47,8 @@ class Decisions:
     cuda_graphs: bool = False          # memory_rules.replays_cuda_graphs: the step replays from a private pool
     lengths_vary: bool = False         # the data's sequences pad to several lengths: micro-batches of shapes not
                                        # captured run eagerly beside the graphs' pool (preference objectives)
+    tail_share: float = 0.0            # an epoch's last micro-batch holds this share of a full one's rows (0: it
+                                       # is full): another shape, first run eagerly beside the graphs' pool
     dense_copy: bool = False           # engine.dense_copy: 4-bit block weights also held dequantized
     lean_norms: bool = False           # memory_rules.leans_norms: norms keep their 16-bit input, not fp32
     head_groups: int = 1               # memory_rules.tiles_attention: attention differentiated by groups of heads
