@@ -76,10 +76,16 @@ def _as_of_2026_11_24(row: dict, model_type: str) -> dict:
             "lora_dropout": 0.05, "attention_mask": True}
 
 
+BENCH_TRAIN_PAIRS = 23  # bench.compare.long_pairs writes 24 pairs; eval_fraction 0.05 holds one out
+
+
 def _as_the_run_went(record: dict) -> dict:
-    """A bench or long-context record's settings, with the speedups it ran (older records lack the fields)."""
-    ran, graphs = record["speedups"], record.get("cuda_graphs") or {}
-    return {**record["plan"]["settings"], "compiled_blocks": ran["compiled_blocks"] > 0,
+    """A bench or long-context record's settings, with the speedups it ran (older records lack the fields), and
+    for a preference bench the share of a micro-batch its epochs' last one holds (recorded since 2026-12-07)."""
+    ran, graphs, settings = record["speedups"], record.get("cuda_graphs") or {}, record["plan"]["settings"]
+    tail = (BENCH_TRAIN_PAIRS % settings["micro_batch"]) / settings["micro_batch"] \
+        if settings.get("objective", "sft") != "sft" else 0.0
+    return {"tail_share": tail, **settings, "compiled_blocks": ran["compiled_blocks"] > 0,
             "fused_lora": ran["fused_lora_layers"] > 0, "dense_copy": ran.get("dense_copy_bytes", 0) > 0,
             "cuda_graphs": bool(graphs.get("shapes")) and not graphs.get("failure")}
 
