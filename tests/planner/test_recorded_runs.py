@@ -27,3 +27,11 @@ def test_no_row_of_the_compiled_engines_sft_grid_is_more_than_three_percent_unde
     rows = [r for r in recorded.recorded_rows() if r["grid"] == recorded.SFT_RECORDED]
     errors = _errors(rows)
     assert len(rows) == 23 and min(errors.values()) >= recorded.UNDER, errors
+
+
+def test_no_recorded_preference_bench_is_more_than_three_percent_under():
+    # the DPO and ORPO benches and recipes as shipped (docs/runs/*.json); the DPO TinyLlama recipe's short last
+    # micro-batch, run eagerly beside the graphs' pool, was 19.6% under before the planner counted it
+    rows = [r for r in recorded.bench_rows() if r["settings"].get("objective", "sft") != "sft"]
+    errors = _errors(rows)
+    assert len(rows) == 11 and min(errors.values()) >= recorded.UNDER, errors
