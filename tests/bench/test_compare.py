@@ -292,4 +292,4 @@ def test_on_a_cpu_the_other_stacks_train_at_the_precision_of_snugtunes_run(tmp_p
     monkeypatch.setattr(sys, "argv", ["trl_dpo", str(path), "--out", str(tmp_path / "trl.json")])
     _, cfg, _, device, dtype = bench_setup("TRL's DPOTrainer")  # TRL's: the model's dtype and Trainer's bf16
     assert device == cpu and dtype == (torch.bfloat16 if native_bf16 else torch.float32)
-    assert dpo_arguments(cfg, tmp_path / "trl-out", False, bf16=dtype == torch.bfloat16).bf16 == native_bf16
+    assert dpo_arguments(cfg, tmp_path / "trl-out", device, dtype).bf16 == native_bf16

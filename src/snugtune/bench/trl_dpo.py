@@ -27,17 +27,17 @@ def preference_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def dpo_arguments(cfg, out_dir: Path, cuda: bool, bf16: bool | None = None):
+def dpo_arguments(cfg, out_dir: Path, device: torch.device, dtype: torch.dtype):
     """TRL's DPOConfig for the bench config: its beta, micro-batch, accumulation, learning rate (constant, no
-    warmup, as the bench's snugtune run), optimizer, steps and max_length; checkpointing; bf16 on a GPU, and
-    on a CPU where snugtune's run is bf16 (`bf16`: bench_setup's dtype is bfloat16)."""
+    warmup, as the bench's snugtune run), optimizer, steps and max_length; checkpointing; bf16 where the model's
+    `dtype` (bench_setup's) is."""
     from trl import DPOConfig
     tc = cfg.train
     return DPOConfig(output_dir=str(out_dir), beta=cfg.preference.beta, loss_type=[cfg.preference.loss_type],
                      per_device_train_batch_size=tc.micro_batch, gradient_accumulation_steps=tc.grad_accum,
                      learning_rate=tc.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=tc.max_steps,
                      optim=OPTIMIZERS[tc.optimizer], max_length=cfg.max_seq_len, gradient_checkpointing=True,
-                     bf16=cuda if bf16 is None else bf16, use_cpu=not cuda, logging_steps=1, save_strategy="no",
+                     bf16=dtype == torch.bfloat16, use_cpu=device.type != "cuda", logging_steps=1, save_strategy="no",
                      report_to=[], seed=tc.seed, dataloader_drop_last=True, remove_unused_columns=False)
 
 
@@ -116,8 +116,7 @@ def main() -> None:
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(targets), task_type="CAUSAL_LM")
     from datasets import Dataset
-    trainer = DPOTrainer(model=model, args=dpo_arguments(cfg, Path(out).parent / "trl-out", device.type == "cuda",
-                                                         bf16=dtype == torch.bfloat16),
+    trainer = DPOTrainer(model=model, args=dpo_arguments(cfg, Path(out).parent / "trl-out", device, dtype),
                          train_dataset=Dataset.from_list(preference_rows(cfg.data.path)), processing_class=tokenizer,
                          peft_config=lora)
     write_result(out, {**measure(trainer, cfg, device, f"TRL {trl_version} DPOTrainer, transformers + peft + "

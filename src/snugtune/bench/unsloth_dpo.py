@@ -30,7 +30,7 @@ def main() -> None:
                                              lora_dropout=cfg.lora.dropout, target_modules=list(targets),
                                              bias="none", use_gradient_checkpointing="unsloth",
                                              random_state=cfg.train.seed, max_seq_length=cfg.max_seq_len)
-    args = dpo_arguments(cfg, Path(out).parent / "unsloth-out", device.type == "cuda")
+    args = dpo_arguments(cfg, Path(out).parent / "unsloth-out", device, dtype)
     args.gradient_checkpointing = False  # Unsloth checkpoints in its own way (set above)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(preference_rows(cfg.data.path)))
