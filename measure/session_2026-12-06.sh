@@ -11,6 +11,10 @@
 #     cap15-2048 cap15-4096              packed rows, --cap 15, against Unsloth (grad_checkpointing: auto)
 #     cap15-16384 cap15-28672            one document a row, --cap 15, against Unsloth
 #     grid                               measure/step_time_grid.py until the deadline
+#     t4-llama2-auto                     (not in the default list) the Llama-2-7B recipe with
+#                                        grad_checkpointing: auto in place of its true, against plain fp16
+#     t4-llama2-profile                  (not in the default list) where one step of the Llama-2-7B recipe goes,
+#                                        --emulate t4 (measure/train_step_profile.py, step 7 of 10)
 #     t4-orpo-8b t4-dpo-tinyllama        (not in the default list) issue 38's two preference recipes as shipped,
 #                                        --emulate t4, snugtune alone (no peer benches ORPO; TRL and Unsloth DPO
 #                                        are benched on the 8B's pairs elsewhere)
@@ -80,6 +84,22 @@ check() {
     echo "exit ${PIPESTATUS[0]}"; echo; } >> "$OUT/summary.txt"
 }
 
+# profile NAME ESTIMATE_S RECIPE SHAPE: one step of a recipe as the bench runs it (--emulate t4) under torch.profiler
+# (SMOKE: shape tiny, 3 steps, the second profiled, the CPU)
+profile() {
+  local name=$1 estimate=$2 recipe=$3 shape=$4 steps=10 at=7 extra=()
+  [ "$SMOKE" = 1 ] && { shape=tiny; steps=3; at=2; estimate=0; extra=(device=cpu max_seq_len=128 train.optimizer=adamw_8bit); }
+  if [ "$(left)" -lt "$estimate" ]; then log "## $name: skipped ($(left) s left, about $estimate s needed)"; return; fi
+  log "## $name: measure/train_step_profile.py, step $at of $recipe on shape:$shape, --emulate t4"
+  $PY -c "import sys, yaml; from pathlib import Path; from snugtune.bench.compare import emulated, recipe_config
+yaml.safe_dump(recipe_config(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), 'auto', emulated('t4', ())),
+               open(sys.argv[4], 'w'))" "$recipe" "$shape" "$steps" "$WORK/$name.yaml"
+  { echo "## $name"; timeout "$(( $(left) > 60 ? $(left) + 30 : 90 ))" $PY measure/train_step_profile.py \
+      "$OUT/$name.txt" "$at" "$WORK/$name.yaml" output_dir="$WORK/$name-run" "${extra[@]}" 2>&1 \
+      | tee -a "$OUT/session.log" | tail -n 3
+    echo "exit ${PIPESTATUS[0]}"; head -n 2 "$OUT/$name.txt" 2>/dev/null; echo; } >> "$OUT/summary.txt"
+}
+
 seq_of() { [ "$SMOKE" = 1 ] && echo $(( $1 < 128 ? $1 : 128 )) || echo "$1"; }
 
 log "# session $(date -u +%FT%TZ) pieces: ${PIECES[*]} deadline ${DEADLINE}s smoke=$SMOKE"
@@ -94,6 +114,9 @@ for piece in "${PIECES[@]}"; do
                     --emulate t4 --steps 20 --against plain ;;
     t4-llama2) bench "$piece" 150 --shape llama2-7b --recipe examples/llama2-7b_qlora_t4.yaml --emulate t4 \
                  --steps 10 --against plain ;;
+    t4-llama2-auto) bench "$piece" 150 --shape llama2-7b --recipe examples/llama2-7b_qlora_t4.yaml --emulate t4 \
+                      --steps 10 --against plain --set train.grad_checkpointing=auto ;;
+    t4-llama2-profile) profile "$piece" 150 examples/llama2-7b_qlora_t4.yaml llama2-7b ;;
     t4-orpo-8b) bench "$piece" 200 --shape llama3-8b --recipe examples/llama3-8b_qlora-orpo_t4.yaml --emulate t4 \
                   --steps 6 --against "" ;;
     t4-dpo-tinyllama) bench "$piece" 120 --shape tinyllama-1.1b --recipe examples/tinyllama-1.1b_qlora-dpo_t4.yaml \
