@@ -1,6 +1,6 @@
 """The step-time model and `auto`'s choices on one card, one configuration at a time (nothing else on the GPU).
 
-  python measure/step_time_grid.py OUT_DIR [--deadline S] [--runner-up-every K] [--only SUBSTRING] [--steps N]
+  python measure/step_time_grid.py OUT_DIR [--deadline S] [--runner-up-every K] [--only SUBSTRING[,SUBSTRING...]] [--steps N]
   python measure/step_time_grid.py OUT_DIR --smoke       # every configuration on shape:tiny, 2 steps, the CPU
 
 Each configuration is a `snugtune bench`-style run (packed standard-library rows, or one document a row) left to
@@ -237,7 +237,7 @@ def main() -> None:
     END[0] = deadline + GRACE_S
     only = option("--only", "")
     card = None if smoke else gpu()
-    entries = [e for e in GRID if only in e[0]]
+    entries = [e for e in GRID if any(part in e[0] for part in only.split(","))]
     longest = max((e[2] for e in entries if e[4]), default=0)
     documents = long_documents(out / "documents", 2 * (128 if smoke else longest), count=1) if longest else None
     rows: list[dict] = []
