@@ -50,6 +50,9 @@ PAIR_LAYOUTS = [  # (who writes it, row, (prompt, chosen, rejected))
     ("UltraFeedback binarized", {"prompt": "Q", "prompt_id": "7f", "chosen": [U("Q"), A("good")],
                                  "rejected": [U("Q"), A("bad")], "score_chosen": 8.0, "score_rejected": 3.0},
      ([U("Q")], [A("good")], [A("bad")])),
+    ("UltraFeedback binarized, its messages column", {  # `messages` repeats the chosen conversation whole
+        "prompt": "Q", "chosen": [U("Q"), A("good")], "rejected": [U("Q"), A("bad")], "messages": [U("Q"), A("good")]},
+     ([U("Q")], [A("good")], [A("bad")])),
     ("LLaMA-Factory alpaca ranking", {"instruction": "I", "input": "X", "chosen": "good", "rejected": "bad",
                                       "system": "S", "history": [["hq", "ha"]]},
      ([S("S"), U("hq"), A("ha"), U("I\n\nX")], [A("good")], [A("bad")])),

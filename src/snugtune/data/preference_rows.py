@@ -10,7 +10,8 @@ The prompt is, by the first key present:
   none: implicit             chosen and rejected are whole conversations sharing their first turns (Anthropic
                              HH-RLHF, UltraFeedback binarized, Axolotl chatml.argilla_chat); the shared turns
                              are the prompt, as TRL's extract_prompt takes them
-A `prompt` beside whole conversations (UltraFeedback binarized) must be their last shared user turn.
+A `prompt` beside whole conversations (UltraFeedback binarized) must be their last shared user turn, and a
+`messages` beside them the shared turns or the chosen conversation whole (UltraFeedback binarized's).
 HH-RLHF's text conversations ("\\n\\nHuman: ... \\n\\nAssistant: ...") are read as turns; other text pairs
 without a prompt share a prefix that ends at a word boundary.
 
@@ -186,12 +187,12 @@ def _split_conversations(chosen: list[dict], rejected: list[dict], row: Row):
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _check_prompt_matches(named: list[dict], shared: list[dict], row: Row) -> None:
+def _check_prompt_matches(named: list[dict], shared: list[dict], chosen: list[dict], row: Row) -> None:
     """A prompt column beside whole conversations must say what they share (UltraFeedback's prompt column is
-    the text of the last shared user turn)."""
+    the text of the last shared user turn), or be the chosen conversation whole (UltraFeedback's messages)."""
     users = [m for m in shared if m["role"] == "user"]
-    same = named == shared or (len(named) == 1 and named[0]["role"] == "user" and users
-                               and named[0]["content"] == users[-1]["content"])
+    same = named in (shared, chosen) or (len(named) == 1 and named[0]["role"] == "user" and users
+                                         and named[0]["content"] == users[-1]["content"])
     if not same:
         raise ConfigError(f"{row.where}: the prompt column differs from the turns that 'chosen' and 'rejected' "
                           f"share; keep one of them (map it away with data.columns)")
@@ -222,9 +223,10 @@ def to_pair(row: Row, system_prompt: str | None = None) -> PreferencePair:
         rejected = _turn_list(keys[rejected_key], row, rejected_key, "assistant")
         prompt = named
         if named is None or not (_is_answer(chosen) and _is_answer(rejected)):
+            whole_chosen = chosen
             prompt, chosen, rejected = _split_conversations(chosen, rejected, row)
             if named is not None:
-                _check_prompt_matches(named, prompt, row)
+                _check_prompt_matches(named, prompt, whole_chosen, row)
     prompt = _check_prompt(_with_system(prompt, keys, row, system_prompt), row)
     return PreferencePair(prompt, _check_answer(chosen, row, chosen_key), _check_answer(rejected, row, rejected_key),
                           turns.tools(keys.get("tools"), row.where))
