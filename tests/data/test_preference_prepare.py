@@ -63,3 +63,27 @@ def test_the_config_system_prompt_becomes_the_system_turn_of_pairs_without_one(t
     pair = prepare_data(_config(path, eval_fraction=0.0, system_prompt="Answer in digits."), tokenizer, 96, 0,
                         objective="dpo").train[0]
     assert tokenizer.decode(pair.prompt_ids).startswith("<|im_start|>system\nAnswer in digits.<|im_end|>")
+
+
+
+def _conversation(answer):
+    return [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]
+
+
+SAME_ANSWERS = [  # (a pair whose two answers are the same, one that differs) in each layout (HH-RLHF has such rows)
+    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, {"prompt": "Q", "chosen": "good", "rejected": "bad"}),
+    ({"chosen": "\n\nHuman: Q\n\nAssistant: same", "rejected": "\n\nHuman: Q\n\nAssistant: same"},
+     {"chosen": "\n\nHuman: Q\n\nAssistant: good", "rejected": "\n\nHuman: Q\n\nAssistant: bad"}),
+    ({"chosen": _conversation("same"), "rejected": _conversation("same")},
+     {"chosen": _conversation("good"), "rejected": _conversation("bad")}),
+]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("same, differ", SAME_ANSWERS)
+def test_pairs_whose_answers_are_the_same_are_dropped_and_counted(tmp_path, tokenizer, same, differ, objective):
+    # nothing to prefer: DPO's loss is log 2 and its gradient 0 on such a pair, and unpaired for KTO the one
+    # answer would be labelled desirable and undesirable
+    path = write_jsonl(tmp_path / "pairs.jsonl", [differ, same, differ])
+    data = prepare_data(_config(path, eval_fraction=0.0), tokenizer, 96, 0, objective=objective)
+    assert data.report.kept == 2 and data.report.dropped == {"chosen and rejected the same": 1}

@@ -13,7 +13,8 @@ The prompt is, by the first key present:
 A `prompt` beside whole conversations (UltraFeedback binarized) must be their last shared user turn, and a
 `messages` beside them the shared turns or the chosen conversation whole (UltraFeedback binarized's).
 HH-RLHF's text conversations ("\\n\\nHuman: ... \\n\\nAssistant: ...") are read as turns; other text pairs
-without a prompt share a prefix that ends at a word boundary.
+without a prompt share a prefix that ends at a word boundary. A pair whose two answers are the same raises
+SameAnswers (the row is dropped and counted, not refused).
 
 Labelled completions (KTO): a true/false `label` (TRL) or `kto_tag` (LLaMA-Factory) with `prompt` +
 `completion` (text or turns), alpaca `instruction`/`input`/`output`, or `messages`/`conversations` whose
@@ -40,6 +41,10 @@ COMPLETION_KEYS = ("completion", "output")
 KIND_NAMES = {PAIRS: "preference pairs (chosen/rejected)", LABELLED: "labelled completions (KTO)",
               "sft": "supervised fine-tuning data (no chosen/rejected answers, no true/false label)"}
 OBJECTIVES_OF_KIND = {PAIRS: ("dpo", "orpo", "kto"), LABELLED: ("kto",), "sft": ("sft",)}
+
+
+class SameAnswers(ConfigError):
+    """A pair whose chosen and rejected answers are the same: nothing to prefer (data.prepare drops it, counted)."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,8 @@ def to_pair(row: Row, system_prompt: str | None = None) -> PreferencePair:
     chosen_key, rejected_key = first_key(keys, CHOSEN_KEYS), first_key(keys, REJECTED_KEYS)
     if not (chosen_key and rejected_key):
         raise ConfigError(f"{row.where}: a preference pair needs 'chosen' and 'rejected' answers")
+    if keys[chosen_key] == keys[rejected_key]:
+        raise SameAnswers(f"{row.where}: '{chosen_key}' and '{rejected_key}' are the same")
     named = _explicit_prompt(row, keys)
     if isinstance(keys[chosen_key], str) and isinstance(keys[rejected_key], str) and named is None:
         prompt, chosen, rejected = _split_text_pair(keys[chosen_key], keys[rejected_key], row)

@@ -14,7 +14,8 @@ from snugtune.data.columns import map_columns
 from snugtune.data.detect import FormatChoice, detect_format, unused_columns
 from snugtune.data.format_registry import FORMATS
 from snugtune.data.normalize import nothing_to_train, to_sample, without_blank_answers
-from snugtune.data.preference_rows import LABELLED, PAIRS, PreferencePair, check_objective, unpair, with_system_prompt
+from snugtune.data.preference_rows import (LABELLED, PAIRS, PreferencePair, SameAnswers, check_objective, unpair,
+                                           with_system_prompt)
 from snugtune.data.preference_tokenize import (TokenizedCompletion, TokenizedPair, fit_completion, fit_pair,
                                                kl_partners, tokenize_labelled, tokenize_pair)
 from snugtune.data.prep_report import DataReport
@@ -153,7 +154,8 @@ def _row_samples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, abi
 def _row_examples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, report: DataReport,
                   objective: str) -> list[Example]:
     """The tokenized examples of one preference row: a pair; under kto a labelled completion, or a pair's two
-    answers unpaired (TRL's unpair_preference_dataset); none where the row is dropped (counted)."""
+    answers unpaired (TRL's unpair_preference_dataset); none where the row is dropped (counted), as a pair whose
+    answers are the same is."""
     try:
         if not isinstance(row.value, dict):
             raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
@@ -163,6 +165,9 @@ def _row_examples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, re
         else:
             halves = unpair(example) if isinstance(example, PreferencePair) else (example,)
             whole = [tokenize_labelled(half, tokenizer, row.where) for half in halves]
+    except SameAnswers:
+        report.drop("chosen and rejected the same")
+        return []
     except ConfigError:
         if not data.skip_bad_rows:
             raise
