@@ -1,6 +1,8 @@
 """prepare_data under the preference objectives: pairs for dpo and orpo, labelled completions for kto (pairs
 unpaired, each half on the same side of the split), the objective in the cache key, drops counted."""
 
+import copy
+
 import pytest
 
 from conftest import pair_rows, write_jsonl
@@ -87,3 +89,31 @@ def test_pairs_whose_answers_are_the_same_are_dropped_and_counted(tmp_path, toke
     path = write_jsonl(tmp_path / "pairs.jsonl", [differ, same, differ])
     data = prepare_data(_config(path, eval_fraction=0.0), tokenizer, 96, 0, objective=objective)
     assert data.report.kept == 2 and data.report.dropped == {"chosen and rejected the same": 1}
+
+
+def test_turns_fit_the_chat_template_as_supervised_rows_do(tmp_path, tokenizer):
+    from test_turns import ALTERNATING
+    # HH-RLHF holds conversations with two Human turns in a row, which Llama-2's and Mistral's templates refuse
+    hh = "\n\nHuman: Hi.\n\nHuman: What is 2+2?\n\nAssistant: {}"
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": hh.format("4"), "rejected": hh.format("5")}])
+    pair = prepare_data(_config(path, eval_fraction=0.0, chat_template=ALTERNATING), copy.deepcopy(tokenizer), 96,
+                        0, objective="dpo")  # a copy: the chat_template setting changes the tokenizer
+    assert tokenizer.decode(pair.train[0].prompt_ids).endswith("<|im_start|>user\nHi.\n\nWhat is 2+2?<|im_end|>\n"
+                                                               "<|im_start|>assistant\n")
+    assert pair.report.merged_turns == 1
+    # a reasoning trace the template has no place for is written before the answer, not lost
+    thought = {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "2+2?", "completion": [thought], "label": True}])
+    row = prepare_data(_config(path, eval_fraction=0.0), tokenizer, 96, 0, objective="kto").train[0]
+    assert tokenizer.decode(row.completion_ids) == "<think>\nTwo and two.\n</think>\n\n4<|im_end|>\n"
+    dropped = prepare_data(_config(path, eval_fraction=0.0, reasoning="drop"), tokenizer, 96, 0, objective="kto")
+    assert tokenizer.decode(dropped.train[0].completion_ids) == "4<|im_end|>\n"
+
+
+def test_tool_calls_a_template_would_not_render_are_refused_naming_the_row(tmp_path, tokenizer):
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": "{}"}}]}
+    row = {"prompt": "2+2?", "chosen": [call, {"role": "tool", "content": "4"}, {"role": "assistant", "content": "4"}],
+           "rejected": "5"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(ConfigError, match=r"pairs.jsonl:1: tool calls .* the chat template does not render them"):
+        prepare_data(_config(path, eval_fraction=0.0), tokenizer, 96, 0, objective="dpo")

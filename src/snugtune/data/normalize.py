@@ -28,11 +28,16 @@ def to_sample(row: Row, fmt: str, system_prompt: str | None = None, reasoning: s
         return {"text": body}
     messages = body
     if reasoning == "drop":
-        messages = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+        messages = without_reasoning(messages)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     tools = turns.tools(keys.get("tools"), row.where)
     return {"messages": messages, **({"tools": tools} if tools else {})}
+
+
+def without_reasoning(messages: list[dict]) -> list[dict]:
+    """The turns without their reasoning traces (data.reasoning: drop)."""
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
 
 
 def without_blank_answers(sample: dict) -> tuple[dict, int]:

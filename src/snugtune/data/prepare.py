@@ -4,7 +4,7 @@ tokenized pairs (dpo, orpo) or labelled completions (kto; pairs unpaired into tw
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from snugtune.config import DataConfig
@@ -13,9 +13,9 @@ from snugtune.data import cache
 from snugtune.data.columns import map_columns
 from snugtune.data.detect import FormatChoice, detect_format, unused_columns
 from snugtune.data.format_registry import FORMATS
-from snugtune.data.normalize import nothing_to_train, to_sample, without_blank_answers
-from snugtune.data.preference_rows import (LABELLED, PAIRS, PreferencePair, SameAnswers, check_objective, unpair,
-                                           with_system_prompt)
+from snugtune.data.normalize import nothing_to_train, to_sample, without_blank_answers, without_reasoning
+from snugtune.data.preference_rows import (LABELLED, PAIRS, LabelledCompletion, PreferencePair, SameAnswers,
+                                           check_objective, unpair, with_system_prompt)
 from snugtune.data.preference_tokenize import (TokenizedCompletion, TokenizedPair, fit_completion, fit_pair,
                                                kl_partners, tokenize_labelled, tokenize_pair)
 from snugtune.data.prep_report import DataReport
@@ -97,7 +97,7 @@ def _prepare(rows: list[Row], source: DataSource, data: DataConfig, tokenizer, m
     by_row: dict[int, list[Example]] = {}
     for index in sorted(picked):  # in file order, so that the first bad row named is the first in the file
         if preference:
-            examples = _row_examples(rows[index], choice.name, data, tokenizer, fit, report, objective)
+            examples = _row_examples(rows[index], choice.name, data, tokenizer, fit, abilities, report, objective)
         else:
             examples = _row_samples(rows[index], choice.name, data, tokenizer, fit, abilities, report)
         if examples:
@@ -151,8 +151,8 @@ def _row_samples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, abi
     return [fitted]
 
 
-def _row_examples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, report: DataReport,
-                  objective: str) -> list[Example]:
+def _row_examples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, abilities: TemplateAbilities,
+                  report: DataReport, objective: str) -> list[Example]:
     """The tokenized examples of one preference row: a pair; under kto a labelled completion, or a pair's two
     answers unpaired (TRL's unpair_preference_dataset); none where the row is dropped (counted), as a pair whose
     answers are the same is."""
@@ -160,6 +160,7 @@ def _row_examples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, re
         if not isinstance(row.value, dict):
             raise ConfigError(f"{row.where}: expected an object with fields, got {type(row.value).__name__}")
         example = with_system_prompt(FORMATS[fmt].read(row, plain_keys(row.value)), data.system_prompt)
+        example, merged = _fit_example(example, abilities, data.reasoning, row.where)
         if isinstance(example, PreferencePair) and objective != "kto":
             whole = [tokenize_pair(example, tokenizer, row.where)]
         else:
@@ -179,7 +180,25 @@ def _row_examples(row: Row, fmt: str, data: DataConfig, tokenizer, fit: _Fit, re
         report.drop(f"longer than max_seq_len={fit.max_seq_len}" if data.too_long == "drop"
                     else f"no answer token within max_seq_len={fit.max_seq_len}")
     report.truncated += sum(f is not None and f is not e for f, e in zip(fitted, whole))
-    return [f for f in fitted if f is not None]
+    kept = [f for f in fitted if f is not None]
+    report.merged_turns += merged if kept else 0
+    return kept
+
+
+def _fit_example(example: PreferencePair | LabelledCompletion, abilities: TemplateAbilities, reasoning: str,
+                 where: str) -> tuple[PreferencePair | LabelledCompletion, int]:
+    """The example's turns as the template renders them, as for supervised rows, and how many were merged:
+    refused where the template would lose its tool data, same-role turns merged where it refuses them,
+    reasoning placed (fit_to_template) or, with data.reasoning: drop, left out."""
+    names = ("prompt", "chosen", "rejected") if isinstance(example, PreferencePair) else ("prompt", "completion")
+    parts = {name: getattr(example, name) for name in names}
+    check_renderable({"messages": [m for part in parts.values() for m in part], "tools": example.tools}, abilities,
+                     where)
+    if reasoning == "drop":
+        parts = {name: without_reasoning(part) for name, part in parts.items()}
+    fitted = {name: fit_to_template(part, abilities) for name, part in parts.items()}
+    merged = sum(n for _, n in fitted.values())
+    return replace(example, **{name: messages for name, (messages, _) in fitted.items()}), merged
 
 
 def _split(units: list[list[Example]], data: DataConfig, report: DataReport, digest: str,
