@@ -154,3 +154,15 @@ def test_every_per_turn_field_is_reported_as_used_or_not(tmp_path, tokenizer):
     fields = one(tokenizer, tmp_path, row).report.turn_fields
     assert set(fields) == {"role", "content", "timestamp", "name", "weight", "reasoning_content"}
     assert fields["timestamp"] == "not used" and fields["weight"].startswith("OpenAI's loss flag")
+
+
+def test_a_loss_flag_that_is_null_is_no_flag_as_parquet_writes_turns_without_it(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    # Arrow gives every turn of a column the fields of all: a turn without `weight` or `train` reads back null
+    rows = [{"messages": [turn("user", "Hi"), turn("assistant", "Hey.", weight=0, train=False),
+                          turn("user", "Hello?"), turn("assistant", "Hello!")]},
+            {"messages": [turn("user", "Q"), turn("assistant", "A.")]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    data = prepare(copy.deepcopy(tokenizer), tmp_path / "d.parquet")
+    assert sorted(trained_text(s, tokenizer) for s in data.train) == ["A.<|im_end|>\n", "Hello!<|im_end|>\n"]

@@ -40,7 +40,7 @@ def message(turn, where: str, at: str) -> dict:
         raise ConfigError(f"{where}: {at} needs 'role' and 'content' (or ShareGPT's 'from' and 'value'); map other "
                           f"names with data.columns: {{role: ..., content: ...}}")
     for key, what in REFUSED_KEYS.items():
-        if key in turn:
+        if turn.get(key) is not None:
             raise ConfigError(f"{where}: {at}.{key}: {what} is not supported; mark whole turns with "
                               f"train: true/false, or remove the field")
     speaker = str(turn[role_key]).lower()
@@ -70,13 +70,13 @@ def message(turn, where: str, at: str) -> dict:
 def _with_train_flag(result: dict, turn: dict, where: str, at: str) -> dict:
     """Per-turn loss flags: Axolotl's `train`, OpenAI's `weight` (0/1), LLaMA-Factory's `loss_weight`. Only
     assistant turns are trained: a flag asking to train another turn is refused, one leaving it out is moot."""
-    flags = {}
-    if "train" in turn:
+    flags = {}  # a null flag is none: Arrow (parquet) gives every turn of a column the fields any turn has
+    if turn.get("train") is not None:
         if not isinstance(turn["train"], bool):
             raise ConfigError(f"{where}: {at}.train should be true or false, got {turn['train']!r}")
         flags["train"] = turn["train"]
     for key, source in (("weight", "OpenAI"), ("loss_weight", "LLaMA-Factory")):
-        if key in turn and result["role"] == "assistant":
+        if turn.get(key) is not None and result["role"] == "assistant":
             if isinstance(turn[key], bool) or turn[key] not in (0, 1):
                 raise ConfigError(f"{where}: {at}.{key} should be 0 or 1, got {turn[key]!r} ({source}'s per-turn "
                                   f"loss weight; snugtune trains a turn or leaves it out, it does not scale it)")
