@@ -74,3 +74,22 @@ def test_docs_list_every_format_of_the_registry():
 def test_a_format_outside_the_registry_is_refused_by_name():
     with pytest.raises(ConfigError, match="data.format: unknown format 'csv'"):
         to_sample(Row("d.jsonl:1", {"text": "x"}), "csv")
+
+
+KTO_LAYOUTS_WITHOUT_A_LABEL = [  # a KTO file's row whose label is missing, null or blank, in each KTO layout
+    {"prompt": "Q", "completion": "a", "label": None},
+    {"prompt": "Q", "completion": "a", "label": ""},  # an empty CSV cell
+    {"prompt": "Q", "completion": "a"},
+    {"instruction": "Q", "output": "a", "kto_tag": None},
+    {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}], "label": None},
+    {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "a"}], "kto_tag": None},
+]
+
+
+@pytest.mark.parametrize("unlabelled", KTO_LAYOUTS_WITHOUT_A_LABEL)
+def test_a_kto_row_without_a_label_is_named_not_taken_for_another_format(unlabelled):
+    labelled = {**unlabelled, "kto_tag" if "kto_tag" in unlabelled else "label": True}
+    rows = [Row("d.jsonl:1", labelled), Row("d.jsonl:2", unlabelled)]
+    assert detect_format(rows).name == "kto"
+    with pytest.raises(ConfigError, match=r"^d.jsonl:2: .*'(label|kto_tag)'"):
+        FORMATS["kto"].read(rows[1], plain_keys(rows[1].value))

@@ -36,6 +36,9 @@ _EXTRAS = ("system", "tools")
 
 _PROMPTS = ("prompt", "messages", "conversations", "instruction", "input", "history")
 
+# the layouts KTO rows are in: a row of them without its label, in a file of labelled ones, is a KTO row to name
+_KTO = ("kto",)
+
 FORMATS: dict[str, DataFormat] = {
     # preference data first: its rows also hold the fields of the formats below (a prompt, an output)
     "preference": DataFormat(
@@ -55,17 +58,20 @@ FORMATS: dict[str, DataFormat] = {
         produces=LABELLED),
     "alpaca": DataFormat(
         alpaca.detect, alpaca.read, ("instruction", "input", "output", "history") + _EXTRAS,
-        "instruction (+ input) and output; LLaMA-Factory's system and history"),
+        "instruction (+ input) and output; LLaMA-Factory's system and history", gives_way_to=_KTO),
     "messages": DataFormat(
         conversation.detect_messages, conversation.read_messages, ("messages",) + _EXTRAS,
-        "OpenAI / TRL conversations: a `messages` list of {role, content} turns", turn_lists=("messages",)),
+        "OpenAI / TRL conversations: a `messages` list of {role, content} turns", turn_lists=("messages",),
+        gives_way_to=_KTO),
     "sharegpt": DataFormat(
         conversation.detect_sharegpt, conversation.read_sharegpt, ("conversations",) + _EXTRAS,
-        "ShareGPT conversations: a `conversations` list of {from, value} turns", turn_lists=("conversations",)),
+        "ShareGPT conversations: a `conversations` list of {from, value} turns", turn_lists=("conversations",),
+        gives_way_to=_KTO),
     "prompt-completion": DataFormat(
         prompt_completion.detect, prompt_completion.read, ("prompt", "completion") + _EXTRAS,
         "TRL prompt and completion, as text or lists of turns; only the completion is trained",
-        aliases=("problem", "solution", "question", "answer"), turn_lists=("prompt", "completion")),
+        aliases=("problem", "solution", "question", "answer"), turn_lists=("prompt", "completion"),
+        gives_way_to=_KTO),
     "guanaco": DataFormat(
         guanaco.detect, guanaco.read, ("text", "tools"),
         "one `text` of `### Human:` / `### Assistant:` turns"),
