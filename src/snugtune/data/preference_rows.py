@@ -162,15 +162,14 @@ def _split_text_pair(chosen: str, rejected: str, row: Row) -> tuple[list[dict], 
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    whole = shared in (len(chosen), len(rejected))  # one text holds the other: no second answer
     while shared > 0 and not chosen[shared - 1].isspace():  # never split a word between prompt and answer
         shared -= 1
-    prompt = chosen[:shared].strip()
-    if whole or not prompt:
+    prompt, chosen_answer, rejected_answer = chosen[:shared].strip(), chosen[shared:].strip(), rejected[shared:].strip()
+    if not (prompt and chosen_answer and rejected_answer):  # no shared words, or one text holds the other whole
         raise ConfigError(f"{row.where}: 'chosen' and 'rejected' share no prompt followed by two answers; give the "
                           f"prompt in a 'prompt' column")
-    return ([{"role": "user", "content": prompt}], [{"role": "assistant", "content": chosen[shared:].strip()}],
-            [{"role": "assistant", "content": rejected[shared:].strip()}])
+    return ([{"role": "user", "content": prompt}], [{"role": "assistant", "content": chosen_answer}],
+            [{"role": "assistant", "content": rejected_answer}])
 
 
 def _split_conversations(chosen: list[dict], rejected: list[dict], row: Row):
