@@ -22,8 +22,8 @@ ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 # The version of the code that turns rows into tokens and labels, part of every key so that an entry
 # written by other code is never served. Any change to these modules makes tests/data/test_cache.py fail
 # until the new code's hash is recorded here (the test prints it) and the version bumped.
-DATA_CODE_VERSION = 6
-DATA_CODE_HASH = "437ed987dc72d3a500226b6c5288de7465b97aa416f8a0800bedd236e6a2de1b"
+DATA_CODE_VERSION = 7
+DATA_CODE_HASH = "1bec6b48f6925e183ce646bcb7b53ed70ca12440e5f31fe111223c8bb4b1e2ef"
 TOKENIZING_MODULES = (
     "snugtune.data.sources", "snugtune.data.folders", "snugtune.data.files", "snugtune.data.hub",
     "snugtune.data.llamafactory", "snugtune.data.columns", "snugtune.data.detect", "snugtune.data.format_registry",
