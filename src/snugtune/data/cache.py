@@ -22,8 +22,8 @@ ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 # The version of the code that turns rows into tokens and labels, part of every key so that an entry
 # written by other code is never served. Any change to these modules makes tests/data/test_cache.py fail
 # until the new code's hash is recorded here (the test prints it) and the version bumped.
-DATA_CODE_VERSION = 7
-DATA_CODE_HASH = "1bec6b48f6925e183ce646bcb7b53ed70ca12440e5f31fe111223c8bb4b1e2ef"
+DATA_CODE_VERSION = 8
+DATA_CODE_HASH = "6d08997fa5c96d21af70b182a1de159c0b20a6ecdc8b84724d2d008d079190b4"
 TOKENIZING_MODULES = (
     "snugtune.data.sources", "snugtune.data.folders", "snugtune.data.files", "snugtune.data.hub",
     "snugtune.data.llamafactory", "snugtune.data.columns", "snugtune.data.detect", "snugtune.data.format_registry",

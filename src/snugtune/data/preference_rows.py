@@ -202,6 +202,18 @@ def _check_prompt_matches(named: list[dict], shared: list[dict], chosen: list[di
                           f"share; keep one of them (map it away with data.columns)")
 
 
+_WRITTEN_TURNS = re.compile(r"""\s*\[\s*\{\s*["'](role|from|content|value)["']\s*:""")
+
+
+def _refuse_written_turns(keys: dict, names: tuple[str, ...], row: Row) -> None:
+    """Whole conversations given as text that is a list of turns written out (JSON or Python's repr, as a CSV cell
+    holds them) would be split as one text into a garbled prompt and answers: refused, naming the field."""
+    for name in names:
+        if _WRITTEN_TURNS.match(keys[name]):
+            raise ConfigError(f"{row.where}: '{name}' is a list of turns written as text (a CSV or TSV cell cannot "
+                              f"hold a list); save the file as JSONL, JSON or parquet so the turns stay a list")
+
+
 def _check_prompt(prompt: list[dict], row: Row) -> list[dict]:
     if not prompt or prompt[-1]["role"] not in ("user", "tool"):
         last = prompt[-1]["role"] if prompt else "nothing"
@@ -223,6 +235,7 @@ def to_pair(row: Row, system_prompt: str | None = None) -> PreferencePair:
         raise SameAnswers(f"{row.where}: '{chosen_key}' and '{rejected_key}' are the same")
     named = _explicit_prompt(row, keys)
     if isinstance(keys[chosen_key], str) and isinstance(keys[rejected_key], str) and named is None:
+        _refuse_written_turns(keys, (chosen_key, rejected_key), row)
         prompt, chosen, rejected = _split_text_pair(keys[chosen_key], keys[rejected_key], row)
     else:
         chosen = _turn_list(keys[chosen_key], row, chosen_key, "assistant")
