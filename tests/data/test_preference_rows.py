@@ -154,6 +154,8 @@ BAD_ROWS = [  # (row, what the one-line error says), for pairs (to_pair) and KTO
     (to_pair, {"prompt": "Q", "chosen": [U("Other"), A("a")], "rejected": [U("Other"), A("b")]},
      "the prompt column differs from the turns"),
     (to_pair, {"chosen": "same answer", "rejected": "same answer"}, "'chosen' and 'rejected' are the same"),
+    (to_pair, {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q \n\nAssistant: A\n"},
+     "'chosen' and 'rejected' are the same conversation"),
     (to_pair, {"chosen": "abc", "rejected": "xyz"}, "share no prompt followed by two answers"),
     (to_pair, {"chosen": '[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}]',
                "rejected": '[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]'},

@@ -177,6 +177,8 @@ def _split_conversations(chosen: list[dict], rejected: list[dict], row: Row):
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
+    if chosen == rejected:  # the same turns written apart (HH-RLHF text differing only in spaces)
+        raise SameAnswers(f"{row.where}: 'chosen' and 'rejected' are the same conversation")
     if shared in (len(chosen), len(rejected)):
         raise ConfigError(f"{row.where}: 'chosen' and 'rejected' should be two conversations that end in different "
                           f"answers, but one holds the other whole")
