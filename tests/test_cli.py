@@ -333,3 +333,29 @@ def test_eval_and_report_expand_a_quoted_tilde(tmp_path, monkeypatch):
     assert result.exit_code == 2 and str(tmp_path / "nowhere") in result.output
     result = CliRunner().invoke(app, ["report", "~/nowhere", "--out", "~/r"])
     assert result.exit_code == 2 and str(tmp_path / "nowhere") in result.output
+
+
+class _InterruptedWhileNamed:
+    def __set_name__(self, owner, name):
+        raise KeyboardInterrupt  # Ctrl-C landing while an import makes a class (CPython 3.11 wraps it)
+
+
+def test_ctrl_c_while_a_module_makes_its_classes_is_exit_130_not_a_traceback():
+    import typer
+
+    from snugtune.cli import _run
+    with pytest.raises(typer.Exit) as caught:
+        _run(False, lambda: type("Report", (), {"notes": _InterruptedWhileNamed()}))
+    assert caught.value.exit_code == 130
+
+
+def test_other_runtime_errors_are_not_taken_for_ctrl_c():
+    from snugtune.cli import _run
+
+    def fails():
+        try:
+            raise ValueError("inner")
+        except ValueError as exc:
+            raise RuntimeError("outer") from exc
+    with pytest.raises(RuntimeError, match="outer"):
+        _run(False, fails)

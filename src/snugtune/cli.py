@@ -54,6 +54,9 @@ def _run(debug: bool, fn, *args, **kwargs):
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
     except RuntimeError as exc:
+        if _from_ctrl_c(exc):
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
         if debug or not _out_of_memory(exc):
             raise
         from rich.markup import escape
@@ -64,6 +67,18 @@ def _run(debug: bool, fn, *args, **kwargs):
         if debug:
             raise
         _fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "), 2)
+
+
+def _from_ctrl_c(exc: BaseException) -> bool:
+    """A Ctrl-C that Python re-raised as another error: CPython 3.11 wraps one that lands while a class is made
+    (an import's dataclass) in RuntimeError("Error calling __set_name__ ...")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -454,6 +469,11 @@ def main() -> None:
         _quiet_libraries()
         app()
     except KeyboardInterrupt:  # Ctrl-C while the libraries load, before a command handles it
+        err.print("[yellow]interrupted[/]")
+        _exit_interrupted()
+    except RuntimeError as exc:
+        if not _from_ctrl_c(exc):
+            raise
         err.print("[yellow]interrupted[/]")
         _exit_interrupted()
     except SystemExit as exc:
