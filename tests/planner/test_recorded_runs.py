@@ -31,7 +31,8 @@ def test_no_row_of_the_compiled_engines_sft_grid_is_more_than_three_percent_unde
 
 def test_no_recorded_preference_bench_is_more_than_three_percent_under():
     # the DPO and ORPO benches and recipes as shipped (docs/runs/*.json); the DPO TinyLlama recipe's short last
-    # micro-batch, run eagerly beside the graphs' pool, was 19.6% under before the planner counted it
+    # micro-batch, run eagerly beside the graphs' pool, was 19.6% under before the planner counted it; planned
+    # since (eager), it measured 1.9% below its prediction (2026-12-07g)
     rows = [r for r in recorded.bench_rows() if r["settings"].get("objective", "sft") != "sft"]
     errors = _errors(rows)
-    assert len(rows) == 11 and min(errors.values()) >= recorded.UNDER, errors
+    assert len(rows) == 12 and min(errors.values()) >= recorded.UNDER, errors
