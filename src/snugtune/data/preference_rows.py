@@ -80,6 +80,19 @@ def check_objective(kind: str, objective: str, where: str) -> None:
                           f"set objective to one of {', '.join(OBJECTIVES_OF_KIND[kind])} or use other data")
 
 
+def check_labels_readable(rows: list[Row], objective: str) -> None:
+    """Under kto, a file detected as supervised because its label column is not true/false (1.0, "good"): the first
+    such row named, instead of the file called supervised data."""
+    if objective != "kto":
+        return
+    for row in rows:
+        keys = plain_keys(row.value) if isinstance(row.value, dict) else {}
+        key = first_key(keys, LABEL_KEYS)
+        if key and not is_true_or_false(keys[key]):
+            raise ConfigError(f"{row.where}: field '{key}' should be true or false (as KTO labels are), got "
+                              f"{keys[key]!r}")
+
+
 def _refuse_media(row: Row, keys: dict) -> None:
     media = [k for k in MEDIA_KEYS if keys.get(k)]
     if media:

@@ -15,7 +15,7 @@ from snugtune.data.detect import FormatChoice, detect_format, unused_columns
 from snugtune.data.format_registry import FORMATS
 from snugtune.data.normalize import nothing_to_train, to_sample, without_blank_answers, without_reasoning
 from snugtune.data.preference_rows import (LABELLED, PAIRS, LabelledCompletion, PreferencePair, SameAnswers,
-                                           check_objective, unpair, with_system_prompt)
+                                           check_labels_readable, check_objective, unpair, with_system_prompt)
 from snugtune.data.preference_tokenize import (TokenizedCompletion, TokenizedPair, fit_completion, fit_pair,
                                                kl_partners, tokenize_labelled, tokenize_pair)
 from snugtune.data.prep_report import DataReport
@@ -86,6 +86,8 @@ def _prepare(rows: list[Row], source: DataSource, data: DataConfig, tokenizer, m
         source.format or detect_format(rows)
     kind = FORMATS[choice.name].produces if choice.name in FORMATS else None
     preference = kind in (PAIRS, LABELLED)
+    if not preference:
+        check_labels_readable(rows, objective)
     check_objective(kind if preference else "sft", objective, data.path)
     abilities = template_abilities(tokenizer)
     report.format, report.format_reason, report.source_notes = choice.name, choice.reason, source.notes
