@@ -67,7 +67,6 @@ def test_the_config_system_prompt_becomes_the_system_turn_of_pairs_without_one(t
     assert tokenizer.decode(pair.prompt_ids).startswith("<|im_start|>system\nAnswer in digits.<|im_end|>")
 
 
-
 def _conversation(answer):
     return [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]
 
