@@ -340,22 +340,20 @@ class _InterruptedWhileNamed:
         raise KeyboardInterrupt  # Ctrl-C landing while an import makes a class (CPython 3.11 wraps it)
 
 
-def test_ctrl_c_while_a_module_makes_its_classes_is_exit_130_not_a_traceback():
-    import typer
+def test_ctrl_c_while_a_module_makes_its_classes_is_exit_130_not_a_traceback(monkeypatch, tmp_path):
+    def loading(*args, **kwargs):
+        return type("Report", (), {"notes": _InterruptedWhileNamed()})
+    monkeypatch.setattr("snugtune.config.load_config", loading)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.stderr
 
-    from snugtune.cli import _run
-    with pytest.raises(typer.Exit) as caught:
-        _run(False, lambda: type("Report", (), {"notes": _InterruptedWhileNamed()}))
-    assert caught.value.exit_code == 130
 
-
-def test_other_runtime_errors_are_not_taken_for_ctrl_c():
-    from snugtune.cli import _run
-
-    def fails():
+def test_other_runtime_errors_are_not_taken_for_ctrl_c(monkeypatch, tmp_path):
+    def fails(*args, **kwargs):
         try:
             raise ValueError("inner")
         except ValueError as exc:
             raise RuntimeError("outer") from exc
-    with pytest.raises(RuntimeError, match="outer"):
-        _run(False, fails)
+    monkeypatch.setattr("snugtune.config.load_config", fails)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError) and str(result.exception) == "outer"
