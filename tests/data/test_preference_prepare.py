@@ -121,7 +121,7 @@ def test_tool_calls_a_template_would_not_render_are_refused_naming_the_row(tmp_p
 def test_a_kto_file_whose_labels_are_not_true_or_false_names_the_row_not_supervised_data(tmp_path, tokenizer):
     rows = [{"prompt": "Q", "completion": "a", "label": 1.0}, {"prompt": "R", "completion": "b", "label": 0.0}]
     path = write_jsonl(tmp_path / "kto.jsonl", rows)  # pandas writes a label column with a gap as floats
-    with pytest.raises(ConfigError, match=r"kto.jsonl:1: field 'label' should be true or false .*got 1.0"):
+    with pytest.raises(ConfigError, match=r"kto.jsonl:1: field 'label' should be true or false, got 1.0"):
         prepare_data(_config(path, eval_fraction=0.0), tokenizer, 96, 0, objective="kto")
     with pytest.raises(ConfigError, match=r"holds supervised fine-tuning data"):  # under dpo: what it holds, as before
         prepare_data(_config(path, eval_fraction=0.0), tokenizer, 96, 0, objective="dpo")

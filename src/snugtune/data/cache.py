@@ -22,8 +22,8 @@ ENTRY_HEAD = '{"format": "snugtune-tokenized-cache/' + CACHE_FORMAT + '"'
 # The version of the code that turns rows into tokens and labels, part of every key so that an entry
 # written by other code is never served. Any change to these modules makes tests/data/test_cache.py fail
 # until the new code's hash is recorded here (the test prints it) and the version bumped.
-DATA_CODE_VERSION = 10
-DATA_CODE_HASH = "09d8a870b4ae110c7d3e47f170189da573dca8e4f8ccccbb01b812344b14de8a"
+DATA_CODE_VERSION = 11
+DATA_CODE_HASH = "3a6a73225210018282ccc6e4514621c7c9dbb6150fbafa4b7fd321c96905140c"
 TOKENIZING_MODULES = (
     "snugtune.data.sources", "snugtune.data.folders", "snugtune.data.files", "snugtune.data.hub",
     "snugtune.data.llamafactory", "snugtune.data.columns", "snugtune.data.detect", "snugtune.data.format_registry",

@@ -87,10 +87,8 @@ def check_labels_readable(rows: list[Row], objective: str) -> None:
         return
     for row in rows:
         keys = plain_keys(row.value) if isinstance(row.value, dict) else {}
-        key = first_key(keys, LABEL_KEYS)
-        if key and not is_true_or_false(keys[key]):
-            raise ConfigError(f"{row.where}: field '{key}' should be true or false (as KTO labels are), got "
-                              f"{keys[key]!r}")
+        if first_key(keys, LABEL_KEYS):
+            _label(keys, row)
 
 
 def _refuse_media(row: Row, keys: dict) -> None:
