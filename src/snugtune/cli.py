@@ -468,10 +468,7 @@ def main() -> None:
     try:
         _quiet_libraries()
         app()
-    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before a command handles it
-        err.print("[yellow]interrupted[/]")
-        _exit_interrupted()
-    except RuntimeError as exc:
+    except (KeyboardInterrupt, RuntimeError) as exc:  # Ctrl-C while the libraries load, before a command has it
         if not _from_ctrl_c(exc):
             raise
         err.print("[yellow]interrupted[/]")
