@@ -38,6 +38,7 @@ from snugtune.config import config_from_dict
 from snugtune.memory_rules import compiles_blocks, fuses_lora
 from snugtune.methods import METHODS
 from snugtune.planner.cards import GIB
+from snugtune.planner.choose import tail_share
 from snugtune.planner.inventory import inventory_for
 from snugtune.planner.memory import estimate, peak
 from snugtune.planner.plan import Decisions
@@ -83,8 +84,8 @@ def _as_the_run_went(record: dict) -> dict:
     """A bench or long-context record's settings, with the speedups it ran (older records lack the fields), and
     for a preference bench the share of a micro-batch its epochs' last one holds (recorded since 2026-12-07)."""
     ran, graphs, settings = record["speedups"], record.get("cuda_graphs") or {}, record["plan"]["settings"]
-    tail = (BENCH_TRAIN_PAIRS % settings["micro_batch"]) / settings["micro_batch"] \
-        if settings.get("objective", "sft") != "sft" else 0.0
+    tail = tail_share([0] * BENCH_TRAIN_PAIRS, settings["micro_batch"], 1) \
+        if settings.get("objective", "sft") != "sft" else 0.0  # one process, the planner's own rule
     return {"tail_share": tail, **settings, "compiled_blocks": ran["compiled_blocks"] > 0,
             "fused_lora": ran["fused_lora_layers"] > 0, "dense_copy": ran.get("dense_copy_bytes", 0) > 0,
             "cuda_graphs": bool(graphs.get("shapes")) and not graphs.get("failure")}
